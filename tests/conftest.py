@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models built locally, a real Redis, a real S3 HTTP endpoint (SeaweedFS)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS_DIR = Path(os.environ.get("EDITSERVE_MODELS_DIR", REPO / ".models"))
+os.environ.setdefault("EDITSERVE_MODELS_DIR", str(MODELS_DIR))
+TEST_REDIS_URL = os.environ.get("EDITSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """Both tiny random-weight models (built once into .models/, ~5 s), loaded via from_pretrained."""
+    from worker.models.builders import ensure_tiny_models
+
+    return ensure_tiny_models(MODELS_DIR)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from service.devstack import ensure_redis
+
+    server = ensure_redis(TEST_REDIS_URL)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """A Redis database emptied before each test (db 15 by default: never the demo's db 0)."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from service.devstack import start_seaweedfs
+
+    server = start_seaweedfs(bucket="editserve-test")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """The S3 endpoint with a fresh key prefix per test (the bucket is shared within the session)."""
+    s3_server.test_prefix = f"t-{uuid.uuid4().hex[:8]}/"
+    return s3_server
