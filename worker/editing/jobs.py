@@ -1,0 +1,102 @@
+"""What the editing core is asked to do, and what it gives back — independent of the HTTP contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import numpy as np
+
+StepRange = Union[float, tuple[float, float]]
+CrossSteps = Union[StepRange, dict[str, StepRange]]
+
+
+class EditValidationError(ValueError):
+    """A request the core cannot run as asked; ``field`` names the offending input (for HTTP 4xx)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class JobCanceled(Exception):
+    """Raised inside the runner when a job's progress callback asks to stop it."""
+
+
+@dataclass
+class LocalBlendSpec:
+    source_words: list[str]
+    target_words: list[list[str]]  # one list per target prompt
+    threshold: float = 0.3
+    start_blend: float = 0.0
+    substruct_words: list[str] | None = None
+
+
+@dataclass
+class P2PJobSpec:
+    """One Prompt-to-Prompt job: prompt 0 is the source, 1..n the targets, all from one x_T."""
+
+    job_id: str
+    source_prompt: str
+    target_prompts: list[str]
+    seed: int
+    edit: Literal["replace", "refine", "reweight", "none"] = "replace"
+    reweight: list[dict[str, float]] | None = None  # one mapping per target, or None
+    local_blend: LocalBlendSpec | None = None
+    cross_replace_steps: CrossSteps = 0.8
+    self_replace_steps: StepRange = 0.4
+    self_replace_layers: Literal["low", "medium"] = "low"
+    guidance_scale: float = 7.5
+    attention_map_prompts: list[int] = field(default_factory=list)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.source_prompt, *self.target_prompts]
+
+
+@dataclass
+class IP2PCell:
+    text_guidance: float
+    image_guidance: float
+    seed: int
+
+
+@dataclass
+class IP2PJobSpec:
+    """One InstructPix2Pix job: an RGB input already resized to the batch's height × width."""
+
+    job_id: str
+    image: Any  # PIL.Image.Image, RGB, batch size
+    instruction: str
+    cells: list[IP2PCell]  # one output per cell (a plain edit has one cell; a sweep several)
+
+
+JobSpec = Union[P2PJobSpec, IP2PJobSpec]
+
+
+@dataclass
+class AttentionMaps:
+    """Per-token average cross-attention maps of one prompt (P2P paper Fig. 4)."""
+
+    prompt_index: int
+    prompt: str
+    tokens: list[str]
+    maps: np.ndarray  # (tokens, h, w) float32
+    grid_png: bytes
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    images: list[Any] = field(default_factory=list)  # PIL images: P2P [source, targets...]; IP2P one per cell
+    labels: list[str] = field(default_factory=list)
+    latents: Any = None  # final fp32 latents (tests compare these, not 8-bit images)
+    attention_maps: list[AttentionMaps] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)  # what was actually used (seeds, sizes)
+    error: EditValidationError | Exception | None = None
+    canceled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.canceled
