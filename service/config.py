@@ -47,6 +47,66 @@ def default_models(models_dir: Path) -> list[ModelSpec]:
     ]
 
 
+class S3Settings(BaseModel):
+    """Results, attention maps and inputs live here (MinIO in docker-compose, SeaweedFS in tests)."""
+
+    endpoint_url: str | None = "http://127.0.0.1:8333"
+    public_endpoint_url: str | None = Field(None, description="endpoint used in presigned URLs, if different")
+    access_key_id: str = "editserve-dev"
+    secret_access_key: str = "editserve-dev-secret"
+    bucket: str = "editserve"
+    region: str = "us-east-1"
+    presign_expiry_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    retention_days: int = Field(7, ge=1, description="objects under edits/ expire after this (lifecycle rule)")
+    upload_attempts: int = Field(5, ge=1)
+    upload_backoff_seconds: float = 0.5
+
+
+class LimitsSettings(BaseModel):
+    """What the gateway accepts (checked before anything is queued)."""
+
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    image_formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
+    max_prompt_tokens: int = 77
+    max_wait_seconds: int = 60
+    max_queue_depth: int = 10_000
+
+
+class WorkerSettings(BaseModel):
+    """The GPU worker's batching and recovery knobs."""
+
+    max_batch_size: int = Field(8, ge=1)
+    max_batch_wait_ms: int = Field(50, ge=0)
+    heartbeat_ttl_seconds: int = Field(30, ge=5, description="a job whose worker stops renewing is abandoned")
+    reaper_interval_seconds: float = Field(10.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    job_timeout_seconds: int = 1800
+    result_ttl_seconds: int = 7 * 24 * 3600
+    metrics_port: int = Field(9101, description="0 disables the worker's own /metrics server")
+    progress_min_interval_seconds: float = 0.25
+
+
+class WebhookSettings(BaseModel):
+    """Signed delivery of edit events (Standard Webhooks)."""
+
+    secret: str = Field("whsec_ZWRpdHNlcnZlLWRldmVsb3BtZW50LXNlY3JldC0zMmI=",
+                        description="signing secret when auth is off; tenants get their own otherwise")
+    allow_hosts: list[str] = Field(default_factory=list, description="hosts/CIDRs allowed despite being private")
+    timeout_seconds: float = 15.0
+    max_attempts: int = 8
+    backoff_seconds: list[float] = [1, 5, 30, 120, 600, 1800, 3600]
+    progress_min_interval_seconds: float = 0.5
+
+
+class AuthSettings(BaseModel):
+    """API keys (hashes stored) bound to tenants; the admin token guards key management."""
+
+    required: bool = False
+    admin_token: str | None = None
+    default_tenant: str = "default"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDITSERVE_", env_nested_delimiter="__", extra="ignore")
 
@@ -54,6 +114,13 @@ class Settings(BaseSettings):
     models_dir: Path = REPO_ROOT / ".models"
     models: list[ModelSpec] | None = Field(None, description="JSON list; default: default_models(models_dir)")
     enabled_models: list[str] | None = Field(None, description="names a worker loads; default: all local ones")
+    default_p2p_model: str = "tiny-sd"
+    default_ip2p_model: str = "tiny-ip2p"
+    s3: S3Settings = Field(default_factory=S3Settings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     def model_catalog(self) -> dict[str, ModelSpec]:
         specs = self.models if self.models is not None else default_models(self.models_dir)
