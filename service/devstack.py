@@ -163,3 +163,104 @@ def start_seaweedfs(bucket: str = "editserve", *, access_key: str = "editserve-d
                 server.stop()
                 raise TimeoutError(f"S3 endpoint not ready after {timeout}s; log: {log_path}")
             time.sleep(0.2)
+
+
+@dataclass
+class LocalStack:
+    """Gateway + workers + webhook sender as real processes on loopback, for the demo, e2e tests and benches.
+
+    Each process gets the same environment (Redis URL, S3 endpoint, models dir); the gateway runs under
+    uvicorn on a free port. Processes are started in their own session so a test can SIGKILL a worker.
+    """
+
+    redis_url: str
+    s3: S3Server
+    models_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="editserve-logs-")))
+    gateway_port: int = 0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.s3.env())
+        env.update({"EDITSERVE_REDIS_URL": self.redis_url, "EDITSERVE_MODELS_DIR": str(self.models_dir),
+                    "PYTHONUNBUFFERED": "1"})
+        env.update(self.extra_env)
+        return env
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        repo = Path(__file__).resolve().parent.parent
+        proc = subprocess.Popen(args, cwd=repo, env=env or self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_gateway(self, timeout: float = 60.0) -> str:
+        import sys
+
+        self.gateway_port = self.gateway_port or free_port()
+        self._spawn("gateway", [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
+                                "--port", str(self.gateway_port), "--log-level", "warning"])
+        wait_for_http(f"{self.base_url}/healthz", timeout, self.processes["gateway"], self.log("gateway"))
+        return self.base_url
+
+    def start_worker(self, name: str = "worker-1", models: str = "tiny-sd,tiny-ip2p",
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+        import sys
+
+        full_env = self.env()
+        full_env.setdefault("EDITSERVE_WORKER__METRICS_PORT", "0")
+        full_env.update(env or {})
+        return self._spawn(name, [sys.executable, "-m", "worker.runtime.worker", "--models", models, "--name", name],
+                           env=full_env)
+
+    def start_webhook_sender(self, name: str = "webhooks") -> subprocess.Popen:
+        import sys
+
+        return self._spawn(name, [sys.executable, "-m", "service.webhooks"])
+
+    def log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def stop(self, name: str | None = None, sig: int | None = None, timeout: float = 30.0) -> None:
+        import signal as _signal
+
+        names = [name] if name else list(self.processes)
+        for n in names:
+            proc = self.processes.get(n)
+            if proc is None or proc.poll() is not None:
+                continue
+            os.killpg(proc.pid, sig or _signal.SIGTERM)
+        for n in names:
+            proc = self.processes.get(n)
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, _signal.SIGKILL)
+                proc.wait(10)
+
+
+def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+                  log: Path | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before {url} answered; log: "
+                               + (log.read_text()[-3000:] if log and log.exists() else "?"))
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
