@@ -1,0 +1,84 @@
+"""Word → token positions on the real CLIP tokenizer (vectors V1/V2 of p2p-reference.md)."""
+
+import pytest
+
+from worker.editing.jobs import EditValidationError
+from worker.editing.words import (
+    check_prompt_length,
+    decoded_tokens,
+    prompt_token_ids,
+    token_indices,
+    word_token_spans,
+)
+from worker.models.tokenizer import build_clip_tokenizer
+
+SQUIRREL = "A painting of a squirrel eating a burger"
+LASAGNE = "A painting of a squirrel eating a lasagne"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_clip_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_tokenisation_vectors(tok):
+    assert prompt_token_ids(SQUIRREL, tok) == [49406, 320, 3086, 539, 320, 14004, 4371, 320, 6548, 49407]
+    assert prompt_token_ids(LASAGNE, tok)[-3:] == [31210, 1422, 49407]
+    assert prompt_token_ids("pea soup with croutons", tok) == [49406, 13915, 7077, 593, 1075, 1130, 708, 49407]
+    assert prompt_token_ids("fried potatos", tok) == [49406, 7310, 5975, 1299, 49407]
+
+
+@pytest.mark.parametrize(
+    "prompt, word, expected",
+    [
+        (SQUIRREL, "squirrel", [5]),
+        (LASAGNE, "lasagne", [8, 9]),
+        ("pea soup with croutons", "croutons", [4, 5, 6]),
+        ("fried potatos", "potatos", [2, 3]),
+        ("a cat's toy", "toy", [4]),
+        ("a cat's toy", "cat", [2]),
+        ("a cat, sitting", "cat,", [2, 3]),  # the reference's own spelling still works
+        ("A painting of a cat", "Painting", [2]),
+        ("an x-ray of ice cream", "x-ray", [2, 3, 4]),
+        ("an x-ray of ice cream", "ice cream", [6, 7]),  # a phrase gives all its tokens
+    ],
+)
+def test_word_indices_match_reference_vectors(tok, prompt, word, expected):
+    assert token_indices(prompt, word, tok) == expected
+
+
+def test_reference_pitfalls_are_fixed(tok):
+    # case-insensitive and every occurrence (the reference gives [4, 7] for "a" and [1] for "A")
+    assert token_indices(SQUIRREL, "a", tok) == [1, 4, 7]
+    assert token_indices(SQUIRREL, "A", tok) == [1, 4, 7]
+    # punctuation glued to a word (reference: [])
+    assert token_indices("a cat, sitting", "cat", tok) == [2]
+    # double spaces do not shift later words (reference: "cat" → [3], "sitting" → [])
+    assert token_indices("a  cat sitting", "cat", tok) == [2]
+    assert token_indices("a  cat sitting", "sitting", tok) == [3]
+
+
+def test_unknown_word_is_refused_with_the_field_name(tok):
+    with pytest.raises(EditValidationError) as err:
+        token_indices(SQUIRREL, "tiger", tok, field="reweight")
+    assert err.value.field == "reweight" and "tiger" in err.value.message
+    with pytest.raises(EditValidationError):
+        token_indices("a bobcat", "cat", tok)  # a match must start on a word boundary
+    with pytest.raises(EditValidationError):
+        token_indices(SQUIRREL, "  ", tok)
+
+
+def test_word_spans_follow_whitespace_words(tok):
+    assert word_token_spans(LASAGNE, tok) == [[1], [2], [3], [4], [5], [6], [7], [8, 9]]
+    assert word_token_spans("a  cat, sitting", tok) == [[1], [2, 3], [4]]
+
+
+def test_decoded_tokens_include_start_and_end(tok):
+    assert decoded_tokens("a cat", tok) == ["<|startoftext|>", "a", "cat", "<|endoftext|>"]
+
+
+def test_prompt_length_limit_counts_start_and_end(tok):
+    check_prompt_length(" ".join(["cat"] * 75), tok, "source_prompt")  # 77 tokens: fits
+    with pytest.raises(EditValidationError) as err:
+        check_prompt_length(" ".join(["cat"] * 76), tok, "target_prompts")
+    assert err.value.field == "target_prompts" and "78" in err.value.message
