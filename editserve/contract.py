@@ -270,6 +270,8 @@ class Edit(BaseModel):
     webhook: WebhookDeliveryState | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     random_weights: bool = Field(False, description="true when the model has random test weights: images are noise")
+    cancel_requested: bool = Field(False, description="a cancel was asked while processing; the worker stops soon")
+    revision: int = Field(0, description="increases with every change; stream readers drop older snapshots")
 
 
 class EditList(BaseModel):

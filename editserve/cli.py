@@ -1,0 +1,269 @@
+"""The ``editserve`` command: submit P2P / IP2P edits, follow them, save the images.
+
+    editserve edit p2p --source "a cat on a bike" --target "a dog on a bike" --out out/
+    editserve edit ip2p --image cat.png --instruction "make it a watercolor" --sweep-image 1,1.5 --out out/
+    editserve get ID | editserve cancel ID | editserve wait ID --out out/ | editserve list | editserve models
+
+Server and key come from ``--url``/``--api-key`` or ``$EDITSERVE_URL``/``$EDITSERVE_API_KEY``. Progress goes
+to stderr, saved paths to stdout (one per line), so the output pipes cleanly. Exit codes: 0 success,
+1 the server refused or the edit failed/was canceled, 2 bad usage, 3 timed out, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from editserve import errors
+from editserve.client import Client
+from editserve.contract import Edit, EditStatus, LocalBlend, Sweep
+from editserve.progress import ProgressLine
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _word_factor(text: str) -> tuple[str, float]:
+    word, sep, factor = text.rpartition("=")
+    try:
+        if not sep or not word:
+            raise ValueError
+        return word, float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected word=factor (e.g. fluffy=2), got {text!r}") from None
+
+
+def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, help="denoising steps (default per model)")
+    parser.add_argument("--model", help="model name (see `editserve models`)")
+    parser.add_argument("--seed", type=int, help="random seed (echoed back in params)")
+    parser.add_argument("--webhook", metavar="URL", help="POST signed events to this URL")
+    parser.add_argument("--priority", choices=["high", "normal", "low"])
+    parser.add_argument("--out", type=Path, help="folder for the images (required unless --no-wait)")
+    parser.add_argument("--no-wait", action="store_true", help="print the edit id and return at once")
+    parser.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editserve", description="Edit images with Prompt-to-Prompt and "
+                                     "InstructPix2Pix on an editserve server.")
+    parser.add_argument("--url", help="server URL (default $EDITSERVE_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="API key (default $EDITSERVE_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    parser.add_argument("--retries", type=int, default=2, help="retries on connection errors, 429 and 503")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    edit = commands.add_parser("edit", help="submit an edit and save its images")
+    kinds = edit.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    p2p = kinds.add_parser("p2p", help="Prompt-to-Prompt: edit a generated image by changing its prompt")
+    p2p.add_argument("--source", required=True, help="the source prompt")
+    p2p.add_argument("--target", required=True, action="append", help="a target prompt (repeat for several)")
+    p2p.add_argument("--mode", choices=["replace", "refine", "reweight", "none"], help="attention edit (replace)")
+    p2p.add_argument("--reweight", nargs="+", type=_word_factor, metavar="WORD=FACTOR",
+                     help="scale the attention of words, e.g. fluffy=2 (applies to every target)")
+    p2p.add_argument("--blend-source", nargs="+", metavar="WORD", help="local blend: source words")
+    p2p.add_argument("--blend-target", nargs="+", metavar="WORD", help="local blend: target words")
+    p2p.add_argument("--blend-threshold", type=float, help="local blend mask threshold (0.3)")
+    p2p.add_argument("--cross", type=float, metavar="F", help="cross-attention replace fraction of steps (0.8)")
+    p2p.add_argument("--self", dest="self_replace", type=float, metavar="F",
+                     help="self-attention replace fraction of steps (0.4)")
+    p2p.add_argument("--maps", action="store_true", help="also return attention maps (saved with the images)")
+    p2p.add_argument("--size", type=int, help="image height and width in pixels (multiple of 64)")
+    p2p.add_argument("--guidance", type=float, help="classifier-free guidance scale (7.5)")
+    _add_common_edit_options(p2p)
+
+    ip2p = kinds.add_parser("ip2p", help="InstructPix2Pix: edit an image by a written instruction")
+    ip2p.add_argument("--image", required=True, type=Path, help="input image file")
+    ip2p.add_argument("--instruction", required=True, help='e.g. "turn it into a watercolor"')
+    ip2p.add_argument("--text-guidance", type=float, help="text guidance s_T (7.5)")
+    ip2p.add_argument("--image-guidance", type=float, help="image guidance s_I (1.5)")
+    ip2p.add_argument("--resolution", type=int, help="long side of the resized input (512)")
+    ip2p.add_argument("--sweep-image", type=_floats, metavar="F,F", help="grid over image guidance, e.g. 1,1.5")
+    ip2p.add_argument("--sweep-text", type=_floats, metavar="F,F", help="grid over text guidance, e.g. 5,7.5")
+    ip2p.add_argument("--sweep-seeds", type=_ints, metavar="N,N", help="grid over seeds, e.g. 1,2")
+    _add_common_edit_options(ip2p)
+
+    get = commands.add_parser("get", help="show an edit as JSON")
+    get.add_argument("id")
+    cancel = commands.add_parser("cancel", help="cancel an edit")
+    cancel.add_argument("id")
+    wait = commands.add_parser("wait", help="wait for an edit and save its images")
+    wait.add_argument("id")
+    wait.add_argument("--out", type=Path, help="folder for the images")
+    wait.add_argument("--wait-timeout", type=float, metavar="S")
+    listing = commands.add_parser("list", help="list your edits, newest first")
+    listing.add_argument("--status", choices=[s.value for s in EditStatus])
+    listing.add_argument("--kind", choices=["p2p", "ip2p"])
+    listing.add_argument("--model")
+    listing.add_argument("--limit", type=int, default=20)
+    commands.add_parser("models", help="list the servable models")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+class StatusReporter:
+    """Progress to stderr: a live bar on a terminal, one line per status change otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = ProgressLine() if not quiet else None
+        self.last_status: EditStatus | None = None
+
+    def __call__(self, edit: Edit) -> None:
+        if self.bar is None:
+            return
+        if self.bar.enabled:
+            self.bar(edit)
+        elif edit.status is not self.last_status:
+            print(f"{edit.id} {edit.status.value}", file=sys.stderr)
+        self.last_status = edit.status
+
+
+def _p2p_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if bool(args.blend_source) != bool(args.blend_target):
+        raise errors.InvalidRequestError("local blend needs both --blend-source and --blend-target words",
+                                         type="invalid_request", field="local_blend")
+    blend = None
+    if args.blend_source:
+        blend = LocalBlend.model_validate({"source_words": args.blend_source, "target_words": args.blend_target,
+                                           **({"threshold": args.blend_threshold} if args.blend_threshold else {})})
+    return dict(edit=args.mode, reweight=dict(args.reweight) if args.reweight else None, local_blend=blend,
+                cross_replace_steps=args.cross, self_replace_steps=args.self_replace,
+                attention_maps=True if args.maps else None, size=args.size, guidance_scale=args.guidance)
+
+
+def _ip2p_fields(args: argparse.Namespace) -> dict[str, Any]:
+    sweep = None
+    if args.sweep_image or args.sweep_text or args.sweep_seeds:
+        sweep = Sweep(image_guidance=args.sweep_image, text_guidance=args.sweep_text, seeds=args.sweep_seeds)
+    return dict(text_guidance=args.text_guidance, image_guidance=args.image_guidance, resolution=args.resolution,
+                sweep=sweep)
+
+
+def cmd_edit(client: Client, args: argparse.Namespace) -> int:
+    if not args.no_wait and args.out is None:
+        raise errors.InvalidRequestError("--out DIR is required (or pass --no-wait)", type="usage", field="--out")
+    common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority)
+    if args.kind == "p2p":
+        edit = client.submit_p2p(args.source, args.target, **common, **_p2p_fields(args))
+    else:
+        if not args.image.is_file():
+            raise errors.InvalidRequestError(f"no such file: {args.image}", type="usage", field="--image")
+        edit = client.submit_ip2p(args.image, args.instruction, **common, **_ip2p_fields(args))
+    if args.no_wait:
+        print(edit.id)
+        return EXIT_OK
+    if not args.quiet:
+        print(f"submitted {edit.id} ({edit.kind}, model {edit.model})", file=sys.stderr)
+    return _wait_and_save(client, edit, args.out, args.wait_timeout, args.quiet)
+
+
+def _wait_and_save(client: Client, edit: Edit | str, out: Path | None, timeout: float | None, quiet: bool) -> int:
+    edit_id = edit.id if isinstance(edit, Edit) else edit
+    try:
+        done = client.wait(edit, timeout=timeout, progress=StatusReporter(quiet))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the edit keeps running. Cancel it with: editserve cancel {edit_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if out is None:
+        print(done.model_dump_json(indent=2))
+        return EXIT_OK
+    paths = client.download(done, out)
+    if done.random_weights and not quiet:
+        print("note: this model has random test weights, so the images are noise", file=sys.stderr)
+    if not quiet:
+        print(f"saved {len(paths)} file(s) to {out}", file=sys.stderr)
+    for path in paths:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    print(client.get(args.id).model_dump_json(indent=2))
+    return EXIT_OK
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    edit = client.cancel(args.id)
+    note = " (stops at the next step)" if edit.cancel_requested and not edit.status.terminal else ""
+    print(f"{edit.id} {edit.status.value}{note}")
+    return EXIT_OK
+
+
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    return _wait_and_save(client, args.id, args.out, args.wait_timeout, args.quiet)
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    page = client.list(status=args.status, kind=args.kind, model=args.model, limit=args.limit)
+    for edit in page.data:
+        print(f"{edit.id}  {edit.kind:<4}  {edit.model:<12}  {edit.status.value:<10}  {edit.created_at.isoformat()}")
+    return EXIT_OK
+
+
+def cmd_models(client: Client, args: argparse.Namespace) -> int:
+    rows = [("NAME", "KIND", "EDITS", "SIZE", "MAX", "NOTE")]
+    for m in client.models():
+        rows.append((m.name, m.kind, ",".join(m.edit_kinds), str(m.default_size), str(m.max_size),
+                     "random test weights" if m.random_weights else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "edit": cmd_edit, "get": cmd_get, "cancel": cmd_cancel, "wait": cmd_wait, "list": cmd_list, "models": cmd_models,
+}
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"editserve: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.url, args.api_key, timeout=args.timeout, retries=args.retries) as client:
+            return COMMANDS[args.command](client, args)
+    except errors.InvalidRequestError as exc:
+        where = f"{exc.field}: " if exc.field else ""
+        return _fail(f"{where}{exc.message}", EXIT_USAGE if exc.status is None else EXIT_FAILED)
+    except (errors.EditFailed, errors.EditCanceled) as exc:
+        return _fail(str(exc))
+    except errors.WaitTimeout as exc:
+        return _fail(f"{exc}; it keeps running (editserve wait {exc.edit.id if exc.edit else ''})", EXIT_TIMEOUT)
+    except errors.APIError as exc:
+        return _fail(str(exc))
+    except errors.APIConnectionError as exc:
+        return _fail(f"cannot reach the server: {exc}")
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        return _fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Exceptions raised by the SDK: one class per way a call can fail, each carrying the server's error.
+
+Why a hierarchy: callers branch on *what* failed (``except NotFoundError``, ``except RateLimitError``),
+and show ``field`` next to the input that was wrong. Every HTTP error is an :class:`APIError` with the
+server's ``{"error": {"type", "message", "field"}}``; an edit that ran and failed is :class:`EditFailed`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from editserve.contract import Edit, ErrorInfo
+from editserve.webhooks import WebhookVerificationError
+
+
+class EditserveError(Exception):
+    """Base class of every SDK error."""
+
+
+class APIError(EditserveError):
+    """The server answered with an error status (after any retries)."""
+
+    def __init__(self, message: str, *, status: int | None = None, type: str = "error", field: str | None = None,
+                 body: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.field = field
+        self.body = body
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        where = f" (field: {self.field})" if self.field else ""
+        code = f"{self.status} " if self.status else ""
+        return f"{code}{self.type}: {self.message}{where}"
+
+
+class BadRequestError(APIError):
+    """400: the body could not be read (malformed JSON or multipart)."""
+
+
+class AuthenticationError(APIError):
+    """401: missing, invalid or revoked API key."""
+
+
+class PermissionDeniedError(APIError):
+    """403."""
+
+
+class NotFoundError(APIError):
+    """404: no such edit (or it belongs to another tenant)."""
+
+
+class ConflictError(APIError):
+    """409: e.g. the Idempotency-Key was used with a different body."""
+
+
+class PayloadTooLargeError(APIError):
+    """413: body or image over the server's limit."""
+
+
+class UnsupportedMediaTypeError(APIError):
+    """415: image format or content type not accepted."""
+
+
+class InvalidRequestError(APIError):
+    """422: a parameter is invalid; ``field`` names it (also raised before sending, by local validation)."""
+
+
+class RateLimitError(APIError):
+    """429: queue full or rate limited; retried automatically, honouring Retry-After."""
+
+
+class ServerError(APIError):
+    """5xx."""
+
+
+class ServiceUnavailableError(ServerError):
+    """503: a dependency (Redis, S3) is unavailable; retried automatically."""
+
+
+class APIConnectionError(EditserveError):
+    """The server could not be reached (after any retries)."""
+
+
+class APITimeoutError(APIConnectionError):
+    """The request timed out (after any retries)."""
+
+
+class WaitTimeout(EditserveError, TimeoutError):
+    """``wait(timeout=...)`` ran out before the edit finished; ``edit`` is its last known state."""
+
+    def __init__(self, message: str, edit: Edit | None = None):
+        super().__init__(message)
+        self.edit = edit
+
+
+class _EditEnded(EditserveError):
+    def __init__(self, edit: Edit):
+        self.edit = edit
+        error = edit.error or ErrorInfo(type=edit.status.value, message=f"edit {edit.status.value}")
+        self.type, self.message, self.field = error.type, error.message, error.field
+        where = f" (field: {self.field})" if self.field else ""
+        super().__init__(f"edit {edit.id} {edit.status.value}: {self.type}: {self.message}{where}")
+
+
+class EditFailed(_EditEnded):
+    """The edit reached status ``failed``; ``type``/``message``/``field`` are the server's ``edit.error``."""
+
+
+class EditCanceled(_EditEnded):
+    """The edit was canceled before it finished."""
+
+
+ERRORS_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    422: InvalidRequestError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+}
+
+
+def error_class(status: int) -> type[APIError]:
+    return ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else APIError)
+
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "EditCanceled",
+    "EditFailed",
+    "EditserveError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "UnsupportedMediaTypeError",
+    "WaitTimeout",
+    "WebhookVerificationError",
+    "error_class",
+]

@@ -1,0 +1,64 @@
+"""A one-line progress display for ``wait()``: status, queue position, steps, ETA (tqdm-like, no dependency).
+
+Why not tqdm: the SDK's only dependencies are pydantic and httpx. The bar draws only on an interactive
+stderr, so logs and CI output stay clean.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from editserve.contract import Edit, EditStatus
+
+BAR_WIDTH = 24
+ProgressCallback = Callable[[Edit], None]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    minutes, secs = divmod(seconds, 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def render(edit: Edit, elapsed: float) -> str:
+    """The text of one update, e.g. ``ab12cd34 processing [######------] 12/50 eta 3s (7s)``."""
+    parts = [edit.id[:8], f"{edit.status.value:<10}"]
+    if edit.status is EditStatus.queued and edit.queue_position is not None:
+        parts.append(f"position {edit.queue_position}")
+    if edit.progress is not None and edit.progress.total:
+        filled = int(BAR_WIDTH * min(1.0, edit.progress.fraction))
+        parts.append(f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {edit.progress.step}/{edit.progress.total}")
+    if edit.eta_seconds is not None and not edit.status.terminal:
+        parts.append(f"eta {_duration(edit.eta_seconds)}")
+    parts.append(f"({_duration(elapsed)})")
+    return " ".join(parts)
+
+
+class ProgressLine:
+    """Redraws one line in place on a TTY; does nothing elsewhere."""
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.started = time.monotonic()
+        self._width = 0
+
+    def __call__(self, edit: Edit) -> None:
+        if not self.enabled:
+            return
+        text = render(edit, time.monotonic() - self.started)
+        self.stream.write("\r" + text.ljust(self._width))
+        self._width = len(text)
+        if edit.status.terminal:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def progress_callback(progress: bool | ProgressCallback) -> ProgressCallback | None:
+    """``True`` → a bar on an interactive stderr; ``False`` → nothing; a callable is called per update."""
+    if callable(progress):
+        return progress
+    return ProgressLine() if progress else None

@@ -1,0 +1,201 @@
+"""Outbound HTTP to user-supplied URLs without SSRF: check the address we connect to, then pin it.
+
+Why a module of its own: a webhook URL is attacker-controlled. Checking the *name* is useless (``localhost``,
+``0x7f000001``, ``2130706433``, a DNS record pointing at 169.254.169.254, or one that changes between
+check and connect: DNS rebinding). So at send time we resolve A and AAAA once, refuse the destination if
+any address is not global (loopback, RFC 1918, link-local, 0/8, CGNAT, multicast, reserved, and IPv6
+forms that embed such an IPv4: mapped, 6to4, Teredo, NAT64), then connect to the checked IP while keeping
+the Host header and TLS SNI/certificate check on the original name. Redirects are never followed.
+Hosts, IPs or CIDRs in ``allow_hosts`` are exempt (tests, internal receivers an operator trusts).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], list[str]]
+ALLOWED_SCHEMES = ("http", "https")
+
+
+class DestinationRefused(Exception):
+    """The URL may not be contacted (scheme, unresolvable name, or a non-global address)."""
+
+    def __init__(self, message: str, *, permanent: bool = True):
+        super().__init__(message)
+        self.permanent = permanent
+        """False when trying again later may help (e.g. a DNS failure)."""
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """Operator exemptions from the global-address rule: host names, IPs and CIDRs."""
+
+    hosts: frozenset[str]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> AllowList:
+        hosts, networks = set(), []
+        for raw in entries:
+            entry = raw.strip().lower().strip("[]")
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                hosts.add(entry.rstrip("."))
+        return cls(frozenset(hosts), tuple(networks))
+
+    def allows_host(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.hosts
+
+    def allows_ip(self, ip: IPAddress) -> bool:
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    embedded = []
+    if ip.ipv4_mapped:
+        embedded.append(ip.ipv4_mapped)
+    if ip.sixtofour:
+        embedded.append(ip.sixtofour)
+    if ip.teredo:
+        embedded.extend(ip.teredo)
+    if ip in ipaddress.ip_network("64:ff9b::/96"):  # NAT64 well-known prefix
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return embedded
+
+
+def non_global_reason(ip: IPAddress) -> str | None:
+    """Why ``ip`` must not be contacted, or None when it is an ordinary public address."""
+    checks = (
+        ("loopback", ip.is_loopback),
+        ("unspecified", ip.is_unspecified),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+        ("not globally routable", not ip.is_global),  # CGNAT 100.64/10 and friends
+    )
+    for reason, hit in checks:
+        if hit:
+            return reason
+    if isinstance(ip, ipaddress.IPv6Address):
+        for inner in _embedded_ipv4(ip):
+            inner_reason = non_global_reason(inner)
+            if inner_reason:
+                return f"embeds {inner} ({inner_reason})"
+    return None
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every A and AAAA address of ``host`` (numeric forms like 0x7f000001 are decoded by the OS)."""
+    infos = socket.getaddrinfo(host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A checked destination: the URL as given plus the addresses we promise to connect to (in order)."""
+
+    url: httpx.URL
+    ips: tuple[IPAddress, ...]
+
+    def pinned_url(self, ip: IPAddress) -> httpx.URL:
+        return self.url.copy_with(host=str(ip))
+
+    @property
+    def host_header(self) -> str:
+        default_port = {"http": 80, "https": 443}[self.url.scheme]
+        host = self.url.host if ":" not in self.url.host else f"[{self.url.host}]"
+        return host if self.url.port in (None, default_port) else f"{host}:{self.url.port}"
+
+
+def check_url(url: str, allow: AllowList, resolver: Resolver = system_resolver) -> Destination:
+    """Resolve ``url`` and return the address to pin, or raise :class:`DestinationRefused`."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise DestinationRefused(f"invalid URL: {exc}") from None
+    if parsed.scheme not in ALLOWED_SCHEMES:
+        raise DestinationRefused(f"scheme {parsed.scheme!r} is not allowed (http or https only)")
+    host = parsed.host
+    if not host:
+        raise DestinationRefused("URL has no host")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(a) for a in resolver(host, port)]
+        except (OSError, UnicodeError) as exc:
+            raise DestinationRefused(f"cannot resolve {host!r}: {exc}", permanent=False) from None
+        if not addresses:
+            raise DestinationRefused(f"{host!r} has no addresses", permanent=False)
+    host_allowed = allow.allows_host(host)
+    for ip in addresses:
+        reason = non_global_reason(ip)
+        # Any bad address refuses the whole name: otherwise a mixed record set is a coin flip.
+        if reason and not host_allowed and not allow.allows_ip(ip):
+            raise DestinationRefused(f"{host} resolves to {ip}, which is {reason}")
+    return Destination(url=parsed, ips=tuple(addresses))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What we keep of a receiver's answer: never more than a short prefix of its body."""
+
+    status_code: int
+    headers: httpx.Headers
+    body_prefix: bytes
+
+
+def pinned_post(
+    client: httpx.Client,
+    destination: Destination,
+    content: bytes,
+    headers: Mapping[str, str],
+    timeout: float,
+    max_body_bytes: int = 512,
+) -> Reply:
+    """POST to a checked IP; Host header and TLS SNI/certificate name stay those of the URL.
+
+    Addresses are tried in resolver order while connecting fails (e.g. ::1 then 127.0.0.1). The reply body is read only up to ``max_body_bytes``: a receiver must not be able to stall or
+    flood the sender. ``client`` must not follow redirects or trust proxy env vars (:func:`new_client`).
+    """
+    extensions = {"sni_hostname": destination.url.host} if destination.url.scheme == "https" else {}
+    for index, ip in enumerate(destination.ips):
+        request = client.build_request(
+            "POST",
+            destination.pinned_url(ip),
+            content=content,
+            headers={**headers, "Host": destination.host_header},
+            timeout=timeout,
+            extensions=extensions,
+        )
+        try:
+            response = client.send(request, follow_redirects=False, stream=True)
+            break
+        except httpx.ConnectError:
+            if index == len(destination.ips) - 1:
+                raise
+    try:
+        prefix = b""
+        for chunk in response.iter_raw():
+            prefix += chunk
+            if len(prefix) >= max_body_bytes:
+                break
+        return Reply(response.status_code, response.headers, prefix[:max_body_bytes])
+    finally:
+        response.close()
+
+
+def new_client() -> httpx.Client:
+    """An HTTP client fit for pinned sends: no redirects, no env proxies (they would bypass the pin)."""
+    return httpx.Client(follow_redirects=False, trust_env=False)
