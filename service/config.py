@@ -85,6 +85,18 @@ class WorkerSettings(BaseModel):
     result_ttl_seconds: int = 7 * 24 * 3600
     metrics_port: int = Field(9101, description="0 disables the worker's own /metrics server")
     progress_min_interval_seconds: float = 0.25
+    heartbeat_interval_seconds: float = Field(5.0, gt=0, description="renew running jobs' heartbeats this often "
+                                              "(capped at a third of heartbeat_ttl_seconds)")
+    cancel_check_interval_seconds: float = Field(0.25, ge=0, description="how often each running job's cancel "
+                                                 "flag is read between denoising steps")
+    poll_interval_ms: int = Field(20, ge=1, description="idle poll period: Redis cannot block on several "
+                                  "queues with an atomic move, so the worker polls an atomic claim")
+    queue_discovery_seconds: float = Field(2.0, gt=0, description="how often new edit queues are picked up")
+    stranded_claim_seconds: float = Field(60.0, gt=0, description="a claimed id that never started (worker died "
+                                          "between claim and start) goes back to its queue after this long")
+    torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for torch (0: torch's default); 1 avoids "
+                               "oversubscription when CPU workers share cores")
+    debug_step_delay_seconds: float = Field(0.0, ge=0, description="fault-injection tests only: sleep per step")
 
 
 class WebhookSettings(BaseModel):
@@ -97,6 +109,10 @@ class WebhookSettings(BaseModel):
     max_attempts: int = 8
     backoff_seconds: list[float] = [1, 5, 30, 120, 600, 1800, 3600]
     progress_min_interval_seconds: float = 0.5
+    jitter_ratio: float = Field(0.2, ge=0.0, le=1.0, description="each retry delay is scaled by 1 ± this, at random")
+    max_retry_after_seconds: float = Field(3600.0, ge=0.0, description="cap on a receiver's Retry-After")
+    state_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="lifetime of editserve:webhook:{id} keys")
+    metrics_port: int = Field(9102, description="the delivery process's own /metrics; 0 disables")
 
 
 class AuthSettings(BaseModel):

@@ -1,0 +1,456 @@
+"""The HTTP gateway: ``create_app(settings)`` builds the FastAPI app; ``uvicorn service.app:app`` serves it.
+
+Why this shape: routes are small functions that delegate to modules with one job each (intake,
+edit_validation, jobstore, streams, auth, storage, metrics), so the gateway stays torch-free and every
+rule is testable without HTTP. Blocking work (Pillow, boto3, sync Redis) runs in the thread pool; only the
+waiting (``Prefer: wait``, SSE) is async.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, Security
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from PIL import Image
+from pydantic import BaseModel, TypeAdapter
+from starlette.concurrency import run_in_threadpool
+
+from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
+from service import metrics
+from service.auth import ApiKeyList, CreatedApiKey, CreateKeyRequest, KeyStore, bearer_token, constant_time_equal
+from service.config import Settings, get_settings
+from service.edit_validation import parse_request, prepare_submission
+from service.errors import ApiError, install_error_handlers, not_found
+from service.intake import max_body_bytes, parse_edit_body, read_body_limited
+from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
+from service.prompt_tokens import PromptTokenCounter
+from service.queues import queue_name
+from service.storage import Storage, StorageError
+from service.streams import edit_events, wait_for_terminal, wait_seconds
+
+log = logging.getLogger(__name__)
+
+SSE_KEEPALIVE_SECONDS = 15.0
+QUEUE_FULL_RETRY_AFTER_SECONDS = 30
+
+
+@dataclass
+class Services:
+    """Everything a route needs, built once per app (clients connect lazily, so import never blocks)."""
+
+    settings: Settings
+    redis: redis.Redis
+    storage: Storage
+    jobstore: JobStore
+    keys: KeyStore
+    tokens: PromptTokenCounter
+    sse_keepalive_seconds: float = SSE_KEEPALIVE_SECONDS
+
+    def async_redis(self) -> aioredis.Redis:
+        """A fresh asyncio client per waiting request: pub/sub holds its own connection anyway."""
+        return aioredis.Redis.from_url(self.settings.redis_url)
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+# ------------------------------------------------------------------------------------------------ auth
+
+_bearer_scheme = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer esk_...`")
+
+
+def current_tenant(request: Request, _doc: Any = Security(_bearer_scheme)) -> str:
+    """The caller's tenant. Without auth.required, anonymous callers act as auth.default_tenant."""
+    svc = services(request)
+    token = bearer_token(request.headers.get("authorization"))
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if token is None:
+        if svc.settings.auth.required:
+            raise ApiError(401, "an API key is required: send `Authorization: Bearer <key>`", headers=challenge)
+        return svc.settings.auth.default_tenant
+    if not token:
+        raise ApiError(401, "use the Bearer scheme: `Authorization: Bearer <key>`", headers=challenge)
+    tenant = svc.keys.tenant_for_key(token)
+    if tenant is None:
+        raise ApiError(401, "invalid or revoked API key", headers=challenge)
+    return tenant
+
+
+def require_admin(request: Request, _doc: Any = Security(_bearer_scheme)) -> None:
+    admin_token = services(request).settings.auth.admin_token
+    if not admin_token:
+        raise ApiError(404, "admin endpoints are disabled: no admin token is configured", type="not_found")
+    token = bearer_token(request.headers.get("authorization")) or ""
+    if not constant_time_equal(token, admin_token):
+        raise ApiError(401, "admin token required: `Authorization: Bearer <admin token>`",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+# ------------------------------------------------------------------------------------------------ edits
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [(400, "Malformed request"), (401, "Missing or invalid API key"), (404, "Not found"),
+                       (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
+                       (422, "Invalid request; `error.field` names the input"), (429, "Queue full"),
+                       (503, "A dependency is unavailable")]
+}
+
+_EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")
+_EDIT_REQUEST_DEFS = _EDIT_REQUEST_SCHEMA.pop("$defs", {})
+EDIT_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _EDIT_REQUEST_SCHEMA},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["request"],
+                "properties": {
+                    "request": {"type": "string", "description": "the EditRequest as JSON"},
+                    "image": {"type": "string", "format": "binary", "description": "IP2P input image"},
+                },
+            }},
+        },
+    }
+}
+
+router = APIRouter(prefix=f"/{API_VERSION}", responses=ERROR_RESPONSES)
+
+
+def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, tenant: str,
+                idempotency_key: str | None) -> tuple[Edit, bool]:
+    """Validate, resolve, store the input, create the job. Runs in the thread pool (Pillow, boto3)."""
+    submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
+                                    tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
+    payload = submission.payload
+    if idempotency_key:
+        existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
+        if existing is not None:
+            return existing, False
+    depth = svc.redis.llen(f"rq:queue:{queue_name(payload.batch_key, request.priority)}")
+    if depth >= svc.settings.limits.max_queue_depth:
+        raise ApiError(429, f"the queue for this model and size holds {depth} edits; retry later",
+                       type="queue_full", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_SECONDS)})
+    if submission.input_png is not None and payload.input_image_key:
+        svc.storage.put_bytes(payload.input_image_key, submission.input_png, "image/png")
+    edit, created = svc.jobstore.create(payload, webhook=submission.webhook, idempotency_key=idempotency_key,
+                                        fingerprint=submission.fingerprint)
+    if not created and payload.input_image_key:  # lost a concurrent duplicate race: drop our upload
+        try:
+            svc.storage.delete(payload.input_image_key)
+        except StorageError:
+            pass
+    return edit, created
+
+
+def edit_response(edit: Edit, status: int, **headers: str) -> JSONResponse:
+    return JSONResponse(edit.model_dump(mode="json"), status_code=status,
+                        headers={"Location": f"/{API_VERSION}/edits/{edit.id}", **headers})
+
+
+@router.post("/edits", status_code=202, response_model=Edit, openapi_extra=EDIT_REQUEST_BODY,
+             summary="Submit an edit (JSON, or multipart with an image file)",
+             responses={200: {"model": Edit, "description": "Terminal already (Prefer: wait, or a replay)"}})
+async def create_edit(
+    request: Request,
+    tenant: str = Depends(current_tenant),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255,
+                                         description="same key + same body → the same edit, run once"),
+    prefer: str | None = Header(None, description="RFC 7240; `wait=N` holds the response up to N seconds"),
+) -> JSONResponse:
+    svc = services(request)
+    limits = svc.settings.limits
+    body = await read_body_limited(request, max_body_bytes(limits))
+    parsed = await parse_edit_body(request, body, limits)
+    edit_request = parse_request(parsed.data)
+    edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
+                                            idempotency_key)
+    headers: dict[str, str] = {}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    wait = wait_seconds(request.headers.getlist("prefer"), limits.max_wait_seconds)
+    if wait is not None:
+        headers["Preference-Applied"] = f"wait={wait}"
+        if wait > 0 and not edit.status.terminal:
+            client = svc.async_redis()
+            try:
+                edit = await wait_for_terminal(client, svc.jobstore, edit.id, tenant, wait) or edit
+            finally:
+                await client.aclose()
+    return edit_response(edit, 200 if edit.status.terminal else 202, **headers)
+
+
+@router.get("/edits/{edit_id}", response_model=Edit, summary="An edit: status, progress, results")
+def get_edit(edit_id: str, request: Request, tenant: str = Depends(current_tenant)) -> Edit:
+    edit = services(request).jobstore.get(edit_id, tenant)
+    if edit is None:
+        raise not_found(f"edit {edit_id}")
+    return edit
+
+
+@router.get("/edits", response_model=EditList, summary="The caller's edits, newest first")
+def list_edits(
+    request: Request,
+    tenant: str = Depends(current_tenant),
+    status: EditStatus | None = None,
+    kind: Literal["p2p", "ip2p"] | None = None,
+    model: str | None = Query(None, max_length=100),
+    limit: int = Query(20, ge=1, le=100),
+    cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
+) -> EditList:
+    try:
+        return services(request).jobstore.list(tenant, status=status.value if status else None, kind=kind,
+                                               model=model, limit=limit, cursor=cursor)
+    except ValueError as exc:
+        raise ApiError(422, str(exc), type="invalid_request", field="cursor")
+
+
+@router.post("/edits/{edit_id}/cancel", response_model=Edit,
+             summary="Cancel: queued → canceled now; processing → stopped between steps")
+def cancel_edit(edit_id: str, request: Request, tenant: str = Depends(current_tenant)) -> Edit:
+    return services(request).jobstore.request_cancel(edit_id, tenant)
+
+
+@router.get("/edits/{edit_id}/events", summary="Server-Sent Events of status and progress changes",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "event: status|progress"}})
+async def edit_event_stream(edit_id: str, request: Request, tenant: str = Depends(current_tenant)):
+    svc = services(request)
+    if await run_in_threadpool(svc.jobstore.get, edit_id, tenant) is None:
+        raise not_found(f"edit {edit_id}")
+    client = svc.async_redis()
+
+    async def frames():
+        try:
+            async for frame in edit_events(client, svc.jobstore, edit_id, tenant,
+                                           keepalive_seconds=svc.sse_keepalive_seconds,
+                                           is_disconnected=request.is_disconnected):
+                yield frame
+        finally:
+            await client.aclose()
+
+    return StreamingResponse(frames(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+@router.get("/models", response_model=ModelList, summary="Servable models")
+def list_models(request: Request) -> ModelList:
+    kinds = {"text2image": ["p2p"], "instruct": ["ip2p"]}
+    return ModelList(data=[
+        ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=kinds[spec.kind], default_size=spec.default_size,
+                  max_size=spec.max_size, random_weights=spec.random_weights)
+        for spec in services(request).settings.model_catalog().values()
+    ])
+
+
+# ------------------------------------------------------------------------------------------------ admin
+
+admin_router = APIRouter(prefix=f"/{API_VERSION}/admin", dependencies=[Depends(require_admin)],
+                         responses=ERROR_RESPONSES, tags=["admin"])
+
+
+@admin_router.post("/keys", status_code=201, response_model=CreatedApiKey, summary="Create an API key")
+def create_key(body: CreateKeyRequest, request: Request) -> CreatedApiKey:
+    return services(request).keys.create_key(body.tenant, body.label)
+
+
+@admin_router.get("/keys", response_model=ApiKeyList, summary="List API keys (ids, never the keys)")
+def list_keys(request: Request, tenant: str | None = Query(None, max_length=64)) -> ApiKeyList:
+    return ApiKeyList(data=services(request).keys.list_keys(tenant))
+
+
+@admin_router.delete("/keys/{key_id}", status_code=204, summary="Revoke an API key")
+def revoke_key(key_id: str, request: Request) -> Response:
+    if not services(request).keys.revoke_key(key_id):
+        raise not_found(f"API key {key_id}")
+    return Response(status_code=204)
+
+
+# ------------------------------------------------------------------------------------------------ ops
+
+ops_router = APIRouter(tags=["ops"])
+
+
+@ops_router.get("/healthz", summary="The process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def readiness_checks(svc: Services) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    try:
+        svc.redis.ping()
+        checks["redis"] = "ok"
+    except redis.RedisError as exc:
+        checks["redis"] = f"down: {exc}"
+    try:
+        svc.storage.head_bucket()
+        checks["s3"] = "ok"
+    except StorageError as exc:
+        checks["s3"] = f"down: {exc}"
+    return checks
+
+
+@ops_router.get("/readyz", summary="Redis and S3 answer", responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> JSONResponse:
+    checks = await run_in_threadpool(readiness_checks, services(request))
+    down = [name for name, state in checks.items() if state != "ok"]
+    if down:
+        body = {"error": {"type": "not_ready", "message": f"not ready: {', '.join(down)} down", "field": None},
+                "checks": checks}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "ready", "checks": checks})
+
+
+@ops_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def prometheus_metrics(request: Request) -> Response:
+    body, content_type = metrics.render(services(request).redis)
+    return Response(body, media_type=content_type)
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+
+class HttpMetricsMiddleware:
+    """Counts and times requests by route *template* (``/v1/edits/{edit_id}``), never the raw path."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "GET")
+            metrics.http_requests_total.labels(route=route, method=method, code=str(status["code"])).inc()
+            metrics.http_request_duration_seconds.labels(route=route, method=method).observe(
+                time.perf_counter() - started)
+
+
+def install_domain_error_handlers(app: FastAPI) -> None:
+    async def on_idempotency_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return _error(409, "idempotency_conflict", str(exc), "Idempotency-Key")
+
+    async def on_edit_conflict(request: Request, exc: EditConflict) -> JSONResponse:
+        return _error(409, "conflict", str(exc))
+
+    async def on_edit_not_found(request: Request, exc: EditNotFound) -> JSONResponse:
+        return _error(404, "not_found", f"edit {exc} not found")
+
+    async def on_storage_error(request: Request, exc: StorageError) -> JSONResponse:
+        log.warning("storage unavailable: %s", exc)
+        return _error(503, "storage_unavailable", "object storage is unavailable; retry later")
+
+    async def on_redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return _error(503, "queue_unavailable", "the job store is unavailable; retry later")
+
+    app.add_exception_handler(IdempotencyConflict, on_idempotency_conflict)
+    app.add_exception_handler(EditConflict, on_edit_conflict)
+    app.add_exception_handler(EditNotFound, on_edit_not_found)
+    app.add_exception_handler(StorageError, on_storage_error)
+    app.add_exception_handler(redis.RedisError, on_redis_error)
+
+
+def _error(status: int, type: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type, "message": message, "field": field}}, status_code=status)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """FastAPI's schema plus the EditRequest models, which the manual-body route references."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in _EDIT_REQUEST_DEFS.items():
+                components.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = build  # type: ignore[method-assign]
+
+
+def _prepare_bucket(storage: Storage) -> None:
+    try:
+        storage.ensure_bucket_and_lifecycle()
+    except StorageError as exc:
+        log.warning("S3 bucket not prepared at start-up (readiness will report it): %s", exc)
+
+
+def build_services(settings: Settings) -> Services:
+    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                      health_check_interval=30)
+    storage = Storage(settings.s3)
+    return Services(settings=settings, redis=connection, storage=storage,
+                    jobstore=JobStore(connection, settings, storage), keys=KeyStore(connection, settings),
+                    tokens=PromptTokenCounter(settings))
+
+
+def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    svc = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if prepare_bucket:
+            threading.Thread(target=_prepare_bucket, args=(svc.storage,), daemon=True).start()
+        yield
+
+    app = FastAPI(
+        title="editserve",
+        version="0.1.0",
+        description="Asynchronous image editing with Prompt-to-Prompt and InstructPix2Pix. "
+                    "Errors are always `{\"error\": {\"type\", \"message\", \"field\"}}`.",
+        lifespan=lifespan,
+    )
+    app.state.services = svc
+    install_error_handlers(app)
+    install_domain_error_handlers(app)
+    app.include_router(router)
+    app.include_router(admin_router)
+    app.include_router(ops_router)
+    app.add_middleware(HttpMetricsMiddleware)
+    install_openapi(app)
+    return app
+
+
+def serving_app() -> FastAPI:
+    """The app uvicorn/gunicorn serve. Pillow's bomb guard is process-global, so only the serving process
+    lowers it to our pixel limit (intake also checks the header explicitly before decoding)."""
+    settings = get_settings()
+    Image.MAX_IMAGE_PIXELS = settings.limits.max_image_pixels
+    return create_app(settings)
+
+
+app = serving_app()

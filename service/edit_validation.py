@@ -1,0 +1,228 @@
+"""Everything the gateway checks and resolves between the parsed request and ``JobStore.create``.
+
+Why here and not in the worker: a bad request must be a 4xx naming the field *before* it costs queue
+time or GPU time. Pydantic already checked types and ranges (editserve.contract); this adds what needs
+the model catalog, the tokenizer or the image: model kind, prompt length in CLIP tokens, P2P word rules,
+size caps, the official IP2P resize. Then every default is resolved so the worker runs exactly what
+``Edit.params`` shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from pydantic import TypeAdapter, ValidationError
+
+from editserve.contract import (
+    SEED_MAX,
+    BatchKey,
+    EditRequest,
+    IP2PEditRequest,
+    JobPayload,
+    P2PEditRequest,
+    WebhookSpec,
+)
+from service.config import ModelSpec, Settings
+from service.errors import from_pydantic, invalid
+from service.imaging import official_resize, official_resize_dims
+from service.intake import load_image, png_bytes
+from service.prompt_tokens import PromptTokenCounter
+from service.storage import input_key
+
+DEFAULT_STEPS = {"p2p": 50, "ip2p": 100}
+MODEL_KIND_FOR_EDIT = {"p2p": "text2image", "ip2p": "instruct"}
+_EDIT_REQUEST = TypeAdapter(EditRequest)
+# CLIP's pre-tokenizer: BPE never merges across these pieces, so comparing piece sequences is exact.
+_PRE_TOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+@dataclass
+class Submission:
+    """A validated request, ready to store and enqueue."""
+
+    payload: JobPayload
+    webhook: WebhookSpec | None
+    fingerprint: str
+    input_png: bytes | None
+
+
+def parse_request(data: dict) -> EditRequest:
+    try:
+        return _EDIT_REQUEST.validate_python(data)
+    except ValidationError as exc:
+        raise from_pydantic(exc)
+
+
+def resolve_model(request: EditRequest, settings: Settings) -> ModelSpec:
+    catalog = settings.model_catalog()
+    name = request.model or (settings.default_p2p_model if request.kind == "p2p" else settings.default_ip2p_model)
+    spec = catalog.get(name)
+    if spec is None:
+        raise invalid("model", f"unknown model {name!r}; available: {', '.join(sorted(catalog))}")
+    if spec.kind != MODEL_KIND_FOR_EDIT[request.kind]:
+        usable = sorted(n for n, s in catalog.items() if s.kind == MODEL_KIND_FOR_EDIT[request.kind])
+        raise invalid("model", f"model {name!r} ({spec.kind}) cannot run {request.kind} edits; "
+                               f"use one of {', '.join(usable)}")
+    return spec
+
+
+def prompts_with_fields(request: EditRequest) -> list[tuple[str, str]]:
+    if isinstance(request, P2PEditRequest):
+        return [("source_prompt", request.source_prompt)] + [
+            (f"target_prompts.{i}", p) for i, p in enumerate(request.target_prompts)]
+    return [("instruction", request.instruction)]
+
+
+def check_prompts(request: EditRequest, spec: ModelSpec, counter: PromptTokenCounter, max_tokens: int) -> None:
+    for field, text in prompts_with_fields(request):
+        for ch in text:
+            if unicodedata.category(ch) == "Cc":
+                raise invalid(field, f"{field} contains the control character U+{ord(ch):04X}; "
+                                     "prompts must be plain text on one line")
+        count = counter.count(spec, text)
+        if count.tokens > max_tokens:
+            raise invalid(field, f"{field} has {count.tokens} CLIP tokens including start/end "
+                                 f"(counted by {count.method}); the limit is {max_tokens}")
+
+
+def pre_tokens(text: str) -> list[str]:
+    return _PRE_TOKEN.findall(text.lower())
+
+
+def contains_word(prompt: str, word: str) -> bool:
+    """Whether ``word`` (or phrase) occurs in ``prompt`` as CLIP sees it: case-insensitive, whole pieces."""
+    needle, hay = pre_tokens(word), pre_tokens(prompt)
+    n = len(needle)
+    return n > 0 and any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
+
+
+def _require_words(words: list[str], prompt: str, field: str, which: str) -> None:
+    for word in words:
+        if not contains_word(prompt, word):
+            raise invalid(field, f"{field}: {word!r} is not a word of the {which} {prompt!r}")
+
+
+def check_p2p_words(request: P2PEditRequest) -> None:
+    source, targets = request.source_prompt, request.target_prompts
+    if request.edit == "replace":
+        n_source = len(source.split())
+        for i, target in enumerate(targets):
+            n_target = len(target.split())
+            if n_target != n_source:
+                raise invalid(f"target_prompts.{i}",
+                              f"target_prompts.{i}: a replace edit needs the same number of space-separated words; "
+                              f"the source prompt has {n_source} words, target {i} has {n_target}")
+    if isinstance(request.reweight, dict):
+        for i, target in enumerate(targets):
+            _require_words(list(request.reweight), target, "reweight", f"target prompt {i}")
+    elif isinstance(request.reweight, list):
+        for i, (mapping, target) in enumerate(zip(request.reweight, targets)):
+            _require_words(list(mapping), target, f"reweight.{i}", f"target prompt {i}")
+    lb = request.local_blend
+    if lb is not None:
+        _require_words(lb.source_words, source, "local_blend.source_words", "source prompt")
+        if lb.substruct_words:
+            _require_words(lb.substruct_words, source, "local_blend.substruct_words", "source prompt")
+        if lb.target_words and isinstance(lb.target_words[0], list):
+            for i, (words, target) in enumerate(zip(lb.target_words, targets)):
+                _require_words(words, target, f"local_blend.target_words.{i}", f"target prompt {i}")
+        else:
+            for i, target in enumerate(targets):
+                _require_words(lb.target_words, target, "local_blend.target_words", f"target prompt {i}")
+    if isinstance(request.cross_replace_steps, dict):
+        for word in request.cross_replace_steps:
+            if word != "default_" and not any(contains_word(t, word) for t in targets):
+                raise invalid("cross_replace_steps", f"cross_replace_steps: {word!r} is in no target prompt")
+
+
+def check_webhook(webhook: WebhookSpec | None, settings: Settings) -> None:
+    """Refuse literal private/loopback addresses early; the sender re-checks resolved IPs at delivery."""
+    if webhook is None:
+        return
+    host = (urlsplit(webhook.url).hostname or "").lower()
+    if not host:
+        raise invalid("webhook.url", "webhook url has no host")
+    if host in settings.webhooks.allow_hosts:
+        return
+    if host == "localhost" or host.endswith(".localhost"):
+        raise invalid("webhook.url", "webhook url must not point at localhost")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not address.is_global:
+        for allowed in settings.webhooks.allow_hosts:
+            try:
+                if address in ipaddress.ip_network(allowed, strict=False):
+                    return
+            except ValueError:
+                continue
+        raise invalid("webhook.url", f"webhook url points at the non-public address {address}")
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_MAX + 1)
+
+
+def ip2p_seeds(request: IP2PEditRequest) -> list[int]:
+    """One seed per sweep cell, cells ordered image_guidance × text_guidance × seeds (outer to inner).
+
+    Without explicit sweep seeds every cell shares one seed (the request's, else a random one): a guidance
+    sweep compares guidance values on the same noise, as in the IP2P paper's grids.
+    """
+    sweep = request.sweep
+    n_image = len(sweep.image_guidance) if sweep and sweep.image_guidance else 1
+    n_text = len(sweep.text_guidance) if sweep and sweep.text_guidance else 1
+    if sweep and sweep.seeds:
+        return [s for _ in range(n_image * n_text) for s in sweep.seeds]
+    seed = request.seed if request.seed is not None else random_seed()
+    return [seed] * (n_image * n_text)
+
+
+def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, settings: Settings,
+                       counter: PromptTokenCounter, tenant: str, edit_id: str, now: datetime) -> Submission:
+    """Validate beyond pydantic, decode the image, resolve defaults; raises ApiError (4xx) on bad input."""
+    spec = resolve_model(request, settings)
+    check_prompts(request, spec, counter, settings.limits.max_prompt_tokens)
+    check_webhook(request.webhook, settings)
+    steps = request.steps or DEFAULT_STEPS[request.kind]
+    scheduler = request.scheduler or spec.scheduler
+    input_png: bytes | None = None
+    image_digest = ""
+    if isinstance(request, P2PEditRequest):
+        if image_bytes is not None:
+            raise invalid("image", "P2P edits generate from the source prompt and take no image")
+        check_p2p_words(request)
+        for field in ("height", "width"):
+            value = getattr(request, field)
+            if value is not None and value > spec.max_size:
+                raise invalid(field, f"{field} {value} is above model {spec.name!r}'s maximum of {spec.max_size}")
+        height, width = request.height or spec.default_size, request.width or spec.default_size
+        seeds = [request.seed if request.seed is not None else random_seed()]
+        resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
+                                              "height": height, "width": width})
+    else:
+        if image_bytes is None:
+            raise invalid("image", "an IP2P edit needs an input image (multipart `image` part or base64 `image`)")
+        image_digest = hashlib.sha256(image_bytes).hexdigest()
+        image = load_image(image_bytes, settings.limits)
+        resolution = min(request.resolution, spec.max_size)
+        width, height = official_resize_dims(image.width, image.height, resolution)
+        input_png = png_bytes(official_resize(image, resolution))
+        seeds = ip2p_seeds(request)
+        resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
+                                              "resolution": resolution, "image": None})
+    batch_key = BatchKey(model=spec.name, kind=request.kind, height=height, width=width, steps=steps,
+                         scheduler=scheduler)
+    payload = JobPayload(id=edit_id, tenant=tenant, request=resolved, batch_key=batch_key, seeds=seeds,
+                         input_image_key=input_key(edit_id) if input_png is not None else None, created_at=now)
+    fingerprint_source = request.model_dump_json(exclude={"image"}) + "|" + image_digest
+    return Submission(payload=payload, webhook=request.webhook,
+                      fingerprint=hashlib.sha256(fingerprint_source.encode()).hexdigest(), input_png=input_png)

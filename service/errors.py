@@ -1,0 +1,127 @@
+"""One error shape for every failure: ``{"error": {"type", "message", "field"}}``.
+
+Why: clients (and the SDK) branch on ``type`` and show ``field`` next to the offending input. Bad input is
+always a 4xx that names the field path as the client wrote it (``target_prompts.0``, ``guidance_scale``);
+500 is reserved for real bugs, which are logged with their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_LOC_SECTIONS = {"body", "query", "path", "header", "cookie"}
+_UNION_TAGS = {"p2p", "ip2p"}
+_FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_][a-z0-9_.]*): (?P<rest>.+)$", re.DOTALL)
+
+_TYPES_BY_STATUS = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+    429: "too_many_requests", 503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """Raise anywhere in a request to answer with this status and the standard error body."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, field: str | None = None,
+                 headers: Mapping[str, str] | None = None, extra: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.type = type or _TYPES_BY_STATUS.get(status, "error")
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+        self.extra = extra or {}
+
+
+def invalid(field: str | None, message: str) -> ApiError:
+    return ApiError(422, message, type="invalid_request", field=field)
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, f"{what} not found", type="not_found")
+
+
+def error_body(type: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"type": type, "message": message, "field": field}}
+
+
+def field_path(loc: Iterable[Any]) -> str | None:
+    """Pydantic/FastAPI ``loc`` → the client's path: drop the section ("body") and the union tag ("p2p")."""
+    parts = list(loc)
+    if parts and parts[0] in _LOC_SECTIONS:
+        parts = parts[1:]
+    if parts and parts[0] in _UNION_TAGS:
+        parts = parts[1:]
+    parts = [p for p in parts if not (isinstance(p, str) and p.startswith("function-"))]
+    return ".".join(str(p) for p in parts) or None
+
+
+def _clean_message(msg: str) -> str:
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def from_validation_errors(errors: list[dict[str, Any]], *, prefix: tuple = ()) -> ApiError:
+    """The first error decides ``field``; the message lists every problem (at most five)."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return ApiError(400, "request body is not valid JSON", type="malformed_json")
+    described: list[tuple[str | None, str]] = []
+    for err in errors:
+        field = field_path(prefix + tuple(err.get("loc", ())))
+        message = _clean_message(str(err.get("msg", "invalid value")))
+        match = _FIELD_PREFIX.match(message)
+        if field is None and match:  # model validators name the field in their message
+            field = match.group("field")
+        if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+            field, message = "kind", "kind must be 'p2p' or 'ip2p'"
+        if field and match is None:
+            message = f"{field}: {message}"
+        described.append((field, message))
+    first_field = described[0][0] if described else None
+    message = "; ".join(m for _, m in described[:5]) or "invalid request"
+    return ApiError(422, message, type="invalid_request", field=first_field)
+
+
+def from_pydantic(exc: ValidationError, *, prefix: tuple = ()) -> ApiError:
+    return from_validation_errors(exc.errors(include_url=False), prefix=prefix)
+
+
+def _response(err: ApiError) -> JSONResponse:
+    body = error_body(err.type, err.message, err.field)
+    body.update(err.extra)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _response(exc)
+
+    async def on_request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _response(from_validation_errors(list(exc.errors())))
+
+    async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route for {request.method} {request.url.path}"
+        err = ApiError(exc.status_code, message, headers=getattr(exc, "headers", None))
+        return _response(err)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _response(ApiError(500, "internal error; it has been logged", type="internal_error"))
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_request_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,177 @@
+"""Reading a POST /v1/edits body and its image safely: bounded reads, then Pillow checks.
+
+Why bounded: a client can announce or stream any number of bytes; we stop at the limit instead of
+buffering them. Why decode fully: ``verify()`` alone misses truncated data, and a decompression bomb must
+be refused from its header before a single pixel is allocated.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from starlette.requests import Request
+
+from service.config import LimitsSettings
+from service.errors import ApiError, invalid
+from service.imaging import to_rgb
+
+MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # the JSON `request` part and multipart framing
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
+
+
+def max_body_bytes(limits: LimitsSettings) -> int:
+    """Largest body accepted: a base64 image (4/3 of the image cap) plus the JSON around it."""
+    return limits.max_image_bytes * 4 // 3 + MULTIPART_OVERHEAD_BYTES
+
+
+def too_large(what: str, limit: int, field: str | None = None) -> ApiError:
+    return ApiError(413, f"{what} is larger than the limit of {limit} bytes", type="payload_too_large", field=field)
+
+
+async def read_body_limited(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as the Content-Length or the streamed bytes exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large("request body", limit)
+        except ValueError:
+            raise ApiError(400, "invalid Content-Length header", type="bad_request")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise too_large("request body", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class EditBody:
+    """The request JSON object and the raw image bytes, wherever they came from."""
+
+    data: dict[str, Any]
+    image_bytes: bytes | None
+    image_source: str | None  # "multipart" | "base64" | None
+
+
+def parse_json_object(raw: bytes | str, what: str = "request body") -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"{what} is not valid JSON: {exc}", type="malformed_json")
+    if not isinstance(data, dict):
+        raise invalid(None, f"{what} must be a JSON object")
+    return data
+
+
+def decode_base64_image(value: str, limits: LimitsSettings) -> bytes:
+    """Plain base64 or a ``data:image/...;base64,`` URL → bytes, refusing oversize before decoding."""
+    match = _DATA_URL.match(value)
+    if match:
+        value = value[match.end():]
+    elif value.startswith("data:"):
+        raise invalid("image", "data: URLs must be base64-encoded (data:image/png;base64,...)")
+    value = "".join(value.split())
+    if len(value) * 3 // 4 > limits.max_image_bytes + 3:
+        raise too_large("image", limits.max_image_bytes, "image")
+    try:
+        data = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("image", "image is not valid base64 (or a data: URL)")
+    if len(data) > limits.max_image_bytes:
+        raise too_large("image", limits.max_image_bytes, "image")
+    return data
+
+
+async def parse_edit_body(request: Request, body: bytes, limits: LimitsSettings) -> EditBody:
+    """JSON (image inline as base64) or multipart/form-data (``request`` JSON part + ``image`` file part)."""
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type in ("application/json", "") or content_type.endswith("+json"):
+        data = parse_json_object(body)
+        image = data.get("image")
+        if isinstance(image, str) and image:
+            data = {k: v for k, v in data.items() if k != "image"}
+            return EditBody(data, decode_base64_image(image, limits), "base64")
+        return EditBody(data, None, None)
+    if content_type == "multipart/form-data":
+        return await _parse_multipart(request, body, limits)
+    raise ApiError(415, f"unsupported Content-Type {content_type!r}; send application/json or multipart/form-data",
+                   type="unsupported_media_type")
+
+
+async def _parse_multipart(request: Request, body: bytes, limits: LimitsSettings) -> EditBody:
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=4,
+                                                         max_part_size=MULTIPART_OVERHEAD_BYTES)
+    except Exception as exc:  # python-multipart / starlette raise several types for bad framing
+        raise ApiError(400, f"malformed multipart body: {getattr(exc, 'detail', exc)}", type="bad_request")
+    try:
+        raw_request = form.get("request")
+        if raw_request is None:
+            raise invalid("request", "multipart body needs a `request` part holding the JSON request")
+        if not isinstance(raw_request, str):
+            raw_request = (await raw_request.read()).decode("utf-8", "replace")
+        data = parse_json_object(raw_request, "the `request` part")
+        upload = form.get("image")
+        if upload is None:
+            return EditBody(data, None, None)
+        if isinstance(upload, str):
+            return EditBody(data, decode_base64_image(upload, limits), "base64")
+        image_bytes = await upload.read(limits.max_image_bytes + 1)
+        if len(image_bytes) > limits.max_image_bytes:
+            raise too_large("image", limits.max_image_bytes, "image")
+        if "image" in data:
+            raise invalid("image", "send the image either as the `image` file part or inline, not both")
+        return EditBody(data, image_bytes, "multipart")
+    finally:
+        await form.close()
+
+
+def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
+    """Validate and decode an upload: size, format allow-list, pixel count, full decode → upright RGB."""
+    if len(data) > limits.max_image_bytes:
+        raise too_large("image", limits.max_image_bytes, "image")
+    if not data:
+        raise invalid("image", "image is empty")
+    try:
+        probe = Image.open(io.BytesIO(data))
+        fmt = (probe.format or "").upper()
+        allowed = [f.upper() for f in limits.image_formats]
+        if fmt not in allowed:
+            raise ApiError(415, f"image format {fmt or 'unknown'} is not accepted; use one of {', '.join(allowed)}",
+                           type="unsupported_media_type", field="image")
+        width, height = probe.size
+        if width * height > limits.max_image_pixels:
+            raise invalid("image", f"image has {width}x{height} = {width * height} pixels; "
+                                   f"at most {limits.max_image_pixels} are accepted")
+        probe.verify()
+        image = Image.open(io.BytesIO(data))  # verify() leaves the file unusable: reopen to decode
+        image.seek(0)  # animated formats: the first frame
+        image.load()
+        return to_rgb(image)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own guard
+        raise invalid("image", f"image exceeds {limits.max_image_pixels} pixels (decompression bomb guard)")
+    except UnidentifiedImageError:
+        raise invalid("image", "image is not a recognised image file")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise invalid("image", f"image could not be decoded: {exc}")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

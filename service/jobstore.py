@@ -1,0 +1,739 @@
+"""Edit records in Redis and their RQ jobs: the single place that changes an edit's status.
+
+Why one place: the gateway, every GPU worker and the reaper write the same records concurrently. Each
+status change is one Lua script that checks the current status against an explicit transition table, so
+a terminal edit never changes again (a late ``mark_succeeded`` after a cancel, or a duplicate run, is a
+no-op) and no writer can clobber another. After a change the new ``Edit`` is published on
+``editserve:events:{id}`` (SSE, ``Prefer: wait``) and handed to ``service.webhooks.emit``.
+
+Redis layout (all keys prefixed ``editserve:``)::
+
+    edit:{id}                 hash: status, tenant, kind, model, queue, payload, params, webhook, timestamps,
+                              progress, results, attention_maps, error, attempts, batch/worker info, revision
+    tenant:{tenant}:edits     sorted set of edit ids scored by creation time (ms): listing, newest first
+    idem:{tenant}:{key}       JSON {edit_id, fingerprint}, claimed with SET NX (24 h)
+    stats:{batch key}|all     hash: EWMA of seconds per step and per job (ETA estimates)
+    events:{id}               pub/sub channel carrying the Edit JSON after every change
+
+The RQ job id IS the edit id; RQ retries are off because the worker's reaper requeues crashed jobs
+through ``mark_requeued`` + ``reenqueue`` within ``worker.max_retries``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import InvalidJobOperationError, NoSuchJobError
+from rq.job import Job
+
+from editserve.contract import (
+    AttentionMapResult,
+    Edit,
+    EditList,
+    EditStatus,
+    ErrorInfo,
+    JobPayload,
+    Progress,
+    ResultImage,
+    RunMetrics,
+    WebhookDeliveryState,
+    WebhookSpec,
+)
+from service import metrics
+from service.config import Settings
+from service.queues import queue_name, same_key_queues_ahead
+from service.storage import Storage
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "editserve:"
+JOB_FUNCTION = "worker.runtime.execute.run_single"
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+IDEMPOTENCY_WAIT_SECONDS = 5.0
+STATS_EWMA_ALPHA = 0.2
+MAX_LIST_LIMIT = 100
+
+Q, P, S, F, C = (EditStatus.queued, EditStatus.processing, EditStatus.succeeded, EditStatus.failed,
+                 EditStatus.canceled)
+ALLOWED_FROM: dict[EditStatus, frozenset[EditStatus]] = {
+    P: frozenset({Q}),
+    Q: frozenset({P}),  # requeue after a crash
+    # Terminal from queued too: a reaper may fail a job it never saw start, and a "dead" worker that
+    # finished anyway should not lose its results; the stale RQ entry is skipped by mark_processing.
+    S: frozenset({Q, P}),
+    F: frozenset({Q, P}),
+    C: frozenset({Q, P}),
+}
+
+
+def edit_key(edit_id: str) -> str:
+    return f"{KEY_PREFIX}edit:{edit_id}"
+
+
+def tenant_index_key(tenant: str) -> str:
+    return f"{KEY_PREFIX}tenant:{tenant}:edits"
+
+
+def idem_key(tenant: str, key: str) -> str:
+    return f"{KEY_PREFIX}idem:{tenant}:{key}"
+
+
+def events_channel(edit_id: str) -> str:
+    return f"{KEY_PREFIX}events:{edit_id}"
+
+
+def stats_key(suffix: str) -> str:
+    return f"{KEY_PREFIX}stats:{suffix}"
+
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_edit_id() -> str:
+    """26 lowercase Crockford-base32 characters: 48-bit ms timestamp + 80 random bits.
+
+    Time-sortable, URL-safe and valid as an RQ job id (letters and digits only).
+    """
+    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def request_fingerprint(payload: JobPayload, extra: str = "") -> str:
+    """Identity of a request for idempotency: the request as resolved, without the per-id image key."""
+    body = payload.request.model_dump_json(exclude={"image"})
+    return hashlib.sha256((body + "|" + extra).encode()).hexdigest()
+
+
+class EditNotFound(LookupError):
+    pass
+
+
+class EditConflict(Exception):
+    """The edit's state does not allow the operation (e.g. cancel of a finished edit)."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+_TRANSITION_LUA = """
+local key = KEYS[1]
+local spec = cjson.decode(ARGV[1])
+local cur = redis.call('HGET', key, 'status')
+if not cur then return {0, ''} end
+local allowed = false
+for _, s in ipairs(spec['from']) do if s == cur then allowed = true end end
+if not allowed then return {0, cur} end
+if spec['to'] ~= '' then redis.call('HSET', key, 'status', spec['to']) end
+for f, v in pairs(spec['set']) do redis.call('HSET', key, f, v) end
+for f, v in pairs(spec['set_nx']) do redis.call('HSETNX', key, f, v) end
+for _, f in ipairs(spec['incr']) do redis.call('HINCRBY', key, f, 1) end
+for _, f in ipairs(spec['del']) do redis.call('HDEL', key, f) end
+if spec['queue_wait'] then
+  local enq = redis.call('HGET', key, 'enqueued_at')
+  if enq then
+    redis.call('HSET', key, 'queue_wait_seconds', tostring(math.max(0, tonumber(spec['now']) - tonumber(enq))))
+  end
+end
+local rev = redis.call('HINCRBY', key, 'revision', 1)
+if spec['ttl'] > 0 then redis.call('EXPIRE', key, spec['ttl']) end
+return {rev, cur}
+"""
+
+_PROGRESS_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_total', ARGV[2])
+return redis.call('HINCRBY', KEYS[1], 'revision', 1)
+"""
+
+_RELEASE_CLAIM_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_EWMA_LUA = """
+local alpha = tonumber(ARGV[3])
+for _, k in ipairs(KEYS) do
+  for j, f in ipairs({'step_seconds', 'job_seconds'}) do
+    local v = tonumber(ARGV[j])
+    local old = redis.call('HGET', k, f)
+    if old then v = alpha * v + (1 - alpha) * tonumber(old) end
+    redis.call('HSET', k, f, tostring(v))
+  end
+end
+return 1
+"""
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), tz=UTC) if value else None
+
+
+def _encode_cursor(score: float, edit_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{int(score)}:{edit_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, edit_id = raw.split(":", 1)
+        return int(score), edit_id
+    except Exception as exc:
+        raise ValueError("cursor is not one this API returned") from exc
+
+
+class JobStore:
+    def __init__(self, redis: redis.Redis, settings: Settings, storage: Storage | None = None):
+        self.redis = redis
+        self.settings = settings
+        self._storage = storage
+        self._transition_script = redis.register_script(_TRANSITION_LUA)
+        self._progress_script = redis.register_script(_PROGRESS_LUA)
+        self._ewma_script = redis.register_script(_EWMA_LUA)
+        self._release_claim_script = redis.register_script(_RELEASE_CLAIM_LUA)
+        self._last_progress_publish: dict[str, float] = {}
+        self._in_progress_here: set[str] = set()  # for the livesum gauge: only this process decrements
+        self._lock = threading.Lock()
+
+    @property
+    def storage(self) -> Storage:
+        """Presigning needs no network, so a worker or sender without a Storage gets a lazy one."""
+        if self._storage is None:
+            self._storage = Storage(self.settings.s3)
+        return self._storage
+
+    @property
+    def retention_seconds(self) -> int:
+        return self.settings.s3.retention_days * 24 * 3600
+
+    # ------------------------------------------------------------------ gateway side
+
+    def find_idempotent(self, tenant: str, key: str, fingerprint: str) -> Edit | None:
+        """The edit an Idempotency-Key already created, or None; IdempotencyConflict if the body differs."""
+        raw = self.redis.get(idem_key(tenant, key))
+        if raw is None:
+            return None
+        return self._resolve_claim(tenant, key, raw, fingerprint)
+
+    def _resolve_claim(self, tenant: str, key: str, raw: bytes, fingerprint: str) -> Edit:
+        claim = json.loads(raw)
+        if claim["fingerprint"] != fingerprint:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request body; "
+                "use a new key for a different request")
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT_SECONDS
+        while True:  # a concurrent duplicate may still be writing the record
+            edit = self.get(claim["edit_id"], tenant)
+            if edit is not None:
+                return edit
+            if time.monotonic() > deadline:
+                # its creator died between claim and record: release the claim so a retry can proceed
+                self._release_claim_script(keys=[idem_key(tenant, key)], args=[raw])
+                raise EditConflict("a request with this Idempotency-Key did not complete; retry the request")
+            time.sleep(0.02)
+
+    def create(self, payload: JobPayload, *, webhook: WebhookSpec | None, idempotency_key: str | None,
+               fingerprint: str | None = None) -> tuple[Edit, bool]:
+        """Record the edit and enqueue its RQ job; with an Idempotency-Key a duplicate returns the first edit.
+
+        ``fingerprint`` identifies the request body (the gateway includes the input image's hash);
+        by default it is derived from ``payload.request``. Returns (edit, created).
+        """
+        fingerprint = fingerprint or request_fingerprint(payload)
+        if idempotency_key:
+            claim = {"edit_id": payload.id, "fingerprint": fingerprint}
+            key = idem_key(payload.tenant, idempotency_key)
+            if not self.redis.set(key, json.dumps(claim), nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
+                raw = self.redis.get(key)
+                if raw is not None:
+                    return self._resolve_claim(payload.tenant, idempotency_key, raw, fingerprint), False
+                # the claim expired between SET and GET: take it now
+                self.redis.set(key, json.dumps(claim), ex=IDEMPOTENCY_TTL_SECONDS)
+
+        request = payload.request
+        name = queue_name(payload.batch_key, request.priority)
+        now = _now()
+        created = payload.created_at.timestamp()
+        record: dict[str, Any] = {
+            "id": payload.id,
+            "status": EditStatus.queued.value,
+            "tenant": payload.tenant,
+            "kind": request.kind,
+            "model": payload.batch_key.model,
+            "queue": name,
+            "payload": payload.model_dump_json(),
+            "params": json.dumps(build_params(payload)),
+            "created_at": repr(created),
+            "enqueued_at": repr(now),
+            "attempts": 0,
+            "revision": 1,
+        }
+        if webhook is not None:
+            record["webhook"] = webhook.model_dump_json()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(edit_key(payload.id), mapping=record)
+        pipe.zadd(tenant_index_key(payload.tenant), {payload.id: int(created * 1000)})
+        pipe.execute()
+        try:
+            self._enqueue(payload.id, name, payload.model_dump_json(), unique=True)
+        except Exception as exc:
+            self.mark_failed(payload.id, ErrorInfo(type="enqueue_failed", message=f"could not queue the edit: {exc}"))
+            raise
+        metrics.jobs_submitted_total.labels(kind=request.kind, model=payload.batch_key.model).inc()
+        edit = self.get(payload.id)
+        assert edit is not None
+        self._publish(edit, payload.tenant, webhook_event=None)
+        return edit, True
+
+    def _enqueue(self, edit_id: str, name: str, payload_json: str, *, unique: bool, at_front: bool = False) -> Job:
+        worker = self.settings.worker
+        return Queue(name, connection=self.redis).enqueue(
+            JOB_FUNCTION,
+            payload_json,
+            job_id=edit_id,
+            job_timeout=worker.job_timeout_seconds,
+            result_ttl=worker.result_ttl_seconds,
+            failure_ttl=worker.result_ttl_seconds,
+            retry=None,
+            unique=unique,
+            at_front=at_front,
+            description=f"edit {edit_id}",
+        )
+
+    def get(self, edit_id: str, tenant: str | None = None) -> Edit | None:
+        """The edit with presigned URLs, queue position and ETA; None if unknown or owned by another tenant."""
+        record = self._record(edit_id)
+        if record is None or (tenant is not None and record.get("tenant") != tenant):
+            return None
+        return self._render(record)
+
+    def list(self, tenant: str, *, status: str | None = None, kind: str | None = None, model: str | None = None,
+             limit: int = 20, cursor: str | None = None) -> EditList:
+        """The tenant's edits newest first; ``next_cursor`` continues after the last one returned."""
+        limit = max(1, min(int(limit), MAX_LIST_LIMIT))
+        index = tenant_index_key(tenant)
+        max_score: float | str = "+inf"
+        after: tuple[int, str] | None = None
+        if cursor:
+            after = _decode_cursor(cursor)
+            max_score = after[0]
+        found: list[tuple[str, float]] = []
+        offset, chunk = 0, max(limit * 4, 50)
+        exhausted = False
+        while len(found) < limit and not exhausted:
+            batch = self.redis.zrevrangebyscore(index, max_score, "-inf", start=offset, num=chunk, withscores=True)
+            offset += len(batch)
+            exhausted = len(batch) < chunk
+            ids = [m.decode() if isinstance(m, bytes) else m for m, _ in batch]
+            if after is not None:  # same-ms members sort by id, descending: skip up to the cursor
+                batch = [(i, s) for i, (_, s) in zip(ids, batch) if not (int(s) == after[0] and i >= after[1])]
+            else:
+                batch = [(i, s) for i, (_, s) in zip(ids, batch)]
+            if not batch:
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            for edit_id, _ in batch:
+                pipe.hmget(edit_key(edit_id), "status", "kind", "model")
+            rows = pipe.execute()
+            stale = []
+            for (edit_id, score), (st, kd, md) in zip(batch, rows):
+                if st is None:
+                    stale.append(edit_id)  # record expired with retention: drop from the index
+                    continue
+                if (status and st.decode() != status) or (kind and kd.decode() != kind) or (
+                        model and md.decode() != model):
+                    continue
+                found.append((edit_id, score))
+                if len(found) == limit:
+                    break
+            if stale:
+                self.redis.zrem(index, *stale)
+        edits = [e for e in (self.get(i) for i, _ in found) if e is not None]
+        next_cursor = None
+        if len(found) == limit:
+            last_id, last_score = found[-1]
+            if self._has_more(index, last_score, last_id):
+                next_cursor = _encode_cursor(last_score, last_id)
+        return EditList(data=edits, next_cursor=next_cursor)
+
+    def _has_more(self, index: str, score: float, edit_id: str) -> bool:
+        """Cheap look-ahead: anything older than the last returned entry (filters may still skip it)."""
+        nxt = self.redis.zrevrangebyscore(index, score, "-inf", start=0, num=50, withscores=True)
+        for member, s in nxt:
+            m = member.decode() if isinstance(member, bytes) else member
+            if not (int(s) == int(score) and m >= edit_id):
+                return True
+        return len(nxt) == 50
+
+    def request_cancel(self, edit_id: str, tenant: str) -> Edit:
+        """Queued: canceled now and removed from RQ. Processing: flag for the worker. Terminal: EditConflict."""
+        record = self._record(edit_id)
+        if record is None or record.get("tenant") != tenant:
+            raise EditNotFound(edit_id)
+        for _ in range(3):
+            status = EditStatus(record["status"])
+            if status.terminal:
+                raise EditConflict(f"edit {edit_id} is already {status.value}; only queued or processing "
+                                   "edits can be canceled")
+            if status is Q:
+                if self._transition(edit_id, C, completed_at=True):
+                    break
+            else:
+                rev, _ = self._run_transition(edit_id, {P}, None, set_fields={"cancel_requested": "1"})
+                if rev:
+                    self._publish(self._require(edit_id), tenant, webhook_event=None)
+                    break
+            record = self._record(edit_id) or record  # lost a race: re-read and decide again
+        return self._require(edit_id)
+
+    # ------------------------------------------------------------------ worker side
+
+    def load_payload(self, edit_id: str) -> JobPayload:
+        raw = self.redis.hget(edit_key(edit_id), "payload")
+        if raw is None:
+            raise EditNotFound(edit_id)
+        return JobPayload.model_validate_json(raw)
+
+    def mark_processing(self, edit_id: str, *, batch_id: str, batch_size: int, worker: str) -> bool:
+        """queued → processing; counts an attempt. False (skip the job!) if the edit is no longer queued."""
+        now = _now()
+        rev, _ = self._run_transition(
+            edit_id, ALLOWED_FROM[P], P,
+            set_fields={"batch_id": batch_id, "batch_size": str(batch_size), "worker": worker},
+            set_nx={"started_at": repr(now)}, incr=["attempts"], delete=["progress_step", "progress_total"],
+            queue_wait=True, now=now)
+        if not rev:
+            return False
+        with self._lock:
+            self._in_progress_here.add(edit_id)
+        metrics.jobs_in_progress.inc()
+        wait = self.redis.hget(edit_key(edit_id), "queue_wait_seconds")
+        if wait is not None:
+            metrics.queue_wait_seconds.observe(float(wait))
+        self._publish_current(edit_id, webhook_event="started")
+        return True
+
+    def set_progress(self, edit_id: str, step: int, total: int) -> None:
+        """One Redis round trip per step; publishing (SSE, webhooks) is throttled per edit."""
+        rev = self._progress_script(keys=[edit_key(edit_id)], args=[int(step), int(total)])
+        if not rev:
+            return
+        now = time.monotonic()
+        interval = self.settings.worker.progress_min_interval_seconds
+        with self._lock:
+            last = self._last_progress_publish.get(edit_id, 0.0)
+            due = step >= total or step <= 1 or now - last >= interval
+            if due:
+                self._last_progress_publish[edit_id] = now
+        if due:
+            self._publish_current(edit_id, webhook_event="progress")
+
+    def is_cancel_requested(self, edit_id: str) -> bool:
+        """True when the worker should stop: cancel asked, edit already terminal, or record gone."""
+        status, flag = self.redis.hmget(edit_key(edit_id), "status", "cancel_requested")
+        if status is None:
+            return True
+        return flag == b"1" or EditStatus(status.decode()).terminal
+
+    def mark_succeeded(self, edit_id: str, *, results: list[dict], attention_maps: list[dict],
+                       run_seconds: float) -> None:
+        fields = {"results": json.dumps(results), "attention_maps": json.dumps(attention_maps),
+                  "run_seconds": repr(float(run_seconds))}
+        if self._transition(edit_id, S, completed_at=True, set_fields=fields):
+            metrics.job_duration_seconds.observe(run_seconds)
+            self._record_stats(edit_id, run_seconds)
+
+    def mark_failed(self, edit_id: str, error: ErrorInfo) -> None:
+        self._transition(edit_id, F, completed_at=True, set_fields={"error": error.model_dump_json()})
+
+    def mark_canceled(self, edit_id: str) -> None:
+        self._transition(edit_id, C, completed_at=True)
+
+    def mark_requeued(self, edit_id: str, reason: str) -> bool:
+        """processing → queued after a crash. Returns True if the caller should now ``reenqueue``.
+
+        An edit whose cancel was requested becomes canceled instead (returns False), as does any edit
+        that is no longer processing.
+        """
+        if self.redis.hget(edit_key(edit_id), "cancel_requested") == b"1":
+            self._transition(edit_id, C, completed_at=True)
+            return False
+        return self._transition(
+            edit_id, Q, set_fields={"enqueued_at": repr(_now()), "requeue_reason": reason[:500]},
+            delete=["progress_step", "progress_total", "batch_id", "batch_size", "worker"])
+
+    def reenqueue(self, edit_id: str, *, at_front: bool = True) -> None:
+        """Put a requeued edit's RQ job back on its queue (same job id), at the front by default."""
+        record = self._record(edit_id)
+        if record is None or record["status"] != Q.value:
+            return
+        self._enqueue(edit_id, record["queue"], record["payload"], unique=False, at_front=at_front)
+
+    def tenant_of(self, edit_id: str) -> str | None:
+        raw = self.redis.hget(edit_key(edit_id), "tenant")
+        return raw.decode() if raw is not None else None
+
+    # ------------------------------------------------------------------ webhook sender side
+
+    def record_webhook_delivery(self, edit_id: str, *, ok: bool, error: str | None = None) -> None:
+        """Delivery bookkeeping shown in ``Edit.webhook`` (no status change, no event)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(edit_key(edit_id), "webhook_delivered" if ok else "webhook_failed", 1)
+        if error is not None:
+            pipe.hset(edit_key(edit_id), "webhook_last_error", error[:500])
+        pipe.execute()
+
+    # ------------------------------------------------------------------ internals
+
+    def _record(self, edit_id: str) -> dict[str, str] | None:
+        raw = self.redis.hgetall(edit_key(edit_id))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def _require(self, edit_id: str) -> Edit:
+        edit = self.get(edit_id)
+        if edit is None:
+            raise EditNotFound(edit_id)
+        return edit
+
+    def _run_transition(self, edit_id: str, allowed: Iterable[EditStatus], to: EditStatus | None, *,
+                        set_fields: dict[str, str] | None = None, set_nx: dict[str, str] | None = None,
+                        incr: list[str] | None = None, delete: list[str] | None = None,
+                        queue_wait: bool = False, now: float | None = None, ttl: int = 0) -> tuple[int, str]:
+        spec = {
+            "from": [s.value for s in allowed], "to": to.value if to else "",
+            "set": set_fields or {}, "set_nx": set_nx or {}, "incr": incr or [], "del": delete or [],
+            "queue_wait": queue_wait, "now": now or _now(), "ttl": ttl,
+        }
+        # cjson turns an empty JSON object into an empty table either way; arrays stay arrays
+        rev, previous = self._transition_script(keys=[edit_key(edit_id)], args=[json.dumps(spec)])
+        return int(rev), previous.decode() if isinstance(previous, bytes) else previous
+
+    def _transition(self, edit_id: str, to: EditStatus, *, completed_at: bool = False,
+                    set_fields: dict[str, str] | None = None, delete: list[str] | None = None) -> bool:
+        """Apply ``to`` if the transition table allows it; publish, emit webhooks, count. False if ignored."""
+        fields = dict(set_fields or {})
+        if completed_at:
+            fields["completed_at"] = repr(_now())
+        rev, previous = self._run_transition(
+            edit_id, ALLOWED_FROM[to], to, set_fields=fields, delete=delete,
+            ttl=self.retention_seconds if to.terminal else 0)
+        if not rev:
+            if previous:
+                log.info("edit %s: %s → %s ignored", edit_id, previous, to.value)
+            return False
+        if to.terminal:
+            self._finish_bookkeeping(edit_id, previous, to)
+        event = "completed" if to.terminal else None
+        self._publish_current(edit_id, webhook_event=event)
+        return True
+
+    def _finish_bookkeeping(self, edit_id: str, previous: str, to: EditStatus) -> None:
+        with self._lock:
+            mine = edit_id in self._in_progress_here
+            self._in_progress_here.discard(edit_id)
+            self._last_progress_publish.pop(edit_id, None)
+        if mine:
+            metrics.jobs_in_progress.dec()
+        kind = self.redis.hget(edit_key(edit_id), "kind")
+        metrics.jobs_completed_total.labels(kind=(kind or b"?").decode(), status=to.value).inc()
+        if previous == Q.value:  # never started: make sure no worker picks the RQ job up
+            self._cancel_rq_job(edit_id)
+
+    def _cancel_rq_job(self, edit_id: str) -> None:
+        try:
+            job = Job.fetch(edit_id, connection=self.redis)
+            if not job.is_canceled:
+                job.cancel()
+        except (NoSuchJobError, InvalidJobOperationError):
+            pass
+        except Exception:
+            log.exception("edit %s: could not remove its RQ job", edit_id)
+
+    def _record_stats(self, edit_id: str, run_seconds: float) -> None:
+        record = self._record(edit_id)
+        if record is None:
+            return
+        payload = JobPayload.model_validate_json(record["payload"])
+        steps = max(1, payload.batch_key.steps)
+        per_job = run_seconds / max(1, int(record.get("batch_size") or 1))
+        self._ewma_script(keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
+                          args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA])
+
+    def _publish_current(self, edit_id: str, *, webhook_event: str | None) -> None:
+        record = self._record(edit_id)
+        if record is None:
+            return
+        self._publish(self._render(record), record["tenant"], webhook_event=webhook_event)
+
+    def _publish(self, edit: Edit, tenant: str, *, webhook_event: str | None) -> None:
+        try:
+            self.redis.publish(events_channel(edit.id), edit.model_dump_json())
+        except redis.RedisError:
+            log.exception("edit %s: event not published", edit.id)
+        if webhook_event is not None and edit.webhook is not None:
+            _emit_webhook(self.redis, edit, webhook_event, tenant)
+
+    def _render(self, r: dict[str, str]) -> Edit:
+        status = EditStatus(r["status"])
+        payload_raw = json.loads(r["payload"])
+        request = payload_raw["request"]
+        progress = None
+        if status is S:  # finished means every step ran, whatever the last throttled update said
+            total = int(r.get("progress_total") or payload_raw["batch_key"]["steps"])
+            progress = Progress(step=total, total=total)
+        elif r.get("progress_total"):
+            progress = Progress(step=int(r["progress_step"]), total=int(r["progress_total"]))
+        webhook = None
+        if r.get("webhook"):
+            spec = WebhookSpec.model_validate_json(r["webhook"])
+            webhook = WebhookDeliveryState(url=spec.url, events=spec.events,
+                                           delivered=int(r.get("webhook_delivered", 0)),
+                                           failed=int(r.get("webhook_failed", 0)),
+                                           last_error=r.get("webhook_last_error"))
+        queue_position, eta = self._position_and_eta(r, status, progress, payload_raw)
+        model = r["model"]
+        spec_catalog = self.settings.model_catalog()
+        return Edit(
+            id=r["id"],
+            kind=r["kind"],
+            model=model,
+            status=status,
+            created_at=_ts(r["created_at"]),
+            started_at=_ts(r.get("started_at")),
+            completed_at=_ts(r.get("completed_at")),
+            progress=progress,
+            queue_position=queue_position,
+            eta_seconds=eta,
+            params=json.loads(r["params"]),
+            results=self._results(r) if status is S else [],
+            attention_maps=self._attention_maps(r) if status is S else [],
+            error=ErrorInfo.model_validate_json(r["error"]) if r.get("error") else None,
+            metrics=RunMetrics(
+                queue_wait_seconds=float(r["queue_wait_seconds"]) if r.get("queue_wait_seconds") else None,
+                run_seconds=float(r["run_seconds"]) if r.get("run_seconds") else None,
+                batch_id=r.get("batch_id"),
+                batch_size=int(r["batch_size"]) if r.get("batch_size") else None,
+                attempts=int(r.get("attempts", 0)),
+            ),
+            webhook=webhook,
+            metadata=request.get("metadata") or {},
+            random_weights=bool(spec_catalog[model].random_weights) if model in spec_catalog else False,
+            cancel_requested=r.get("cancel_requested") == "1",
+            revision=int(r.get("revision", 0)),
+        )
+
+    def _results(self, r: dict[str, str]) -> list[ResultImage]:
+        out = []
+        for item in json.loads(r.get("results") or "[]"):
+            url, expires_at = self.storage.presign_get(item["key"])
+            fields = {k: v for k, v in item.items() if k in ResultImage.model_fields and k != "url"}
+            out.append(ResultImage(url=url, expires_at=expires_at, **fields))
+        return out
+
+    def _attention_maps(self, r: dict[str, str]) -> list[AttentionMapResult]:
+        out = []
+        for item in json.loads(r.get("attention_maps") or "[]"):
+            grid_url, expires_at = self.storage.presign_get(item["grid_key"])
+            array_url, _ = self.storage.presign_get(item["array_key"])
+            out.append(AttentionMapResult(prompt_index=item["prompt_index"], prompt=item["prompt"],
+                                          tokens=item["tokens"], grid_url=grid_url, array_url=array_url,
+                                          expires_at=expires_at))
+        return out
+
+    def _position_and_eta(self, r: dict[str, str], status: EditStatus, progress: Progress | None,
+                          payload: dict) -> tuple[int | None, float | None]:
+        """Jobs ahead (0 = next) and seconds left: remaining steps × s/step + jobs ahead × s/job."""
+        if status.terminal:
+            return None, None
+        bk = payload["batch_key"]
+        suffix = f"{bk['model']}:{bk['kind']}:{bk['height']}x{bk['width']}:s{bk['steps']}:{bk['scheduler']}"
+        stats = self._stats(suffix)
+        step_s, job_s = stats.get("step_seconds"), stats.get("job_seconds")
+        steps = int(bk["steps"])
+        if status is P:
+            if progress and progress.step > 0 and r.get("started_at"):
+                rate = (_now() - float(r["started_at"])) / progress.step
+                return None, round(max(0.0, (progress.total - progress.step) * rate), 2)
+            return None, round(steps * step_s, 2) if step_s is not None else None
+        name = r["queue"]
+        try:
+            position = Queue(name, connection=self.redis).get_job_position(r["id"])
+        except redis.RedisError:
+            position = None
+        if position is None:
+            return None, None
+        ahead = position + sum(self.redis.llen(f"rq:queue:{q}") for q in same_key_queues_ahead(name))
+        if step_s is None or job_s is None:
+            return ahead, None
+        return ahead, round(steps * step_s + ahead * job_s, 2)
+
+    def _stats(self, suffix: str) -> dict[str, float]:
+        raw = self.redis.hgetall(stats_key(suffix)) or self.redis.hgetall(stats_key("all"))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def build_params(payload: JobPayload) -> dict[str, Any]:
+    """The parameters actually used (defaults resolved, seeds included) shown as ``Edit.params``."""
+    request = payload.request
+    params = request.model_dump(mode="json", exclude={"image", "webhook", "metadata", "kind"})
+    bk = payload.batch_key
+    params.update(model=bk.model, steps=bk.steps, scheduler=bk.scheduler, height=bk.height, width=bk.width,
+                  seeds=list(payload.seeds))
+    if request.kind == "p2p":
+        params["seed"] = payload.seeds[0] if payload.seeds else None
+    else:
+        params["cells"] = [
+            {"index": i, "image_guidance": ig, "text_guidance": tg, "seed": seed}
+            for i, (ig, tg, seed) in enumerate(sweep_cells(request, payload.seeds))
+        ]
+    return params
+
+
+def sweep_cells(request, seeds: list[int]) -> list[tuple[float, float, int]]:
+    """IP2P cells in expansion order image_guidance × text_guidance × seeds (outer to inner).
+
+    ``seeds`` is JobPayload.seeds: one per cell, already in this order.
+    """
+    sweep = request.sweep
+    image_axis = (sweep.image_guidance if sweep and sweep.image_guidance else None) or [request.image_guidance]
+    text_axis = (sweep.text_guidance if sweep and sweep.text_guidance else None) or [request.text_guidance]
+    per_seed = len(sweep.seeds) if sweep and sweep.seeds else 1
+    cells = [(ig, tg) for ig in image_axis for tg in text_axis for _ in range(per_seed)]
+    return [(ig, tg, seed) for (ig, tg), seed in zip(cells, seeds)]
+
+
+def _emit_webhook(connection: redis.Redis, edit: Edit, event: str, tenant: str) -> None:
+    """Hand the change to ``service.webhooks.emit`` (lazy: the sender module may not be deployed)."""
+    try:
+        from service import webhooks
+    except ModuleNotFoundError as exc:
+        if exc.name != "service.webhooks":
+            log.exception("service.webhooks failed to import; webhook for edit %s dropped", edit.id)
+        return
+    except Exception:
+        log.exception("service.webhooks failed to import; webhook for edit %s dropped", edit.id)
+        return
+    emit = getattr(webhooks, "emit", None)
+    if emit is None:
+        return
+    try:
+        emit(connection, edit, event, tenant)
+    except Exception:
+        log.exception("edit %s: webhook emit(%s) failed", edit.id, event)

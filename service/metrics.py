@@ -1,0 +1,99 @@
+"""Every Prometheus metric of editserve, defined once (gateway, GPU worker and webhook sender import this).
+
+Why one module: names, labels and buckets must match the Grafana dashboards exactly, and a metric
+defined twice in one process raises at import. Multiprocess mode (gunicorn with several workers) works
+when ``PROMETHEUS_MULTIPROC_DIR`` is set *before* start: every process writes its own files and
+``render()`` aggregates them with a fresh registry per scrape (serving.md §7).
+
+Labels never carry ids; ``route`` is the route template (``/v1/edits/{edit_id}``), never the raw path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+PREFIX = "editserve_"
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+http_requests_total = Counter(
+    PREFIX + "http_requests", "HTTP requests served", ["route", "method", "code"])
+http_request_duration_seconds = Histogram(
+    PREFIX + "http_request_duration_seconds", "HTTP request latency", ["route", "method"],
+    buckets=SECONDS_BUCKETS)
+jobs_submitted_total = Counter(
+    PREFIX + "jobs_submitted", "Edits accepted and queued", ["kind", "model"])
+jobs_completed_total = Counter(
+    PREFIX + "jobs_completed", "Edits that reached a terminal status", ["kind", "status"])
+queue_wait_seconds = Histogram(
+    PREFIX + "queue_wait_seconds", "Time from enqueue to the start of processing", buckets=SECONDS_BUCKETS)
+job_duration_seconds = Histogram(
+    PREFIX + "job_duration_seconds", "Processing time of one edit (its whole batch run)", buckets=SECONDS_BUCKETS)
+batch_size = Histogram(
+    PREFIX + "batch_size", "Edits per GPU batch", buckets=BATCH_SIZE_BUCKETS)
+denoise_step_seconds = Histogram(
+    PREFIX + "denoise_step_seconds", "Wall time of one batched denoising step", buckets=STEP_SECONDS_BUCKETS)
+webhook_deliveries_total = Counter(
+    PREFIX + "webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
+jobs_in_progress = Gauge(
+    PREFIX + "jobs_in_progress", "Edits being processed right now", multiprocess_mode="livesum")
+
+QUEUE_DEPTH_NAME = PREFIX + "queue_depth"
+
+
+class QueueDepthCollector:
+    """``editserve_queue_depth{queue}`` read from RQ at scrape time (queued jobs, not running ones).
+
+    A collector, not a Gauge: the value lives in Redis, not in any process, so it must not be summed
+    across gunicorn workers.
+    """
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def collect(self):
+        family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in each edit queue", labels=["queue"])
+        try:
+            from service.queues import discover
+
+            for group in discover(self.connection):
+                for name in group.queue_names:
+                    family.add_metric([name], float(self.connection.llen(f"rq:queue:{name}")))
+        except Exception as exc:  # a scrape must not fail because Redis blipped
+            log.warning("queue depth unavailable: %s", exc)
+        yield family
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def render(connection=None) -> tuple[bytes, str]:
+    """The exposition text for /metrics: this process (or every process in multiprocess mode) + queues."""
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(REGISTRY)
+    if connection is not None:
+        queue_registry = CollectorRegistry()
+        queue_registry.register(QueueDepthCollector(connection))
+        body += generate_latest(queue_registry)
+    return body, CONTENT_TYPE_LATEST

@@ -1,0 +1,86 @@
+"""Storage against a real S3 HTTP endpoint (SeaweedFS enforces SigV4 and presigned-URL expiry)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from gateway_support import s3_settings
+
+from service.devstack import free_port
+from service.storage import Storage, StorageError, attention_array_key, input_key, output_key
+
+
+@pytest.fixture
+def storage(s3):
+    return Storage(s3_settings(s3))
+
+
+def test_put_get_roundtrip_and_key_layout(storage, s3):
+    key = f"{s3.test_prefix}edits/abc/output-0.png"
+    storage.put_bytes(key, b"\x89PNG fake", "image/png")
+    assert storage.get_bytes(key) == b"\x89PNG fake"
+    head = storage.client.head_object(Bucket=s3.bucket, Key=key)
+    assert head["ContentType"] == "image/png"
+    assert input_key("e1") == "edits/e1/input.png" and output_key("e1", 2) == "edits/e1/output-2.png"
+    assert attention_array_key("e1", 0) == "edits/e1/attn-0.npy"
+
+
+def test_presigned_url_works_then_expires(storage, s3):
+    key = f"{s3.test_prefix}edits/abc/input.png"
+    storage.put_bytes(key, b"hello", "image/png")
+    url, expires_at = storage.presign_get(key, expires=2)
+    assert 0 < (expires_at - datetime.now(UTC)).total_seconds() <= 2
+    assert "X-Amz-Signature" in url
+    response = httpx.get(url)
+    assert response.status_code == 200 and response.content == b"hello"
+    tampered = url.replace("X-Amz-Signature=", "X-Amz-Signature=0")
+    assert httpx.get(tampered).status_code == 403  # SigV4 is enforced
+    time.sleep(3.1)
+    assert httpx.get(url).status_code == 403  # and so is expiry
+
+
+def test_presign_uses_the_public_endpoint(s3):
+    storage = Storage(s3_settings(s3, public_endpoint_url="https://cdn.example.com"))
+    url, _ = storage.presign_get("edits/x/output-0.png")
+    assert url.startswith(f"https://cdn.example.com/{s3.bucket}/edits/x/output-0.png?")  # path-style
+
+
+def test_get_of_a_missing_key_is_a_storage_error(storage, s3):
+    with pytest.raises(StorageError, match="download"):
+        storage.get_bytes(f"{s3.test_prefix}missing")
+
+
+def test_upload_retries_then_raises_a_clear_error(caplog):
+    dead = f"http://127.0.0.1:{free_port()}"
+    storage = Storage(s3_settings_for_dead(dead))
+    caplog.set_level(logging.WARNING, logger="service.storage")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="after 3 attempt"):
+        storage.put_bytes("edits/x/input.png", b"data")
+    assert time.monotonic() - started < 10
+    assert sum("retrying" in r.message for r in caplog.records) == 2
+    with pytest.raises(StorageError, match="unreachable"):
+        storage.head_bucket()
+
+
+def s3_settings_for_dead(endpoint: str):
+    from service.config import S3Settings
+
+    return S3Settings(endpoint_url=endpoint, upload_attempts=3, upload_backoff_seconds=0.01)
+
+
+def test_bucket_and_lifecycle_are_ensured_or_tolerated(s3, caplog):
+    storage = Storage(s3_settings(s3, bucket=f"lifecycle-{int(time.time() * 1000)}"))
+    caplog.set_level(logging.WARNING, logger="service.storage")
+    storage.ensure_bucket_and_lifecycle()  # creates the bucket; lifecycle applied or logged
+    storage.head_bucket()
+    storage.ensure_bucket_and_lifecycle()  # idempotent
+    try:
+        rules = storage.client.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]
+        assert rules[0]["Expiration"]["Days"] == 7 and rules[0]["Filter"]["Prefix"] == "edits/"
+    except Exception:
+        assert any("lifecycle" in r.message for r in caplog.records)
