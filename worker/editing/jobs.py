@@ -92,6 +92,7 @@ class JobResult:
     images: list[Any] = field(default_factory=list)  # PIL images: P2P [source, targets...]; IP2P one per cell
     labels: list[str] = field(default_factory=list)
     latents: Any = None  # final fp32 latents (tests compare these, not 8-bit images)
+    pixels: Any = None  # decoded float images (N, H, W, 3) in [0, 1], before 8-bit rounding
     attention_maps: list[AttentionMaps] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)  # what was actually used (seeds, sizes)
     error: EditValidationError | Exception | None = None

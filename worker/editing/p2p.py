@@ -1,0 +1,101 @@
+"""Prompt-to-Prompt sampling state for one job: shared x_T, CFG text rows, and the attention controller.
+
+The attention edits themselves live in ``controllers``/``processor``; this module only wires a job into
+the batch: rows [uncond × n, cond × n] (the router's segment for the job), classic CFG, the job's own
+scheduler step, then the controller's after-step hook (local blend).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from worker.editing.batch import JobState, SamplingContext, seeded_generator
+from worker.editing.jobs import JobResult, P2PJobSpec
+
+
+def cfg_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """eps_u + g·(eps_c − eps_u), in diffusers' operation order (bit-equal to StableDiffusionPipeline)."""
+    return uncond + scale * (cond - uncond)
+
+
+def shared_initial_latent(ctx: SamplingContext, generator: torch.Generator) -> torch.Tensor:
+    """x_T (1, 4, h, w): ONE draw for the whole job, so source and targets start from the same noise."""
+    shape = (1, ctx.latent_channels, *ctx.latent_size)
+    return randn_tensor(shape, generator=generator, device=ctx.model.device, dtype=ctx.model.dtype)
+
+
+def twin_generators(generator: torch.Generator, count: int) -> list[torch.Generator]:
+    """``count`` generators in the same state: ancestral samplers then add the SAME noise to every prompt,
+    which keeps source and targets aligned (as the IP2P dataset engine does); deterministic DDIM ignores them."""
+    state = generator.get_state()
+    twins = []
+    for _ in range(count):
+        twin = torch.Generator("cpu")
+        twin.set_state(state)
+        twins.append(twin)
+    return twins
+
+
+def build_job_controller(spec: P2PJobSpec, ctx: SamplingContext, num_steps: int):
+    from worker.editing.controllers import build_controller
+
+    return build_controller(spec, ctx.model.tokenizer, num_steps, ctx.latent_size)
+
+
+class P2PJobState(JobState):
+    """One P2P job: prompt 0 is the source, 1..n−1 the targets; all from one x_T."""
+
+    spec: P2PJobSpec
+
+    @classmethod
+    def create(cls, spec: P2PJobSpec, ctx: SamplingContext) -> P2PJobState:
+        return cls(spec, ctx)
+
+    def __init__(self, spec: P2PJobSpec, ctx: SamplingContext):
+        prompts = spec.prompts
+        n = len(prompts)
+        generator = seeded_generator(spec.seed)
+        x_t = shared_initial_latent(ctx, generator)
+        super().__init__(spec, ctx, twin_generators(generator, n))
+        self.controller = build_job_controller(spec, ctx, self.total_steps)
+        self.latents = x_t.repeat(n, 1, 1, 1) * self.scheduler.init_noise_sigma
+        model = ctx.model
+        self._text_rows = torch.cat([ctx.null_text().expand(n, -1, -1), model.encode_text(prompts)])
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.spec.prompts)
+
+    @property
+    def num_rows(self) -> int:
+        return 2 * self.num_prompts
+
+    def text_rows(self) -> torch.Tensor:
+        return self._text_rows
+
+    def model_input(self) -> torch.Tensor:
+        self.controller.begin_step(self.step_index)
+        return self.scheduler.scale_model_input(torch.cat([self.latents] * 2), self.timestep())
+
+    def guide(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        uncond, cond = noise_pred.chunk(2)
+        return cfg_guidance(uncond, cond, self.spec.guidance_scale)
+
+    def after_step(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.controller.after_step(latents)
+
+    def params(self) -> dict[str, Any]:
+        s = self.spec
+        return {**self.ctx.params(), "seed": s.seed, "guidance_scale": s.guidance_scale, "edit": s.edit,
+                "prompts": s.prompts, "cross_replace_steps": s.cross_replace_steps,
+                "self_replace_steps": s.self_replace_steps}
+
+    def result(self, pixels: np.ndarray, images: list) -> JobResult:
+        maps = [self.controller.attention_maps(i) for i in self.spec.attention_map_prompts]
+        return JobResult(job_id=self.job_id, images=images, labels=list(self.spec.prompts),
+                         latents=self.latents.float().cpu(), pixels=pixels, attention_maps=maps,
+                         params=self.params())

@@ -1,0 +1,170 @@
+"""Claim edit jobs from their queues and gather one batch of a single batch key.
+
+Why a Lua claim instead of ``Queue.dequeue_any``: with several queues RQ uses BLPOP, which removes the id
+from Redis before the worker has recorded it anywhere; a worker killed in between loses the job. The
+script below LMOVEs the id into the queue's ``:intermediate`` list (as RQ itself does for a single queue),
+atomically and in priority order, so every id is always in a queue, an intermediate list or the
+StartedJobRegistry — and the reaper can recover it from any of them. Redis cannot block on several lists
+with a move, so waiting is a short poll (``poll_interval_ms``).
+
+Nothing is ever pushed back: the first job fixes the batch key, then only that key's queues are drained.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from editserve.contract import BatchKey
+from service.queues import PRIORITIES, discover, parse_queue_name, queue_name
+
+# KEYS = [queue_1, intermediate_1, queue_2, intermediate_2, ...] in priority order; ARGV[1] = how many.
+_CLAIM_SCRIPT = """
+local wanted = tonumber(ARGV[1])
+local claimed = {}
+for i = 1, #KEYS, 2 do
+  while #claimed < wanted * 2 do
+    local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+    if not id then break end
+    table.insert(claimed, KEYS[i])
+    table.insert(claimed, id)
+  end
+  if #claimed >= wanted * 2 then break end
+end
+return claimed
+"""
+
+
+def queue_key(name: str) -> str:
+    return f"rq:queue:{name}"
+
+
+def intermediate_key(name: str) -> str:
+    return f"{queue_key(name)}:intermediate"
+
+
+@dataclass
+class ClaimedJob:
+    """A job moved to its queue's intermediate list by this worker, not yet started."""
+
+    job: Job
+    queue: Queue
+    batch_key: BatchKey
+    priority: str
+    claimed_at: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+
+class QueueClaimer:
+    """Atomic, priority-ordered claims over the edit queues of the models this worker serves."""
+
+    def __init__(self, connection: redis.Redis, models: Iterable[str], *, discovery_interval: float = 2.0):
+        self.connection = connection
+        self.models = list(models)
+        self.discovery_interval = discovery_interval
+        self._script = connection.register_script(_CLAIM_SCRIPT)
+        self._names: list[str] = []
+        self._discovered_at = float("-inf")
+        self._rotation = 0
+
+    def queue_names(self) -> list[str]:
+        """Served queues, high → normal → low; refreshed every ``discovery_interval`` seconds."""
+        if time.monotonic() - self._discovered_at >= self.discovery_interval:
+            groups = discover(self.connection, self.models)
+            self._names = [n for g in groups for n in g.queue_names]
+            self._discovered_at = time.monotonic()
+        return self._ordered(self._names)
+
+    def _ordered(self, names: list[str]) -> list[str]:
+        """Priority order; within a priority the batch keys take turns, so one busy key cannot starve another."""
+        ordered: list[str] = []
+        for priority in PRIORITIES:
+            same = sorted(n for n in names if (parse_queue_name(n) or ("",))[0] == priority)
+            if same:
+                shift = self._rotation % len(same)
+                ordered += same[shift:] + same[:shift]
+        return ordered
+
+    def claim(self, names: list[str], count: int) -> list[ClaimedJob]:
+        """Move up to ``count`` ids out of ``names`` (in order) without blocking."""
+        if not names or count <= 0:
+            return []
+        keys = [k for n in names for k in (queue_key(n), intermediate_key(n))]
+        flat = self._script(keys=keys, args=[count])
+        claimed: list[ClaimedJob] = []
+        for raw_key, raw_id in zip(flat[::2], flat[1::2]):
+            name = raw_key.decode()[len("rq:queue:"):]
+            job_id = raw_id.decode()
+            job = self._fetch(name, job_id)
+            if job is not None:
+                priority, key = parse_queue_name(name)  # type: ignore[misc]
+                queue = Queue(name, connection=self.connection)
+                claimed.append(ClaimedJob(job=job, queue=queue, batch_key=key, priority=priority))
+        if claimed:
+            self._rotation += 1
+        return claimed
+
+    def _fetch(self, name: str, job_id: str) -> Job | None:
+        """The claimed job, or None (and the id dropped) when its hash is gone, as RQ's dequeue does."""
+        try:
+            return Job.fetch(job_id, connection=self.connection)
+        except NoSuchJobError:
+            self.connection.lrem(intermediate_key(name), 1, job_id)
+            return None
+
+
+@dataclass
+class GatherPolicy:
+    max_batch_size: int
+    max_batch_wait_ms: int
+    poll_interval_ms: int
+
+
+class BatchGatherer:
+    """Wait for one job on any served queue, then drain same-key jobs for at most ``max_batch_wait_ms``."""
+
+    def __init__(self, claimer: QueueClaimer, policy: GatherPolicy):
+        self.claimer = claimer
+        self.policy = policy
+
+    def gather(self, timeout: float, should_stop: Callable[[], bool] = lambda: False) -> list[ClaimedJob]:
+        first = self.wait_for_first(timeout, should_stop)
+        if not first:
+            return []
+        return first + self.drain(first[0].batch_key, self.policy.max_batch_size - 1)
+
+    def wait_for_first(self, timeout: float, should_stop: Callable[[], bool]) -> list[ClaimedJob]:
+        deadline = time.monotonic() + timeout
+        poll = self.policy.poll_interval_ms / 1000
+        while not should_stop():
+            claimed = self.claimer.claim(self.claimer.queue_names(), 1)
+            if claimed:
+                return claimed
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(poll, remaining))
+        return []
+
+    def drain(self, key: BatchKey, room: int) -> list[ClaimedJob]:
+        """Same-key jobs, high priority first, until ``room`` is filled or the admission window closes."""
+        names = [queue_name(key, p) for p in PRIORITIES]
+        deadline = time.monotonic() + self.policy.max_batch_wait_ms / 1000
+        poll = min(self.policy.poll_interval_ms / 1000, 0.005)
+        gathered: list[ClaimedJob] = []
+        while room - len(gathered) > 0:
+            gathered += self.claimer.claim(names, room - len(gathered))
+            remaining = deadline - time.monotonic()
+            if len(gathered) >= room or remaining <= 0:
+                break
+            time.sleep(min(poll, remaining))
+        return gathered

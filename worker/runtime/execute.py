@@ -1,0 +1,117 @@
+"""Translate a queued ``JobPayload`` into the editing core's job specs.
+
+Why a separate step: the HTTP contract is shaped for clients (one reweight mapping for all targets, flat
+local-blend words, ``attention_maps: true``), the core wants one explicit entry per target prompt. Errors
+here are the job's own (``EditValidationError`` naming the field), never the batch's.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Callable
+
+from editserve.contract import IP2PEditRequest, JobPayload, P2PEditRequest
+from worker.editing.jobs import EditValidationError, IP2PCell, IP2PJobSpec, JobSpec, LocalBlendSpec, P2PJobSpec
+
+FetchBytes = Callable[[str], bytes]
+"""Download an S3 key (``Storage.get_bytes``); injected so translation stays testable without S3."""
+
+
+def to_job_spec(payload: JobPayload, fetch: FetchBytes | None = None) -> JobSpec:
+    request = payload.request
+    if isinstance(request, P2PEditRequest):
+        return p2p_spec(payload, request)
+    if fetch is None:
+        raise ValueError("an IP2P payload needs a fetch function for its input image")
+    return ip2p_spec(payload, request, fetch)
+
+
+def p2p_spec(payload: JobPayload, request: P2PEditRequest) -> P2PJobSpec:
+    n = len(request.target_prompts)
+    if not payload.seeds:
+        raise EditValidationError("seed", "the payload carries no seed")
+    return P2PJobSpec(
+        job_id=payload.id,
+        source_prompt=request.source_prompt,
+        target_prompts=list(request.target_prompts),
+        seed=payload.seeds[0],
+        edit=request.edit,
+        reweight=per_target_reweight(request.reweight, n),
+        local_blend=local_blend_spec(request, n),
+        cross_replace_steps=request.cross_replace_steps,
+        self_replace_steps=request.self_replace_steps,
+        self_replace_layers=request.self_replace_layers,
+        guidance_scale=request.guidance_scale,
+        attention_map_prompts=attention_map_prompts(request.attention_maps, n),
+    )
+
+
+def per_target_reweight(reweight: dict[str, float] | list[dict[str, float]] | None, n: int):
+    if reweight is None:
+        return None
+    if isinstance(reweight, dict):
+        return [dict(reweight) for _ in range(n)]
+    return [dict(m) for m in reweight]
+
+
+def local_blend_spec(request: P2PEditRequest, n: int) -> LocalBlendSpec | None:
+    lb = request.local_blend
+    if lb is None:
+        return None
+    words = lb.target_words
+    per_target = [list(w) for w in words] if words and isinstance(words[0], list) else [list(words) for _ in range(n)]
+    return LocalBlendSpec(source_words=list(lb.source_words), target_words=per_target, threshold=lb.threshold,
+                          start_blend=lb.start_blend, substruct_words=lb.substruct_words)
+
+
+def attention_map_prompts(value: bool | list[int], n: int) -> list[int]:
+    if value is True:
+        return list(range(n + 1))  # prompt 0 is the source
+    if value is False:
+        return []
+    return list(value)
+
+
+def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes) -> IP2PJobSpec:
+    from PIL import Image
+
+    key = payload.input_image_key or f"edits/{payload.id}/input.png"
+    try:
+        image = Image.open(io.BytesIO(fetch(key)))
+        image.load()
+    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise EditValidationError("image", f"stored input {key} is not a readable image: {exc}") from exc
+    return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
+                       cells=sweep_cells(request, payload.seeds))
+
+
+def sweep_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:
+    """Cells in the order image_guidance × text_guidance × seeds (seed varies fastest).
+
+    ``seeds`` (resolved by the gateway) holds one seed per cell; a list as long as the seed axis
+    is accepted too and broadcast over the guidance axes.
+    """
+    sweep = request.sweep
+    image_axis = (sweep.image_guidance if sweep else None) or [request.image_guidance]
+    text_axis = (sweep.text_guidance if sweep else None) or [request.text_guidance]
+    seed_axis_len = len(sweep.seeds) if sweep and sweep.seeds else 1
+    grid = list(itertools.product(image_axis, text_axis, range(seed_axis_len)))
+    if len(seeds) == len(grid):
+        cell_seeds = list(seeds)
+    elif len(seeds) == seed_axis_len:
+        cell_seeds = [seeds[s] for _, _, s in grid]
+    else:
+        raise EditValidationError("seeds", f"{len(seeds)} seeds for {len(grid)} sweep cells")
+    return [IP2PCell(text_guidance=tg, image_guidance=ig, seed=seed)
+            for (ig, tg, _), seed in zip(grid, cell_seeds)]
+
+
+def run_single(payload_json: str) -> None:
+    """The RQ function of every edit job: a marker, never executed by the batching worker.
+
+    The batching worker claims jobs itself and never calls ``job.perform()``. A stock ``rq worker`` that
+    picks an edit by mistake fails loudly here instead of running the model outside a batch (and loading
+    the weights per job).
+    """
+    raise RuntimeError("edit jobs are served by `python -m worker.runtime.worker`, not by a plain rq worker")

@@ -1,0 +1,299 @@
+"""One gathered batch, end to end: start → translate → run → upload → finish each job on its own.
+
+Why the ordering matters for "nothing lost, nothing twice":
+- every job is in the StartedJobRegistry (``RqBridge.start``) before anything can fail, so a crash from
+  here on is found by the reaper;
+- an edit's terminal status is written (``JobStore.mark_*``, guarded against double completion) *before*
+  its RQ job leaves the registry, so a crash in between leaves a stale entry the reaper only tidies up;
+- a job that fails on its own (payload, validation, NaN, its upload) fails alone; a failure of the whole
+  batched call is retried in halves before any job is failed (it may be one job's fault, or memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+from rq.executions import Execution
+
+from editserve.contract import BatchKey, ErrorInfo, JobPayload
+from service import metrics
+from service.config import Settings
+from service.jobstore import EditNotFound, JobStore, edit_key
+from service.storage import Storage, StorageError
+from worker.editing.batch import BatchForwardError, BatchRunner, NonFiniteLatentsError
+from worker.editing.jobs import EditValidationError, JobResult, JobSpec
+from worker.models.registry import ModelRegistry
+from worker.runtime.batching import ClaimedJob
+from worker.runtime.execute import to_job_spec
+from worker.runtime.progress import StepReporter
+from worker.runtime.rqbridge import RqBridge, settle
+from worker.runtime.uploads import upload_outputs
+
+log = logging.getLogger("editserve.worker")
+
+
+def log_event(event: str, **fields) -> None:
+    """One JSON line per event: batch and per-job outcomes are grep- and log-pipeline-friendly."""
+    log.info(json.dumps({"event": event, **fields}, default=str, separators=(",", ":")))
+
+
+@dataclass
+class RunningJob:
+    claimed: ClaimedJob
+    execution: Execution
+    payload: JobPayload | None = None
+    spec: JobSpec | None = None
+    result: JobResult | None = None
+    error: ErrorInfo | None = None  # decided before the run (payload, translation)
+
+    @property
+    def id(self) -> str:
+        return self.claimed.id
+
+
+@dataclass
+class BatchReport:
+    batch_id: str
+    size: int
+    batch_key: str
+    seconds: float
+    outcomes: dict[str, str] = field(default_factory=dict)  # edit id → succeeded/failed/canceled/requeued/skipped
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """What the client sees: the field for validation errors, a stable type, and a one-line message."""
+    if isinstance(exc, EditValidationError):
+        return ErrorInfo(type="validation_error", message=exc.message, field=exc.field)
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or None
+        return ErrorInfo(type="invalid_payload", message=first.get("msg", str(exc)), field=where)
+    if isinstance(exc, NonFiniteLatentsError):
+        return ErrorInfo(type="non_finite_output", message=str(exc))
+    if isinstance(exc, StorageError):
+        return ErrorInfo(type="storage_error", message=str(exc))
+    return ErrorInfo(type="inference_error", message=f"{type(exc).__name__}: {exc}")
+
+
+class BatchProcessor:
+    def __init__(self, *, settings: Settings, registry: ModelRegistry, store: JobStore, storage: Storage,
+                 bridge: RqBridge, worker_name: str, aborting: Callable[[], bool] = lambda: False):
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.storage = storage
+        self.bridge = bridge
+        self.worker_name = worker_name
+        self.aborting = aborting
+
+    # ------------------------------------------------------------------ the batch
+    def process(self, claimed: list[ClaimedJob]) -> BatchReport:
+        t0 = time.monotonic()
+        gather_ms = round((time.time() - claimed[0].claimed_at) * 1000, 1)  # first claim → batch start
+        batch_id = uuid.uuid4().hex[:16]
+        jobs = [RunningJob(c, self.bridge.start(c.job, c.queue)) for c in claimed]
+        live = list(jobs)  # heartbeats go to these only: a settled job's Execution must not be recreated
+        reporter = StepReporter(
+            settings=self.settings.worker,
+            heartbeat=lambda: self.bridge.renew([(j.claimed.job, j.execution) for j in live]),
+            set_progress=self.store.set_progress,
+            is_cancel_requested=self.store.is_cancel_requested,
+            aborting=self.aborting)
+        report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
+        metrics.batch_size.observe(len(jobs))
+
+        runnable = []
+        for job in jobs:
+            if self.store.mark_processing(job.id, batch_id=batch_id, batch_size=len(jobs), worker=self.worker_name):
+                runnable.append(job)
+            else:
+                live.remove(job)
+                report.outcomes[job.id] = self._skip(job)
+        for job in runnable:
+            self._prepare(job)
+        t_run = time.monotonic()
+        for key, group in self._groups(runnable).items():
+            self._run_group(key, group, reporter)
+        for job in runnable:
+            reporter.renew_heartbeats()
+            report.outcomes[job.id] = self._finish(job, batch_id, run_started=t_run, reporter=reporter)
+            live.remove(job)
+
+        report.seconds = round(time.monotonic() - t0, 4)
+        counts: dict[str, int] = {}
+        for outcome in report.outcomes.values():
+            counts[outcome] = counts.get(outcome, 0) + 1
+        log_event("batch", batch_id=batch_id, size=report.size, key=report.batch_key, seconds=report.seconds,
+                  gather_ms=gather_ms, run_seconds=round(time.monotonic() - t_run, 4), outcomes=counts,
+                  worker=self.worker_name)
+        return report
+
+    def _groups(self, jobs: list[RunningJob]) -> dict[BatchKey, list[RunningJob]]:
+        """Runnable jobs by the batch key their payload names (a mis-routed job still runs, in its own group)."""
+        groups: dict[BatchKey, list[RunningJob]] = {}
+        for job in jobs:
+            if job.error is None and job.payload is not None:
+                groups.setdefault(job.payload.batch_key, []).append(job)
+        return groups
+
+    # ------------------------------------------------------------------ per job, before the run
+    def _prepare(self, job: RunningJob) -> None:
+        """Payload and core spec; any error here is this job's alone."""
+        try:
+            job.payload = self.store.load_payload(job.id)
+            job.spec = to_job_spec(job.payload, self.storage.get_bytes)
+        except (ValidationError, EditValidationError) as exc:
+            job.error = error_info(exc)
+        except StorageError as exc:
+            job.error = ErrorInfo(type="storage_error", message=str(exc), field="image")
+        except EditNotFound:
+            job.error = ErrorInfo(type="invalid_payload", message="the edit record is gone")
+        except Exception as exc:  # noqa: BLE001 — e.g. a decompression bomb as input: still this job's alone
+            job.error = ErrorInfo(type="invalid_input", message=f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ the run
+    def _run_group(self, key: BatchKey, group: list[RunningJob], reporter: StepReporter) -> None:
+        if key.model not in self.registry.loaded():
+            for job in group:
+                job.error = ErrorInfo(type="validation_error", field="model",
+                                      message=f"model {key.model!r} is not served by worker {self.worker_name}")
+            return
+        try:
+            runner = BatchRunner(self.registry.get(key.model), height=key.height, width=key.width,
+                                 steps=key.steps, scheduler=key.scheduler)
+        except ValueError as exc:
+            for job in group:
+                job.error = ErrorInfo(type="validation_error", message=str(exc))
+            return
+        reporter.begin()
+        results = run_with_split(runner, [j.spec for j in group], reporter)  # type: ignore[misc]
+        for job in group:
+            job.result = results[job.id]
+
+    # ------------------------------------------------------------------ per job, after the run
+    def _finish(self, job: RunningJob, batch_id: str, *, run_started: float, reporter: StepReporter) -> str:
+        owned = self.bridge.owns(job.claimed.job, job.execution)  # False: reaped while we were running
+        outcome, error = self._settle_edit(job, run_started, reporter)
+        self._settle_rq(job, outcome, error, owned, batch_id)
+        log_event("job", edit_id=job.id, batch_id=batch_id, outcome=outcome, kind=job.claimed.batch_key.kind,
+                  owned=owned, error=error.model_dump() if error else None)
+        return outcome
+
+    def _settle_edit(self, job: RunningJob, run_started: float,
+                     reporter: StepReporter) -> tuple[str, ErrorInfo | None]:
+        """Write the edit's outcome through the JobStore (whose transition guard ignores a second completion)."""
+        result = job.result
+        error = job.error
+        if error is None and result is None:
+            error = ErrorInfo(type="inference_error", message="the batch produced no result for this edit")
+        if error is None and result is not None and result.canceled:
+            if self.aborting() and not reporter.canceled(job.id):
+                return self._requeue(job), None
+            self.store.mark_canceled(job.id)
+            return "canceled", None
+        if error is None and result is not None and result.error is not None:
+            error = error_info(result.error)
+        if error is None:
+            error = self._upload_and_succeed(job, run_started, reporter)
+        if error is not None:
+            self.store.mark_failed(job.id, error)
+            return "failed", error
+        return "succeeded", None
+
+    def _settle_rq(self, job: RunningJob, outcome: str, error: ErrorInfo | None, owned: bool, batch_id: str) -> None:
+        """Finish the RQ job like RQ would (Result, registries), unless another attempt owns it now."""
+        c = job.claimed
+        if not owned or outcome == "requeued":
+            self.bridge.release(c.job, job.execution)
+        elif outcome == "succeeded":
+            summary = {"batch_id": batch_id, "outputs": len(job.result.images)}  # type: ignore[union-attr]
+            self.bridge.succeed(c.job, c.queue, job.execution, summary)
+        elif outcome == "canceled":
+            self.bridge.cancel(c.job, c.queue, job.execution)
+        elif outcome == "skipped":
+            status = self._edit_status(job.id)
+            settle(self.bridge.connection, c.job, "failed" if status == "missing" else status, f"edit {status}")
+            self.bridge.release(c.job, job.execution)
+        else:
+            self.bridge.fail(c.job, c.queue, job.execution, self._exc_string(job, error))
+
+    def _upload_and_succeed(self, job: RunningJob, run_started: float, reporter: StepReporter) -> ErrorInfo | None:
+        try:
+            results, maps = upload_outputs(self.storage, job.spec, job.result,  # type: ignore[arg-type]
+                                           before_each=reporter.renew_heartbeats)
+        except StorageError as exc:
+            return error_info(exc)
+        except Exception as exc:  # noqa: BLE001 — encoding one job's outputs must not sink the batch
+            return ErrorInfo(type="output_error", message=f"{type(exc).__name__}: {exc}")
+        self.store.mark_succeeded(job.id, results=results, attention_maps=maps,
+                                  run_seconds=time.monotonic() - run_started)
+        return None
+
+    def _requeue(self, job: RunningJob) -> str:
+        """Worker abort: give the edit back to its queue (counts as an attempt) — or cancel it if asked to."""
+        if self.store.mark_requeued(job.id, f"worker {self.worker_name} aborted mid-batch"):
+            self.store.reenqueue(job.id, at_front=True)
+            return "requeued"
+        return "canceled" if self._edit_status(job.id) == "canceled" else "skipped"
+
+    def _edit_status(self, edit_id: str) -> str:
+        return (self.store.redis.hget(edit_key(edit_id), "status") or b"missing").decode()
+
+    def _skip(self, job: RunningJob) -> str:
+        """The edit is no longer queued (canceled, finished by a presumed-dead worker, or already running)."""
+        c = job.claimed
+        status = self._edit_status(job.id)
+        if status in ("succeeded", "failed", "canceled", "missing"):
+            settle(self.bridge.connection, c.job, "failed" if status == "missing" else status,
+                   f"edit already {status}")
+        self.bridge.release(c.job, job.execution)
+        log_event("job", edit_id=job.id, outcome="skipped", status=status)
+        return "skipped"
+
+    @staticmethod
+    def _exc_string(job: RunningJob, error: ErrorInfo | None) -> str:
+        if error is None:
+            return "failed"
+        exc = job.result.error if job.result is not None else None
+        trace = "".join(traceback.format_exception(exc)) if isinstance(exc, BaseException) else ""
+        return f"{error.type}: {error.message}" + (f" (field {error.field})" if error.field else "") + \
+            ("\n" + trace if trace else "")
+
+
+def run_with_split(runner: BatchRunner, specs: list[JobSpec], on_step) -> dict[str, JobResult]:
+    """Run ``specs`` as one batch; jobs lost to a failure of the shared call are retried in halves.
+
+    ``BatchRunner`` reports a failed batched UNet call as ``BatchForwardError`` on every job of the call; an
+    exception escaping ``run`` (out of memory while preparing, say) counts the same. Halving isolates one
+    poisonous job in log2(n) reruns and gives a memory-bound batch a smaller footprint.
+    """
+    try:
+        results = {r.job_id: r for r in runner.run(specs, on_step)}
+        lost = [s for s in specs if isinstance(results[s.job_id].error, BatchForwardError)]
+        cause: BaseException | None = results[lost[0].job_id].error if lost else None
+    except Exception as exc:  # noqa: BLE001 — every job of this call is affected, none is to blame yet
+        if len(specs) == 1:
+            return {specs[0].job_id: JobResult(job_id=specs[0].job_id, error=exc)}
+        results, lost, cause = {}, list(specs), exc
+    if len(lost) <= 1:
+        return results
+    log_event("batch_split", jobs=len(lost), cause=f"{type(cause).__name__}: {cause}")
+    _free_device_memory()
+    mid = len(lost) // 2
+    for half in (lost[:mid], lost[mid:]):
+        results.update(run_with_split(runner, half, on_step))
+    return results
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

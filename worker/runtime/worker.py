@@ -1,0 +1,173 @@
+"""The GPU worker process: ``python -m worker.runtime.worker --models tiny-sd,tiny-ip2p --name W``.
+
+Why not ``rq worker``: the forking Worker would reload the models for every job (and cannot fork after CUDA
+is initialised), and no RQ worker batches. This process loads its models once, then loops: gather one batch
+of a single batch key (``batching``), run it (``processing``), repeat. A reaper thread recovers jobs of
+dead workers; a Prometheus endpoint serves this process's metrics.
+
+Signals: the first SIGTERM/SIGINT finishes the running batch, then exits 0 (warm shutdown). A second one
+aborts: every job still running stops at its next denoising step and is requeued at the front of its queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import time
+
+import redis
+
+from service.config import Settings, get_settings
+from service.jobstore import JobStore
+from service.storage import Storage
+from worker.models.registry import ModelRegistry
+from worker.runtime.batching import BatchGatherer, GatherPolicy, QueueClaimer
+from worker.runtime.processing import BatchProcessor, BatchReport, log_event
+from worker.runtime.reaper import Reaper, ReaperThread
+from worker.runtime.rqbridge import RqBridge
+
+log = logging.getLogger("editserve.worker")
+
+IDLE_WAIT_SECONDS = 1.0  # one gather's wait before the loop checks signals and heartbeats again
+WORKER_HEARTBEAT_SECONDS = 30.0
+
+
+class EditWorker:
+    def __init__(self, settings: Settings, models: list[str], name: str | None = None, *,
+                 connection: redis.Redis | None = None, registry: ModelRegistry | None = None,
+                 storage: Storage | None = None):
+        unknown = sorted(set(models) - set(settings.model_catalog()))
+        if not models or unknown:
+            raise ValueError(f"serve at least one known model; unknown: {unknown}; "
+                             f"known: {sorted(settings.model_catalog())}")
+        self.settings = settings
+        self.models = list(models)
+        self.connection = connection or redis.Redis.from_url(settings.redis_url)
+        self.registry = registry or ModelRegistry(settings)
+        self.storage = storage or Storage(settings.s3)
+        self.store = JobStore(self.connection, settings, self.storage)
+        w = settings.worker
+        self.bridge = RqBridge(self.connection, name or f"{socket.gethostname()}.{os.getpid()}",
+                               heartbeat_ttl=w.heartbeat_ttl_seconds, result_ttl=w.result_ttl_seconds)
+        self.claimer = QueueClaimer(self.connection, self.models, discovery_interval=w.queue_discovery_seconds)
+        self.gatherer = BatchGatherer(self.claimer, GatherPolicy(max_batch_size=w.max_batch_size,
+                                                                 max_batch_wait_ms=w.max_batch_wait_ms,
+                                                                 poll_interval_ms=w.poll_interval_ms))
+        self.processor = BatchProcessor(settings=settings, registry=self.registry, store=self.store,
+                                        storage=self.storage, bridge=self.bridge, worker_name=self.bridge.name,
+                                        aborting=lambda: self.abort_requested)
+        self.reaper = Reaper(self.connection, settings, self.store)
+        self.stop_requested = False
+        self.abort_requested = False
+        self._metrics_server = None
+
+    @property
+    def name(self) -> str:
+        return self.bridge.name
+
+    # ------------------------------------------------------------------ lifecycle
+    def load_models(self) -> None:
+        if self.settings.worker.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.worker.torch_threads)
+        for name in self.models:
+            t0 = time.monotonic()
+            self.registry.get(name)
+            log_event("model_loaded", model=name, seconds=round(time.monotonic() - t0, 2))
+
+    def run_once(self, timeout: float = IDLE_WAIT_SECONDS) -> BatchReport | None:
+        """Gather one batch (waiting up to ``timeout`` for its first job) and process it."""
+        claimed = self.gatherer.gather(timeout, should_stop=lambda: self.stop_requested)
+        if not claimed:
+            return None
+        self.processor.worker_name = self.name
+        return self.processor.process(claimed)
+
+    def run(self) -> int:
+        self.load_models()
+        self.bridge.register()
+        self.processor.worker_name = self.name
+        reaper_thread = ReaperThread(self.reaper, self.settings.worker.reaper_interval_seconds)
+        reaper_thread.start()
+        self.start_metrics_server()
+        log_event("worker_started", worker=self.name, models=self.models, pid=os.getpid())
+        last_heartbeat = time.monotonic()
+        try:
+            while not self.stop_requested:
+                try:
+                    self.run_once()
+                except redis.RedisError as exc:
+                    log.error("redis error in the worker loop: %s; retrying in 1s", exc)
+                    time.sleep(1.0)
+                except Exception:
+                    log.exception("batch crashed; its jobs will be recovered by the reaper")
+                if time.monotonic() - last_heartbeat >= WORKER_HEARTBEAT_SECONDS:
+                    self.bridge.worker_heartbeat()
+                    last_heartbeat = time.monotonic()
+        finally:
+            reaper_thread.stop()
+            self.stop_metrics_server()
+            self.bridge.unregister()
+            log_event("worker_stopped", worker=self.name, aborted=self.abort_requested)
+        return 0
+
+    # ------------------------------------------------------------------ signals
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_requested:
+            self.abort_requested = True
+            log_event("abort_requested", worker=self.name, signal=signal.Signals(signum).name)
+        else:
+            self.stop_requested = True
+            log_event("warm_shutdown_requested", worker=self.name, signal=signal.Signals(signum).name)
+
+    # ------------------------------------------------------------------ metrics
+    def start_metrics_server(self) -> int | None:
+        """Serve this process's metrics on ``worker.metrics_port`` (0 disables); returns the bound port."""
+        port = self.settings.worker.metrics_port
+        if not port:
+            return None
+        from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+        from service import metrics
+
+        registry = REGISTRY
+        if metrics.multiprocess_enabled():
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        server, _ = start_http_server(port, registry=registry)
+        self._metrics_server = server
+        return server.server_address[1]
+
+    def stop_metrics_server(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="editserve GPU worker: batches edits of the given models.")
+    parser.add_argument("--models", help="comma-separated model names (default: EDITSERVE_ENABLED_MODELS)")
+    parser.add_argument("--name", help="worker name (default: host.pid)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("EDITSERVE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("rq.worker").setLevel(logging.WARNING)  # our JSON lines already report each outcome
+    settings = get_settings()
+    models = [m for m in (args.models or ",".join(settings.enabled_models or [])).split(",") if m]
+    worker = EditWorker(settings, models, args.name)
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
