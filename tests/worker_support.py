@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,14 +64,15 @@ def edit_field(connection: redis.Redis, edit_id: str, name: str) -> str | None:
     return raw.decode() if raw is not None else None
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str | Callable[[], str] = "condition"):
+    """Poll ``predicate``; ``what`` (a string, or a callable evaluated on timeout) explains a failure."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
 
 
 def started_entries(connection: redis.Redis) -> list[bytes]:
@@ -117,3 +119,4 @@ class WorkerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+        self.log_path.unlink(missing_ok=True)
