@@ -30,6 +30,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _kind_required(schema: dict[str, Any]) -> None:
+    """``kind`` selects the request type: the API needs it even though the Python models default it."""
+    schema["required"] = ["kind", *[name for name in schema.get("required", []) if name != "kind"]]
+
+
 class EditStatus(str, Enum):
     queued = "queued"
     processing = "processing"
@@ -64,13 +69,15 @@ class WebhookSpec(_Strict):
 
 
 class _EditBase(_Strict):
-    model: str | None = Field(None, description="model name from GET /v1/models; default per kind")
+    model: str | None = Field(None, max_length=100, description="model name from GET /v1/models; default per kind")
     steps: int | None = Field(None, ge=1, le=200, description="denoising steps")
     scheduler: Literal["ddim", "pndm", "euler_a"] | None = Field(None, description="default per model")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when omitted; echoed in params")
     webhook: WebhookSpec | None = None
     priority: Literal["high", "normal", "low"] = "normal"
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=16, description="echoed back, not used")
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=16, description="echoed back, not used (16 keys of at most 64 characters, "
+                                                         "values of at most 512)")
 
 
 class LocalBlend(_Strict):
@@ -88,6 +95,7 @@ class LocalBlend(_Strict):
 class P2PEditRequest(_EditBase):
     """Prompt-to-Prompt: a source prompt and target prompts, generated from one shared initial latent."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_kind_required)
     kind: Literal["p2p"] = "p2p"
     source_prompt: str = Field(min_length=1, max_length=1000)
     target_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
@@ -147,6 +155,7 @@ class Sweep(_Strict):
 class IP2PEditRequest(_EditBase):
     """InstructPix2Pix: an input image and a written instruction."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_kind_required)
     kind: Literal["ip2p"] = "ip2p"
     instruction: str = Field(max_length=1000, description="empty: the resized input comes back unchanged")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")

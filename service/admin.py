@@ -1,4 +1,4 @@
-"""Operator CLI for API keys: ``python -m service.admin create-key --tenant acme``.
+"""Operator CLI for API keys and tenant limits: ``python -m service.admin create-key --tenant acme``.
 
 Why a CLI next to the HTTP admin endpoints: the first key has to come from somewhere, and operators with
 Redis access should not need an admin token to bootstrap or to revoke a leaked key.
@@ -10,9 +10,11 @@ import argparse
 import sys
 
 import redis
+from pydantic import ValidationError
 
-from service.auth import KeyStore
+from service.auth import TENANT_RE, KeyStore
 from service.config import Settings
+from service.limits import TenantLimitOverrides, release_held, tenant_limits, write_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--tenant")
     revoke = sub.add_parser("revoke-key", help="revoke a key by its id")
     revoke.add_argument("key_id")
+    show = sub.add_parser("show-limits", help="a tenant's effective limits, overrides and usage (JSON)")
+    show.add_argument("--tenant", required=True)
+    set_limits = sub.add_parser("set-limits", help="replace a tenant's limit overrides (omitted: the default)")
+    set_limits.add_argument("--tenant", required=True)
+    set_limits.add_argument("--rps", type=float, help="requests/s (0: unlimited)")
+    set_limits.add_argument("--burst", type=int)
+    set_limits.add_argument("--max-queued", type=int)
+    set_limits.add_argument("--max-concurrent", type=int)
+    sub.add_parser("release-held", help="repair limit bookkeeping and release held edits (what the reaper runs)")
     args = parser.parse_args(argv)
 
     settings = Settings()
-    store = KeyStore(redis.Redis.from_url(settings.redis_url), settings)
+    connection = redis.Redis.from_url(settings.redis_url)
+    if args.command in ("show-limits", "set-limits", "release-held"):
+        return limits_command(args, connection, settings)
+    store = KeyStore(connection, settings)
     if args.command == "create-key":
         try:
             created = store.create_key(args.tenant, args.label)
@@ -50,6 +64,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"error: no key with id {args.key_id}", file=sys.stderr)
     return 1
+
+
+def limits_command(args: argparse.Namespace, connection: redis.Redis, settings: Settings) -> int:
+    if args.command == "release-held":
+        print(f"released {release_held(connection, settings)}")
+        return 0
+    if not TENANT_RE.match(args.tenant):
+        print(f"error: invalid tenant name {args.tenant!r}", file=sys.stderr)
+        return 2
+    if args.command == "set-limits":
+        try:
+            overrides = TenantLimitOverrides(rps=args.rps, burst=args.burst, max_queued=args.max_queued,
+                                             max_concurrent=args.max_concurrent)
+        except ValidationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(write_overrides(connection, args.tenant, overrides, settings).model_dump_json(indent=2))
+        return 0
+    print(tenant_limits(connection, args.tenant, settings).model_dump_json(indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, Security
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, Security
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
@@ -28,21 +28,35 @@ from starlette.concurrency import run_in_threadpool
 
 from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
 from service import metrics
-from service.auth import ApiKeyList, CreatedApiKey, CreateKeyRequest, KeyStore, bearer_token, constant_time_equal
+from service.auth import (
+    TENANT_RE,
+    ApiKeyList,
+    CreatedApiKey,
+    CreateKeyRequest,
+    KeyStore,
+    bearer_token,
+    constant_time_equal,
+)
 from service.config import Settings, get_settings
 from service.edit_validation import parse_request, prepare_submission
 from service.errors import ApiError, install_error_handlers, not_found
 from service.intake import max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
+from service.limits import (
+    LimitExceeded,
+    RateLimiter,
+    TenantLimitOverrides,
+    TenantLimits,
+    tenant_limits,
+    write_overrides,
+)
 from service.prompt_tokens import PromptTokenCounter
-from service.queues import queue_name
 from service.storage import Storage, StorageError
 from service.streams import edit_events, wait_for_terminal, wait_seconds
 
 log = logging.getLogger(__name__)
 
 SSE_KEEPALIVE_SECONDS = 15.0
-QUEUE_FULL_RETRY_AFTER_SECONDS = 30
 
 
 @dataclass
@@ -55,6 +69,7 @@ class Services:
     jobstore: JobStore
     keys: KeyStore
     tokens: PromptTokenCounter
+    rate_limiter: RateLimiter
     sse_keepalive_seconds: float = SSE_KEEPALIVE_SECONDS
 
     def async_redis(self) -> aioredis.Redis:
@@ -72,8 +87,18 @@ _bearer_scheme = HTTPBearer(auto_error=False, description="API key: `Authorizati
 
 
 def current_tenant(request: Request, _doc: Any = Security(_bearer_scheme)) -> str:
-    """The caller's tenant. Without auth.required, anonymous callers act as auth.default_tenant."""
+    """The caller's tenant, after counting this request against its rate limit (429 + Retry-After).
+
+    Without auth.required, anonymous callers act as auth.default_tenant (and share its rate limit).
+    """
     svc = services(request)
+    tenant = authenticated_tenant(svc, request)
+    svc.rate_limiter.check(tenant)
+    return tenant
+
+
+def authenticated_tenant(svc: Services, request: Request) -> str:
+    """The tenant the Bearer key belongs to (401 for a missing, malformed, unknown or revoked key)."""
     token = bearer_token(request.headers.get("authorization"))
     challenge = {"WWW-Authenticate": "Bearer"}
     if token is None:
@@ -104,8 +129,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in [(400, "Malformed request"), (401, "Missing or invalid API key"), (404, "Not found"),
                        (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
-                       (422, "Invalid request; `error.field` names the input"), (429, "Queue full"),
-                       (503, "A dependency is unavailable")]
+                       (422, "Invalid request; `error.field` names the input"),
+                       (429, "A tenant limit: `rate_limited` or `tenant_queue_full`; see Retry-After"),
+                       (503, "`queue_full` (the service's queue limit; see Retry-After) or a dependency is down")]
 }
 
 _EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")
@@ -140,10 +166,7 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
         if existing is not None:
             return existing, False
-    depth = svc.redis.llen(f"rq:queue:{queue_name(payload.batch_key, request.priority)}")
-    if depth >= svc.settings.limits.max_queue_depth:
-        raise ApiError(429, f"the queue for this model and size holds {depth} edits; retry later",
-                       type="queue_full", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_SECONDS)})
+    svc.jobstore.accounting.precheck(tenant)  # before the upload; JobStore.create decides atomically
     if submission.input_png is not None and payload.input_image_key:
         svc.storage.put_bytes(payload.input_image_key, submission.input_png, "image/png")
     edit, created = svc.jobstore.create(payload, webhook=submission.webhook, idempotency_key=idempotency_key,
@@ -284,6 +307,23 @@ def revoke_key(key_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+TenantName = Annotated[str, Path(pattern=TENANT_RE.pattern, description="letters, digits, _ . - (at most 64)")]
+
+
+@admin_router.get("/tenants/{tenant}/limits", response_model=TenantLimits,
+                  summary="A tenant's effective limits, overrides and current usage")
+def get_tenant_limits(tenant: TenantName, request: Request) -> TenantLimits:
+    svc = services(request)
+    return tenant_limits(svc.redis, tenant, svc.settings)
+
+
+@admin_router.put("/tenants/{tenant}/limits", response_model=TenantLimits,
+                  summary="Replace a tenant's limit overrides (null or absent: the default)")
+def put_tenant_limits(tenant: TenantName, body: TenantLimitOverrides, request: Request) -> TenantLimits:
+    svc = services(request)
+    return write_overrides(svc.redis, tenant, body, svc.settings)
+
+
 # ------------------------------------------------------------------------------------------------ ops
 
 ops_router = APIRouter(tags=["ops"])
@@ -374,6 +414,13 @@ def install_domain_error_handlers(app: FastAPI) -> None:
         log.warning("redis unavailable: %s", exc)
         return _error(503, "queue_unavailable", "the job store is unavailable; retry later")
 
+    async def on_limit_exceeded(request: Request, exc: LimitExceeded) -> JSONResponse:
+        metrics.rejections_total.labels(reason=exc.type).inc()
+        response = _error(exc.status, exc.type, exc.message)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    app.add_exception_handler(LimitExceeded, on_limit_exceeded)
     app.add_exception_handler(IdempotencyConflict, on_idempotency_conflict)
     app.add_exception_handler(EditConflict, on_edit_conflict)
     app.add_exception_handler(EditNotFound, on_edit_not_found)
@@ -414,7 +461,7 @@ def build_services(settings: Settings) -> Services:
     storage = Storage(settings.s3)
     return Services(settings=settings, redis=connection, storage=storage,
                     jobstore=JobStore(connection, settings, storage), keys=KeyStore(connection, settings),
-                    tokens=PromptTokenCounter(settings))
+                    tokens=PromptTokenCounter(settings), rate_limiter=RateLimiter(connection, settings))
 
 
 def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True) -> FastAPI:

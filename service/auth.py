@@ -9,7 +9,7 @@ Redis layout::
 
     editserve:apikey:{sha256}    hash: key_id, tenant, label, created_at
     editserve:apikeys            hash: key_id → sha256 (listing and revocation by id)
-    editserve:tenant:{tenant}    hash: webhook_secret, created_at
+    editserve:tenant:{tenant}    hash: webhook_secret, created_at (+ limit overrides, see service.limits)
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ class CreatedApiKey(ApiKeyInfo):
 class ApiKeyList(BaseModel):
     object: str = "list"
     data: list[ApiKeyInfo]
+
+
+def tenant_key(tenant: str) -> str:
+    """The tenant's own hash: webhook secret, creation time, limit overrides."""
+    return _TENANT.format(tenant)
 
 
 def hash_key(key: str) -> str:

@@ -63,14 +63,28 @@ class S3Settings(BaseModel):
 
 
 class LimitsSettings(BaseModel):
-    """What the gateway accepts (checked before anything is queued)."""
+    """What the gateway accepts (checked before anything is queued), and how much each tenant may ask for.
+
+    The tenant_* values are defaults; an operator overrides them per tenant (``PUT /v1/admin/tenants/{t}/limits``
+    or ``python -m service.admin set-limits``).
+    """
 
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     image_formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
     max_prompt_tokens: int = 77
     max_wait_seconds: int = 60
-    max_queue_depth: int = 10_000
+    max_queue_depth: int = Field(10_000, ge=0, description="queued edits of all tenants together; beyond it "
+                                 "POST /v1/edits answers 503 + Retry-After")
+    queue_full_retry_after_seconds: int = Field(30, ge=1, description="Retry-After of a 503/429 for a full queue")
+    tenant_rps: float = Field(20.0, ge=0, allow_inf_nan=False, description="sustained requests/s per tenant on "
+                              "authenticated /v1 routes (0: unlimited); beyond it 429 + Retry-After")
+    tenant_burst: int = Field(100, ge=1, description="requests a tenant may make at once above tenant_rps")
+    tenant_max_queued: int = Field(500, ge=0, description="queued (not yet started) edits per tenant; beyond "
+                                   "it POST /v1/edits answers 429")
+    tenant_max_concurrent: int = Field(16, ge=1, description="edits per tenant released to the worker queues at "
+                                       "once (queued there or running); the rest wait, held, in submission "
+                                       "order. Keep it >= worker.max_batch_size or one tenant cannot fill a batch")
 
 
 class WorkerSettings(BaseModel):

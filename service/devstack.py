@@ -267,3 +267,74 @@ def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class PersistentRedis:
+    """A private ``redis-server`` with AOF that fault-injection tests and ``bench/chaos.py`` kill and restart.
+
+    ``appendonly yes`` + ``appendfsync always``: every write the server acknowledged is on disk before the
+    reply, so a SIGKILL loses nothing a client was told about. ``restart`` stops it (SIGTERM: clean, SIGKILL:
+    crash) and starts it again on the same port and data directory, where it reloads the AOF.
+    """
+
+    port: int
+    data_dir: Path
+    appendfsync: str = "always"
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not installed (apt-get install redis-server)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--save", "",
+                "--appendonly", "yes", "--appendfsync", self.appendfsync, "--logfile", str(self.log_path)]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not redis_answers(self.url):  # PING fails while the AOF is loading
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({self.process.returncode}): "
+                                   f"{self.log_path.read_text()[-2000:] if self.log_path.exists() else '?'}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis-server on port {self.port} not answering after {timeout}s")
+            time.sleep(0.05)
+
+    def stop(self, sig: int | None = None, timeout: float = 30.0) -> None:
+        import signal as _signal
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig or _signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def restart(self, sig: int | None = None, down_seconds: float = 0.0) -> None:
+        self.stop(sig)
+        if down_seconds > 0:
+            time.sleep(down_seconds)
+        self.start()
+        self.restarts += 1
+
+
+def start_persistent_redis(data_dir: Path | None = None, port: int | None = None,
+                           appendfsync: str = "always") -> PersistentRedis:
+    """A fresh AOF redis-server on a free loopback port (never the shared 6379)."""
+    server = PersistentRedis(port=port or free_port(),
+                             data_dir=Path(data_dir or tempfile.mkdtemp(prefix="editserve-redis-aof-")),
+                             appendfsync=appendfsync)
+    server.start()
+    return server

@@ -10,13 +10,11 @@ size caps, the official IP2P resize. Then every default is resolved so the worke
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -29,6 +27,7 @@ from editserve.contract import (
     P2PEditRequest,
     WebhookSpec,
 )
+from service import egress
 from service.config import ModelSpec, Settings
 from service.errors import from_pydantic, invalid
 from service.imaging import official_resize, official_resize_dims
@@ -39,6 +38,8 @@ from service.storage import input_key
 DEFAULT_STEPS = {"p2p": 50, "ip2p": 100}
 MODEL_KIND_FOR_EDIT = {"p2p": "text2image", "ip2p": "instruct"}
 _EDIT_REQUEST = TypeAdapter(EditRequest)
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # CLIP's pre-tokenizer: BPE never merges across these pieces, so comparing piece sequences is exact.
 _PRE_TOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
 
@@ -80,12 +81,22 @@ def prompts_with_fields(request: EditRequest) -> list[tuple[str, str]]:
     return [("instruction", request.instruction)]
 
 
+def forbidden_prompt_character(text: str) -> str | None:
+    """The first character a prompt may not hold: controls (C0/C1, incl. tab and newline), line/paragraph
+    separators, unpaired surrogates and bidi overrides (they make a prompt display differently from what the
+    tokenizer reads), or None."""
+    for ch in text:
+        if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES or ch in _BIDI_CONTROLS:
+            return ch
+    return None
+
+
 def check_prompts(request: EditRequest, spec: ModelSpec, counter: PromptTokenCounter, max_tokens: int) -> None:
     for field, text in prompts_with_fields(request):
-        for ch in text:
-            if unicodedata.category(ch) == "Cc":
-                raise invalid(field, f"{field} contains the control character U+{ord(ch):04X}; "
-                                     "prompts must be plain text on one line")
+        ch = forbidden_prompt_character(text)
+        if ch is not None:
+            raise invalid(field, f"{field} contains the control character U+{ord(ch):04X}; "
+                                 "prompts must be plain text on one line")
         count = counter.count(spec, text)
         if count.tokens > max_tokens:
             raise invalid(field, f"{field} has {count.tokens} CLIP tokens including start/end "
@@ -143,28 +154,15 @@ def check_p2p_words(request: P2PEditRequest) -> None:
 
 
 def check_webhook(webhook: WebhookSpec | None, settings: Settings) -> None:
-    """Refuse literal private/loopback addresses early; the sender re-checks resolved IPs at delivery."""
+    """Refuse what the sender would refuse without DNS (service.egress: scheme, credentials, literal
+    non-global addresses in any notation, localhost), so submit-time and delivery-time rules agree; names
+    are resolved and checked again on every delivery attempt (DNS may change, or rebind)."""
     if webhook is None:
         return
-    host = (urlsplit(webhook.url).hostname or "").lower()
-    if not host:
-        raise invalid("webhook.url", "webhook url has no host")
-    if host in settings.webhooks.allow_hosts:
-        return
-    if host == "localhost" or host.endswith(".localhost"):
-        raise invalid("webhook.url", "webhook url must not point at localhost")
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return
-    if not address.is_global:
-        for allowed in settings.webhooks.allow_hosts:
-            try:
-                if address in ipaddress.ip_network(allowed, strict=False):
-                    return
-            except ValueError:
-                continue
-        raise invalid("webhook.url", f"webhook url points at the non-public address {address}")
+        egress.check_url_syntax(webhook.url, egress.AllowList.parse(settings.webhooks.allow_hosts))
+    except egress.DestinationRefused as exc:
+        raise invalid("webhook.url", f"webhook url refused: {exc}")
 
 
 def random_seed() -> int:

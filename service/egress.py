@@ -12,6 +12,7 @@ Hosts, IPs or CIDRs in ``allow_hosts`` are exempt (tests, internal receivers an 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ import httpx
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
 ALLOWED_SCHEMES = ("http", "https")
+_NUMERIC_HOST = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}", re.IGNORECASE)
+_LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+_DNS_NAME = re.compile(r"(?=.{1,253}\.?$)(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+                       r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?", re.IGNORECASE)
 
 
 class DestinationRefused(Exception):
@@ -94,6 +99,70 @@ def non_global_reason(ip: IPAddress) -> str | None:
     return None
 
 
+def literal_ip(host: str) -> IPAddress | None:
+    """The address a host written as a number denotes, as the OS resolver would read it, else None.
+
+    Covers what ``ipaddress`` parses plus inet_aton's legacy IPv4 forms: ``127.1``, ``0x7f000001``,
+    ``2130706433``, ``0177.0.0.1``. Raises ValueError for a numeric host that is no address at all.
+    """
+    host = host.strip("[]").rstrip(".")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if not _NUMERIC_HOST.fullmatch(host):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        raise ValueError(f"{host!r} looks like an IPv4 address but is not one") from None
+
+
+def parse_url(url: str) -> httpx.URL:
+    """A URL we may send to: http(s), a host, no credentials. Raises :class:`DestinationRefused`."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise DestinationRefused(f"invalid URL: {exc}") from None
+    if parsed.scheme not in ALLOWED_SCHEMES:
+        raise DestinationRefused(f"scheme {parsed.scheme!r} is not allowed (http or https only)")
+    if not parsed.host:
+        raise DestinationRefused("URL has no host")
+    if parsed.userinfo:
+        raise DestinationRefused("URL must not contain a user name or password")
+    if not (":" in parsed.host or _DNS_NAME.fullmatch(parsed.host)):
+        raise DestinationRefused(f"{parsed.host!r} is not a valid host name")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise DestinationRefused(f"port {parsed.port} is out of range")
+    return parsed
+
+
+def check_url_syntax(url: str, allow: AllowList) -> None:
+    """The checks that need no DNS, for refusing a webhook URL as soon as it is submitted.
+
+    The same rules as :func:`check_url` at delivery, minus resolving names (a name may legitimately point
+    somewhere else by then, and is re-checked on every attempt): scheme, credentials, literal addresses in
+    any notation, and ``localhost``.
+    """
+    parsed = parse_url(url)
+    host = parsed.host
+    if allow.allows_host(host):
+        return
+    if host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost"):
+        if not allow.allows_ip(_LOOPBACK):
+            raise DestinationRefused(f"{host} is loopback")
+        return
+    try:
+        ip = literal_ip(host)
+    except ValueError as exc:
+        raise DestinationRefused(str(exc)) from None
+    if ip is None:
+        return
+    reason = non_global_reason(ip)
+    if reason and not allow.allows_ip(ip):
+        raise DestinationRefused(f"{host} is {ip}, which is {reason}")
+
+
 def system_resolver(host: str, port: int) -> list[str]:
     """Every A and AAAA address of ``host`` (numeric forms like 0x7f000001 are decoded by the OS)."""
     infos = socket.getaddrinfo(host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM)
@@ -119,19 +188,16 @@ class Destination:
 
 def check_url(url: str, allow: AllowList, resolver: Resolver = system_resolver) -> Destination:
     """Resolve ``url`` and return the address to pin, or raise :class:`DestinationRefused`."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise DestinationRefused(f"invalid URL: {exc}") from None
-    if parsed.scheme not in ALLOWED_SCHEMES:
-        raise DestinationRefused(f"scheme {parsed.scheme!r} is not allowed (http or https only)")
+    parsed = parse_url(url)
     host = parsed.host
-    if not host:
-        raise DestinationRefused("URL has no host")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
+        literal = literal_ip(host)
+    except ValueError as exc:
+        raise DestinationRefused(str(exc)) from None
+    if literal is not None:
+        addresses = [literal]
+    else:
         try:
             addresses = [ipaddress.ip_address(a) for a in resolver(host, port)]
         except (OSError, UnicodeError) as exc:

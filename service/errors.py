@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 _LOC_SECTIONS = {"body", "query", "path", "header", "cookie"}
 _UNION_TAGS = {"p2p", "ip2p"}
+# How pydantic names the member of a union a value failed (``cross_replace_steps.constrained-float``).
+_UNION_MEMBER = re.compile(r"^(?:function-[a-z-]+|(?:constrained-)?(?:float|int|str|bool|list|dict|tuple|set|"
+                           r"frozenset|none|literal|union|is-instance)(?:\[.*\])?)$")
 _FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_][a-z0-9_.]*): (?P<rest>.+)$", re.DOTALL)
 
 _TYPES_BY_STATUS = {
@@ -64,8 +67,8 @@ def field_path(loc: Iterable[Any]) -> str | None:
         parts = parts[1:]
     if parts and parts[0] in _UNION_TAGS:
         parts = parts[1:]
-    parts = [p for p in parts if not (isinstance(p, str) and p.startswith("function-"))]
-    return ".".join(str(p) for p in parts) or None
+    parts = [p for p in parts if not (isinstance(p, str) and _UNION_MEMBER.match(p))]
+    return ".".join(str(p) if p != "" else '""' for p in parts) or None
 
 
 def _clean_message(msg: str) -> str:
@@ -78,8 +81,11 @@ def from_validation_errors(errors: list[dict[str, Any]], *, prefix: tuple = ()) 
         return ApiError(400, "request body is not valid JSON", type="malformed_json")
     described: list[tuple[str | None, str]] = []
     for err in errors:
-        field = field_path(prefix + tuple(err.get("loc", ())))
+        loc = prefix + tuple(err.get("loc", ()))
+        field = field_path(loc)
         message = _clean_message(str(err.get("msg", "invalid value")))
+        if field is None and tuple(loc) == ("body",):  # the body as a whole (e.g. a list for an object)
+            message = f"request body: {message}"
         match = _FIELD_PREFIX.match(message)
         if field is None and match:  # model validators name the field in their message
             field = match.group("field")
@@ -112,9 +118,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        error_type = None
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route for {request.method} {request.url.path}"
-        err = ApiError(exc.status_code, message, headers=getattr(exc, "headers", None))
+        if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's JSON decode
+            message, error_type = "request body is not valid JSON (or is nested too deeply)", "malformed_json"
+        err = ApiError(exc.status_code, message, type=error_type, headers=getattr(exc, "headers", None))
         return _response(err)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

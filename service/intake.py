@@ -23,6 +23,8 @@ from service.errors import ApiError, invalid
 from service.imaging import to_rgb
 
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # the JSON `request` part and multipart framing
+_FORMAT_ALIASES = {"MPO": "JPEG"}  # phone cameras write multi-picture JPEGs; the first picture is a JPEG
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the only way JSON text can carry a lone surrogate
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
@@ -64,13 +66,49 @@ class EditBody:
 
 
 def parse_json_object(raw: bytes | str, what: str = "request body") -> dict[str, Any]:
+    """A JSON object; NaN/Infinity literals parse (pydantic then refuses them naming the field), but text
+    that cannot be stored as UTF-8 (a lone ``\\ud800`` escape) is refused here, naming where it is."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, f"{what} is not valid JSON: {exc}", type="malformed_json")
     if not isinstance(data, dict):
         raise invalid(None, f"{what} must be a JSON object")
+    suspect = isinstance(raw, str) or _SURROGATE_ESCAPE.search(raw)  # a str part may hold any code point
+    where = unencodable_text(data) if suspect else None
+    if where is not None:
+        raise invalid(where or None, f"{where or what} holds an unpaired UTF-16 surrogate escape; "
+                                     "text must be valid Unicode")
     return data
+
+
+def unencodable_text(value: Any) -> str | None:
+    """The dotted path of the first string (or the object holding a key) that is not valid Unicode, else None.
+
+    Iterative: a body nested as deep as ``json`` parses must not exhaust the stack here.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                if not _encodable(key):
+                    return path
+                stack.append((child, f"{path}.{key}" if path else str(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}.{i}" if path else str(i)) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def decode_base64_image(value: str, limits: LimitsSettings) -> bytes:
@@ -148,6 +186,7 @@ def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
     try:
         probe = Image.open(io.BytesIO(data))
         fmt = (probe.format or "").upper()
+        fmt = _FORMAT_ALIASES.get(fmt, fmt)
         allowed = [f.upper() for f in limits.image_formats]
         if fmt not in allowed:
             raise ApiError(415, f"image format {fmt or 'unknown'} is not accepted; use one of {', '.join(allowed)}",
@@ -163,12 +202,12 @@ def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
         return to_rgb(image)
     except ApiError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own guard
-        raise invalid("image", f"image exceeds {limits.max_image_pixels} pixels (decompression bomb guard)")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's guard, at open
+        raise invalid("image", f"image exceeds {limits.max_image_pixels} pixels (decompression bomb guard: {exc})")
     except UnidentifiedImageError:
         raise invalid("image", "image is not a recognised image file")
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise invalid("image", f"image could not be decoded: {exc}")
+    except Exception as exc:  # noqa: BLE001 — malformed files raise struct.error, IndexError, ... from Pillow
+        raise invalid("image", f"image could not be decoded: {type(exc).__name__}: {exc}"[:300])
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -14,15 +14,22 @@ Redis layout (all keys prefixed ``editserve:``)::
     idem:{tenant}:{key}       JSON {edit_id, fingerprint}, claimed with SET NX (24 h)
     stats:{batch key}|all     hash: EWMA of seconds per step and per job (ETA estimates)
     events:{id}               pub/sub channel carrying the Edit JSON after every change
+    (tenant:{t}:queued|released|held:{p}, limits:*)   admission and fair share: see service.limits
 
 The RQ job id IS the edit id; RQ retries are off because the worker's reaper requeues crashed jobs
 through ``mark_requeued`` + ``reenqueue`` within ``worker.max_retries``.
+
+Creating an edit: its RQ job hash is saved first (status ``created``, short expiry), then one script
+(``service.limits``) checks the queue limits, writes the record and either pushes the id onto its RQ queue
+or holds it for fair share. Every transition script also keeps those counts and, on a terminal status,
+releases the tenant's next held edit in the same atomic step.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import json
 import logging
 import secrets
@@ -35,7 +42,7 @@ from typing import Any
 import redis
 from rq import Queue
 from rq.exceptions import InvalidJobOperationError, NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from editserve.contract import (
     AttentionMapResult,
@@ -50,9 +57,10 @@ from editserve.contract import (
     WebhookDeliveryState,
     WebhookSpec,
 )
-from service import metrics
+from service import limits, metrics
 from service.config import Settings
-from service.queues import queue_name, same_key_queues_ahead
+from service.limits import Accounting
+from service.queues import queue_name, rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,7 @@ KEY_PREFIX = "editserve:"
 JOB_FUNCTION = "worker.runtime.execute.run_single"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 IDEMPOTENCY_WAIT_SECONDS = 5.0
+STAGED_JOB_TTL_SECONDS = 600  # an RQ job hash saved by a gateway that died before admitting it expires
 STATS_EWMA_ALPHA = 0.2
 MAX_LIST_LIMIT = 100
 
@@ -127,7 +136,7 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
-_TRANSITION_LUA = """
+_TRANSITION_LUA = limits.LIMITS_LUA + """
 local key = KEYS[1]
 local spec = cjson.decode(ARGV[1])
 local cur = redis.call('HGET', key, 'status')
@@ -146,6 +155,7 @@ if spec['queue_wait'] then
     redis.call('HSET', key, 'queue_wait_seconds', tostring(math.max(0, tonumber(spec['now']) - tonumber(enq))))
   end
 end
+if spec['to'] ~= '' then lim_note_transition(cjson.decode(ARGV[2]), key, cur, spec['to']) end
 local rev = redis.call('HINCRBY', key, 'revision', 1)
 if spec['ttl'] > 0 then redis.call('EXPIRE', key, spec['ttl']) end
 return {rev, cur}
@@ -206,6 +216,7 @@ class JobStore:
         self._progress_script = redis.register_script(_PROGRESS_LUA)
         self._ewma_script = redis.register_script(_EWMA_LUA)
         self._release_claim_script = redis.register_script(_RELEASE_CLAIM_LUA)
+        self.accounting = Accounting(redis, settings)
         self._last_progress_publish: dict[str, float] = {}
         self._in_progress_here: set[str] = set()  # for the livesum gauge: only this process decrements
         self._lock = threading.Lock()
@@ -255,21 +266,21 @@ class JobStore:
         by default it is derived from ``payload.request``. Returns (edit, created).
         """
         fingerprint = fingerprint or request_fingerprint(payload)
+        claim_json: str | None = None
         if idempotency_key:
-            claim = {"edit_id": payload.id, "fingerprint": fingerprint}
+            claim_json = json.dumps({"edit_id": payload.id, "fingerprint": fingerprint})
             key = idem_key(payload.tenant, idempotency_key)
-            if not self.redis.set(key, json.dumps(claim), nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
+            if not self.redis.set(key, claim_json, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
                 raw = self.redis.get(key)
                 if raw is not None:
                     return self._resolve_claim(payload.tenant, idempotency_key, raw, fingerprint), False
                 # the claim expired between SET and GET: take it now
-                self.redis.set(key, json.dumps(claim), ex=IDEMPOTENCY_TTL_SECONDS)
+                self.redis.set(key, claim_json, ex=IDEMPOTENCY_TTL_SECONDS)
 
         request = payload.request
         name = queue_name(payload.batch_key, request.priority)
-        now = _now()
         created = payload.created_at.timestamp()
-        record: dict[str, Any] = {
+        record: dict[str, str] = {
             "id": payload.id,
             "status": EditStatus.queued.value,
             "tenant": payload.tenant,
@@ -279,26 +290,41 @@ class JobStore:
             "payload": payload.model_dump_json(),
             "params": json.dumps(build_params(payload)),
             "created_at": repr(created),
-            "enqueued_at": repr(now),
-            "attempts": 0,
-            "revision": 1,
+            "enqueued_at": repr(_now()),
+            "attempts": "0",
+            "revision": "1",
         }
         if webhook is not None:
             record["webhook"] = webhook.model_dump_json()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(edit_key(payload.id), mapping=record)
-        pipe.zadd(tenant_index_key(payload.tenant), {payload.id: int(created * 1000)})
-        pipe.execute()
+        job = self._stage_rq_job(payload.id, name, record["payload"])
         try:
-            self._enqueue(payload.id, name, payload.model_dump_json(), unique=True)
-        except Exception as exc:
-            self.mark_failed(payload.id, ErrorInfo(type="enqueue_failed", message=f"could not queue the edit: {exc}"))
+            self.accounting.admit(record, int(created * 1000), request.priority)
+        except BaseException:
+            self.redis.delete(job.key)
+            if claim_json is not None:  # refused: a retry with the same key must be able to try again
+                self._release_claim_script(keys=[idem_key(payload.tenant, idempotency_key)], args=[claim_json])
             raise
         metrics.jobs_submitted_total.labels(kind=request.kind, model=payload.batch_key.model).inc()
         edit = self.get(payload.id)
         assert edit is not None
         self._publish(edit, payload.tenant, webhook_event=None)
         return edit, True
+
+    def _stage_rq_job(self, edit_id: str, name: str, payload_json: str) -> Job:
+        """Save the edit's RQ job hash (status created, in no queue yet) so admission can push or hold it
+        atomically; it expires unless admission keeps it."""
+        if self.redis.exists(edit_key(edit_id), Job.key_for(edit_id)):
+            raise EditConflict(f"edit {edit_id} exists already")  # ids are random: never clobber another's job
+        worker = self.settings.worker
+        job = Queue(name, connection=self.redis).create_job(
+            JOB_FUNCTION, args=(payload_json,), job_id=edit_id, timeout=worker.job_timeout_seconds,
+            result_ttl=worker.result_ttl_seconds, failure_ttl=worker.result_ttl_seconds,
+            description=f"edit {edit_id}", status=JobStatus.CREATED)
+        pipe = self.redis.pipeline(transaction=True)
+        job.save(pipeline=pipe)
+        pipe.expire(job.key, STAGED_JOB_TTL_SECONDS)
+        pipe.execute()
+        return job
 
     def _enqueue(self, edit_id: str, name: str, payload_json: str, *, unique: bool, at_front: bool = False) -> Job:
         worker = self.settings.worker
@@ -522,7 +548,8 @@ class JobStore:
             "queue_wait": queue_wait, "now": now or _now(), "ttl": ttl,
         }
         # cjson turns an empty JSON object into an empty table either way; arrays stay arrays
-        rev, previous = self._transition_script(keys=[edit_key(edit_id)], args=[json.dumps(spec)])
+        rev, previous = self._transition_script(keys=[edit_key(edit_id)],
+                                                args=[json.dumps(spec), limits.lua_config(self.settings)])
         return int(rev), previous.decode() if isinstance(previous, bytes) else previous
 
     def _transition(self, edit_id: str, to: EditStatus, *, completed_at: bool = False,
@@ -673,13 +700,17 @@ class JobStore:
                 return None, round(max(0.0, (progress.total - progress.step) * rate), 2)
             return None, round(steps * step_s, 2) if step_s is not None else None
         name = r["queue"]
-        try:
-            position = Queue(name, connection=self.redis).get_job_position(r["id"])
-        except redis.RedisError:
-            position = None
+        if r.get("held"):  # an estimate: its tenant's held edits ahead, one of its running edits, its queue now
+            held = limits.held_ahead(self.redis, r["tenant"], r["held"], r["id"])
+            position = None if held is None else held + 1 + self.redis.llen(rq_queue_key(name))
+        else:
+            try:
+                position = Queue(name, connection=self.redis).get_job_position(r["id"])
+            except redis.RedisError:
+                position = None
         if position is None:
             return None, None
-        ahead = position + sum(self.redis.llen(f"rq:queue:{q}") for q in same_key_queues_ahead(name))
+        ahead = position + sum(self.redis.llen(rq_queue_key(q)) for q in same_key_queues_ahead(name))
         if step_s is None or job_s is None:
             return ahead, None
         return ahead, round(steps * step_s + ahead * job_s, 2)
@@ -722,7 +753,7 @@ def sweep_cells(request, seeds: list[int]) -> list[tuple[float, float, int]]:
 def _emit_webhook(connection: redis.Redis, edit: Edit, event: str, tenant: str) -> None:
     """Hand the change to ``service.webhooks.emit`` (lazy: the sender module may not be deployed)."""
     try:
-        from service import webhooks
+        webhooks = importlib.import_module("service.webhooks")  # sys.modules first (tests substitute it)
     except ModuleNotFoundError as exc:
         if exc.name != "service.webhooks":
             log.exception("service.webhooks failed to import; webhook for edit %s dropped", edit.id)

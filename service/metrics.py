@@ -51,14 +51,18 @@ denoise_step_seconds = Histogram(
     PREFIX + "denoise_step_seconds", "Wall time of one batched denoising step", buckets=STEP_SECONDS_BUCKETS)
 webhook_deliveries_total = Counter(
     PREFIX + "webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
+rejections_total = Counter(
+    PREFIX + "rejections", "Requests refused by a limit (rate_limited, tenant_queue_full, queue_full)", ["reason"])
 jobs_in_progress = Gauge(
     PREFIX + "jobs_in_progress", "Edits being processed right now", multiprocess_mode="livesum")
 
 QUEUE_DEPTH_NAME = PREFIX + "queue_depth"
+QUEUED_EDITS_NAME = PREFIX + "queued_edits"
 
 
 class QueueDepthCollector:
-    """``editserve_queue_depth{queue}`` read from RQ at scrape time (queued jobs, not running ones).
+    """``editserve_queue_depth{queue}`` read from RQ at scrape time (queued jobs, not running ones), and
+    ``editserve_queued_edits``, every queued edit including those held back for fair share.
 
     A collector, not a Gauge: the value lives in Redis, not in any process, so it must not be summed
     across gunicorn workers.
@@ -69,15 +73,20 @@ class QueueDepthCollector:
 
     def collect(self):
         family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Jobs waiting in each edit queue", labels=["queue"])
+        queued = GaugeMetricFamily(QUEUED_EDITS_NAME, "Edits waiting to start, held ones (fair share) included; "
+                                   "limits.max_queue_depth caps it")
         try:
+            from service.limits import GLOBAL_QUEUED_KEY
             from service.queues import discover
 
             for group in discover(self.connection):
                 for name in group.queue_names:
                     family.add_metric([name], float(self.connection.llen(f"rq:queue:{name}")))
+            queued.add_metric([], float(self.connection.scard(GLOBAL_QUEUED_KEY)))
         except Exception as exc:  # a scrape must not fail because Redis blipped
             log.warning("queue depth unavailable: %s", exc)
         yield family
+        yield queued
 
 
 def multiprocess_enabled() -> bool:

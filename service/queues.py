@@ -27,6 +27,11 @@ _SUFFIX_RE = re.compile(
 )
 
 
+def rq_queue_key(name: str) -> str:
+    """The Redis list RQ keeps a queue's waiting job ids in."""
+    return f"{Queue.redis_queue_namespace_prefix}{name}"
+
+
 def queue_name(batch_key: BatchKey, priority: str = "normal") -> str:
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}; choose from {PRIORITIES}")

@@ -250,10 +250,10 @@ def test_guidance_sweep_without_seeds_shares_one_seed(client):
     assert len(seeds) == 3 and len(set(seeds)) == 1
 
 
-def test_full_queue_is_429_with_retry_after(redis_url, s3, conn):
+def test_full_global_queue_is_503_with_retry_after(redis_url, s3, conn):
     client = client_for(redis_url, s3, limits={"max_queue_depth": 1})
     assert client.post("/v1/edits", json=P2P).status_code == 202
     response = client.post("/v1/edits", json=P2P)
-    assert response.status_code == 429 and response.headers["retry-after"]
-    assert response.json()["error"]["type"] == "queue_full"
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["type"] == "queue_full" and "max_queue_depth" in response.json()["error"]["message"]
     assert edit_queue_lengths(conn) == 1 and edit_records(conn) == 1
