@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Install what is missing into the current Python (idempotent; seconds when everything is present).
+# Install what is missing into the current Python, build the tiny models. Idempotent: a stamp holding the
+# hash of pyproject.toml skips pip when nothing changed (seconds), and a fresh machine gets everything.
 # torch is pinned to the CPU build that lies on this kind of machine: a bare `torch` would pull CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import torch, diffusers, transformers, fastapi, rq, boto3, editserve" 2>/dev/null \
-   || ! $PY -c "import importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null \
+mkdir -p .run
+stamp=.run/bootstrap.$( (cat pyproject.toml; $PY --version) | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, worker, schemathesis" 2>/dev/null \
    || ! command -v weed >/dev/null; then
   $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
   $PY -m pip install -q --disable-pip-version-check -e ".[dev]"
   # Only its BPE merges file is used (the real CLIP tokenizer); its deps would pull torchvision.
   $PY -m pip install -q --disable-pip-version-check --no-deps "open-clip-torch==3.3.0"
+  touch "$stamp"
 fi
-if ! command -v redis-server >/dev/null && ! $PY -c "import redis; redis.Redis().ping()" 2>/dev/null; then
+if ! command -v redis-server >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
 fi
 # The tiny random-weight models every test and the demo load through from_pretrained.
