@@ -79,7 +79,8 @@ def _p2p(client, seed, *, steps=STEPS, **kw):
 
 
 def _queued_jobs(conn) -> int:
-    return sum(conn.llen(k) for k in conn.scan_iter("rq:queue:edits.*"))
+    """Job ids in every edit queue (and its intermediate list): what a worker could still pick up."""
+    return sum(conn.llen(k) for k in conn.scan_iter("rq:queue:edits.*") if conn.type(k) == b"list")
 
 
 def _wait(predicate, timeout, what):
