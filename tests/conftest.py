@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("EDITSERVE_MODELS_DIR", REPO / ".models"))
 os.environ.setdefault("EDITSERVE_MODELS_DIR", str(MODELS_DIR))
-TEST_REDIS_URL = os.environ.get("EDITSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_REDIS_URL = os.environ.get("EDITSERVE_TEST_REDIS_URL")  # unset: a private redis-server per session
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,15 @@ def tiny_models() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def redis_server():
-    from service.devstack import ensure_redis
+    """A real Redis for this test session alone (a private redis-server on a free port).
 
-    server = ensure_redis(TEST_REDIS_URL)
+    Why private: tests flush databases and start workers that consume every edit queue; two test
+    sessions sharing one Redis would steal each other's jobs.
+    """
+    from service.devstack import ensure_redis, free_port
+
+    url = TEST_REDIS_URL or f"redis://127.0.0.1:{free_port()}/15"
+    server = ensure_redis(url)
     yield server
     server.stop()
 
