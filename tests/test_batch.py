@@ -138,6 +138,23 @@ def test_a_failing_after_step_hook_fails_only_that_job(runner, alone, monkeypatc
     assert_same(results[2], alone["plain"])
 
 
+def test_a_job_failing_before_the_forward_call_fails_alone(runner, alone, monkeypatch):
+    from worker.editing.p2p import P2PJobState
+
+    original = P2PJobState.model_input
+
+    def model_input(self):
+        if self.job_id == "swap" and self.step_index == 1:
+            raise RuntimeError("controller refused the step")
+        return original(self)
+
+    monkeypatch.setattr(P2PJobState, "model_input", model_input)
+    results = runner.run(JOBS)
+    assert "refused" in str(results[0].error)
+    assert_same(results[1], alone["blend"])
+    assert_same(results[2], alone["plain"])
+
+
 def test_a_failing_shared_call_fails_every_job_and_restores_the_unet(runner, sd_model, monkeypatch):
     before = {k: type(v) for k, v in sd_model.unet.attn_processors.items()}
 

@@ -52,7 +52,7 @@ def test_zero_injection_equals_plain_generation_from_the_same_x_t(runner, sd_mod
     pipe.set_progress_bar_config(disable=True)
     x_t = randn_tensor((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(11))
     n = len(spec.prompts)
-    kwargs = dict(latents=x_t.expand(n, -1, -1, -1), num_inference_steps=STEPS, guidance_scale=7.5)
+    kwargs = {"latents": x_t.expand(n, -1, -1, -1), "num_inference_steps": STEPS, "guidance_scale": 7.5}
     latents = pipe(spec.prompts, output_type="latent", **kwargs).images
     pixels = pipe(spec.prompts, output_type="np", **kwargs).images
     assert max_diff(ours.latents, latents) <= TOL
@@ -78,6 +78,20 @@ def test_identical_prompts_give_identical_images(runner, edit, extra):
     result = run_one(runner, spec)
     assert max_diff(result.latents[0], result.latents[1]) <= TOL
     assert np.abs(result.pixels[0] - result.pixels[1]).max() <= TOL
+
+
+def test_ancestral_sampler_adds_the_same_noise_to_every_prompt(sd_model):
+    """With Euler-a each prompt gets the SAME ancestral noise (twin generators), so identical prompts stay
+    identical; independent noise would put them tens of units apart."""
+    euler = BatchRunner(sd_model, height=SIZE, width=SIZE, steps=4, scheduler="euler_a")
+    same = P2PJobSpec("same", "a red car in the snow", ["a red car in the snow"], seed=3, edit="none",
+                      cross_replace_steps=0.0, self_replace_steps=0.0)
+    other = P2PJobSpec("other", same.source_prompt, ["a blue car in the snow"], seed=3, edit="none",
+                       cross_replace_steps=0.0, self_replace_steps=0.0)
+    same_result, other_result = euler.run([same, other])
+    assert max_diff(same_result.latents[0], same_result.latents[1]) <= TOL
+    assert max_diff(other_result.latents[0], same_result.latents[0]) <= TOL  # the source does not care
+    assert max_diff(other_result.latents[0], other_result.latents[1]) > 1.0
 
 
 # --- (5) reweight shows in the maps and in the target ----------------------------------------------------

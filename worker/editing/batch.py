@@ -13,16 +13,16 @@ Nothing here knows about HTTP, queues or storage: ``on_step`` is the only way ou
 from __future__ import annotations
 
 import inspect
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 
-from worker.editing.jobs import (EditValidationError, IP2PJobSpec, JobCanceled, JobResult, JobSpec,
-                                 P2PJobSpec)
+from worker.editing.jobs import EditValidationError, IP2PJobSpec, JobCanceled, JobResult, JobSpec, P2PJobSpec
 
 OnStep = Callable[[str, int, int], Any]
 
@@ -50,6 +50,11 @@ class SamplingContext:
     scheduler: str
     _null_text: torch.Tensor | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # read once: diffusers' ``ModelMixin.device``/``.dtype`` walk every submodule on each access
+        self.device: torch.device = self.model.device
+        self.dtype: torch.dtype = self.model.dtype
+
     @property
     def latent_size(self) -> tuple[int, int]:
         f = self.model.vae_scale_factor
@@ -68,7 +73,7 @@ class SamplingContext:
     def new_scheduler(self):
         """A scheduler instance of this job alone, with timesteps set: Euler-a keeps a step index inside."""
         scheduler = self.model.new_scheduler(self.scheduler)
-        scheduler.set_timesteps(self.steps, device=self.model.device)
+        scheduler.set_timesteps(self.steps, device=self.device)
         return scheduler
 
     def params(self) -> dict[str, Any]:
@@ -191,11 +196,19 @@ class JobState(ABC):
 # Batch invariance
 
 
+_ROW_VECTOR_LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _row_vector_linears(unet) -> list[torch.nn.Linear]:
     """The UNet's GEMMs whose row count is the batch size itself: the timestep-embedding MLP and the
-    resnets' ``time_emb_proj`` (every other GEMM has batch × pixels or batch × tokens rows)."""
-    return [module for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear) and (
-        name.startswith(("time_embedding.", "add_embedding.", "class_embedding.")) or name.endswith("time_emb_proj"))]
+    resnets' ``time_emb_proj`` (every other GEMM has batch × pixels or batch × tokens rows). Found once per
+    UNet: walking its modules costs milliseconds, per run."""
+    if unet not in _ROW_VECTOR_LINEARS:
+        _ROW_VECTOR_LINEARS[unet] = [
+            module for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear) and (
+                name.startswith(("time_embedding.", "add_embedding.", "class_embedding."))
+                or name.endswith("time_emb_proj"))]
+    return _ROW_VECTOR_LINEARS[unet]
 
 
 class PerJobRowVectors:
@@ -258,10 +271,10 @@ class BatchState:
         self.jobs: list[JobState] = []
         self._router = None
         self._previous_processors: dict | None = None
-        self._text_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._text_cache: tuple[tuple[JobState, ...], torch.Tensor] | None = None
         self._row_vectors = PerJobRowVectors(model.unet)
 
-    def __enter__(self) -> BatchState:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -303,17 +316,18 @@ class BatchState:
 
     def _text(self, jobs: list[JobState]) -> torch.Tensor:
         """Encoder states of all rows; rebuilt only when the batch's membership changes."""
-        key = tuple(id(j) for j in jobs)
-        if self._text_cache is None or self._text_cache[0] != key:
-            self._text_cache = (key, torch.cat([j.text_rows() for j in jobs]))
+        members = tuple(jobs)  # the jobs themselves, not ids: a departed job's id may be reused by a newcomer
+        cached = self._text_cache
+        if cached is None or len(cached[0]) != len(members) or any(a is not b for a, b in zip(cached[0], members)):
+            self._text_cache = (members, torch.cat([j.text_rows() for j in jobs]))
         return self._text_cache[1]
 
-    def _forward(self, jobs: list[JobState]) -> torch.Tensor:
-        sample = torch.cat([j.model_input() for j in jobs])
+    def _forward(self, jobs: list[JobState], inputs: list[torch.Tensor]) -> torch.Tensor:
         timesteps = torch.cat([j.row_timesteps() for j in jobs])
         self._route(jobs)
         self._row_vectors.segments = [n for j in jobs for n in j.row_groups]
-        return self.model.unet(sample, timesteps, encoder_hidden_states=self._text(jobs), return_dict=False)[0]
+        return self.model.unet(torch.cat(inputs), timesteps, encoder_hidden_states=self._text(jobs),
+                               return_dict=False)[0]
 
     @torch.no_grad()
     def step(self) -> StepReport:
@@ -323,24 +337,32 @@ class BatchState:
         its error; the others are untouched. A failure of the shared forward call fails every job in it.
         """
         report = StepReport()
-        jobs = [j for j in self.jobs if not j.finished]
-        if not jobs:
-            return report
-        try:
-            noise_pred = self._forward(jobs)
-        except Exception as exc:  # noqa: BLE001 — attributed to every job of the call, never swallowed
-            err = BatchForwardError(f"batched UNet call failed ({len(jobs)} jobs): {type(exc).__name__}: {exc}")
-            err.__cause__ = exc
-            report.failed = [(j, err) for j in jobs]
-        else:
-            for job, rows in zip(jobs, noise_pred.split([j.num_rows for j in jobs])):
-                try:
-                    job.advance(rows)
-                except Exception as exc:  # noqa: BLE001 — one job's bug must not sink the batch
-                    report.failed.append((job, exc))
-                else:
-                    report.advanced.append(job)
-            report = self._fail_non_finite(report)
+        jobs, inputs = [], []
+        for job in self.jobs:
+            if job.finished:
+                continue
+            try:
+                inputs.append(job.model_input())
+            except Exception as exc:  # noqa: BLE001 — e.g. its controller refused the step
+                report.failed.append((job, exc))
+            else:
+                jobs.append(job)
+        if jobs:
+            try:
+                noise_pred = self._forward(jobs, inputs)
+            except Exception as exc:  # noqa: BLE001 — attributed to every job of the call, never swallowed
+                err = BatchForwardError(f"batched UNet call failed ({len(jobs)} jobs): {type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                report.failed.extend((j, err) for j in jobs)
+            else:
+                for job, rows in zip(jobs, noise_pred.split([j.num_rows for j in jobs])):
+                    try:
+                        job.advance(rows)
+                    except Exception as exc:  # noqa: BLE001 — one job's bug must not sink the batch
+                        report.failed.append((job, exc))
+                    else:
+                        report.advanced.append(job)
+                report = self._fail_non_finite(report)
         for job, _ in report.failed:
             self.remove(job)
         return report
@@ -367,19 +389,66 @@ class BatchState:
 # Decoding
 
 
-@torch.no_grad()
-def decode(model, latents: torch.Tensor) -> tuple[np.ndarray, list]:
-    """VAE decode as diffusers does (latents / scaling_factor, VaeImageProcessor): float pixels and PIL images.
+DecodeOutcome = tuple[np.ndarray, list] | Exception
 
-    The float pixels (N, H, W, 3) in [0, 1] are returned too, because 8-bit images hide differences < 1/255.
-    """
-    vae = model.vae
-    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+def _to_images(model, image: torch.Tensor) -> DecodeOutcome:
+    """VaeImageProcessor postprocess to float pixels (N, H, W, 3) in [0, 1] and PIL images; 8-bit images
+    alone would hide differences below 1/255, so the pixels are kept for callers and tests."""
     if not bool(torch.isfinite(image).all()):
-        raise NonFiniteLatentsError("decoded pixels are not finite (VAE overflow)")
+        return NonFiniteLatentsError("decoded pixels are not finite (VAE overflow)")
     processor = model.pipe.image_processor
     pixels = processor.postprocess(image, output_type="np")
     return pixels, processor.numpy_to_pil(pixels)
+
+
+def _vae_decode(model, latents: torch.Tensor) -> torch.Tensor:
+    """As diffusers decodes: ``vae.decode(latents / scaling_factor)``."""
+    vae = model.vae
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+
+def _chunks(items: list[torch.Tensor], max_images: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of at most ``max_images`` images (a larger job is a group of its own)."""
+    groups: list[list[torch.Tensor]] = [[]]
+    for latents in items:
+        if groups[-1] and sum(x.shape[0] for x in groups[-1]) + latents.shape[0] > max_images:
+            groups.append([])
+        groups[-1].append(latents)
+    return [g for g in groups if g]
+
+
+@torch.no_grad()
+def decode_many(model, latents: list[torch.Tensor], max_images: int = 8) -> list[DecodeOutcome]:
+    """Decode several jobs' latents in shared VAE calls; each job gets its (pixels, images) or its own error.
+
+    Why shared calls: at small sizes the decoder is dominated by per-call overhead, so jobs finishing on the
+    same step decode far cheaper together. A failing call is retried job by job to keep errors attributable.
+    """
+    outcomes: list[DecodeOutcome] = []
+    for group in _chunks(latents, max_images):
+        try:
+            decoded = _vae_decode(model, torch.cat(group))
+        except Exception as exc:  # noqa: BLE001 — e.g. out of memory: find out whose
+            if len(group) == 1:
+                outcomes.append(exc)
+            else:
+                outcomes.extend(outcome for item in group for outcome in decode_many(model, [item], max_images))
+            continue
+        for part in decoded.split([x.shape[0] for x in group]):
+            try:
+                outcomes.append(_to_images(model, part))
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(exc)
+    return outcomes
+
+
+def decode(model, latents: torch.Tensor) -> tuple[np.ndarray, list]:
+    """One job's float pixels and PIL images, decoded as diffusers does."""
+    outcome = decode_many(model, [latents])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,13 +462,15 @@ class BatchRunner:
     is confined to its own result.
     """
 
-    def __init__(self, model, *, height: int, width: int, steps: int, scheduler: str | None = None):
+    def __init__(self, model, *, height: int, width: int, steps: int, scheduler: str | None = None,
+                 decode_batch: int = 8):
         factor = model.vae_scale_factor
         if height % factor or width % factor or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.model = model
+        self.decode_batch = max(1, decode_batch)  # images per VAE call when jobs finish together
         self.ctx = SamplingContext(model, height, width, steps, scheduler or model.spec.scheduler)
 
     @property
@@ -420,8 +491,10 @@ class BatchRunner:
             return state_cls.create(spec, self.ctx)
 
     def run(self, jobs: Sequence[JobSpec], on_step: OnStep | None = None) -> list[JobResult]:
+        """All jobs to completion as one batch; ``on_step(job_id, step, total)`` after each job's step may
+        cancel that job (return True or raise ``JobCanceled``). Results come back in the jobs' order."""
         results: list[JobResult | None] = [None] * len(jobs)
-        slot: dict[int, int] = {}
+        slot: dict[JobState, int] = {}  # by identity: JobState keeps object hashing
         with self.model.lock, BatchState(self.model) as batch:
             for i, spec in enumerate(jobs):
                 try:
@@ -430,27 +503,30 @@ class BatchRunner:
                     results[i] = JobResult(job_id=spec.job_id, error=exc, params=self.ctx.params())
                     continue
                 if job.finished:  # nothing to denoise (IP2P empty instruction)
-                    results[i] = self.finish(job)
+                    results[i] = self.finish([job])[0]
                     continue
-                slot[id(job)] = i
+                slot[job] = i
                 batch.admit(job)
             while len(batch):
                 report = batch.step()
                 for job, exc in report.failed:
-                    results[slot[id(job)]] = self.failed(job, exc)
+                    results[slot[job]] = self.failed(job, exc)
+                done = []
                 for job in report.advanced:
                     try:
                         canceled = self._canceled(job, on_step)
                     except Exception as exc:  # noqa: BLE001 — a broken progress callback fails its job only
                         batch.remove(job)
-                        results[slot[id(job)]] = self.failed(job, exc)
+                        results[slot[job]] = self.failed(job, exc)
                         continue
                     if canceled:
                         batch.remove(job)
-                        results[slot[id(job)]] = JobResult(job_id=job.job_id, canceled=True, params=job.params())
+                        results[slot[job]] = JobResult(job_id=job.job_id, canceled=True, params=job.params())
                     elif job.finished:
                         batch.remove(job)
-                        results[slot[id(job)]] = self.finish(job)
+                        done.append(job)
+                for job, result in zip(done, self.finish(done)):
+                    results[slot[job]] = result
         return results  # type: ignore[return-value]
 
     @staticmethod
@@ -462,13 +538,23 @@ class BatchRunner:
         except JobCanceled:
             return True
 
-    def finish(self, job: JobState) -> JobResult:
-        """Decode a finished job and build its result; a decode failure fails only this job."""
-        try:
-            with torch.no_grad():
-                return job.result(*job.final_images())
-        except Exception as exc:  # noqa: BLE001
-            return self.failed(job, exc)
+    def finish(self, jobs: list[JobState]) -> list[JobResult]:
+        """Decode jobs that finished together (shared VAE calls) and build their results; a decode or
+        result failure fails only its own job."""
+        diffused = [job for job in jobs if job.latents is not None]
+        outcomes = dict(zip(map(id, diffused), decode_many(self.model, [j.latents for j in diffused],
+                                                           self.decode_batch)))
+        results = []
+        for job in jobs:
+            try:
+                outcome = outcomes[id(job)] if id(job) in outcomes else job.final_images()
+                if isinstance(outcome, Exception):
+                    raise outcome
+                with torch.no_grad():
+                    results.append(job.result(*outcome))
+            except Exception as exc:  # noqa: BLE001
+                results.append(self.failed(job, exc))
+        return results
 
     @staticmethod
     def failed(job: JobState, exc: Exception) -> JobResult:

@@ -34,16 +34,16 @@ def split_branches(noise_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return cond, image_only, uncond
 
 
-def preprocess_image(model, image) -> torch.Tensor:
+def preprocess_image(model, image, device=None, dtype=None) -> torch.Tensor:
     """PIL RGB → (1, 3, H, W) in [−1, 1] on the model's device, via diffusers' own VaeImageProcessor."""
     pixels = model.pipe.image_processor.preprocess(image)
-    return pixels.to(device=model.device, dtype=model.dtype)
+    return pixels.to(device=device or model.device, dtype=dtype or model.dtype)
 
 
 @torch.no_grad()
-def encode_image_latents(model, image) -> torch.Tensor:
+def encode_image_latents(model, image, device=None, dtype=None) -> torch.Tensor:
     """Posterior MODE of the VAE, NOT multiplied by scaling_factor: what the released checkpoint was trained on."""
-    return model.vae.encode(preprocess_image(model, image)).latent_dist.mode()
+    return model.vae.encode(preprocess_image(model, image, device, dtype)).latent_dist.mode()
 
 
 def validate_ip2p(spec: IP2PJobSpec, ctx: SamplingContext) -> None:
@@ -100,14 +100,14 @@ class IP2PJobState(JobState):
         super().__init__(spec, ctx, [seeded_generator(c.seed) for c in spec.cells])
         model = ctx.model
         k = len(spec.cells)
-        image_latent = encode_image_latents(model, spec.image)
+        image_latent = encode_image_latents(model, spec.image, ctx.device, ctx.dtype)
         self._image_rows = torch.cat([image_latent, image_latent, torch.zeros_like(image_latent)]).repeat(k, 1, 1, 1)
         text = model.encode_text([spec.instruction])
         self._text_rows = torch.cat([text, ctx.null_text(), ctx.null_text()]).repeat(k, 1, 1)
         shape = (k, ctx.latent_channels, *ctx.latent_size)
         self.latents = randn_tensor(shape, generator=self.generators,
-                                    device=model.device, dtype=model.dtype) * self.scheduler.init_noise_sigma
-        self._text_scale, self._image_scale = cell_scales(spec.cells, model.device, model.dtype)
+                                    device=ctx.device, dtype=ctx.dtype) * self.scheduler.init_noise_sigma
+        self._text_scale, self._image_scale = cell_scales(spec.cells, ctx.device, ctx.dtype)
 
     @property
     def num_rows(self) -> int:

@@ -25,7 +25,7 @@ def cfg_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torc
 def shared_initial_latent(ctx: SamplingContext, generator: torch.Generator) -> torch.Tensor:
     """x_T (1, 4, h, w): ONE draw for the whole job, so source and targets start from the same noise."""
     shape = (1, ctx.latent_channels, *ctx.latent_size)
-    return randn_tensor(shape, generator=generator, device=ctx.model.device, dtype=ctx.model.dtype)
+    return randn_tensor(shape, generator=generator, device=ctx.device, dtype=ctx.dtype)
 
 
 def twin_generators(generator: torch.Generator, count: int) -> list[torch.Generator]:
