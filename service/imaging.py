@@ -48,7 +48,7 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     """16-bit and 32-bit grayscale to 8 bits by *scaling*; ``convert("L")`` would clip everything above 255."""
     if img.mode == "F":
-        lo, hi = img.getextrema()
+        _lo, hi = img.getextrema()
         scale = 255.0 if hi <= 1.0 else 1.0  # float images are either [0, 1] or already 0..255
         return img.point(lambda v: v * scale).convert("L")
     as_int = img.convert("I")  # I;16, I;16B, I;16L, I
