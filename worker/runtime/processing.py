@@ -7,6 +7,11 @@ Why the ordering matters for "nothing lost, nothing twice":
   its RQ job leaves the registry, so a crash in between leaves a stale entry the reaper only tidies up;
 - a job that fails on its own (payload, validation, NaN, its upload) fails alone; a failure of the whole
   batched call is retried in halves before any job is failed (it may be one job's fault, or memory).
+
+Why the uploads start together: once the run is over, every successful job's PNG encoding and S3 PUTs are
+handed to a small thread pool at once, and the finish loop (still one job at a time, in order: the
+JobStore mark, then RQ) only waits for each job's own uploads, renewing heartbeats meanwhile. Done one
+object after another they were the largest service cost of a batch (bench/service_bench.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -38,6 +45,8 @@ from worker.runtime.uploads import upload_outputs
 
 log = logging.getLogger("editserve.worker")
 
+UPLOAD_THREADS = 8  # S3 PUTs (and PNG encoding, which releases the GIL) of one batch in flight at once
+
 
 def log_event(event: str, **fields) -> None:
     """One JSON line per event: batch and per-job outcomes are grep- and log-pipeline-friendly."""
@@ -52,6 +61,7 @@ class RunningJob:
     spec: JobSpec | None = None
     result: JobResult | None = None
     error: ErrorInfo | None = None  # decided before the run (payload, translation)
+    upload: Future | None = None  # its outputs' uploads, started as soon as the run ended
 
     @property
     def id(self) -> str:
@@ -92,6 +102,7 @@ class BatchProcessor:
         self.bridge = bridge
         self.worker_name = worker_name
         self.aborting = aborting
+        self._upload_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ the batch
     def process(self, claimed: list[ClaimedJob]) -> BatchReport:
@@ -105,7 +116,8 @@ class BatchProcessor:
             heartbeat=lambda: self.bridge.renew([(j.claimed.job, j.execution) for j in live]),
             set_progress=self.store.set_progress,
             is_cancel_requested=self.store.is_cancel_requested,
-            aborting=self.aborting)
+            aborting=self.aborting,
+            background=True)
         report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
         metrics.batch_size.observe(len(jobs))
 
@@ -119,8 +131,12 @@ class BatchProcessor:
         for job in runnable:
             self._prepare(job)
         t_run = time.monotonic()
-        for key, group in self._groups(runnable).items():
-            self._run_group(key, group, reporter)
+        try:
+            for key, group in self._groups(runnable).items():
+                self._run_group(key, group, reporter)
+        finally:
+            reporter.close()
+        self._start_uploads(runnable)
         for job in runnable:
             reporter.renew_heartbeats()
             report.outcomes[job.id] = self._finish(job, batch_id, run_started=t_run, reporter=reporter)
@@ -224,10 +240,30 @@ class BatchProcessor:
         else:
             self.bridge.fail(c.job, c.queue, job.execution, self._exc_string(job, error))
 
+    def _start_uploads(self, jobs: list[RunningJob]) -> None:
+        """Start every successful job's uploads now, in parallel; ``_upload_and_succeed`` waits for its own."""
+        for job in jobs:
+            result = job.result
+            if job.error is None and result is not None and result.error is None and not result.canceled:
+                if self._upload_pool is None:
+                    self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="editserve-upload")
+                job.upload = self._upload_pool.submit(upload_outputs, self.storage, job.spec, result)
+
+    @staticmethod
+    def _uploaded(job: RunningJob, reporter: StepReporter) -> tuple[list[dict], list[dict]]:
+        """This job's started uploads' result, renewing the batch's heartbeats while S3 retries with backoff."""
+        assert job.upload is not None
+        while not wait_futures([job.upload], timeout=reporter.heartbeat_interval).done:
+            reporter.renew_heartbeats()
+        return job.upload.result()
+
     def _upload_and_succeed(self, job: RunningJob, run_started: float, reporter: StepReporter) -> ErrorInfo | None:
         try:
-            results, maps = upload_outputs(self.storage, job.spec, job.result,  # type: ignore[arg-type]
-                                           before_each=reporter.renew_heartbeats)
+            if job.upload is not None:
+                results, maps = self._uploaded(job, reporter)
+            else:
+                results, maps = upload_outputs(self.storage, job.spec, job.result,  # type: ignore[arg-type]
+                                               before_each=reporter.renew_heartbeats)
         except StorageError as exc:
             return error_info(exc)
         except Exception as exc:  # noqa: BLE001 — encoding one job's outputs must not sink the batch

@@ -154,6 +154,26 @@ class EditWorker:
             self._metrics_server = None
 
 
+def wait_for_redis(url: str, timeout: float = 60.0) -> None:
+    """Block (bounded) until Redis answers: a worker (re)started during a Redis outage or while Redis loads
+    its AOF used to die in RQ's worker constructor and wait for its supervisor's restart back-off instead."""
+    connection = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            connection.ping()
+            return
+        except redis.RedisError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("redis not answering yet (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        finally:
+            connection.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="editserve GPU worker: batches edits of the given models.")
     parser.add_argument("--models", help="comma-separated model names (default: EDITSERVE_ENABLED_MODELS)")
@@ -164,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rq.worker").setLevel(logging.WARNING)  # our JSON lines already report each outcome
     settings = get_settings()
     models = [m for m in (args.models or ",".join(settings.enabled_models or [])).split(",") if m]
+    wait_for_redis(settings.redis_url)
     worker = EditWorker(settings, models, args.name)
     worker.install_signal_handlers()
     return worker.run()
