@@ -172,7 +172,11 @@ def test_accepted_jobs_survive_a_redis_crash_with_aof(stack, aof_redis, conn, cl
     assert {d.status for d in done} == {EditStatus.succeeded}
     assert {d.metrics.attempts for d in done} == {1}
     assert all(len(d.results) == 2 for d in done)
-    assert all(Job.fetch(e.id, connection=conn).get_status() == JobStatus.FINISHED for e in edits)
+    # RQ's own finish bookkeeping follows the edit record's terminal write by a few milliseconds
+    deadline = time.monotonic() + 10
+    while not all(Job.fetch(e.id, connection=conn).get_status() == JobStatus.FINISHED for e in edits):
+        assert time.monotonic() < deadline, [Job.fetch(e.id, connection=conn).get_status() for e in edits]
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------------------------------------ (b) S3
