@@ -75,14 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- machine -------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
+from machine import cpu_model  # noqa: E402  (bench/ is the script's folder)
 
 
 def machine_info() -> dict[str, Any]:
