@@ -499,9 +499,12 @@ class JobStore:
         if self.redis.hget(edit_key(edit_id), "cancel_requested") == b"1":
             self._transition(edit_id, C, completed_at=True)
             return False
-        return self._transition(
+        requeued = self._transition(
             edit_id, Q, set_fields={"enqueued_at": repr(_now()), "requeue_reason": reason[:500]},
             delete=["progress_step", "progress_total", "batch_id", "batch_size", "worker"])
+        if requeued:
+            self._leave_in_progress(edit_id)
+        return requeued
 
     def reenqueue(self, edit_id: str, *, at_front: bool = True) -> None:
         """Put a requeued edit's RQ job back on its queue (same job id), at the front by default."""
@@ -571,13 +574,17 @@ class JobStore:
         self._publish_current(edit_id, webhook_event=event)
         return True
 
-    def _finish_bookkeeping(self, edit_id: str, previous: str, to: EditStatus) -> None:
+    def _leave_in_progress(self, edit_id: str) -> None:
+        """This process no longer runs the edit (finished or requeued): keep the in-progress gauge true."""
         with self._lock:
             mine = edit_id in self._in_progress_here
             self._in_progress_here.discard(edit_id)
             self._last_progress_publish.pop(edit_id, None)
         if mine:
             metrics.jobs_in_progress.dec()
+
+    def _finish_bookkeeping(self, edit_id: str, previous: str, to: EditStatus) -> None:
+        self._leave_in_progress(edit_id)
         kind = self.redis.hget(edit_key(edit_id), "kind")
         metrics.jobs_completed_total.labels(kind=(kind or b"?").decode(), status=to.value).inc()
         if previous == Q.value:  # never started: make sure no worker picks the RQ job up

@@ -356,3 +356,24 @@ def test_an_orphaned_idempotency_claim_is_released(js, conn, monkeypatch):
         js.create(payload, webhook=None, idempotency_key="crashed")
     edit, created = js.create(payload, webhook=None, idempotency_key="crashed")
     assert created and edit.id == payload.id
+
+
+def test_in_progress_gauge_falls_back_when_this_process_requeues_its_edit(redis_url, s3_server):
+    """A worker that gives an edit back (second signal, split retry) must not leave it counted as running."""
+    from editserve.contract import BatchKey, JobPayload, P2PEditRequest
+    from datetime import datetime, timezone
+    import redis as _redis
+    from service import metrics
+    from service.config import Settings
+    from service.jobstore import JobStore, new_edit_id
+
+    store = JobStore(_redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
+    key = BatchKey(model="tiny-sd", kind="p2p", height=64, width=64, steps=4, scheduler="ddim")
+    payload = JobPayload(id=new_edit_id(), tenant="t", request=P2PEditRequest(source_prompt="a cat",
+                         target_prompts=["a dog"]), batch_key=key, seeds=[1], created_at=datetime.now(timezone.utc))
+    store.create(payload, webhook=None, idempotency_key=None)
+    before = metrics.jobs_in_progress._value.get()
+    assert store.mark_processing(payload.id, batch_id="b", batch_size=1, worker="w")
+    assert metrics.jobs_in_progress._value.get() == before + 1
+    assert store.mark_requeued(payload.id, "worker stopping")
+    assert metrics.jobs_in_progress._value.get() == before
