@@ -118,6 +118,12 @@ def running_attempt(conn: redis.Redis, edit_id: str, attempt: int) -> bool:
             and int(field(conn, edit_id, "progress_step") or 0) >= 1)
 
 
+def rq_settles(conn: redis.Redis, edit_id: str, status: JobStatus) -> None:
+    """The RQ job reaches ``status``: the worker writes the edit's terminal status first, RQ's own finish
+    bookkeeping a few milliseconds later (by design: a crash in between leaves only a stale entry)."""
+    wait_until(lambda: Job.fetch(edit_id, connection=conn).get_status() == status, 10, f"RQ job {edit_id} → {status}")
+
+
 def sigkill(stack: LocalStack, name: str) -> None:
     proc = stack.processes[name]
     os.killpg(proc.pid, signal.SIGKILL)
@@ -172,11 +178,8 @@ def test_accepted_jobs_survive_a_redis_crash_with_aof(stack, aof_redis, conn, cl
     assert {d.status for d in done} == {EditStatus.succeeded}
     assert {d.metrics.attempts for d in done} == {1}
     assert all(len(d.results) == 2 for d in done)
-    # RQ's own finish bookkeeping follows the edit record's terminal write by a few milliseconds
-    deadline = time.monotonic() + 10
-    while not all(Job.fetch(e.id, connection=conn).get_status() == JobStatus.FINISHED for e in edits):
-        assert time.monotonic() < deadline, [Job.fetch(e.id, connection=conn).get_status() for e in edits]
-        time.sleep(0.1)
+    for e in edits:
+        rq_settles(conn, e.id, JobStatus.FINISHED)
 
 
 # ------------------------------------------------------------------------------------------------ (b) S3
@@ -283,7 +286,7 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
     # what did reach S3 (output-0) is referenced nowhere: the record holds no results at all
     assert json.loads(field(conn, doomed.id, "results") or "[]") == []
     assert set(object_keys(s3_server, doomed.id)) <= {f"edits/{doomed.id}/output-0.png"}
-    assert Job.fetch(doomed.id, connection=conn).get_status() == JobStatus.FAILED
+    rq_settles(conn, doomed.id, JobStatus.FAILED)
 
     # 2. an outage shorter than the retry window: the first two PUTs die, the third goes through
     first = len(s3_proxy.log)
@@ -333,7 +336,7 @@ def test_worker_killed_twice_the_job_succeeds_on_its_third_attempt(stack, conn, 
     assert "second" in field(conn, edit.id, "requeue_reason")
     events.close()
     assert events.of(edit.id) == ["succeeded"]  # exactly one terminal state
-    assert Job.fetch(edit.id, connection=conn).get_status() == JobStatus.FINISHED
+    rq_settles(conn, edit.id, JobStatus.FINISHED)
 
 
 def test_worker_killed_until_retries_are_exhausted_fails_with_worker_crashed(stack, aof_redis, conn, client,
