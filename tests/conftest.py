@@ -60,3 +60,21 @@ def s3(s3_server):
     """The S3 endpoint with a fresh key prefix per test (the bucket is shared within the session)."""
     s3_server.test_prefix = f"t-{uuid.uuid4().hex[:8]}/"
     return s3_server
+
+
+@pytest.fixture(scope="module")
+def sd_model(tiny_models):
+    """tiny-sd loaded through the registry, once per test module (samplers restore what they patch)."""
+    from service.config import Settings
+    from worker.models.registry import ModelRegistry
+
+    return ModelRegistry(Settings(models_dir=tiny_models["tiny-sd"].parent)).get("tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def runner(sd_model, request):
+    """A BatchRunner at the module's SIZE/STEPS (DDIM), the batch-key of the P2P core tests."""
+    from worker.editing.batch import BatchRunner
+
+    size, steps = request.module.SIZE, request.module.STEPS
+    return BatchRunner(sd_model, height=size, width=size, steps=steps, scheduler="ddim")

@@ -15,19 +15,6 @@ from worker.editing.jobs import EditValidationError, JobCanceled, LocalBlendSpec
 SIZE, STEPS, TOL = 128, 6, 1e-4
 
 
-@pytest.fixture(scope="module")
-def sd_model(tiny_models):
-    from service.config import Settings
-    from worker.models.registry import ModelRegistry
-
-    return ModelRegistry(Settings(models_dir=tiny_models["tiny-sd"].parent)).get("tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def runner(sd_model):
-    return BatchRunner(sd_model, height=SIZE, width=SIZE, steps=STEPS, scheduler="ddim")
-
-
 JOBS = [
     P2PJobSpec("swap", "a cat riding a bicycle", ["a dog riding a bicycle"], seed=1),
     P2PJobSpec("blend", "a cat on a sofa", ["a lion on a sofa", "a tiger on a sofa"], seed=2,

@@ -17,19 +17,6 @@ from worker.editing.jobs import LocalBlendSpec, P2PJobSpec
 SIZE, STEPS, TOL = 128, 6, 1e-4
 
 
-@pytest.fixture(scope="module")
-def sd_model(tiny_models):
-    from service.config import Settings
-    from worker.models.registry import ModelRegistry
-
-    return ModelRegistry(Settings(models_dir=tiny_models["tiny-sd"].parent)).get("tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def runner(sd_model):
-    return BatchRunner(sd_model, height=SIZE, width=SIZE, steps=STEPS, scheduler="ddim")
-
-
 def run_one(runner, spec):
     result = runner.run([spec])[0]
     assert result.ok, result.error
