@@ -132,9 +132,18 @@ class KeyStore:
         return True
 
     def tenant_for_key(self, key: str) -> str | None:
-        if not key.startswith(KEY_PREFIX):
-            return None
-        return _text(self.redis.hget(_APIKEY.format(hash_key(key)), "tenant"))
+        record = _key_record(key)
+        return None if record is None else _text(self.redis.hget(record, "tenant"))
+
+    async def tenant_for_key_async(self, connection, key: str) -> str | None:
+        """:meth:`tenant_for_key` through an asyncio client (the submit path never leaves the event loop)."""
+        record = _key_record(key)
+        return None if record is None else _text(await connection.hget(record, "tenant"))
+
+
+def _key_record(key: str) -> str | None:
+    """The Redis hash of an API key (we store only its SHA-256), or None if it cannot be one of ours."""
+    return _APIKEY.format(hash_key(key)) if key.startswith(KEY_PREFIX) else None
 
 
 def bearer_token(authorization: str | None) -> str | None:

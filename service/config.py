@@ -33,9 +33,11 @@ class ModelSpec(BaseModel):
     random_weights: bool = Field(False, description="True for the tiny test models: outputs are noise")
 
 
-def default_models(models_dir: Path) -> list[ModelSpec]:
-    """Production models plus the tiny local builds used by tests, CI and the demo."""
-    return [
+@lru_cache(maxsize=16)
+def default_models(models_dir: Path) -> tuple[ModelSpec, ...]:
+    """Production models plus the tiny local builds used by tests, CI and the demo (built once per folder:
+    every submit resolves its model here)."""
+    return (
         ModelSpec(name="sd14", kind="text2image", source="CompVis/stable-diffusion-v1-4", dtype="float16",
                   device="cuda", scheduler="ddim"),
         ModelSpec(name="ip2p", kind="instruct", source="timbrooks/instruct-pix2pix", dtype="float16",
@@ -44,7 +46,7 @@ def default_models(models_dir: Path) -> list[ModelSpec]:
                   default_size=128, max_size=256, random_weights=True),
         ModelSpec(name="tiny-ip2p", kind="instruct", source=str(models_dir / "tiny-ip2p"), scheduler="euler_a",
                   default_size=128, max_size=256, random_weights=True),
-    ]
+    )
 
 
 class S3Settings(BaseModel):

@@ -19,14 +19,15 @@ Redis layout (all keys prefixed ``editserve:``)::
 The RQ job id IS the edit id; RQ retries are off because the worker's reaper requeues crashed jobs
 through ``mark_requeued`` + ``reenqueue`` within ``worker.max_retries``.
 
-Creating an edit: its RQ job hash is saved first (status ``created``, short expiry), then one script
-(``service.limits``) checks the queue limits, writes the record and either pushes the id onto its RQ queue
-or holds it for fair share. Every transition script also keeps those counts and, on a terminal status,
+Creating an edit is one script (``service.limits``): it checks the queue limits (and, on the JSON submit
+path, the request rate and the Idempotency-Key), writes the RQ job hash and the record, and either pushes
+the id onto its RQ queue or holds it for fair share. Every transition script also keeps those counts and, on a terminal status,
 releases the tenant's next held edit in the same atomic step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import importlib
@@ -69,7 +70,6 @@ KEY_PREFIX = "editserve:"
 JOB_FUNCTION = "worker.runtime.execute.run_single"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 IDEMPOTENCY_WAIT_SECONDS = 5.0
-STAGED_JOB_TTL_SECONDS = 600  # an RQ job hash saved by a gateway that died before admitting it expires
 STATS_EWMA_ALPHA = 0.2
 MAX_LIST_LIMIT = 100
 
@@ -109,12 +109,22 @@ def stats_key(suffix: str) -> str:
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
+_last_id = [0]
+_id_lock = threading.Lock()
+
+
 def new_edit_id() -> str:
     """26 lowercase Crockford-base32 characters: 48-bit ms timestamp + 80 random bits.
 
-    Time-sortable, URL-safe and valid as an RQ job id (letters and digits only).
+    Time-sortable, URL-safe and valid as an RQ job id (letters and digits only). Monotonic within a process
+    (as ULIDs: in the same millisecond the previous id + 1), because listings order edits of one
+    millisecond by id and one gateway creates several per millisecond.
     """
     value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
+    with _id_lock:
+        if value >> 80 <= _last_id[0] >> 80:
+            value = _last_id[0] + 1
+        _last_id[0] = value
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
@@ -259,24 +269,33 @@ class JobStore:
             time.sleep(0.02)
 
     def create(self, payload: JobPayload, *, webhook: WebhookSpec | None, idempotency_key: str | None,
-               fingerprint: str | None = None) -> tuple[Edit, bool]:
+               fingerprint: str | None = None, rate_limit: bool = False) -> tuple[Edit, bool]:
         """Record the edit and enqueue its RQ job; with an Idempotency-Key a duplicate returns the first edit.
 
         ``fingerprint`` identifies the request body (the gateway includes the input image's hash);
-        by default it is derived from ``payload.request``. Returns (edit, created).
+        by default it is derived from ``payload.request``. ``rate_limit`` counts the request against its
+        tenant's rate in the same script. Returns (edit, created).
         """
-        fingerprint = fingerprint or request_fingerprint(payload)
-        claim_json: str | None = None
-        if idempotency_key:
-            claim_json = json.dumps({"edit_id": payload.id, "fingerprint": fingerprint})
-            key = idem_key(payload.tenant, idempotency_key)
-            if not self.redis.set(key, claim_json, nx=True, ex=IDEMPOTENCY_TTL_SECONDS):
-                raw = self.redis.get(key)
-                if raw is not None:
-                    return self._resolve_claim(payload.tenant, idempotency_key, raw, fingerprint), False
-                # the claim expired between SET and GET: take it now
-                self.redis.set(key, claim_json, ex=IDEMPOTENCY_TTL_SECONDS)
+        admission_request = self._admission_request(payload, webhook, idempotency_key, fingerprint, rate_limit)
+        admission = self.accounting.admit(admission_request)
+        if admission.state == "duplicate":
+            return self._duplicate(payload, idempotency_key, admission, admission_request), False
+        return self._admitted(payload, admission_request, admission), True
 
+    async def create_async(self, connection, payload: JobPayload, *, webhook: WebhookSpec | None,
+                           idempotency_key: str | None, fingerprint: str | None = None,
+                           rate_limit: bool = False) -> tuple[Edit, bool]:
+        """:meth:`create` through an asyncio Redis client: one round trip, no thread (the JSON submit path)."""
+        admission_request = self._admission_request(payload, webhook, idempotency_key, fingerprint, rate_limit)
+        admission = await self.accounting.admit_async(connection, admission_request)
+        if admission.state == "duplicate":  # rare: a replay; resolving it may poll for the first request's record
+            edit = await asyncio.to_thread(self._duplicate, payload, idempotency_key, admission, admission_request)
+            return edit, False
+        return self._admitted(payload, admission_request, admission), True
+
+    def _admission_request(self, payload: JobPayload, webhook: WebhookSpec | None, idempotency_key: str | None,
+                           fingerprint: str | None, rate_limit: bool) -> limits.AdmissionRequest:
+        """The record, its RQ job hash and the claim, built without Redis."""
         request = payload.request
         name = queue_name(payload.batch_key, request.priority)
         created = payload.created_at.timestamp()
@@ -296,35 +315,34 @@ class JobStore:
         }
         if webhook is not None:
             record["webhook"] = webhook.model_dump_json()
-        job = self._stage_rq_job(payload.id, name, record["payload"])
-        try:
-            self.accounting.admit(record, int(created * 1000), request.priority)
-        except BaseException:
-            self.redis.delete(job.key)
-            if claim_json is not None:  # refused: a retry with the same key must be able to try again
-                self._release_claim_script(keys=[idem_key(payload.tenant, idempotency_key)], args=[claim_json])
-            raise
-        metrics.jobs_submitted_total.labels(kind=request.kind, model=payload.batch_key.model).inc()
-        edit = self.get(payload.id)
-        assert edit is not None
-        self._publish(edit, payload.tenant, webhook_event=None)
-        return edit, True
-
-    def _stage_rq_job(self, edit_id: str, name: str, payload_json: str) -> Job:
-        """Save the edit's RQ job hash (status created, in no queue yet) so admission can push or hold it
-        atomically; it expires unless admission keeps it."""
-        if self.redis.exists(edit_key(edit_id), Job.key_for(edit_id)):
-            raise EditConflict(f"edit {edit_id} exists already")  # ids are random: never clobber another's job
+        claim = None
+        if idempotency_key:
+            fingerprint = fingerprint or request_fingerprint(payload)
+            claim = (idem_key(payload.tenant, idempotency_key),
+                     json.dumps({"edit_id": payload.id, "fingerprint": fingerprint}), IDEMPOTENCY_TTL_SECONDS)
         worker = self.settings.worker
         job = Queue(name, connection=self.redis).create_job(
-            JOB_FUNCTION, args=(payload_json,), job_id=edit_id, timeout=worker.job_timeout_seconds,
+            JOB_FUNCTION, args=(record["payload"],), job_id=payload.id, timeout=worker.job_timeout_seconds,
             result_ttl=worker.result_ttl_seconds, failure_ttl=worker.result_ttl_seconds,
-            description=f"edit {edit_id}", status=JobStatus.CREATED)
-        pipe = self.redis.pipeline(transaction=True)
-        job.save(pipeline=pipe)
-        pipe.expire(job.key, STAGED_JOB_TTL_SECONDS)
-        pipe.execute()
-        return job
+            description=f"edit {payload.id}", status=JobStatus.CREATED)
+        lim = self.settings.limits
+        return limits.AdmissionRequest(
+            record=record, score_ms=int(created * 1000), priority=request.priority, job_key=job.key,
+            job_fields=job.to_dict(), queues_ahead=[rq_queue_key(q) for q in same_key_queues_ahead(name)],
+            stats_keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
+            rate=(payload.tenant, lim.tenant_rps, lim.tenant_burst) if rate_limit else None, claim=claim)
+
+    def _admitted(self, payload: JobPayload, request: limits.AdmissionRequest, admission: limits.Admission) -> Edit:
+        """The new edit, rendered from what was just written (no read back). Nobody can be subscribed to a
+        brand-new id's events yet (a stream starts with a snapshot), so nothing is published."""
+        metrics.jobs_submitted_total.labels(kind=payload.request.kind, model=payload.batch_key.model).inc()
+        return self._render(request.record, queue_state=(admission.ahead, admission.stats))
+
+    def _duplicate(self, payload: JobPayload, idempotency_key: str | None, admission: limits.Admission,
+                   request: limits.AdmissionRequest) -> Edit:
+        claim = json.loads(request.claim[1]) if request.claim else {}
+        return self._resolve_claim(payload.tenant, idempotency_key or "", admission.prior_claim or b"",
+                                   claim.get("fingerprint", ""))
 
     def _enqueue(self, edit_id: str, name: str, payload_json: str, *, unique: bool, at_front: bool = False) -> Job:
         worker = self.settings.worker
@@ -624,7 +642,8 @@ class JobStore:
         if webhook_event is not None and edit.webhook is not None:
             _emit_webhook(self.redis, edit, webhook_event, tenant)
 
-    def _render(self, r: dict[str, str]) -> Edit:
+    def _render(self, r: dict[str, str], *, queue_state: tuple[int | None, dict[str, float]] | None = None) -> Edit:
+        """The API view of a record; ``queue_state`` (jobs ahead, ETA stats) when the caller already knows it."""
         status = EditStatus(r["status"])
         payload_raw = json.loads(r["payload"])
         request = payload_raw["request"]
@@ -641,7 +660,7 @@ class JobStore:
                                            delivered=int(r.get("webhook_delivered", 0)),
                                            failed=int(r.get("webhook_failed", 0)),
                                            last_error=r.get("webhook_last_error"))
-        queue_position, eta = self._position_and_eta(r, status, progress, payload_raw)
+        queue_position, eta = self._position_and_eta(r, status, progress, payload_raw, queue_state)
         model = r["model"]
         spec_catalog = self.settings.model_catalog()
         return Edit(
@@ -692,20 +711,33 @@ class JobStore:
         return out
 
     def _position_and_eta(self, r: dict[str, str], status: EditStatus, progress: Progress | None,
-                          payload: dict) -> tuple[int | None, float | None]:
+                          payload: dict, known: tuple[int | None, dict[str, float]] | None = None
+                          ) -> tuple[int | None, float | None]:
         """Jobs ahead (0 = next) and seconds left: remaining steps × s/step + jobs ahead × s/job."""
         if status.terminal:
             return None, None
         bk = payload["batch_key"]
-        suffix = f"{bk['model']}:{bk['kind']}:{bk['height']}x{bk['width']}:s{bk['steps']}:{bk['scheduler']}"
-        stats = self._stats(suffix)
-        step_s, job_s = stats.get("step_seconds"), stats.get("job_seconds")
         steps = int(bk["steps"])
+        if known is not None:
+            ahead, stats = known
+        else:
+            suffix = f"{bk['model']}:{bk['kind']}:{bk['height']}x{bk['width']}:s{bk['steps']}:{bk['scheduler']}"
+            stats = self._stats(suffix)
+        step_s, job_s = stats.get("step_seconds"), stats.get("job_seconds")
         if status is P:
             if progress and progress.step > 0 and r.get("started_at"):
                 rate = (_now() - float(r["started_at"])) / progress.step
                 return None, round(max(0.0, (progress.total - progress.step) * rate), 2)
             return None, round(steps * step_s, 2) if step_s is not None else None
+        if known is None:
+            ahead = self._queue_position(r)
+        if ahead is None:
+            return None, None
+        if step_s is None or job_s is None:
+            return ahead, None
+        return ahead, round(steps * step_s + ahead * job_s, 2)
+
+    def _queue_position(self, r: dict[str, str]) -> int | None:
         name = r["queue"]
         if r.get("held"):  # an estimate: its tenant's held edits ahead, one of its running edits, its queue now
             held = limits.held_ahead(self.redis, r["tenant"], r["held"], r["id"])
@@ -716,11 +748,8 @@ class JobStore:
             except redis.RedisError:
                 position = None
         if position is None:
-            return None, None
-        ahead = position + sum(self.redis.llen(rq_queue_key(q)) for q in same_key_queues_ahead(name))
-        if step_s is None or job_s is None:
-            return ahead, None
-        return ahead, round(steps * step_s + ahead * job_s, 2)
+            return None
+        return position + sum(self.redis.llen(rq_queue_key(q)) for q in same_key_queues_ahead(name))
 
     def _stats(self, suffix: str) -> dict[str, float]:
         raw = self.redis.hgetall(stats_key(suffix)) or self.redis.hgetall(stats_key("all"))

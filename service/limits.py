@@ -10,7 +10,7 @@ Fair share, so that one tenant's burst cannot starve the others: a tenant has at
 edits are *held* in a per-tenant, per-priority Redis list: still ``queued``, cancellable, with a queue
 position. When one of its released edits reaches a terminal status, the same script pops the oldest held
 edit (high → normal → low) and pushes it onto its RQ queue. The RQ job hash of every edit is written
-before admission (status ``created``), so releasing is a pure Redis move that Lua can do; RQ queues stay
+at admission (status ``created`` while held), so releasing is a pure Redis move that Lua can do; RQ queues stay
 one per batch key and the worker needs no change.
 
 Redis layout (prefix ``editserve:``)::
@@ -24,11 +24,12 @@ Redis layout (prefix ``editserve:``)::
     limits:tenants              set of tenants that may have work in the sets above (the sweep's list)
     ratelimit:{t}               GCRA theoretical arrival time in ms (expires when idle)
 
-Crash points: admission writes the record, the counts and the release/hold in one script, after the RQ
-job hash was saved with a short expiry that admission removes (a gateway dying in between leaves nothing
-behind). A terminal transition and the release it causes are one script. Sets, not counters: adding or
-removing an id twice is harmless. :func:`release_held` repairs what no script can see (edits transitioned
-by an older code version, raised limits, an RQ job hash deleted by hand); the worker's reaper calls it.
+Crash points: admission is one script that writes the RQ job hash, the record, the counts and the
+release/hold (and, on the JSON submit path, counts the request's rate and claims its Idempotency-Key), so a
+gateway dying mid-request leaves nothing half-written. A terminal transition and the release it causes are
+one script. Sets, not counters: adding or removing an id twice is harmless. :func:`release_held` repairs
+what no script can see (edits transitioned by an older code version, raised limits, an RQ job hash deleted
+by hand); the worker's reaper calls it.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from pydantic import BaseModel, ConfigDict, Field
 from rq import Queue
 from rq.job import Job
@@ -170,21 +174,36 @@ def tenant_limits(connection: redis.Redis, tenant: str, settings: Settings) -> T
 
 # ------------------------------------------------------------------------------------------------ rate limit
 
-_RATE_LUA = """
-local rate = tonumber(redis.call('HGET', KEYS[2], 'limit_rps') or ARGV[1])
-local burst = tonumber(redis.call('HGET', KEYS[2], 'limit_burst') or ARGV[2])
-if rate <= 0 then return {1, 0, '0', burst} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval = 1000 / rate
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + interval
-local wait = new_tat - now - interval * burst
-if wait > 0 then return {0, math.ceil(wait), tostring(rate), burst} end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
-return {1, 0, tostring(rate), burst}
+RATE_LUA_FN = """
+-- GCRA: true when the request may pass, else the ms to wait; the tenant hash may override rate and burst.
+local function rate_take(key, tkey, default_rate, default_burst)
+  local rate = tonumber(redis.call('HGET', tkey, 'limit_rps') or default_rate)
+  local burst = tonumber(redis.call('HGET', tkey, 'limit_burst') or default_burst)
+  if rate <= 0 then return {1, 0, '0', burst} end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local interval = 1000 / rate
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local wait = new_tat - now - interval * burst
+  if wait > 0 then return {0, math.ceil(wait), tostring(rate), burst} end
+  redis.call('SET', key, tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
+  return {1, 0, tostring(rate), burst}
+end
 """
+
+_RATE_LUA = RATE_LUA_FN + "return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
+
+
+async def eval_script_async(connection, script: Script, keys: list, args: list):
+    """Run a script registered on a sync client through an asyncio client (EVALSHA, loading it on a miss):
+    the gateway's submit path makes its one round trip without a thread-pool hop."""
+    try:
+        return await connection.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        await connection.script_load(script.script)
+        return await connection.evalsha(script.sha, len(keys), *keys, *args)
 
 
 class RateLimiter:
@@ -195,19 +214,32 @@ class RateLimiter:
 
     def __init__(self, connection: redis.Redis, settings: Settings):
         self.settings = settings
-        self._script = connection.register_script(_RATE_LUA)
+        self._script: Script = connection.register_script(_RATE_LUA)
 
     def check(self, tenant: str) -> None:
         """Count one request of ``tenant``; raise :class:`LimitExceeded` (429) when over its rate."""
+        self.judge(tenant, *self._script(keys=self.keys(tenant), args=self.args()))
+
+    async def check_async(self, connection, tenant: str) -> None:
+        self.judge(tenant, *await eval_script_async(connection, self._script, self.keys(tenant), self.args()))
+
+    @staticmethod
+    def keys(tenant: str) -> list[str]:
+        return [ratelimit_key(tenant), tenant_key(tenant)]
+
+    def args(self) -> list:
         limits = self.settings.limits
-        allowed, wait_ms, rate, burst = self._script(keys=[ratelimit_key(tenant), tenant_key(tenant)],
-                                                     args=[repr(float(limits.tenant_rps)), limits.tenant_burst])
-        if allowed:
+        return [repr(float(limits.tenant_rps)), limits.tenant_burst]
+
+    @staticmethod
+    def judge(tenant: str, allowed, wait_ms, rate, burst) -> None:
+        """Raise the 429 for a refused ``rate_take`` outcome."""
+        if int(allowed):
             return
         rate_s = rate.decode() if isinstance(rate, bytes) else str(rate)
         retry = max(1, math.ceil(int(wait_ms) / 1000))
         raise LimitExceeded(429, "rate_limited", f"tenant {tenant!r} may make {float(rate_s):g} requests/s with "
-                            f"bursts of {burst} (tenant_rps, tenant_burst); retry in {retry} s",
+                            f"bursts of {int(burst)} (tenant_rps, tenant_burst); retry in {retry} s",
                             limit="tenant_rps", retry_after=retry)
 
 
@@ -280,36 +312,66 @@ local function lim_note_transition(cfg, ek, cur, to)
 end
 """
 
-_ADMIT_LUA = LIMITS_LUA + """
--- ARGV: cfg JSON, record JSON (field -> string), index score (ms), priority
+_ADMIT_LUA = LIMITS_LUA + RATE_LUA_FN + """
+-- The whole of creating an edit, one round trip: count the request against the tenant's rate (optional),
+-- find an Idempotency-Key's earlier edit (optional), check the queue limits, write the RQ job hash and the
+-- edit record, release or hold it, and report its place in line and the ETA statistics.
+-- ARGV: cfg JSON, spec JSON, then the RQ job hash as field, value, ... (binary-safe: RQ pickles its data)
 local cfg = cjson.decode(ARGV[1])
-local rec = cjson.decode(ARGV[2])
+local spec = cjson.decode(ARGV[2])
+local rec = spec.record
 local id, t = rec['id'], rec['tenant']
 local ek = cfg.prefix .. 'edit:' .. id
 local base = lim_base(cfg, t)
-if redis.call('EXISTS', ek) == 1 then return {'exists', 0, 0} end
-if redis.call('EXISTS', cfg.rq_job .. id) == 0 then return {'job_missing', 0, 0} end
+if spec.rate then
+  local r = rate_take(spec.rate.key, base, spec.rate.rps, spec.rate.burst)
+  if r[1] == 0 then return {'rate_limited', r[2], r[3], r[4]} end
+end
+if spec.claim then
+  local prior = redis.call('GET', spec.claim.key)
+  if prior then return {'duplicate', prior} end
+end
+if redis.call('EXISTS', ek) == 1 or redis.call('EXISTS', spec.job_key) == 1 then return {'exists', 0, 0} end
 local depth = redis.call('SCARD', cfg.prefix .. 'limits:queued')
 if depth >= cfg.max_depth then return {'queue_full', depth, cfg.max_depth} end
 local mine = redis.call('SCARD', base .. ':queued')
 local max_queued = lim_override(cfg, t, 'limit_max_queued', cfg.max_queued)
 if mine >= max_queued then return {'tenant_queue_full', mine, max_queued} end
+if spec.claim then redis.call('SET', spec.claim.key, spec.claim.value, 'EX', spec.claim.ttl) end
+redis.call('HSET', spec.job_key, unpack(ARGV, 3))
 for field, value in pairs(rec) do redis.call('HSET', ek, field, value) end
-redis.call('ZADD', base .. ':edits', ARGV[3], id)
+redis.call('ZADD', base .. ':edits', spec.score, id)
 redis.call('SADD', base .. ':queued', id)
 redis.call('SADD', cfg.prefix .. 'limits:queued', id)
 redis.call('SADD', cfg.prefix .. 'limits:tenants', t)
-redis.call('PERSIST', cfg.rq_job .. id)
 lim_release(cfg, t)  -- older held edits first (a no-op unless limits were raised)
+local qk = cfg.rq_queue .. rec['queue']
+local ahead = 0
+for _, k in ipairs(spec.queues_ahead) do ahead = ahead + redis.call('LLEN', k) end
+local state
 if redis.call('SCARD', base .. ':released') < lim_override(cfg, t, 'limit_max_concurrent', cfg.max_concurrent) then
   redis.call('SADD', base .. ':released', id)
   lim_push(cfg, id, rec['queue'])
-  return {'released', 0, 0}
+  state = 'released'
+  ahead = ahead + redis.call('LLEN', qk) - 1
+else
+  local hk = lim_held_key(cfg, t, spec.priority)
+  redis.call('RPUSH', hk, id)
+  redis.call('HSET', ek, 'held', hk)
+  state = 'held'  -- its tenant's held edits ahead, then one of its running edits, then the RQ queue now
+  local held = redis.call('LLEN', hk) - 1
+  for _, p in ipairs(cfg.priorities) do
+    if p == spec.priority then break end
+    held = held + redis.call('LLEN', lim_held_key(cfg, t, p))
+  end
+  ahead = ahead + held + 1 + redis.call('LLEN', qk)
 end
-local hk = lim_held_key(cfg, t, ARGV[4])
-redis.call('RPUSH', hk, id)
-redis.call('HSET', ek, 'held', hk)
-return {'held', 0, 0}
+local stats = {}
+for _, k in ipairs(spec.stats_keys) do
+  stats = redis.call('HGETALL', k)
+  if #stats > 0 then break end
+end
+return {state, ahead, stats}
 """
 
 _RELEASE_LUA = LIMITS_LUA + """
@@ -380,9 +442,30 @@ def lua_config(settings: Settings) -> str:
 
 @dataclass
 class Admission:
-    """Outcome of :meth:`Accounting.admit`: ``released`` to a worker queue or ``held`` for fair share."""
+    """Outcome of :meth:`Accounting.admit`: ``released`` to a worker queue or ``held`` for fair share, with
+    the edit's place in line and its batch key's ETA statistics; or ``duplicate`` with the earlier claim."""
 
     state: str
+    ahead: int | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+    prior_claim: bytes | None = None
+
+
+@dataclass
+class AdmissionRequest:
+    """Everything :meth:`Accounting.admit` writes, prepared without Redis (so the sync and asyncio paths share
+    it). ``rate_tenant`` counts the request against that tenant's rate; ``claim`` is an Idempotency-Key's
+    ``(key, value, ttl)``."""
+
+    record: dict[str, str]
+    score_ms: int
+    priority: str
+    job_key: str
+    job_fields: dict[str, Any]
+    queues_ahead: list[str]
+    stats_keys: list[str]
+    rate: tuple[str, float, int] | None = None
+    claim: tuple[str, str, int] | None = None
 
 
 class Accounting:
@@ -391,7 +474,7 @@ class Accounting:
     def __init__(self, connection: redis.Redis, settings: Settings):
         self.redis = connection
         self.settings = settings
-        self._admit = connection.register_script(_ADMIT_LUA)
+        self._admit: Script = connection.register_script(_ADMIT_LUA)
         self._release = connection.register_script(_RELEASE_LUA)
         self._sweep_tenant = connection.register_script(_SWEEP_TENANT_LUA)
         self._prune_global = connection.register_script(_PRUNE_GLOBAL_LUA)
@@ -411,18 +494,42 @@ class Accounting:
         if mine >= max_queued:
             raise queue_refusal("tenant_queue_full", tenant, mine, max_queued, self.settings)
 
-    def admit(self, record: dict[str, str], score_ms: int, priority: str) -> Admission:
-        """Write the edit record and either release it to its RQ queue or hold it, atomically.
+    def admit(self, request: AdmissionRequest) -> Admission:
+        """Write the edit's RQ job hash and record and either release it to its RQ queue or hold it, atomically.
 
-        The RQ job hash must already exist (JobStore saves it first). Raises :class:`LimitExceeded`.
+        Raises :class:`LimitExceeded` (429 rate or tenant queue, 503 global queue) and changes nothing then.
         """
-        state, count, limit = self._admit(args=[lua_config(self.settings), json.dumps(record), score_ms, priority])
-        state = state.decode() if isinstance(state, bytes) else state
+        return self._outcome(request, self._admit(args=self._admit_args(request)))
+
+    async def admit_async(self, connection, request: AdmissionRequest) -> Admission:
+        """:meth:`admit` through an asyncio client: the gateway's JSON submit path, one round trip."""
+        return self._outcome(request, await eval_script_async(connection, self._admit, [], self._admit_args(request)))
+
+    def _admit_args(self, r: AdmissionRequest) -> list:
+        spec: dict[str, Any] = {"record": r.record, "score": r.score_ms, "priority": r.priority, "job_key": r.job_key,
+                                "queues_ahead": r.queues_ahead, "stats_keys": r.stats_keys}
+        if r.rate is not None:
+            spec["rate"] = {"key": ratelimit_key(r.rate[0]), "rps": repr(float(r.rate[1])), "burst": r.rate[2]}
+        if r.claim is not None:
+            spec["claim"] = {"key": r.claim[0], "value": r.claim[1], "ttl": r.claim[2]}
+        args: list = [lua_config(self.settings), json.dumps(spec)]
+        for name, value in r.job_fields.items():
+            args += [name, value]
+        return args
+
+    def _outcome(self, r: AdmissionRequest, out: list) -> Admission:
+        state = out[0].decode() if isinstance(out[0], bytes) else out[0]
+        tenant = r.record["tenant"]
+        if state == "rate_limited":
+            RateLimiter.judge(tenant, 0, *out[1:4])
         if state in ("queue_full", "tenant_queue_full"):
-            raise queue_refusal(state, record["tenant"], int(count), int(limit), self.settings)
+            raise queue_refusal(state, tenant, int(out[1]), int(out[2]), self.settings)
+        if state == "duplicate":
+            return Admission(state, prior_claim=out[1])
         if state not in ("released", "held"):
-            raise RuntimeError(f"edit {record['id']} not admitted: {state}")
-        return Admission(state)
+            raise RuntimeError(f"edit {r.record['id']} not admitted: {state}")
+        flat = [v.decode() if isinstance(v, bytes) else v for v in out[2]]
+        return Admission(state, ahead=int(out[1]), stats={k: float(v) for k, v in zip(flat[::2], flat[1::2])})
 
     def release(self, tenant: str) -> int:
         return int(self._release(args=[lua_config(self.settings), tenant]))

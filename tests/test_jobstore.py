@@ -63,8 +63,9 @@ def test_rq_apis_we_rely_on_keep_their_signatures():
 
 
 def test_edit_ids_are_time_sortable_and_valid_rq_ids():
-    ids = [new_edit_id() for _ in range(50)]
+    ids = [new_edit_id() for _ in range(2000)]  # many share a millisecond: still strictly increasing
     assert all(len(i) == 26 and i.isalnum() and i == i.lower() for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
     first, later = new_edit_id(), (time.sleep(0.002), new_edit_id())[1]
     assert first[:10] <= later[:10]
 
