@@ -125,6 +125,33 @@ def test_a_failing_after_step_hook_fails_only_that_job(runner, alone, monkeypatc
     assert_same(results[2], alone["plain"])
 
 
+@pytest.mark.parametrize("nan_at", [2, STEPS - 1])
+def test_deferred_finite_checks_fail_the_same_job_at_the_step_it_broke(runner, alone, monkeypatch, nan_at):
+    """On a GPU the finite flags reach the host a step or more late (no sync per step). Simulated on the CPU
+    with checks held back two steps: the broken job still fails alone, naming its step, also when it breaks
+    in its last step (every pending check is read before a job is decoded)."""
+    from worker.editing.p2p import P2PJobState
+
+    original_init, original_after = BatchState.__init__, P2PJobState.after_step
+
+    def init(self, model):
+        original_init(self, model)
+        self.finite_check_lag = 2
+
+    def after_step(self, latents):
+        if self.job_id == "blend" and self.step_index == nan_at:
+            return latents * float("nan")
+        return original_after(self, latents)
+
+    monkeypatch.setattr(BatchState, "__init__", init)
+    monkeypatch.setattr(P2PJobState, "after_step", after_step)
+    results = runner.run(JOBS)
+    assert isinstance(results[1].error, NonFiniteLatentsError), results[1]
+    assert f"step {nan_at + 1}/{STEPS}" in str(results[1].error)
+    assert_same(results[0], alone["swap"])
+    assert_same(results[2], alone["plain"])
+
+
 def test_a_job_failing_before_the_forward_call_fails_alone(runner, alone, monkeypatch):
     from worker.editing.p2p import P2PJobState
 

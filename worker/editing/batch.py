@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -273,6 +274,8 @@ class BatchState:
         self._previous_processors: dict | None = None
         self._text_cache: tuple[tuple[JobState, ...], torch.Tensor] | None = None
         self._row_vectors = PerJobRowVectors(model.unet)
+        self._finite_checks: deque[FiniteCheck] = deque()
+        self.finite_check_lag = 0  # steps a check may stay pending on CPU (tests exercise the GPU bookkeeping)
 
     def __enter__(self) -> Self:
         return self
@@ -367,22 +370,71 @@ class BatchState:
             self.remove(job)
         return report
 
-    @staticmethod
-    def _fail_non_finite(report: StepReport) -> StepReport:
-        """Move jobs whose latents went NaN/inf to ``failed`` (one device sync for the whole batch)."""
-        if not report.advanced:
+    def _fail_non_finite(self, report: StepReport) -> StepReport:
+        """Move jobs whose latents went NaN/inf to ``failed``, without stalling the GPU.
+
+        Reading a GPU flag on the host waits for every queued kernel: once per step that serialises Python's
+        kernel launches with the GPU's work (measured: a P2P pair 1.22× diffusers' time on an H200). So the
+        flags of a step are copied to pinned memory asynchronously and read once their CUDA event has
+        completed, usually a step later; a job that went non-finite loses at most a few steps before it fails
+        with the step it was caught at. Before any job finishes (it is decoded next) every pending check is
+        read. On the CPU the flags are read at once.
+        """
+        if report.advanced:
+            self._finite_checks.append(FiniteCheck.queue(report.advanced, self.finite_check_lag))
+        must_know = any(job.finished for job in report.advanced)
+        bad: dict[int, tuple[JobState, int]] = {}
+        while self._finite_checks and (must_know or self._finite_checks[0].ready()):
+            for job, step in self._finite_checks.popleft().non_finite():
+                bad.setdefault(id(job), (job, step))
+        for check in self._finite_checks:
+            check.tick()
+        if not bad:
             return report
-        finite = torch.stack([torch.isfinite(j.latents).all() for j in report.advanced]).tolist()
         still = []
-        for job, ok in zip(report.advanced, finite):
-            if ok:
-                still.append(job)
-            else:
+        for job in report.advanced:
+            if id(job) in bad:
                 report.failed.append((job, NonFiniteLatentsError(
-                    f"job {job.job_id}: latents are not finite after step {job.step_index}/{job.total_steps} "
+                    f"job {job.job_id}: latents are not finite after step {bad[id(job)][1]}/{job.total_steps} "
                     "(guidance too large, or a numerical overflow)")))
+            else:
+                still.append(job)
         report.advanced = still
         return report
+
+
+@dataclass
+class FiniteCheck:
+    """One step's "are these jobs' latents finite?" flags, on their way from the device to the host."""
+
+    jobs: list[tuple[JobState, int]]  # (job, step it had just finished)
+    flags: torch.Tensor  # host bool tensor, filled asynchronously on CUDA
+    event: Any = None  # torch.cuda.Event recorded after the copy; None when the flags are already here
+    lag: int = 0  # CPU only: steps to stay pending (tests)
+
+    @classmethod
+    def queue(cls, jobs: list[JobState], lag: int = 0) -> FiniteCheck:
+        flags = torch.stack([torch.isfinite(job.latents).all() for job in jobs])
+        tagged = [(job, job.step_index) for job in jobs]
+        if flags.device.type != "cuda":
+            return cls(tagged, flags, lag=lag)
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(tagged, host, event)
+
+    def ready(self) -> bool:
+        return self.event.query() if self.event is not None else self.lag <= 0
+
+    def tick(self) -> None:
+        self.lag -= 1
+
+    def non_finite(self) -> list[tuple[JobState, int]]:
+        """The jobs whose flag is False (waits for the copy if it is still running)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return [tagged for tagged, ok in zip(self.jobs, self.flags.tolist()) if not ok]
 
 
 # ---------------------------------------------------------------------------------------------------
