@@ -1,0 +1,135 @@
+"""The failed-webhook list (``editserve:webhooks:failed``): what lands there, its bounds, replay, and the CLI
+(``python -m service.webhooks failed`` / ``replay``), against the session's Redis and a loopback receiver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rq import Queue, SimpleWorker
+from test_webhooks_delivery import (  # noqa: F401 (receiver, redis: fixtures)
+    Reply,
+    delivery,
+    make_settings,
+    receiver,
+    redis,
+    state,
+)
+
+from editserve.webhooks import verify
+from service import webhooks as wh
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def give_up(redis, settings, url: str, edit_id: str = "ed1", event: str = "completed") -> wh.AttemptResult:
+    """Emit-like bookkeeping (pending +1), then the last allowed attempt (it fails if the receiver says so)."""
+    redis.hincrby(wh.state_key(edit_id), "pending", 1)
+    sent = delivery(url, edit_id, event, attempt=settings.webhooks.max_attempts)
+    result = wh.Deliverer(settings, redis).run(sent)
+    result.delivery = sent
+    return result
+
+
+def test_exhausted_and_refused_deliveries_are_listed_newest_first(redis, redis_url, receiver):
+    settings = make_settings(redis_url, max_attempts=3)
+    receiver.script = [Reply(500), Reply(410), Reply(500)]
+    exhausted = give_up(redis, settings, receiver.url(), "ed1")
+    assert exhausted.outcome is wh.DeliveryOutcome.failed
+    assert give_up(redis, settings, receiver.url(), "ed2").outcome is wh.DeliveryOutcome.gone  # not listed
+    assert give_up(redis, settings, receiver.url(), "ed3", "progress").outcome is wh.DeliveryOutcome.failed  # idem
+    refused = give_up(redis, make_settings(redis_url, allow_hosts=[]), "http://10.0.0.1/hook", "ed4")
+    assert refused.outcome is wh.DeliveryOutcome.refused
+
+    entries = wh.list_failed(redis, settings=settings)
+    assert [e.msg_id for e in entries] == ["msg_ed4_completed", "msg_ed1_completed"]
+    newest, oldest = entries
+    assert newest.outcome == "refused" and newest.error.startswith("refused:") and newest.status_code is None
+    assert (oldest.outcome, oldest.status_code, oldest.error, oldest.delivery.attempt) == ("failed", 500,
+                                                                                          "HTTP 500: ok", 3)
+    assert oldest.delivery == exhausted.delivery  # the whole delivery, body included
+    summary = oldest.summary()
+    assert "body" not in json.dumps(summary) and summary["webhook_id"] == "msg_ed1_completed"
+    assert summary["attempts"] == 3 and summary["url"] == receiver.url()
+    assert 0 < redis.ttl(wh.FAILED_KEY) <= settings.webhooks.state_ttl_seconds
+    assert wh.find_failed(redis, oldest.id, settings=settings) == oldest
+    assert wh.find_failed(redis, "msg_nope", settings=settings) is None
+
+
+def test_the_list_is_bounded_in_size_and_age(redis, redis_url, receiver, monkeypatch):
+    settings = make_settings(redis_url, max_attempts=1)
+    monkeypatch.setattr(wh, "FAILED_MAX_ENTRIES", 3)
+    redis.xadd(wh.FAILED_KEY, {"delivery": json.dumps(vars(delivery(receiver.url(), "old")))},
+               id=f"{int((time.time() - settings.webhooks.state_ttl_seconds - 5) * 1000)}-0")
+    assert wh.list_failed(redis, settings=settings) == []  # too old to show, even before it is trimmed
+    receiver.script = [Reply(500)] * 5
+    for i in range(5):
+        give_up(redis, settings, receiver.url(), f"ed{i}")
+    assert [e.delivery.edit_id for e in wh.list_failed(redis, settings=settings)] == ["ed4", "ed3", "ed2"]
+    assert redis.xlen(wh.FAILED_KEY) == 3
+    assert [e.delivery.edit_id for e in wh.list_failed(redis, 2, settings=settings)] == ["ed4", "ed3"]
+
+
+def test_replay_requeues_the_same_event_and_it_can_fail_again(redis, redis_url, receiver, monkeypatch):
+    settings = make_settings(redis_url, max_attempts=2, backoff_seconds=[0.01])
+    monkeypatch.setattr(wh, "get_settings", lambda: settings)
+    receiver.script = [Reply(503)]
+    give_up(redis, settings, receiver.url())
+    [entry] = wh.list_failed(redis, settings=settings)
+    assert state(redis)["pending"] == "0" and state(redis)["failed"] == "1"
+
+    replayed = wh.replay_failed(redis, "msg_ed1_completed", settings=settings)
+    assert replayed == entry and wh.list_failed(redis, settings=settings) == []
+    [job] = Queue(wh.QUEUE_NAME, connection=redis).get_jobs()
+    assert job.args[0] == {**vars(entry.delivery), "attempt": 1}  # attempts start over
+    assert state(redis)["pending"] == "1"
+    with pytest.raises(KeyError):
+        wh.replay_failed(redis, "msg_ed1_completed", settings=settings)  # replayed once, not twice
+
+    SimpleWorker([Queue(wh.QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
+    [request] = receiver.requests[1:]
+    assert request.headers["webhook-id"] == "msg_ed1_completed" and request.body == receiver.requests[0].body
+    verify(settings.webhooks.secret, request.headers, request.body)
+    s = state(redis)
+    assert (s["delivered"], s["failed"], s["pending"]) == ("1", "1", "0")
+
+    # A replay that fails again (all its attempts) is back in the list, by its entry id this time.
+    receiver.script = [Reply(500), Reply(500)]
+    give_up(redis, settings, receiver.url())
+    [again] = wh.list_failed(redis, settings=settings)
+    wh.replay_failed(redis, again.id, settings=settings)
+    assert wh.list_failed(redis, settings=settings) == [] and len(Queue(wh.QUEUE_NAME, connection=redis)) == 1
+
+
+def run_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDITSERVE_REDIS_URL": redis_url, "EDITSERVE_WEBHOOKS__METRICS_PORT": "0"}
+    return subprocess.run([sys.executable, "-m", "service.webhooks", "--log-level", "WARNING", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_lists_and_replays(redis, redis_url, receiver):
+    settings = make_settings(redis_url, max_attempts=1)
+    receiver.script = [Reply(500), Reply(500)]
+    give_up(redis, settings, receiver.url(), "ed1")
+    give_up(redis, settings, receiver.url(), "ed2", "started")
+
+    listed = run_cli(redis_url, "failed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["webhook_id"] for r in rows] == ["msg_ed2_started", "msg_ed1_completed"]
+    assert rows[1]["error"] == "HTTP 500: ok" and "body" not in listed.stdout
+
+    table = run_cli(redis_url, "failed")
+    assert table.returncode == 0 and "msg_ed1_completed" in table.stdout and "HTTP 500" in table.stdout
+    assert "2 failed deliveries" in table.stderr
+
+    replay = run_cli(redis_url, "replay", "msg_ed1_completed", "msg_unknown")
+    assert replay.returncode == 1
+    assert "queued again: msg_ed1_completed" in replay.stdout and "msg_unknown" in replay.stderr
+    assert [e.msg_id for e in wh.list_failed(redis, settings=settings)] == ["msg_ed2_started"]
+    assert [j.args[0]["msg_id"] for j in Queue(wh.QUEUE_NAME, connection=redis).get_jobs()] == ["msg_ed1_completed"]
