@@ -1,4 +1,5 @@
-"""Pin the rq internals the batching worker relies on (worker/runtime/rqbridge.py, batching.py, reaper.py).
+"""Pin the rq internals the batching worker (worker/runtime/rqbridge.py, batching.py, reaper.py) and the webhook
+sender's own loop (service/webhooks.py ``Sender``) rely on.
 
 rq 3.0 changed ``handle_job_success``/``perform_job`` to take the execution explicitly and moved the current
 job to contextvars; our bridge sets ``worker.execution`` and calls the 2.x signatures. If any of these
@@ -69,3 +70,23 @@ def test_started_registry_scores_are_heartbeat_expiry():
     source = inspect.getsource(StartedJobRegistry.add_execution)
     assert "current_timestamp() + ttl" in source
     assert "xx=xx" in source  # heartbeats (xx=True) never resurrect an entry the reaper removed
+
+
+def test_the_webhook_senders_rq_pieces():
+    """``Sender`` drives RQ's per-job machinery from its own loop and runs RQ's scheduler in-process."""
+    from rq.exceptions import DequeueTimeout
+    from rq.scheduler import RQScheduler
+    from rq.utils import parse_composite_key
+
+    assert params(Queue.dequeue_any)[:3] == ["queues", "timeout", "connection"]
+    assert issubclass(DequeueTimeout, Exception)
+    assert params(SimpleWorker.execute_job) == ["self", "job", "queue"]
+    assert params(SimpleWorker.handle_exception) == ["self", "job", "exc_info"]
+    assert params(RQScheduler.__init__)[:3] == ["self", "queues", "connection"]
+    for name, expected in [("acquire_locks", ["self", "auto_start"]), ("enqueue_scheduled_jobs", ["self"]),
+                           ("heartbeat", ["self"]), ("register_birth", ["self"]), ("release_locks", ["self"]),
+                           ("register_death", ["self"])]:
+        assert params(getattr(RQScheduler, name)) == expected, name
+    scheduler = RQScheduler([Queue("webhooks", connection=redis.Redis())], connection=redis.Redis())
+    assert scheduler.should_reacquire_locks is True and scheduler.acquired_locks == set()
+    assert parse_composite_key("job1:exec1") == ("job1", "exec1")
