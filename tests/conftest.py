@@ -78,3 +78,43 @@ def runner(sd_model, request):
 
     size, steps = request.module.SIZE, request.module.STEPS
     return BatchRunner(sd_model, height=size, width=size, steps=steps, scheduler="ddim")
+
+
+@pytest.fixture(scope="module")
+def worker_registry(tiny_models):
+    """Both tiny models, loaded once per module for in-process workers; one torch thread (2 shared cores)."""
+    import torch
+
+    from service.config import Settings
+    from worker.models.registry import ModelRegistry
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reg = ModelRegistry(Settings(models_dir=tiny_models["tiny-sd"].parent))
+    reg.get("tiny-sd")
+    reg.get("tiny-ip2p")
+    yield reg
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_worker(redis_url, s3_server, worker_registry):
+    """``make_worker(**worker_settings)``: an in-process EditWorker (registered with RQ) on the test Redis/S3."""
+    from worker_support import make_settings
+
+    from worker.runtime.worker import EditWorker
+
+    made = []
+
+    def make(**worker_settings):
+        settings = make_settings(redis_url, s3_server, **worker_settings)
+        worker = EditWorker(settings, ["tiny-sd", "tiny-ip2p"], f"inproc-{len(made)}", registry=worker_registry)
+        worker.bridge.register()
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.stop_metrics_server()
+        worker.finisher.close()
+        worker.bridge.unregister()

@@ -135,8 +135,8 @@ def test_cancel_queued_and_running(stack, client):
 
 
 def test_sigkill_mid_batch_loses_no_job(stack, client):
+    edits = [_p2p(client, seed) for seed in (11, 12, 13)]  # queued first: the victim takes all three in one batch
     victim = stack.start_worker("victim", env={**FAST_RECOVERY, "EDITSERVE_WORKER__DEBUG_STEP_DELAY_SECONDS": "0.4"})
-    edits = [_p2p(client, seed) for seed in (11, 12, 13)]
     _wait(lambda: any((client.get(e.id).progress or 0) and client.get(e.id).progress.step >= 1 for e in edits),
           120, "victim mid-batch")
     victim.send_signal(signal.SIGKILL)

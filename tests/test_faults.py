@@ -29,6 +29,7 @@ from editserve import Client, EditStatus
 from service.config import S3Settings, Settings, WorkerSettings
 from service.devstack import LocalStack, start_persistent_redis
 from service.jobstore import JobStore, edit_key
+from worker_support import EventCounter, wait_until
 
 pytestmark = pytest.mark.e2e
 SIZE, STEPS = 64, 4
@@ -77,16 +78,6 @@ def client(stack):
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def submit(client: Client, seed: int, steps: int = STEPS):
     return client.submit_p2p("a photo of a cat", ["a photo of a dog"], edit="replace", steps=steps, height=SIZE,
                              width=SIZE, seed=seed)
@@ -103,7 +94,7 @@ def wait_started(stack: LocalStack, *names: str, timeout: float = 120) -> None:
                 or stack.processes[name].poll() is not None)
 
     for name in names:
-        wait_until(lambda n=name: up_or_dead(n), timeout, f"{name} start")
+        wait_until(lambda n=name: up_or_dead(n), timeout, what=f"{name} start")
         assert stack.processes[name].poll() is None, stack.log(name).read_text()[-3000:]
 
 
@@ -121,44 +112,14 @@ def running_attempt(conn: redis.Redis, edit_id: str, attempt: int) -> bool:
 def rq_settles(conn: redis.Redis, edit_id: str, status: JobStatus) -> None:
     """The RQ job reaches ``status``: the worker writes the edit's terminal status first, RQ's own finish
     bookkeeping a few milliseconds later (by design: a crash in between leaves only a stale entry)."""
-    wait_until(lambda: Job.fetch(edit_id, connection=conn).get_status() == status, 10, f"RQ job {edit_id} → {status}")
+    wait_until(lambda: Job.fetch(edit_id, connection=conn).get_status() == status, 10,
+               what=f"RQ job {edit_id} → {status}")
 
 
 def sigkill(stack: LocalStack, name: str) -> None:
     proc = stack.processes[name]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
-
-
-class TerminalEvents:
-    """Terminal statuses published on ``editserve:events:*`` (each status change is published once)."""
-
-    def __init__(self, url: str):
-        self.conn = redis.Redis.from_url(url)
-        self.pubsub = self.conn.pubsub()
-        self.pubsub.psubscribe("editserve:events:*")
-        self.pubsub.get_message(timeout=1)  # the subscribe confirmation: listening from here on
-        self.seen: list[tuple[str, str, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-            if message:
-                edit = json.loads(message["data"])
-                if edit["status"] in ("succeeded", "failed", "canceled"):
-                    self.seen.append((edit["id"], edit["status"], edit["revision"]))
-
-    def of(self, edit_id: str) -> list[str]:
-        return [status for i, status, _ in self.seen if i == edit_id]
-
-    def close(self) -> None:
-        time.sleep(0.3)
-        self._stop.set()
-        self._thread.join(2)
-        self.pubsub.close()
 
 
 # ------------------------------------------------------------------------------------------------ (a) Redis
@@ -266,7 +227,7 @@ def object_keys(s3_server, edit_id: str) -> list[str]:
 
 def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_within_the_window(
         stack, s3_server, s3_proxy, conn, client):
-    events = TerminalEvents(stack.redis_url)
+    events = EventCounter(redis.Redis.from_url(stack.redis_url))
     start_worker(stack, "uploader", EDITSERVE_S3__ENDPOINT_URL=s3_proxy.url, EDITSERVE_S3__UPLOAD_ATTEMPTS="3",
                  EDITSERVE_S3__UPLOAD_BACKOFF_SECONDS="0.2")
     wait_started(stack, "uploader")
@@ -274,7 +235,7 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
     # 1. S3 unreachable for longer than the retry window: output-1 never gets through
     s3_proxy.drop = lambda method, path, n: method == "PUT" and path.split("?")[0].endswith("/output-1.png")
     doomed = submit(client, seed=1)
-    final = wait_until(lambda: (e := client.get(doomed.id)).status.terminal and e, 90, "the doomed edit to end")
+    final = wait_until(lambda: (e := client.get(doomed.id)).status.terminal and e, 90, what="the doomed edit to end")
     assert final.status is EditStatus.failed
     assert final.error.type == "storage_error"
     assert "output-1.png" in final.error.message and "after 3 attempt" in final.error.message
@@ -308,7 +269,7 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
 
 def kill_while_running(stack, conn, edit_id: str, name: str, attempt: int) -> None:
     wait_until(lambda: running_attempt(conn, edit_id, attempt), 90,
-               f"attempt {attempt} on {name}; log:\n{stack.log(name).read_text()[-2000:]}")
+               what=lambda: f"attempt {attempt} on {name}; log:\n{stack.log(name).read_text()[-2000:]}")
     assert field(conn, edit_id, "worker").startswith(name)
     sigkill(stack, name)
 
@@ -322,7 +283,7 @@ def test_worker_killed_twice_the_job_succeeds_on_its_third_attempt(stack, conn, 
     wait_started(stack, *names)
     for name in names[1:]:
         os.killpg(stack.processes[name].pid, signal.SIGSTOP)
-    events = TerminalEvents(stack.redis_url)
+    events = EventCounter(redis.Redis.from_url(stack.redis_url))
     edit = submit(client, seed=7, steps=8)
 
     kill_while_running(stack, conn, edit.id, "first", attempt=1)
@@ -347,7 +308,7 @@ def test_worker_killed_until_retries_are_exhausted_fails_with_worker_crashed(sta
         start_worker(stack, name, EDITSERVE_WORKER__MAX_RETRIES="1", EDITSERVE_WORKER__DEBUG_STEP_DELAY_SECONDS="0.3")
     wait_started(stack, *names)
     os.killpg(stack.processes["doomed-2"].pid, signal.SIGSTOP)
-    events = TerminalEvents(stack.redis_url)
+    events = EventCounter(redis.Redis.from_url(stack.redis_url))
     edit = submit(client, seed=8, steps=8)
 
     kill_while_running(stack, conn, edit.id, "doomed-1", attempt=1)
@@ -361,7 +322,7 @@ def test_worker_killed_until_retries_are_exhausted_fails_with_worker_crashed(sta
                     secret_access_key=s3_server.secret_key, bucket=s3_server.bucket)
     settings = Settings(redis_url=aof_redis.url, s3=s3, worker=WorkerSettings(max_retries=1, heartbeat_ttl_seconds=5))
     reaper = Reaper(conn, settings, JobStore(conn, settings))
-    wait_until(lambda: reaper.run_once().failed == [edit.id], 30, "the reaper to give up", interval=0.5)
+    wait_until(lambda: reaper.run_once().failed == [edit.id], 30, what="the reaper to give up", interval=0.5)
 
     final = client.get(edit.id)
     assert final.status is EditStatus.failed and final.metrics.attempts == 2

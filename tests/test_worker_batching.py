@@ -8,7 +8,6 @@ import json
 import threading
 
 import httpx
-import pytest
 from PIL import Image
 from rq.job import Job, JobStatus
 from worker_support import (
@@ -16,7 +15,6 @@ from worker_support import (
     edit_field,
     intermediate_entries,
     ip2p_payload,
-    make_settings,
     p2p_payload,
     started_entries,
     submit,
@@ -29,42 +27,6 @@ from service.jobstore import edit_key
 from worker.editing.batch import BatchForwardError
 from worker.editing.jobs import JobResult, P2PJobSpec
 from worker.runtime.processing import run_with_split
-
-
-@pytest.fixture(scope="module")
-def registry(tiny_models):
-    """Both tiny models, loaded once for the module; one torch thread (2 shared cores: no oversubscription)."""
-    import torch
-
-    from service.config import Settings
-    from worker.models.registry import ModelRegistry
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reg = ModelRegistry(Settings(models_dir=tiny_models["tiny-sd"].parent))
-    reg.get("tiny-sd")
-    reg.get("tiny-ip2p")
-    yield reg
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def make_worker(redis_url, s3_server, registry):
-    from worker.runtime.worker import EditWorker
-
-    made = []
-
-    def make(**worker_settings):
-        settings = make_settings(redis_url, s3_server, **worker_settings)
-        worker = EditWorker(settings, ["tiny-sd", "tiny-ip2p"], f"inproc-{len(made)}", registry=registry)
-        worker.bridge.register()
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.stop_metrics_server()
-        worker.bridge.unregister()
 
 
 def assert_rq_clean(connection):

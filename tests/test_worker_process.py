@@ -3,15 +3,14 @@ running batch and exits 0; a second signal aborts and requeues. Real Redis, real
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
 
 import pytest
 import redis
 from rq.job import Job, JobStatus
 from worker_support import (
+    EventCounter,
     WorkerProcess,
     edit_field,
     intermediate_entries,
@@ -42,33 +41,6 @@ def env(redis_url, s3_server, tiny_models):
     yield settings, conn, JobStore(conn, settings), spawn
     for worker in workers:
         worker.stop()
-
-
-class EventCounter:
-    """Counts the statuses published on ``editserve:events:*`` (one message per status change)."""
-
-    def __init__(self, conn: redis.Redis):
-        self.pubsub = conn.pubsub()
-        self.pubsub.psubscribe("editserve:events:*")
-        self.seen: list[tuple[str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-            if message:
-                edit = json.loads(message["data"])
-                self.seen.append((edit["id"], edit["status"]))
-
-    def count(self, edit_id: str, status: str) -> int:
-        return self.seen.count((edit_id, status))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.pubsub.close()
 
 
 def progressed(conn, ids) -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -81,6 +83,39 @@ def started_entries(connection: redis.Redis) -> list[bytes]:
 
 def intermediate_entries(connection: redis.Redis) -> list[bytes]:
     return [m for key in connection.scan_iter("rq:queue:*:intermediate") for m in connection.lrange(key, 0, -1)]
+
+
+class EventCounter:
+    """Every status published on ``editserve:events:*`` (one message per status change), from subscription on."""
+
+    def __init__(self, conn: redis.Redis):
+        self.conn = conn  # held: a collected client closes its pool, and the subscription with it
+        self.pubsub = conn.pubsub()
+        self.pubsub.psubscribe("editserve:events:*")
+        self.pubsub.get_message(timeout=1)  # the subscribe confirmation: listening from here on
+        self.seen: list[tuple[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            if message:
+                edit = json.loads(message["data"])
+                self.seen.append((edit["id"], edit["status"]))
+
+    def count(self, edit_id: str, status: str) -> int:
+        return self.seen.count((edit_id, status))
+
+    def of(self, edit_id: str) -> list[str]:
+        """The edit's terminal statuses in order: exactly one for an edit that ran once."""
+        return [status for i, status in self.seen if i == edit_id and status in ("succeeded", "failed", "canceled")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.pubsub.close()
 
 
 class WorkerProcess:

@@ -9,6 +9,7 @@ Module map (one job each):
 - ``progress``   the ``on_step`` callback: throttled heartbeats, progress, cancel checks, step timing
 - ``uploads``    result PNGs and attention maps → S3 under ``edits/{id}/``
 - ``processing`` one gathered batch end to end: translate, run (split on batch failure), upload, finish
+- ``finishing``  the finisher thread: settles one ran batch's jobs while the loop runs the next batch
 - ``reaper``     abandoned StartedJobRegistry entries → requeue at the front, or fail after N crashes
 - ``worker``     the process: model loading, the loop, signals, metrics port, CLI
 """

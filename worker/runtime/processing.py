@@ -8,10 +8,15 @@ Why the ordering matters for "nothing lost, nothing twice":
 - a job that fails on its own (payload, validation, NaN, its upload) fails alone; a failure of the whole
   batched call is retried in halves before any job is failed (it may be one job's fault, or memory).
 
-Why the uploads start together: once the run is over, every successful job's PNG encoding and S3 PUTs are
-handed to a small thread pool at once, and the finish loop (still one job at a time, in order: the
+Why the uploads start together: when a batch's finishing begins, every successful job's PNG encoding and S3
+PUTs are handed to a small thread pool at once, and the finish loop (still one job at a time, in order: the
 JobStore mark, then RQ) only waits for each job's own uploads, renewing heartbeats meanwhile. Done one
 object after another they were the largest service cost of a batch (bench/service_bench.py).
+
+Why ``start``, ``run`` and ``finish`` are separate steps: the worker loop starts the next batch, then hands
+the batch that just ran to its finisher thread (``finishing``), then runs the next one; ``process`` does all
+three on the caller's thread. A job whose finishing raises (a bug, Redis failing midway) is failed alone and
+the others still finish; if even that fails, its heartbeats stop and the reaper re-runs or tidies it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from worker.runtime.uploads import upload_outputs
 log = logging.getLogger("editserve.worker")
 
 UPLOAD_THREADS = 8  # S3 PUTs (and PNG encoding, which releases the GIL) of one batch in flight at once
+TERMINAL_OR_MISSING = ("succeeded", "failed", "canceled", "missing")
 
 
 def log_event(event: str, **fields) -> None:
@@ -74,7 +80,37 @@ class BatchReport:
     size: int
     batch_key: str
     seconds: float
-    outcomes: dict[str, str] = field(default_factory=dict)  # edit id → succeeded/failed/canceled/requeued/skipped
+    # edit id → succeeded/failed/canceled/requeued/skipped, or abandoned (its finishing failed: left to the reaper)
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ActiveBatch:
+    """One gathered batch from ``start`` to ``finish``: its jobs, their heartbeats, its report."""
+
+    report: BatchReport  # skipped jobs already in its outcomes
+    jobs: list[RunningJob]  # the jobs to run and finish, in claim order
+    live: list[RunningJob]  # the jobs whose heartbeats are renewed: shrinks as they are settled
+    reporter: StepReporter  # renews ``live``'s heartbeats; its helper thread only runs during the run
+    gather_ms: float
+    started_at: float  # monotonic
+    run_started_at: float  # monotonic; set again when the run starts
+
+    @property
+    def batch_id(self) -> str:
+        return self.report.batch_id
+
+    @property
+    def size(self) -> int:
+        return self.report.size
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.reporter.heartbeat_interval
+
+    def renew_heartbeats(self) -> None:
+        """Throttled; for whoever holds the batch between its steps (e.g. while it waits for the finisher)."""
+        self.reporter.renew_heartbeats()
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -106,6 +142,11 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ the batch
     def process(self, claimed: list[ClaimedJob]) -> BatchReport:
+        """Start, run and finish one batch on this thread (the worker loop finishes on its finisher thread)."""
+        return self.finish(self.run(self.start(claimed)))
+
+    def start(self, claimed: list[ClaimedJob]) -> ActiveBatch:
+        """Every job into the StartedJobRegistry and ``processing`` (or skipped), payloads translated."""
         t0 = time.monotonic()
         gather_ms = round((time.time() - claimed[0].claimed_at) * 1000, 1)  # first claim → batch start
         batch_id = uuid.uuid4().hex[:16]
@@ -130,25 +171,42 @@ class BatchProcessor:
                 report.outcomes[job.id] = self._skip(job)
         for job in runnable:
             self._prepare(job)
-        t_run = time.monotonic()
-        try:
-            for key, group in self._groups(runnable).items():
-                self._run_group(key, group, reporter)
-        finally:
-            reporter.close()
-        self._start_uploads(runnable)
-        for job in runnable:
-            reporter.renew_heartbeats()
-            report.outcomes[job.id] = self._finish(job, batch_id, run_started=t_run, reporter=reporter)
-            live.remove(job)
+        return ActiveBatch(report, runnable, live, reporter, gather_ms, t0, t0)
 
-        report.seconds = round(time.monotonic() - t0, 4)
+    def run(self, batch: ActiveBatch) -> ActiveBatch:
+        """The denoising run, one group per batch key; the jobs stay processing until ``finish``."""
+        batch.run_started_at = time.monotonic()
+        try:
+            for key, group in self._groups(batch.jobs).items():
+                self._run_group(key, group, batch.reporter)
+        finally:
+            batch.reporter.close()
+        return batch
+
+    def start_uploads(self, batch: ActiveBatch) -> None:
+        """Start every successful job's uploads, in parallel; ``finish`` starts those not started yet."""
+        self._start_uploads([job for job in batch.jobs if job.upload is None])
+
+    def finish(self, ran: ActiveBatch) -> BatchReport:
+        """Settle each job in order (its uploads, the JobStore mark, RQ), renewing the rest's heartbeats."""
+        report, t_finish = ran.report, time.monotonic()
+        self.start_uploads(ran)
+        for job in ran.jobs:
+            ran.reporter.renew_heartbeats()
+            try:
+                outcome = self._finish(job, report.batch_id, run_started=ran.run_started_at, reporter=ran.reporter)
+            except Exception as exc:  # noqa: BLE001 — one job's finishing must not sink the others'
+                outcome = self._finish_crashed(job, exc)
+            report.outcomes[job.id] = outcome
+            ran.live.remove(job)  # settled, or abandoned: either way its heartbeats stop
+        now = time.monotonic()
+        report.seconds = round(now - ran.started_at, 4)
         counts: dict[str, int] = {}
         for outcome in report.outcomes.values():
             counts[outcome] = counts.get(outcome, 0) + 1
-        log_event("batch", batch_id=batch_id, size=report.size, key=report.batch_key, seconds=report.seconds,
-                  gather_ms=gather_ms, run_seconds=round(time.monotonic() - t_run, 4), outcomes=counts,
-                  worker=self.worker_name)
+        log_event("batch", batch_id=report.batch_id, size=report.size, key=report.batch_key, seconds=report.seconds,
+                  gather_ms=ran.gather_ms, run_seconds=round(now - ran.run_started_at, 4),
+                  finish_seconds=round(now - t_finish, 4), outcomes=counts, worker=self.worker_name)
         return report
 
     def _groups(self, jobs: list[RunningJob]) -> dict[BatchKey, list[RunningJob]]:
@@ -200,6 +258,30 @@ class BatchProcessor:
         self._settle_rq(job, outcome, error, owned, batch_id)
         log_event("job", edit_id=job.id, batch_id=batch_id, outcome=outcome, kind=job.claimed.batch_key.kind,
                   owned=owned, error=error.model_dump() if error else None)
+        return outcome
+
+    def _finish_crashed(self, job: RunningJob, exc: Exception) -> str:
+        """Finishing ``job`` raised: fail it alone (the JobStore's guard keeps an outcome already written) and
+        finish its RQ job to match the edit. If that fails too, give the job up to the reaper: its heartbeats
+        stop now, and the reaper re-runs it (still processing) or tidies its RQ job (already terminal)."""
+        log.error("edit %s: finishing failed", job.id, exc_info=exc)
+        error = ErrorInfo(type="worker_error", message=f"finishing the edit failed: {type(exc).__name__}: {exc}")
+        try:
+            owned = self.bridge.owns(job.claimed.job, job.execution)
+            self.store.mark_failed(job.id, error)
+            status = self._edit_status(job.id)
+            if owned and status not in TERMINAL_OR_MISSING:
+                raise RuntimeError(f"the edit is still {status} after mark_failed")
+            if owned:
+                settle(self.bridge.connection, job.claimed.job, "failed" if status == "missing" else status,
+                       f"{error.type}: {error.message}")
+            self.bridge.release(job.claimed.job, job.execution)
+        except Exception:  # noqa: BLE001 — Redis is failing: the reaper's recovery is the right answer
+            log.exception("edit %s: left to the reaper", job.id)
+            log_event("job", edit_id=job.id, outcome="abandoned", error=error.model_dump())
+            return "abandoned"
+        outcome = status if status in ("succeeded", "failed", "canceled") else "failed"
+        log_event("job", edit_id=job.id, outcome=outcome, owned=owned, error=error.model_dump())
         return outcome
 
     def _settle_edit(self, job: RunningJob, run_started: float,
@@ -286,7 +368,7 @@ class BatchProcessor:
         """The edit is no longer queued (canceled, finished by a presumed-dead worker, or already running)."""
         c = job.claimed
         status = self._edit_status(job.id)
-        if status in ("succeeded", "failed", "canceled", "missing"):
+        if status in TERMINAL_OR_MISSING:
             settle(self.bridge.connection, c.job, "failed" if status == "missing" else status,
                    f"edit already {status}")
         self.bridge.release(c.job, job.execution)

@@ -2,11 +2,14 @@
 
 Why not ``rq worker``: the forking Worker would reload the models for every job (and cannot fork after CUDA
 is initialised), and no RQ worker batches. This process loads its models once, then loops: gather one batch
-of a single batch key (``batching``), run it (``processing``), repeat. A reaper thread recovers jobs of
-dead workers; a Prometheus endpoint serves this process's metrics.
+of a single batch key (``batching``), start it, hand the batch that ran before to the finisher thread
+(``finishing``: uploads, marks, RQ), run this one (``processing``), repeat — so a batch's finishing overlaps
+the next batch's run. A reaper thread recovers jobs of dead workers; a Prometheus endpoint serves this
+process's metrics.
 
-Signals: the first SIGTERM/SIGINT finishes the running batch, then exits 0 (warm shutdown). A second one
-aborts: every job still running stops at its next denoising step and is requeued at the front of its queue.
+Signals: the first SIGTERM/SIGINT finishes the running batch and drains the finisher, then exits 0 (warm
+shutdown). A second one aborts: every job still running stops at its next denoising step and is requeued at
+the front of its queue (by the finisher, drained before exit like any batch).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from service.config import Settings, get_settings
 from service.jobstore import JobStore
 from service.storage import Storage
 from worker.models.registry import ModelRegistry
-from worker.runtime.batching import BatchGatherer, GatherPolicy, QueueClaimer
-from worker.runtime.processing import BatchProcessor, BatchReport, log_event
+from worker.runtime.batching import BatchGatherer, ClaimedJob, GatherPolicy, QueueClaimer
+from worker.runtime.finishing import Finisher, FinishingBatch
+from worker.runtime.processing import ActiveBatch, BatchProcessor, BatchReport, log_event
 from worker.runtime.reaper import Reaper, ReaperThread
 from worker.runtime.rqbridge import RqBridge
 
@@ -59,6 +63,8 @@ class EditWorker:
         self.processor = BatchProcessor(settings=settings, registry=self.registry, store=self.store,
                                         storage=self.storage, bridge=self.bridge, worker_name=self.bridge.name,
                                         aborting=lambda: self.abort_requested)
+        self.finisher = Finisher(self.processor.finish)
+        self._ran: ActiveBatch | None = None  # ran, not handed to the finisher yet (see run_batch)
         self.reaper = Reaper(self.connection, settings, self.store)
         self.stop_requested = False
         self.abort_requested = False
@@ -79,13 +85,57 @@ class EditWorker:
             self.registry.get(name)
             log_event("model_loaded", model=name, seconds=round(time.monotonic() - t0, 2))
 
-    def run_once(self, timeout: float = IDLE_WAIT_SECONDS) -> BatchReport | None:
-        """Gather one batch (waiting up to ``timeout`` for its first job) and process it."""
-        claimed = self.gatherer.gather(timeout, should_stop=lambda: self.stop_requested)
+    def run_batch(self, timeout: float = IDLE_WAIT_SECONDS) -> ActiveBatch | None:
+        """One turn of the loop: gather and start a batch, hand the batch that ran last turn to the finisher,
+        run this one; it is handed over next turn (or by ``drain``). None when no batch came in ``timeout``.
+
+        Why the previous batch is handed over only after this one started: its finishing (PNG encoding, boto3
+        PUTs, JobStore renders) competes with this thread for the CPU and the GIL. Overlapped with the gather
+        and start — short Redis round trips while the accelerator idles — it made those several times slower
+        (bench/service_bench.py); during the run this thread mostly waits for the accelerator. (On a CPU-only
+        box the run itself needs the CPU and the GIL, and slows by about what the finishing costs.) The
+        previous batch waits for this gather's window (``max_batch_wait_ms``) at most, and is handed over at
+        once when no job is waiting.
+        """
+        claimed = self._gather(timeout)
         if not claimed:
             return None
         self.processor.worker_name = self.name
-        return self.processor.process(claimed)
+        batch = self.processor.start(claimed)
+        self._hand_over(batch)
+        self._ran = self.processor.run(batch)
+        return self._ran
+
+    def run_once(self, timeout: float = IDLE_WAIT_SECONDS) -> BatchReport | None:
+        """``run_batch``, then hand that batch over and wait until its jobs are settled (tests and tools want
+        them terminal when this returns)."""
+        if self.run_batch(timeout) is None:
+            return None
+        return self._hand_over().report()  # type: ignore[union-attr] — run_batch left its batch to hand over
+
+    def drain(self) -> None:
+        """Hand over the batch that ran last, if any, and wait until every batch is finished."""
+        self._hand_over()
+        self.finisher.wait()
+
+    def _gather(self, timeout: float) -> list[ClaimedJob]:
+        """With a ran batch not handed over yet, only take a batch that is already waiting; else hand it over
+        first, then wait up to ``timeout`` for the next one."""
+        if self._ran is not None:
+            claimed = self.gatherer.gather(0, should_stop=self._stopping)
+            if claimed:
+                return claimed
+            self._hand_over()
+        return self.gatherer.gather(timeout, should_stop=self._stopping)
+
+    def _stopping(self) -> bool:
+        return self.stop_requested
+
+    def _hand_over(self, *waiting: ActiveBatch) -> FinishingBatch | None:
+        """The batch that ran last to the finisher (after the one it is finishing); ``waiting``'s heartbeats
+        are renewed if that takes a while."""
+        ran, self._ran = self._ran, None
+        return self.finisher.submit(ran, *waiting) if ran is not None else None
 
     def run(self) -> int:
         self.load_models()
@@ -99,7 +149,7 @@ class EditWorker:
         try:
             while not self.stop_requested:
                 try:
-                    self.run_once()
+                    self.run_batch()  # the previous batch's finishing overlaps this batch's run
                 except redis.RedisError as exc:
                     log.error("redis error in the worker loop: %s; retrying in 1s", exc)
                     time.sleep(1.0)
@@ -109,6 +159,8 @@ class EditWorker:
                     self.bridge.worker_heartbeat()
                     last_heartbeat = time.monotonic()
         finally:
+            self.drain()  # warm shutdown finishes the last batch; after an abort this requeues its stopped jobs
+            self.finisher.close()
             reaper_thread.stop()
             self.stop_metrics_server()
             self.bridge.unregister()
