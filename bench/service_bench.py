@@ -54,9 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="ab", help="subset of the benchmarks, e.g. 'a' or 'b'")
     p.add_argument("--jobs", type=int, default=32, help="(a) jobs per run")
     p.add_argument("--batch", type=int, default=8, help="(a) worker max_batch_size and bare batch size")
-    p.add_argument("--size", type=int, default=64, help="(a) height = width in pixels")
-    p.add_argument("--steps", type=int, default=10, help="(a) denoising steps")
-    p.add_argument("--repeats", type=int, default=5, help="(a) interleaved service/bare pairs")
+    p.add_argument("--size", type=int, default=128, help="(a) height = width in pixels (tiny-sd's default size)")
+    p.add_argument("--steps", type=int, default=20, help="(a) denoising steps (64 px and 10 steps: the smallest "
+                                                          "jobs, where per-job service costs weigh most)")
+    p.add_argument("--repeats", type=int, default=3, help="(a) interleaved service/bare pairs")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="(a) torch intra-op threads, the worker's and the bare runner's alike (0: torch default). "
                         "1 by default: with 2 threads on a shared 2-core box OpenMP's spin-waits made a batch "
