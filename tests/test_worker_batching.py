@@ -104,15 +104,21 @@ def test_cancel_mid_run_stops_only_that_job(make_worker):
     ids = [submit(store, p2p_payload(steps=6, seed=s)) for s in (1, 2, 3)]
     victim = ids[1]
 
+    others_when_canceled: list = []
+
     def cancel_when_running():
         wait_until(lambda: int(edit_field(conn, victim, "progress_step") or 0) >= 1, 30, what="progress")
         store.request_cancel(victim, TENANT)
+        wait_until(lambda: edit_field(conn, victim, "status") == "canceled", 10, interval=0.01, what="canceled")
+        others_when_canceled.extend(edit_field(conn, i, "status") for i in (ids[0], ids[2]))
 
     canceller = threading.Thread(target=cancel_when_running)
     canceller.start()
     report = worker.run_once(5.0)
     canceller.join(5)
     assert report.size == 3 and report.outcomes[victim] == "canceled"
+    # the victim's status did not wait for the end of its batch: its batch mates were still running
+    assert others_when_canceled == ["processing", "processing"]
     canceled = store.get(victim)
     assert canceled.status is EditStatus.canceled and canceled.results == []
     assert int(edit_field(conn, victim, "progress_step")) < 6

@@ -158,6 +158,7 @@ class BatchProcessor:
             set_progress=self.store.set_progress,
             is_cancel_requested=self.store.is_cancel_requested,
             aborting=self.aborting,
+            mark_canceled=self.store.mark_canceled,
             background=True)
         report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
         metrics.batch_size.observe(len(jobs))

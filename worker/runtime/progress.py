@@ -38,6 +38,7 @@ class _PerJob:
     step: int = 0
     total: int = 0
     reported_step: int = -1
+    cancel_marked: bool = False
 
 
 @dataclass
@@ -49,6 +50,7 @@ class StepReporter:
     set_progress: Callable[[str, int, int], None]
     is_cancel_requested: Callable[[str], bool]
     aborting: Callable[[], bool] = lambda: False
+    mark_canceled: Callable[[str], None] | None = None  # the edit's status, written as soon as the job stops
     clock: Clock = time.monotonic
     background: bool = False  # progress writes and cancel checks on a helper thread (see module docstring)
     _jobs: dict[str, _PerJob] = field(default_factory=dict)
@@ -58,6 +60,7 @@ class StepReporter:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _to_mark: list[str] = field(default_factory=list)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -93,7 +96,24 @@ class StepReporter:
             return True
         if self._thread is None:
             self._check_cancel(job_id, state, now)
+        if state.canceled and not state.cancel_marked:
+            self._cancel_now(job_id, state)
         return state.canceled
+
+    def _cancel_now(self, job_id: str, state: _PerJob) -> None:
+        """The runner drops the job on this True: its edit becomes ``canceled`` now, not when the batch ends.
+
+        Decided here, on the loop's thread, because only this return value stops the job: marking where the
+        helper thread reads the flag could cancel an edit whose last step had already run. The batch's
+        finishing marks it again, a no-op then (transitions are guarded)."""
+        state.cancel_marked = True
+        if self.mark_canceled is None:
+            return
+        if self._thread is None:
+            self._quietly(self.mark_canceled, job_id)
+        else:
+            with self._lock:
+                self._to_mark.append(job_id)
 
     def _report_progress(self, job_id: str, state: _PerJob, now: float, *, final: bool = False) -> None:
         step, total = state.step, state.total
@@ -117,6 +137,9 @@ class StepReporter:
             now = self.clock()
             with self._lock:
                 jobs = list(self._jobs.items())
+                to_mark, self._to_mark = self._to_mark, []
+            for job_id in to_mark:
+                self._quietly(self.mark_canceled, job_id)
             for job_id, state in jobs:
                 self._report_progress(job_id, state, now, final=stopping)
                 if not stopping and state.step < state.total:
