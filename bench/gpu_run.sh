@@ -9,6 +9,7 @@
 # Bounded: the whole script stops by GPU_RUN_BUDGET seconds (default 420); core_bench gets what is left as
 # --max-seconds (it skips what would not fit) under a hard `timeout`, and rewrites its results after every
 # benchmark, so a cut-short run still returns figures. Files in $OUT: gpu_run.log, core-<gpu>.txt, core-<gpu>.json.
+# GPU_RUN_PROFILE=1: build only the P2P model and run bench/gpu_profile.py instead (gpu-profile.json).
 set -uo pipefail
 : "${OUT:?set OUT to the folder for results}"
 mkdir -p "$OUT"
@@ -72,21 +73,32 @@ EOF
 
   stage "build random-weight models ($shape, $build_dtype) into $models (both at once)"
   rm -rf "$models" && mkdir -p "$models"
-  local pids=() kind
-  for kind in text2image instruct; do
+  local pids=() kind kinds="text2image instruct"
+  [ "${GPU_RUN_PROFILE:-0}" = 1 ] && kinds=text2image  # the profile needs only the P2P model
+  for kind in $kinds; do
     OMP_NUM_THREADS=$(( $(nproc) > 2 ? $(nproc) / 2 : 1 )) timeout 240 \
       python3 -m worker.models.builders --out "$models/$kind" --shape "$shape" --kind "$kind" --dtype "$build_dtype" \
       > "$models/build-$kind.log" 2>&1 &
     pids+=($!)
   done
   local failed=0 i=0
-  for kind in text2image instruct; do
+  for kind in $kinds; do
     wait "${pids[$i]}" || failed=1
     i=$((i + 1))
     tr '\r' '\n' < "$models/build-$kind.log" | grep -v -i "safety checker\|warn\|shards\|^ *$" | tail -3 | sed "s/^/  [$kind] /"
   done
   [ $failed = 0 ] || { echo "model build failed"; return 4; }
-  du -sh "$models"/text2image "$models"/instruct
+  du -sh "$models"/*/
+
+  if [ "${GPU_RUN_PROFILE:-0}" = 1 ]; then
+    stage "gpu_profile: where a P2P pair's step time goes (GPU busy share, kernels per step)"
+    local dev=(--device cuda --dtype float16 --size 512)
+    [ "$dry" = 1 ] && dev=(--device cpu --dtype float32 --size 64 --steps 4 --repeats 1)
+    timeout -k 10 $(( $(left) - 10 )) python3 bench/gpu_profile.py --model "$models/text2image" "${dev[@]}" --out "$OUT"
+    local prc=$?
+    [ "$dry" = 1 ] || rm -rf "$models"
+    return $prc
+  fi
 
   local hard=$(( $(left) - 10 ))
   [ "$hard" -ge 60 ] || { echo "only ${hard}s left for core_bench: not starting it"; return 5; }
