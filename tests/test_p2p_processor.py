@@ -202,3 +202,21 @@ def test_router_refuses_overlapping_segments(unet, hooked):
     x, ctx = inputs(3)
     with pytest.raises(ValueError):
         run(unet, x, ctx)
+
+
+@pytest.mark.parametrize("segments", [[(0, 4)], [(0, 2), (2, 4)], [(1, 3)]], ids=["one-job", "two-jobs", "partial"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "additive-mask"])
+def test_explicit_attention_equals_sdpa_when_nothing_is_edited(segments, with_mask):
+    """The explicit path (3-D GEMMs, scale folded in, an additive mask as the GEMM's bias) computes the same
+    attention as fused SDPA, for one job spanning the batch, several jobs, and rows outside any job."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4, 2, n, 8, generator=g) for n in (16, 7, 7))
+    mask = None
+    if with_mask:
+        mask = torch.zeros(4, 2, 1, 7)
+        mask[:, :, :, 5:] = -1e4  # padding keys, as diffusers' prepare_attention_mask writes them
+    router = BatchAttentionRouter([(a, b, Spy(1 if b - a == 2 else 2)) for a, b in segments])
+    out = P2PAttnProcessor(router, "down").attend(q, k, v, mask, 8**-0.5, True)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out - reference).abs().max() < 1e-5
+    assert sum(len(c.calls) for _, _, c in router.segments) == len(segments)

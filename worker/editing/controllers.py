@@ -327,6 +327,8 @@ class ReplaceController(EditController):
 
     def replace_cross(self, source: Tensor, targets: Tensor) -> Tensor:
         mapper = self._cache.get(self.mapper, source)
+        if mapper.shape[0] == 1:  # one target (the common pair): a plain GEMM, fewer operators than broadcasting
+            return torch.matmul(source, mapper[0]).unsqueeze(0)
         return torch.matmul(source.unsqueeze(0), mapper.unsqueeze(1))
 
 

@@ -138,6 +138,8 @@ class P2PAttnProcessor:
         runs = self.router.plan(is_cross, query.shape[2], query.shape[0])
         if runs is None:
             return _sdpa(query, key, value, mask, scale)
+        if len(runs) == 1 and runs[0][2] is not None:  # one job spans the batch: no slices, no concat
+            return self._explicit(query, key, value, mask, scale, is_cross, runs[0][2], upcast)
         outputs = []
         for start, stop, controller in runs:
             rows = slice(start, stop)
@@ -153,15 +155,25 @@ class P2PAttnProcessor:
         self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float, is_cross: bool,
         controller: AttentionController, upcast: bool,
     ) -> Tensor:
+        """softmax(QKᵀ·scale) → the controller → ·V, as 3-D batched GEMMs with the scale folded into the first.
+
+        Few operators on purpose: on a GPU an SD step at small batch is bound by the host's launches
+        (bench/gpu_profile.py), and this runs at ~22 layers per step; 4-D matmuls cost twice the operators."""
+        rows, heads, queries, dim = query.shape
+        keys = key.shape[2]
+        q = query.reshape(rows * heads, queries, dim)
+        k = key.reshape(rows * heads, keys, dim)
         if upcast:
-            query, key = query.float(), key.float()
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores + mask
+            q, k = q.float(), k.float()
+        if mask is None:
+            scores = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=scale)
+        else:
+            bias = mask.expand(rows, heads, queries, keys).reshape(rows * heads, queries, keys).to(q.dtype)
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
         probs = scores.softmax(dim=-1, dtype=torch.float32)  # edits (reweight up to ×10) want fp32 maps
-        rows, heads, queries, keys = probs.shape
-        probs = controller.on_attention(probs.view(rows * heads, queries, keys), is_cross, self.place, queries)
-        return torch.matmul(probs.view(rows, heads, queries, keys).to(value.dtype), value)
+        probs = controller.on_attention(probs, is_cross, self.place, queries)
+        out = torch.bmm(probs.to(value.dtype), value.reshape(rows * heads, keys, dim))
+        return out.view(rows, heads, queries, dim)
 
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
