@@ -2,8 +2,9 @@
 
 Why this shape: routes are small functions that delegate to modules with one job each (intake,
 edit_validation, jobstore, streams, auth, storage, metrics), so the gateway stays torch-free and every
-rule is testable without HTTP. Blocking work (Pillow, boto3, sync Redis) runs in the thread pool; only the
-waiting (``Prefer: wait``, SSE) is async.
+rule is testable without HTTP. Blocking work (Pillow, boto3, sync Redis) runs in the thread pool. The hot
+path is async: a JSON submit is validated on the event loop and created by one Lua script through an asyncio
+Redis client (no thread hop), as is the waiting (``Prefer: wait``, SSE).
 """
 
 from __future__ import annotations
