@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
 from service import metrics
+from service import webhooks as webhook_delivery
 from service.auth import (
     TENANT_RE,
     ApiKeyList,
@@ -371,6 +372,29 @@ def get_tenant_limits(tenant: TenantName, request: Request) -> TenantLimits:
 def put_tenant_limits(tenant: TenantName, body: TenantLimitOverrides, request: Request) -> TenantLimits:
     svc = services(request)
     return write_overrides(svc.redis, tenant, body, svc.settings)
+
+
+@admin_router.get("/webhooks/failed", response_model=webhook_delivery.FailedWebhookList,
+                  summary="Webhook deliveries given up on (attempts exhausted or destination refused), newest first")
+def list_failed_webhooks(request: Request, limit: int = Query(100, ge=1, le=1000),
+                         tenant: str | None = Query(None, max_length=64)) -> webhook_delivery.FailedWebhookList:
+    svc = services(request)
+    entries = webhook_delivery.list_failed(svc.redis, None if tenant else limit, settings=svc.settings)
+    if tenant:
+        entries = [e for e in entries if e.delivery.tenant == tenant][:limit]
+    return webhook_delivery.FailedWebhookList(data=[webhook_delivery.FailedWebhook(**e.summary()) for e in entries])
+
+
+@admin_router.post("/webhooks/failed/{ident}/replay", response_model=webhook_delivery.FailedWebhook,
+                   summary="Send a failed delivery again: same webhook-id and body, attempts start over")
+def replay_failed_webhook(request: Request, ident: str = Path(max_length=128, description=(
+        "the entry's `id` or its `webhook_id` (msg_...)"))) -> webhook_delivery.FailedWebhook:
+    svc = services(request)
+    try:
+        entry = webhook_delivery.replay_failed(svc.redis, ident, settings=svc.settings)
+    except KeyError:
+        raise not_found(f"failed webhook delivery {ident}")
+    return webhook_delivery.FailedWebhook(**entry.summary())
 
 
 # ------------------------------------------------------------------------------------------------ ops

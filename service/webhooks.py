@@ -83,6 +83,7 @@ from typing import Any
 
 import httpx
 import redis as redis_lib
+from pydantic import BaseModel, Field
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq import Queue, SimpleWorker
@@ -402,6 +403,27 @@ class FailedDelivery:
         return {"id": self.id, "webhook_id": d.msg_id, "edit_id": d.edit_id, "tenant": d.tenant, "event": d.event,
                 "url": d.url, "attempts": d.attempt, "outcome": self.outcome, "status_code": self.status_code,
                 "error": self.error, "failed_at": self.failed_at}
+
+
+class FailedWebhook(BaseModel):
+    """A delivery given up on, as operators see it (``GET /v1/admin/webhooks/failed``); never the body, which
+    holds presigned URLs."""
+
+    id: str = Field(description="the list entry's id")
+    webhook_id: str = Field(description="the Standard Webhooks `webhook-id` (`msg_...`); a replay keeps it")
+    edit_id: str
+    tenant: str
+    event: str
+    url: str
+    attempts: int
+    outcome: str = Field(description="`failed` (attempts exhausted) or `refused` (destination not allowed)")
+    status_code: int | None = None
+    error: str | None = None
+    failed_at: str = Field(description="ISO-8601 UTC")
+
+
+class FailedWebhookList(BaseModel):
+    data: list[FailedWebhook]
 
 
 def _add_failed(pipe: redis_lib.client.Pipeline, delivery: Delivery, result: AttemptResult, ttl_seconds: int) -> None:

@@ -133,3 +133,37 @@ def test_cli_lists_and_replays(redis, redis_url, receiver):
     assert "queued again: msg_ed1_completed" in replay.stdout and "msg_unknown" in replay.stderr
     assert [e.msg_id for e in wh.list_failed(redis, settings=settings)] == ["msg_ed2_started"]
     assert [j.args[0]["msg_id"] for j in Queue(wh.QUEUE_NAME, connection=redis).get_jobs()] == ["msg_ed1_completed"]
+
+
+def test_admin_api_lists_and_replays(redis, redis_url, receiver):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import AuthSettings
+
+    settings = make_settings(redis_url, max_attempts=1)
+    settings.auth = AuthSettings(admin_token="admin-secret-token")
+    receiver.script = [Reply(500), Reply(500)]
+    give_up(redis, settings, receiver.url(), "ed1")
+    give_up(redis, settings, receiver.url(), "ed2", "started")
+    admin = {"Authorization": "Bearer admin-secret-token"}
+    with TestClient(create_app(settings, prepare_bucket=False)) as client:
+        assert client.get("/v1/admin/webhooks/failed").status_code == 401
+        listed = client.get("/v1/admin/webhooks/failed", headers=admin)
+        assert listed.status_code == 200
+        rows = listed.json()["data"]
+        assert [r["webhook_id"] for r in rows] == ["msg_ed2_started", "msg_ed1_completed"]
+        assert rows[1]["error"] == "HTTP 500: ok" and rows[1]["attempts"] == 1 and "body" not in listed.text
+        assert client.get("/v1/admin/webhooks/failed?limit=1", headers=admin).json()["data"] == rows[:1]
+        assert client.get("/v1/admin/webhooks/failed?tenant=nobody", headers=admin).json()["data"] == []
+        mine = client.get(f"/v1/admin/webhooks/failed?tenant={rows[0]['tenant']}&limit=5", headers=admin)
+        assert mine.json()["data"] == rows
+        assert client.get("/v1/admin/webhooks/failed?limit=0", headers=admin).status_code == 422
+
+        replayed = client.post(f"/v1/admin/webhooks/failed/{rows[1]['id']}/replay", headers=admin)
+        assert replayed.status_code == 200 and replayed.json() == rows[1]
+        again = client.post("/v1/admin/webhooks/failed/msg_ed1_completed/replay", headers=admin)
+        assert again.status_code == 404 and again.json()["error"]["type"] == "not_found"
+    assert [e.msg_id for e in wh.list_failed(redis, settings=settings)] == ["msg_ed2_started"]
+    [job] = Queue(wh.QUEUE_NAME, connection=redis).get_jobs()
+    assert job.args[0]["msg_id"] == "msg_ed1_completed" and job.args[0]["attempt"] == 1
