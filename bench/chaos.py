@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from signals import signals_interrupt  # noqa: E402  (bench/ is the script's folder)
+
 SIZE, STEPS = 64, 4
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -525,23 +527,15 @@ class Chaos:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chaos = Chaos(args)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for s in previous:
-        signal.signal(s, on_signal)
     timer = threading.Timer(args.max_seconds + 20, lambda: os.kill(os.getpid(), signal.SIGTERM))
     timer.daemon = True
-    timer.start()
-    try:
-        text, ok = chaos.run()
-    finally:
-        timer.cancel()
-        chaos.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    with signals_interrupt():
+        timer.start()
+        try:
+            text, ok = chaos.run()
+        finally:
+            timer.cancel()
+            chaos.close()
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"chaos-{args.machine or machine_slug()}.txt"

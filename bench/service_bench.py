@@ -78,8 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 try:  # run as a script: bench/ is on sys.path
     from machine import cpu_model  # noqa: E402
+    from signals import signals_interrupt  # noqa: E402
 except ModuleNotFoundError:  # imported as bench.service_bench (uvicorn --factory for the (b) baselines)
     from bench.machine import cpu_model  # noqa: E402
+    from bench.signals import signals_interrupt  # noqa: E402
 
 
 def machine_info() -> dict[str, Any]:
@@ -750,24 +752,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
           f"({info['torch_threads']} threads), load average {info.get('loadavg_at_start')}", flush=True)
     bench = Bench(args)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for s in previous:
-        signal.signal(s, on_signal)
     rows = []
-    try:
-        bench.start_backing()
-        if "a" in args.only:
-            rows.append(bench_end_to_end(bench, args, deadline))
-        if "b" in args.only:
-            rows.append(bench_gateway(bench, args, deadline))
-    finally:
-        bench.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    with signals_interrupt():
+        try:
+            bench.start_backing()
+            if "a" in args.only:
+                rows.append(bench_end_to_end(bench, args, deadline))
+            if "b" in args.only:
+                rows.append(bench_gateway(bench, args, deadline))
+        finally:
+            bench.close()
     table = render(info, rows)
     print("\n" + table)
     slug = args.machine or machine_slug(info)

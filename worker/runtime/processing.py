@@ -26,6 +26,7 @@ import logging
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -184,9 +185,6 @@ class BatchProcessor:
             batch.reporter.close()
         return batch
 
-    def start_uploads(self, batch: ActiveBatch) -> None:
-        """Start every successful job's uploads, in parallel; ``finish`` starts those not started yet."""
-        self._start_uploads([job for job in batch.jobs if job.upload is None])
 
     def finish(self, ran: ActiveBatch) -> BatchReport:
         """Settle each job in order (its uploads, the JobStore mark, RQ), renewing the rest's heartbeats."""
@@ -202,9 +200,7 @@ class BatchProcessor:
             ran.live.remove(job)  # settled, or abandoned: either way its heartbeats stop
         now = time.monotonic()
         report.seconds = round(now - ran.started_at, 4)
-        counts: dict[str, int] = {}
-        for outcome in report.outcomes.values():
-            counts[outcome] = counts.get(outcome, 0) + 1
+        counts = dict(Counter(report.outcomes.values()))
         log_event("batch", batch_id=report.batch_id, size=report.size, key=report.batch_key, seconds=report.seconds,
                   gather_ms=ran.gather_ms, run_seconds=round(now - ran.run_started_at, 4),
                   finish_seconds=round(now - t_finish, 4), outcomes=counts, worker=self.worker_name)
@@ -323,11 +319,13 @@ class BatchProcessor:
         else:
             self.bridge.fail(c.job, c.queue, job.execution, self._exc_string(job, error))
 
-    def _start_uploads(self, jobs: list[RunningJob]) -> None:
-        """Start every successful job's uploads now, in parallel; ``_upload_and_succeed`` waits for its own."""
-        for job in jobs:
+    def start_uploads(self, batch: ActiveBatch) -> None:
+        """Start every successful job's uploads not started yet, in parallel; ``_upload_and_succeed`` waits for
+        its own (``finish`` calls this first)."""
+        for job in batch.jobs:
             result = job.result
-            if job.error is None and result is not None and result.error is None and not result.canceled:
+            if job.upload is None and job.error is None and result is not None and result.error is None \
+                    and not result.canceled:
                 if self._upload_pool is None:
                     self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="editserve-upload")
                 job.upload = self._upload_pool.submit(upload_outputs, self.storage, job.spec, result)
