@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from worker.editing.batch import JobState, SamplingContext, seeded_generator
+from worker.editing.base import JobState, SamplingContext, seeded_generator
 from worker.editing.jobs import EditValidationError, IP2PCell, IP2PJobSpec, JobResult
 
 

@@ -19,15 +19,15 @@ FetchBytes = Callable[[str], bytes]
 
 
 def to_job_spec(payload: JobPayload, fetch: FetchBytes | None = None) -> JobSpec:
+    """The core's spec for a queued payload, by its edit kind (``SPEC_BUILDERS``)."""
     request = payload.request
-    if isinstance(request, P2PEditRequest):
-        return p2p_spec(payload, request)
-    if fetch is None:
-        raise ValueError("an IP2P payload needs a fetch function for its input image")
-    return ip2p_spec(payload, request, fetch)
+    builder = SPEC_BUILDERS.get(request.kind)
+    if builder is None:
+        raise ValueError(f"the worker cannot translate edit kind {request.kind!r}")
+    return builder(payload, request, fetch)
 
 
-def p2p_spec(payload: JobPayload, request: P2PEditRequest) -> P2PJobSpec:
+def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | None = None) -> P2PJobSpec:
     n = len(request.target_prompts)
     if not payload.seeds:
         raise EditValidationError("seed", "the payload carries no seed")
@@ -73,9 +73,11 @@ def attention_map_prompts(value: bool | list[int], n: int) -> list[int]:
     return list(value)
 
 
-def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes) -> IP2PJobSpec:
+def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes | None = None) -> IP2PJobSpec:
     from PIL import Image
 
+    if fetch is None:
+        raise ValueError("an IP2P payload needs a fetch function for its input image")
     key = payload.input_image_key or f"edits/{payload.id}/input.png"
     try:
         image = Image.open(io.BytesIO(fetch(key)))
@@ -105,6 +107,11 @@ def sweep_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:
         raise EditValidationError("seeds", f"{len(seeds)} seeds for {len(grid)} sweep cells")
     return [IP2PCell(text_guidance=tg, image_guidance=ig, seed=seed)
             for (ig, tg, _), seed in zip(grid, cell_seeds)]
+
+
+SpecBuilder = Callable[[JobPayload, object, "FetchBytes | None"], JobSpec]
+SPEC_BUILDERS: dict[str, SpecBuilder] = {"p2p": p2p_spec, "ip2p": ip2p_spec}
+"""Payload → core spec per edit kind: one entry per row of ``worker.editing.methods.METHODS`` (tested)."""
 
 
 def run_single(payload_json: str) -> None:
