@@ -44,7 +44,21 @@ class EditStatus(str, Enum):
 
     @property
     def terminal(self) -> bool:
-        return self in (EditStatus.succeeded, EditStatus.failed, EditStatus.canceled)
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: frozenset[EditStatus] = frozenset({EditStatus.succeeded, EditStatus.failed, EditStatus.canceled})
+"""An edit in one of these never changes again. The one definition: Redis scripts receive it as an argument."""
+
+ALLOWED_FROM: dict[EditStatus, frozenset[EditStatus]] = {
+    EditStatus.processing: frozenset({EditStatus.queued}),
+    EditStatus.queued: frozenset({EditStatus.processing}),  # requeue after a crash
+    # Terminal from queued too: a reaper may fail a job it never saw start, and a "dead" worker that finished
+    # anyway should not lose its results; the stale queue entry is skipped when the edit is no longer queued.
+    **{status: frozenset({EditStatus.queued, EditStatus.processing}) for status in TERMINAL_STATUSES},
+}
+"""The status transition table: the statuses each status may be entered from (the transition script checks it
+atomically, so a terminal edit never changes again and a late or duplicate write is a no-op)."""
 
 
 class WebhookEventType(str, Enum):

@@ -541,7 +541,7 @@ def build_services(settings: Settings) -> Services:
                                       health_check_interval=30)
     storage = Storage(settings.s3)
     return Services(settings=settings, redis=connection, storage=storage,
-                    jobstore=JobStore(connection, settings, storage), keys=KeyStore(connection, settings),
+                    jobstore=JobStore(connection, settings, storage, listeners=[webhook_delivery.emit]), keys=KeyStore(connection, settings),
                     tokens=PromptTokenCounter(settings), rate_limiter=RateLimiter(connection, settings))
 
 

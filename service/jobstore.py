@@ -4,9 +4,10 @@ Why one place: the gateway, every GPU worker and the reaper write the same recor
 status change is one Lua script that checks the current status against an explicit transition table, so
 a terminal edit never changes again (a late ``mark_succeeded`` after a cancel, or a duplicate run, is a
 no-op) and no writer can clobber another. After a change the new ``Edit`` is published on
-``editserve:events:{id}`` (SSE, ``Prefer: wait``) and handed to ``service.webhooks.emit``.
+``editserve:events:{id}`` (SSE, ``Prefer: wait``) and handed to the store's listeners: the process's main
+(the gateway's app factory, the worker) adds ``service.webhooks.emit``; this module never imports a watcher.
 
-Redis layout (all keys prefixed ``editserve:``)::
+Redis layout (all keys prefixed ``editserve:``; names in ``service.keys``, scripts in ``service.scripts``)::
 
     edit:{id}                 hash: status, tenant, kind, model, queue, payload, params, webhook, timestamps,
                               progress, results, attention_maps, error, attempts, batch/worker info, revision
@@ -30,13 +31,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import importlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ from rq.exceptions import InvalidJobOperationError, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from editserve.contract import (
+    ALLOWED_FROM,
     AttentionMapResult,
     Edit,
     EditList,
@@ -58,15 +59,15 @@ from editserve.contract import (
     WebhookDeliveryState,
     WebhookSpec,
 )
-from service import limits, metrics
+from service import limits, metrics, scripts
 from service.config import Settings
+from service.keys import edit_key, events_channel, idem_key, stats_key, tenant_index_key
 from service.limits import Accounting
 from service.queues import queue_name, rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "editserve:"
 JOB_FUNCTION = "worker.runtime.execute.run_single"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 IDEMPOTENCY_WAIT_SECONDS = 5.0
@@ -75,35 +76,10 @@ MAX_LIST_LIMIT = 100
 
 Q, P, S, F, C = (EditStatus.queued, EditStatus.processing, EditStatus.succeeded, EditStatus.failed,
                  EditStatus.canceled)
-ALLOWED_FROM: dict[EditStatus, frozenset[EditStatus]] = {
-    P: frozenset({Q}),
-    Q: frozenset({P}),  # requeue after a crash
-    # Terminal from queued too: a reaper may fail a job it never saw start, and a "dead" worker that
-    # finished anyway should not lose its results; the stale RQ entry is skipped by mark_processing.
-    S: frozenset({Q, P}),
-    F: frozenset({Q, P}),
-    C: frozenset({Q, P}),
-}
 
-
-def edit_key(edit_id: str) -> str:
-    return f"{KEY_PREFIX}edit:{edit_id}"
-
-
-def tenant_index_key(tenant: str) -> str:
-    return f"{KEY_PREFIX}tenant:{tenant}:edits"
-
-
-def idem_key(tenant: str, key: str) -> str:
-    return f"{KEY_PREFIX}idem:{tenant}:{key}"
-
-
-def events_channel(edit_id: str) -> str:
-    return f"{KEY_PREFIX}events:{edit_id}"
-
-
-def stats_key(suffix: str) -> str:
-    return f"{KEY_PREFIX}stats:{suffix}"
+StatusListener = Callable[[redis.Redis, Edit, str, str], None]
+"""Told of every published change: ``(connection, edit, event, tenant)``, event ``started``, ``progress`` or
+``completed``. Must not raise into the caller's transition (a raise is logged and dropped)."""
 
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -146,56 +122,6 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
-_TRANSITION_LUA = limits.LIMITS_LUA + """
-local key = KEYS[1]
-local spec = cjson.decode(ARGV[1])
-local cur = redis.call('HGET', key, 'status')
-if not cur then return {0, ''} end
-local allowed = false
-for _, s in ipairs(spec['from']) do if s == cur then allowed = true end end
-if not allowed then return {0, cur} end
-if spec['to'] ~= '' then redis.call('HSET', key, 'status', spec['to']) end
-for f, v in pairs(spec['set']) do redis.call('HSET', key, f, v) end
-for f, v in pairs(spec['set_nx']) do redis.call('HSETNX', key, f, v) end
-for _, f in ipairs(spec['incr']) do redis.call('HINCRBY', key, f, 1) end
-for _, f in ipairs(spec['del']) do redis.call('HDEL', key, f) end
-if spec['queue_wait'] then
-  local enq = redis.call('HGET', key, 'enqueued_at')
-  if enq then
-    redis.call('HSET', key, 'queue_wait_seconds', tostring(math.max(0, tonumber(spec['now']) - tonumber(enq))))
-  end
-end
-if spec['to'] ~= '' then lim_note_transition(cjson.decode(ARGV[2]), key, cur, spec['to']) end
-local rev = redis.call('HINCRBY', key, 'revision', 1)
-if spec['ttl'] > 0 then redis.call('EXPIRE', key, spec['ttl']) end
-return {rev, cur}
-"""
-
-_PROGRESS_LUA = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
-redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_total', ARGV[2])
-return redis.call('HINCRBY', KEYS[1], 'revision', 1)
-"""
-
-_RELEASE_CLAIM_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_EWMA_LUA = """
-local alpha = tonumber(ARGV[3])
-for _, k in ipairs(KEYS) do
-  for j, f in ipairs({'step_seconds', 'job_seconds'}) do
-    local v = tonumber(ARGV[j])
-    local old = redis.call('HGET', k, f)
-    if old then v = alpha * v + (1 - alpha) * tonumber(old) end
-    redis.call('HSET', k, f, tostring(v))
-  end
-end
-return 1
-"""
-
-
 def _now() -> float:
     return time.time()
 
@@ -218,18 +144,24 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 class JobStore:
-    def __init__(self, redis: redis.Redis, settings: Settings, storage: Storage | None = None):
+    def __init__(self, redis: redis.Redis, settings: Settings, storage: Storage | None = None,
+                 listeners: Iterable[StatusListener] = ()):
         self.redis = redis
         self.settings = settings
         self._storage = storage
-        self._transition_script = redis.register_script(_TRANSITION_LUA)
-        self._progress_script = redis.register_script(_PROGRESS_LUA)
-        self._ewma_script = redis.register_script(_EWMA_LUA)
-        self._release_claim_script = redis.register_script(_RELEASE_CLAIM_LUA)
+        self._listeners: list[StatusListener] = list(listeners)
+        self._transition_script = redis.register_script(scripts.TRANSITION)
+        self._progress_script = redis.register_script(scripts.PROGRESS)
+        self._ewma_script = redis.register_script(scripts.EWMA)
+        self._release_claim_script = redis.register_script(scripts.COMPARE_AND_DELETE)
         self.accounting = Accounting(redis, settings)
         self._last_progress_publish: dict[str, float] = {}
         self._in_progress_here: set[str] = set()  # for the livesum gauge: only this process decrements
         self._lock = threading.Lock()
+
+    def add_listener(self, listener: StatusListener) -> None:
+        """Tell ``listener`` of every start, progress report and terminal change this store publishes."""
+        self._listeners.append(listener)
 
     @property
     def storage(self) -> Storage:
@@ -440,7 +372,7 @@ class JobStore:
             else:
                 rev, _ = self._run_transition(edit_id, {P}, None, set_fields={"cancel_requested": "1"})
                 if rev:
-                    self._publish(self._require(edit_id), tenant, webhook_event=None)
+                    self._publish(self._require(edit_id), tenant, event=None)
                     break
             record = self._record(edit_id) or record  # lost a race: re-read and decide again
         return self._require(edit_id)
@@ -469,7 +401,7 @@ class JobStore:
         wait = self.redis.hget(edit_key(edit_id), "queue_wait_seconds")
         if wait is not None:
             metrics.queue_wait_seconds.observe(float(wait))
-        self._publish_current(edit_id, webhook_event="started")
+        self._publish_current(edit_id, event="started")
         return True
 
     def set_progress(self, edit_id: str, step: int, total: int) -> None:
@@ -485,7 +417,7 @@ class JobStore:
             if due:
                 self._last_progress_publish[edit_id] = now
         if due:
-            self._publish_current(edit_id, webhook_event="progress")
+            self._publish_current(edit_id, event="progress")
 
     def is_cancel_requested(self, edit_id: str) -> bool:
         """True when the worker should stop: cancel asked, edit already terminal, or record gone."""
@@ -535,6 +467,25 @@ class JobStore:
         raw = self.redis.hget(edit_key(edit_id), "tenant")
         return raw.decode() if raw is not None else None
 
+    # ------------------------------------------------------------------ repair pass
+
+    def release_held(self) -> int:
+        """The periodic fair-share repair pass (``service.limits.Accounting.sweep``); the GPU worker's reaper
+        calls it every pass (it is idempotent and cheap).
+
+        Normal operation never needs it: admission and terminal transitions release atomically. It catches
+        what they cannot see (edits finished by code without this bookkeeping, a raised per-tenant limit,
+        set members whose edits are gone) and fails queued edits whose RQ job hash was deleted (``rq empty``),
+        which would otherwise hold their tenant's slot forever. Returns how many held edits it released.
+        """
+        released, lost = self.accounting.sweep()
+        for edit_id in lost:
+            log.warning("edit %s: its RQ job is gone; failing it so its tenant's slot frees", edit_id)
+            self.mark_failed(edit_id, ErrorInfo(type="queue_entry_lost",
+                                                message="the edit's queue entry was deleted before it ran; "
+                                                        "submit it again"))
+        return released
+
     # ------------------------------------------------------------------ webhook sender side
 
     def record_webhook_delivery(self, edit_id: str, *, ok: bool, error: str | None = None) -> None:
@@ -570,7 +521,7 @@ class JobStore:
         }
         # cjson turns an empty JSON object into an empty table either way; arrays stay arrays
         rev, previous = self._transition_script(keys=[edit_key(edit_id)],
-                                                args=[json.dumps(spec), limits.lua_config(self.settings)])
+                                                args=[json.dumps(spec), scripts.lua_config(self.settings)])
         return int(rev), previous.decode() if isinstance(previous, bytes) else previous
 
     def _transition(self, edit_id: str, to: EditStatus, *, completed_at: bool = False,
@@ -589,7 +540,7 @@ class JobStore:
         if to.terminal:
             self._finish_bookkeeping(edit_id, previous, to)
         event = "completed" if to.terminal else None
-        self._publish_current(edit_id, webhook_event=event)
+        self._publish_current(edit_id, event=event)
         return True
 
     def _leave_in_progress(self, edit_id: str) -> None:
@@ -628,19 +579,24 @@ class JobStore:
         self._ewma_script(keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
                           args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA])
 
-    def _publish_current(self, edit_id: str, *, webhook_event: str | None) -> None:
+    def _publish_current(self, edit_id: str, *, event: str | None) -> None:
         record = self._record(edit_id)
         if record is None:
             return
-        self._publish(self._render(record), record["tenant"], webhook_event=webhook_event)
+        self._publish(self._render(record), record["tenant"], event=event)
 
-    def _publish(self, edit: Edit, tenant: str, *, webhook_event: str | None) -> None:
+    def _publish(self, edit: Edit, tenant: str, *, event: str | None) -> None:
         try:
             self.redis.publish(events_channel(edit.id), edit.model_dump_json())
         except redis.RedisError:
             log.exception("edit %s: event not published", edit.id)
-        if webhook_event is not None and edit.webhook is not None:
-            _emit_webhook(self.redis, edit, webhook_event, tenant)
+        if event is None:
+            return
+        for listener in self._listeners:
+            try:
+                listener(self.redis, edit, event, tenant)
+            except Exception:  # a watcher must never fail a transition
+                log.exception("edit %s: listener %r failed on %s", edit.id, listener, event)
 
     def _render(self, r: dict[str, str], *, queue_state: tuple[int | None, dict[str, float]] | None = None) -> Edit:
         """The API view of a record; ``queue_state`` (jobs ahead, ETA stats) when the caller already knows it."""
@@ -784,23 +740,3 @@ def sweep_cells(request, seeds: list[int]) -> list[tuple[float, float, int]]:
     per_seed = len(sweep.seeds) if sweep and sweep.seeds else 1
     cells = [(ig, tg) for ig in image_axis for tg in text_axis for _ in range(per_seed)]
     return [(ig, tg, seed) for (ig, tg), seed in zip(cells, seeds)]
-
-
-def _emit_webhook(connection: redis.Redis, edit: Edit, event: str, tenant: str) -> None:
-    """Hand the change to ``service.webhooks.emit`` (lazy: the sender module may not be deployed)."""
-    try:
-        webhooks = importlib.import_module("service.webhooks")  # sys.modules first (tests substitute it)
-    except ModuleNotFoundError as exc:
-        if exc.name != "service.webhooks":
-            log.exception("service.webhooks failed to import; webhook for edit %s dropped", edit.id)
-        return
-    except Exception:
-        log.exception("service.webhooks failed to import; webhook for edit %s dropped", edit.id)
-        return
-    emit = getattr(webhooks, "emit", None)
-    if emit is None:
-        return
-    try:
-        emit(connection, edit, event, tenant)
-    except Exception:
-        log.exception("edit %s: webhook emit(%s) failed", edit.id, event)

@@ -501,7 +501,7 @@ def test_delivery_process_retries_with_backoff_then_delivers_once(redis, redis_u
 
 def test_jobstore_status_changes_reach_the_receiver_and_edit_shows_the_outcome(redis, redis_url, receiver,
                                                                                monkeypatch):
-    """The integration the gateway relies on: JobStore calls emit(); outcomes come back as Edit.webhook."""
+    """The integration the gateway relies on: JobStore tells emit(); outcomes come back as Edit.webhook."""
     from gateway_support import p2p_payload
 
     from editserve.contract import WebhookSpec
@@ -509,7 +509,7 @@ def test_jobstore_status_changes_reach_the_receiver_and_edit_shows_the_outcome(r
 
     settings = make_settings(redis_url)
     monkeypatch.setattr(wh, "get_settings", lambda: settings)  # emit() as called by JobStore
-    store = JobStore(redis, settings)
+    store = JobStore(redis, settings, listeners=[wh.emit])  # as the gateway's and worker's mains wire it
     spec = WebhookSpec(url=receiver.url(), events=[E.started, E.progress, E.completed])
     edit, _ = store.create(p2p_payload("ed1edit"), webhook=spec, idempotency_key=None)
     assert store.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 from rq.executions import Execution
 
-from editserve.contract import BatchKey, ErrorInfo, JobPayload
+from editserve.contract import TERMINAL_STATUSES, BatchKey, ErrorInfo, JobPayload
 from service import metrics
 from service.config import Settings
 from service.jobstore import EditNotFound, JobStore, edit_key
@@ -52,7 +52,7 @@ from worker.runtime.uploads import upload_outputs
 log = logging.getLogger("editserve.worker")
 
 UPLOAD_THREADS = 8  # S3 PUTs (and PNG encoding, which releases the GIL) of one batch in flight at once
-TERMINAL_OR_MISSING = ("succeeded", "failed", "canceled", "missing")
+TERMINAL_OR_MISSING = frozenset({*(s.value for s in TERMINAL_STATUSES), "missing"})
 
 
 def log_event(event: str, **fields) -> None:

@@ -25,6 +25,7 @@ import redis
 
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
+from service.webhooks import emit as emit_webhook
 from service.storage import Storage
 from worker.models.registry import ModelRegistry
 from worker.runtime.batching import BatchGatherer, ClaimedJob, GatherPolicy, QueueClaimer
@@ -52,7 +53,7 @@ class EditWorker:
         self.connection = connection or redis.Redis.from_url(settings.redis_url)
         self.registry = registry or ModelRegistry(settings)
         self.storage = storage or Storage(settings.s3)
-        self.store = JobStore(self.connection, settings, self.storage)
+        self.store = JobStore(self.connection, settings, self.storage, listeners=[emit_webhook])
         w = settings.worker
         self.bridge = RqBridge(self.connection, name or f"{socket.gethostname()}.{os.getpid()}",
                                heartbeat_ttl=w.heartbeat_ttl_seconds, result_ttl=w.result_ttl_seconds)
