@@ -16,7 +16,7 @@ from service.auth import TENANT_RE, KeyStore
 from service.config import Settings
 from service.jobstore import JobStore
 from service.limits import TenantLimitOverrides, tenant_limits, write_overrides
-from service.webhooks import emit as emit_webhook
+from service.webhooks.emit import emit as emit_webhook
 
 
 def main(argv: list[str] | None = None) -> int:

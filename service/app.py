@@ -31,7 +31,8 @@ from starlette.concurrency import run_in_threadpool
 
 from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
 from service import metrics
-from service import webhooks as webhook_delivery
+from service.webhooks import failed as failed_webhooks
+from service.webhooks.emit import emit as emit_webhook
 from service.auth import (
     TENANT_RE,
     ApiKeyList,
@@ -374,27 +375,27 @@ def put_tenant_limits(tenant: TenantName, body: TenantLimitOverrides, request: R
     return write_overrides(svc.redis, tenant, body, svc.settings)
 
 
-@admin_router.get("/webhooks/failed", response_model=webhook_delivery.FailedWebhookList,
+@admin_router.get("/webhooks/failed", response_model=failed_webhooks.FailedWebhookList,
                   summary="Webhook deliveries given up on (attempts exhausted or destination refused), newest first")
 def list_failed_webhooks(request: Request, limit: int = Query(100, ge=1, le=1000),
-                         tenant: str | None = Query(None, max_length=64)) -> webhook_delivery.FailedWebhookList:
+                         tenant: str | None = Query(None, max_length=64)) -> failed_webhooks.FailedWebhookList:
     svc = services(request)
-    entries = webhook_delivery.list_failed(svc.redis, None if tenant else limit, settings=svc.settings)
+    entries = failed_webhooks.list_failed(svc.redis, None if tenant else limit, settings=svc.settings)
     if tenant:
         entries = [e for e in entries if e.delivery.tenant == tenant][:limit]
-    return webhook_delivery.FailedWebhookList(data=[webhook_delivery.FailedWebhook(**e.summary()) for e in entries])
+    return failed_webhooks.FailedWebhookList(data=[failed_webhooks.FailedWebhook(**e.summary()) for e in entries])
 
 
-@admin_router.post("/webhooks/failed/{ident}/replay", response_model=webhook_delivery.FailedWebhook,
+@admin_router.post("/webhooks/failed/{ident}/replay", response_model=failed_webhooks.FailedWebhook,
                    summary="Send a failed delivery again: same webhook-id and body, attempts start over")
 def replay_failed_webhook(request: Request, ident: str = Path(max_length=128, description=(
-        "the entry's `id` or its `webhook_id` (msg_...)"))) -> webhook_delivery.FailedWebhook:
+        "the entry's `id` or its `webhook_id` (msg_...)"))) -> failed_webhooks.FailedWebhook:
     svc = services(request)
     try:
-        entry = webhook_delivery.replay_failed(svc.redis, ident, settings=svc.settings)
+        entry = failed_webhooks.replay_failed(svc.redis, ident, settings=svc.settings)
     except KeyError:
         raise not_found(f"failed webhook delivery {ident}")
-    return webhook_delivery.FailedWebhook(**entry.summary())
+    return failed_webhooks.FailedWebhook(**entry.summary())
 
 
 # ------------------------------------------------------------------------------------------------ ops
@@ -540,9 +541,10 @@ def build_services(settings: Settings) -> Services:
     connection = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
                                       health_check_interval=30)
     storage = Storage(settings.s3)
-    return Services(settings=settings, redis=connection, storage=storage,
-                    jobstore=JobStore(connection, settings, storage, listeners=[webhook_delivery.emit]), keys=KeyStore(connection, settings),
-                    tokens=PromptTokenCounter(settings), rate_limiter=RateLimiter(connection, settings))
+    jobstore = JobStore(connection, settings, storage, listeners=[emit_webhook])  # the store tells, webhooks watch
+    return Services(settings=settings, redis=connection, storage=storage, jobstore=jobstore,
+                    keys=KeyStore(connection, settings), tokens=PromptTokenCounter(settings),
+                    rate_limiter=RateLimiter(connection, settings))
 
 
 def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True) -> FastAPI:

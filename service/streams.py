@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
 from editserve.contract import TERMINAL_STATUSES as _TERMINAL
-from editserve.contract import Edit, EditStatus
+from editserve.contract import Edit
 from service.jobstore import JobStore, events_channel
 
 log = logging.getLogger(__name__)

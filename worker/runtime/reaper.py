@@ -36,7 +36,7 @@ from service import scripts
 from service.jobstore import JobStore, edit_key
 from service.keys import REAPER_LOCK_KEY
 from service.queues import discover
-from service.webhooks import emit as emit_webhook
+from service.webhooks.emit import emit as emit_webhook
 from worker.runtime.batching import intermediate_key, queue_key
 from worker.runtime.rqbridge import execution_from_entry, settle, split_entry
 

@@ -25,7 +25,7 @@ import redis
 
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
-from service.webhooks import emit as emit_webhook
+from service.webhooks.emit import emit as emit_webhook
 from service.storage import Storage
 from worker.models.registry import ModelRegistry
 from worker.runtime.batching import BatchGatherer, ClaimedJob, GatherPolicy, QueueClaimer
