@@ -10,6 +10,7 @@ import sys
 import redis as redis_lib
 
 from service.config import Settings, get_settings
+from service.webhooks import delivery  # noqa: F401 (the code its jobs run: loaded before the first job)
 from service.webhooks.failed import list_failed, replay_failed
 from service.webhooks.sender import Sender
 
@@ -46,7 +47,7 @@ def _cli_replay(settings: Settings, idents: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m service.webhooks``: deliver webhooks; ``failed`` / ``replay ID…``: the failed list."""
-    parser = argparse.ArgumentParser(prog="python -m service.webhooks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m service.webhooks", description="Deliver webhooks for edits; `failed` / `replay ID...`: deliveries given up on.")
     parser.add_argument("--burst", action="store_true", help="deliver what is queued (and due), then exit")
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command", metavar="[failed | replay]")
