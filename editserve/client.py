@@ -41,6 +41,7 @@ from editserve.contract import (
     EditList,
     EditRequest,
     EditStatus,
+    ErrorType,
     IP2PEditRequest,
     LocalBlend,
     ModelInfo,
@@ -97,7 +98,7 @@ def _local_validation_error(exc: ValidationError) -> errors.InvalidRequestError:
         loc = loc[1:]
     path = ".".join(str(p) for p in loc if not str(p).startswith("function-")) or None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    return errors.InvalidRequestError(message, status=None, type="invalid_request", field=path)
+    return errors.InvalidRequestError(message, status=None, type=ErrorType.invalid_request.value, field=path)
 
 
 def validate_request(request: EditRequest | Mapping[str, Any]) -> P2PEditRequest | IP2PEditRequest:
@@ -281,11 +282,11 @@ class _ClientCore:
         if image is None:
             return _Call("POST", f"/{API_VERSION}/edits", json_body=body, headers=headers, timeout=timeout)
         if model.kind != "ip2p":
-            raise errors.InvalidRequestError("only ip2p edits take an input image", type="invalid_request",
+            raise errors.InvalidRequestError("only ip2p edits take an input image", type=ErrorType.invalid_request.value,
                                              field="image")
         if model.image:
             raise errors.InvalidRequestError("send the image either inline or as a file, not both",
-                                             type="invalid_request", field="image")
+                                             type=ErrorType.invalid_request.value, field="image")
         data, filename, mime = image_bytes(image)
         return _Call("POST", f"/{API_VERSION}/edits", form={"request": json.dumps(body)},
                      files={"image": (filename, data, mime)}, headers=headers, timeout=timeout)

@@ -249,10 +249,57 @@ class AttentionMapResult(BaseModel):
     expires_at: datetime
 
 
+class ErrorType(str, Enum):
+    """Every error ``type`` editserve reports, the one catalogue: a request's ``{"error": {"type", ...}}``
+    (``service.errors`` maps each to its HTTP status) and a failed edit's ``error.type`` (``job_error``).
+    Clients branch on these strings; adding one here is adding it to the API."""
+
+    # a request refused (HTTP 4xx/5xx)
+    bad_request = "bad_request"
+    malformed_json = "malformed_json"
+    unauthorized = "unauthorized"
+    forbidden = "forbidden"
+    not_found = "not_found"
+    method_not_allowed = "method_not_allowed"
+    conflict = "conflict"
+    idempotency_conflict = "idempotency_conflict"
+    payload_too_large = "payload_too_large"
+    unsupported_media_type = "unsupported_media_type"
+    invalid_request = "invalid_request"
+    too_many_requests = "too_many_requests"
+    rate_limited = "rate_limited"
+    tenant_queue_full = "tenant_queue_full"
+    queue_full = "queue_full"
+    service_unavailable = "service_unavailable"
+    storage_unavailable = "storage_unavailable"
+    queue_unavailable = "queue_unavailable"
+    not_ready = "not_ready"
+    internal_error = "internal_error"
+    error = "error"  # any other status
+    # an edit that ran (or was to run) and failed: ``Edit.error.type``
+    validation_error = "validation_error"
+    invalid_payload = "invalid_payload"
+    invalid_input = "invalid_input"
+    non_finite_output = "non_finite_output"
+    storage_error = "storage_error"
+    inference_error = "inference_error"
+    output_error = "output_error"
+    worker_error = "worker_error"
+    worker_crashed = "worker_crashed"
+    queue_entry_lost = "queue_entry_lost"
+    # the SDK's CLI only (never sent by the server)
+    usage = "usage"
+
+
 class ErrorInfo(BaseModel):
     type: str
     message: str
     field: str | None = None
+
+
+def job_error(type: ErrorType, message: str, field: str | None = None) -> ErrorInfo:
+    """A failed edit's error record: the one way to build one, so its ``type`` is always in the catalogue."""
+    return ErrorInfo(type=ErrorType(type).value, message=message, field=field)
 
 
 class RunMetrics(BaseModel):

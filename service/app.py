@@ -29,7 +29,16 @@ from PIL import Image
 from pydantic import BaseModel, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
+from editserve.contract import (
+    API_VERSION,
+    Edit,
+    EditList,
+    EditRequest,
+    EditStatus,
+    ErrorResponse,
+    ErrorType,
+    ModelInfo,
+)
 from service import metrics
 from service.webhooks import failed as failed_webhooks
 from service.webhooks.emit import emit as emit_webhook
@@ -44,7 +53,7 @@ from service.auth import (
 )
 from service.config import Settings, get_settings
 from service.edit_validation import parse_request, prepare_submission
-from service.errors import ApiError, install_error_handlers, not_found
+from service.errors import ApiError, error_response, install_error_handlers, not_found
 from service.intake import max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
@@ -151,7 +160,7 @@ def tenant_for_token(svc: Services, token: str | None, found: str | None) -> str
 def require_admin(request: Request, _doc: Any = Security(_bearer_scheme)) -> None:
     admin_token = services(request).settings.auth.admin_token
     if not admin_token:
-        raise ApiError(404, "admin endpoints are disabled: no admin token is configured", type="not_found")
+        raise ApiError(404, "admin endpoints are disabled: no admin token is configured", type=ErrorType.not_found)
     token = bearer_token(request.headers.get("authorization")) or ""
     if not constant_time_equal(token, admin_token):
         raise ApiError(401, "admin token required: `Authorization: Bearer <admin token>`",
@@ -289,7 +298,7 @@ def list_edits(
         return services(request).jobstore.list(tenant, status=status.value if status else None, kind=kind,
                                                model=model, limit=limit, cursor=cursor)
     except ValueError as exc:
-        raise ApiError(422, str(exc), type="invalid_request", field="cursor")
+        raise ApiError(422, str(exc), type=ErrorType.invalid_request, field="cursor")
 
 
 @router.post("/edits/{edit_id}/cancel", response_model=Edit,
@@ -428,9 +437,8 @@ async def readyz(request: Request) -> JSONResponse:
     checks = await run_in_threadpool(readiness_checks, services(request))
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
-        body = {"error": {"type": "not_ready", "message": f"not ready: {', '.join(down)} down", "field": None},
-                "checks": checks}
-        return JSONResponse(body, status_code=503)
+        return error_response(ApiError(503, f"not ready: {', '.join(down)} down", type=ErrorType.not_ready,
+                                       extra={"checks": checks}))
     return JSONResponse({"status": "ready", "checks": checks})
 
 
@@ -472,21 +480,21 @@ class HttpMetricsMiddleware:
 
 def install_domain_error_handlers(app: FastAPI) -> None:
     async def on_idempotency_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
-        return _error(409, "idempotency_conflict", str(exc), "Idempotency-Key")
+        return _error(409, ErrorType.idempotency_conflict, str(exc), "Idempotency-Key")
 
     async def on_edit_conflict(request: Request, exc: EditConflict) -> JSONResponse:
-        return _error(409, "conflict", str(exc))
+        return _error(409, ErrorType.conflict, str(exc))
 
     async def on_edit_not_found(request: Request, exc: EditNotFound) -> JSONResponse:
-        return _error(404, "not_found", f"edit {exc} not found")
+        return _error(404, ErrorType.not_found, f"edit {exc} not found")
 
     async def on_storage_error(request: Request, exc: StorageError) -> JSONResponse:
         log.warning("storage unavailable: %s", exc)
-        return _error(503, "storage_unavailable", "object storage is unavailable; retry later")
+        return _error(503, ErrorType.storage_unavailable, "object storage is unavailable; retry later")
 
     async def on_redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
-        return _error(503, "queue_unavailable", "the job store is unavailable; retry later")
+        return _error(503, ErrorType.queue_unavailable, "the job store is unavailable; retry later")
 
     async def on_limit_exceeded(request: Request, exc: LimitExceeded) -> JSONResponse:
         metrics.rejections_total.labels(reason=exc.type).inc()
@@ -502,8 +510,8 @@ def install_domain_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.RedisError, on_redis_error)
 
 
-def _error(status: int, type: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type, "message": message, "field": field}}, status_code=status)
+def _error(status: int, type: ErrorType, message: str, field: str | None = None) -> JSONResponse:
+    return error_response(ApiError(status, message, type=type, field=field))
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -45,7 +45,17 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperationError, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from editserve.contract import ALLOWED_FROM, Edit, EditList, EditStatus, ErrorInfo, JobPayload, WebhookSpec
+from editserve.contract import (
+    ALLOWED_FROM,
+    Edit,
+    EditList,
+    EditStatus,
+    ErrorInfo,
+    ErrorType,
+    JobPayload,
+    WebhookSpec,
+    job_error,
+)
 from service import limits, metrics, scripts
 from service.config import Settings
 from service.editview import EditView, load_record
@@ -393,9 +403,8 @@ class JobStore:
         released, lost = self.accounting.sweep()
         for edit_id in lost:
             log.warning("edit %s: its RQ job is gone; failing it so its tenant's slot frees", edit_id)
-            self.mark_failed(edit_id, ErrorInfo(type="queue_entry_lost",
-                                                message="the edit's queue entry was deleted before it ran; "
-                                                        "submit it again"))
+            self.mark_failed(edit_id, job_error(ErrorType.queue_entry_lost,
+                                                "the edit's queue entry was deleted before it ran; submit it again"))
         return released
 
     # ------------------------------------------------------------------ webhook sender side

@@ -46,6 +46,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from pydantic import BaseModel, ConfigDict, Field
 
+from editserve.contract import ErrorType
 from service import scripts
 from service.config import Settings
 from service.keys import (
@@ -73,10 +74,10 @@ SWEEP_CHUNK = 500
 class LimitExceeded(Exception):
     """A request refused by a limit: 429 (this tenant's limit) or 503 (the service's global queue)."""
 
-    def __init__(self, status: int, type: str, message: str, *, limit: str, retry_after: int):
+    def __init__(self, status: int, type: ErrorType, message: str, *, limit: str, retry_after: int):
         super().__init__(message)
         self.status = status
-        self.type = type
+        self.type = ErrorType(type).value
         self.message = message
         self.limit = limit
         """The setting that refused it (tenant_rps, tenant_max_queued, max_queue_depth)."""
@@ -86,9 +87,9 @@ class LimitExceeded(Exception):
 def queue_refusal(reason: str, tenant: str, count: int, limit: int, settings: Settings) -> LimitExceeded:
     retry = settings.limits.queue_full_retry_after_seconds
     if reason == "queue_full":
-        return LimitExceeded(503, "queue_full", f"the service already holds {count} queued edits, its limit "
+        return LimitExceeded(503, ErrorType.queue_full, f"the service already holds {count} queued edits, its limit "
                              f"(max_queue_depth {limit}); retry later", limit="max_queue_depth", retry_after=retry)
-    return LimitExceeded(429, "tenant_queue_full", f"tenant {tenant!r} already has {count} queued edits, its limit "
+    return LimitExceeded(429, ErrorType.tenant_queue_full, f"tenant {tenant!r} already has {count} queued edits, its limit "
                          f"(tenant_max_queued {limit}); retry when some have started", limit="tenant_max_queued",
                          retry_after=retry)
 
@@ -207,7 +208,7 @@ class RateLimiter:
             return
         rate_s = rate.decode() if isinstance(rate, bytes) else str(rate)
         retry = max(1, math.ceil(int(wait_ms) / 1000))
-        raise LimitExceeded(429, "rate_limited", f"tenant {tenant!r} may make {float(rate_s):g} requests/s with "
+        raise LimitExceeded(429, ErrorType.rate_limited, f"tenant {tenant!r} may make {float(rate_s):g} requests/s with "
                             f"bursts of {int(burst)} (tenant_rps, tenant_burst); retry in {retry} s",
                             limit="tenant_rps", retry_after=retry)
 

@@ -30,7 +30,7 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from editserve.contract import ErrorInfo
+from editserve.contract import ErrorType, job_error
 from service.config import Settings, get_settings
 from service import scripts
 from service.jobstore import JobStore, edit_key
@@ -136,7 +136,7 @@ class Reaper:
         if attempts >= self.max_attempts:
             message = (f"worker crashed {attempts} times while running this edit (last: {worker}); "
                        f"giving up after {self.max_attempts} attempts")
-            self.store.mark_failed(job_id, ErrorInfo(type="worker_crashed", message=message))
+            self.store.mark_failed(job_id, job_error(ErrorType.worker_crashed, message))
             self._settle(job, "failed", message)
             report.failed.append(job_id)
         elif self.store.mark_requeued(job_id, f"worker {worker} stopped heartbeating (attempt {attempts})"):
