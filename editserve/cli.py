@@ -20,6 +20,7 @@ from typing import Any
 from editserve import errors
 from editserve.client import Client
 from editserve.contract import Edit, EditStatus, ErrorType, LocalBlend, Sweep
+from editserve.kinds import EDIT_KINDS
 from editserve.progress import ProgressLine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--wait-timeout", type=float, metavar="S")
     listing = commands.add_parser("list", help="list your edits, newest first")
     listing.add_argument("--status", choices=[s.value for s in EditStatus])
-    listing.add_argument("--kind", choices=["p2p", "ip2p"])
+    listing.add_argument("--kind", choices=list(EDIT_KINDS))
     listing.add_argument("--model")
     listing.add_argument("--limit", type=int, default=20)
     commands.add_parser("models", help="list the servable models")

@@ -35,6 +35,11 @@ def _kind_required(schema: dict[str, Any]) -> None:
     schema["required"] = ["kind", *[name for name in schema.get("required", []) if name != "kind"]]
 
 
+EditKind = Literal["p2p", "ip2p"]
+"""Every edit method; what each needs (model kind, default steps, ...) is ``editserve.kinds.EDIT_KINDS``."""
+ModelKind = Literal["text2image", "instruct"]
+
+
 class EditStatus(str, Enum):
     queued = "queued"
     processing = "processing"
@@ -197,7 +202,7 @@ class BatchKey(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     model: str
-    kind: Literal["p2p", "ip2p"]
+    kind: EditKind
     height: int
     width: int
     steps: int
@@ -323,7 +328,7 @@ class Edit(BaseModel):
 
     id: str
     object: Literal["edit"] = "edit"
-    kind: Literal["p2p", "ip2p"]
+    kind: EditKind
     model: str
     status: EditStatus
     created_at: datetime
@@ -364,8 +369,8 @@ class WebhookEvent(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    kind: Literal["text2image", "instruct"]
-    edit_kinds: list[Literal["p2p", "ip2p"]]
+    kind: ModelKind
+    edit_kinds: list[EditKind]
     default_size: int
     max_size: int
     random_weights: bool

@@ -34,11 +34,13 @@ from editserve.contract import (
     Edit,
     EditList,
     EditRequest,
+    EditKind,
     EditStatus,
     ErrorResponse,
     ErrorType,
     ModelInfo,
 )
+from editserve.kinds import edit_kinds_for_model
 from service import metrics
 from service.webhooks import failed as failed_webhooks
 from service.webhooks.emit import emit as emit_webhook
@@ -289,7 +291,7 @@ def list_edits(
     request: Request,
     tenant: str = Depends(current_tenant),
     status: EditStatus | None = None,
-    kind: Literal["p2p", "ip2p"] | None = None,
+    kind: EditKind | None = None,
     model: str | None = Query(None, max_length=100),
     limit: int = Query(20, ge=1, le=100),
     cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
@@ -336,9 +338,8 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList, summary="Servable models")
 def list_models(request: Request) -> ModelList:
-    kinds = {"text2image": ["p2p"], "instruct": ["ip2p"]}
     return ModelList(data=[
-        ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=kinds[spec.kind], default_size=spec.default_size,
+        ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
                   max_size=spec.max_size, random_weights=spec.random_weights)
         for spec in services(request).settings.model_catalog().values()
     ])

@@ -20,11 +20,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editserve.contract import ErrorType
+from editserve.kinds import EDIT_KINDS
 
 log = logging.getLogger(__name__)
 
 _LOC_SECTIONS = {"body", "query", "path", "header", "cookie"}
-_UNION_TAGS = {"p2p", "ip2p"}
+_UNION_TAGS = set(EDIT_KINDS)
 # How pydantic names the member of a union a value failed (``cross_replace_steps.constrained-float``).
 _UNION_MEMBER = re.compile(r"^(?:function-[a-z-]+|(?:constrained-)?(?:float|int|str|bool|list|dict|tuple|set|"
                            r"frozenset|none|literal|union|is-instance)(?:\[.*\])?)$")
@@ -94,7 +95,7 @@ def from_validation_errors(errors: list[dict[str, Any]], *, prefix: tuple = ()) 
         if field is None and match:  # model validators name the field in their message
             field = match.group("field")
         if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-            field, message = "kind", "kind must be 'p2p' or 'ip2p'"
+            field, message = "kind", "kind must be " + " or ".join(repr(k) for k in EDIT_KINDS)
         if field and match is None:
             message = f"{field}: {message}"
         described.append((field, message))

@@ -56,6 +56,7 @@ from editserve.contract import (
     WebhookSpec,
     job_error,
 )
+from editserve.kinds import sweep_cells
 from service import limits, metrics, scripts
 from service.config import Settings
 from service.editview import EditView, load_record
@@ -531,16 +532,3 @@ def build_params(payload: JobPayload) -> dict[str, Any]:
             for i, (ig, tg, seed) in enumerate(sweep_cells(request, payload.seeds))
         ]
     return params
-
-
-def sweep_cells(request, seeds: list[int]) -> list[tuple[float, float, int]]:
-    """IP2P cells in expansion order image_guidance × text_guidance × seeds (outer to inner).
-
-    ``seeds`` is JobPayload.seeds: one per cell, already in this order.
-    """
-    sweep = request.sweep
-    image_axis = (sweep.image_guidance if sweep and sweep.image_guidance else None) or [request.image_guidance]
-    text_axis = (sweep.text_guidance if sweep and sweep.text_guidance else None) or [request.text_guidance]
-    per_seed = len(sweep.seeds) if sweep and sweep.seeds else 1
-    cells = [(ig, tg) for ig in image_axis for tg in text_axis for _ in range(per_seed)]
-    return [(ig, tg, seed) for (ig, tg), seed in zip(cells, seeds)]

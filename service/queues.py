@@ -17,13 +17,15 @@ import redis
 from rq import Queue
 
 from editserve.contract import BatchKey
+from editserve.kinds import EDIT_KINDS
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 """Served in this order: a worker always looks at higher priorities first."""
 
 QUEUE_PREFIX = "edits."
 _SUFFIX_RE = re.compile(
-    r"^(?P<model>.+):(?P<kind>p2p|ip2p):(?P<height>\d+)x(?P<width>\d+):s(?P<steps>\d+):(?P<scheduler>[^:]+)$"
+    r"^(?P<model>.+):(?P<kind>" + "|".join(map(re.escape, EDIT_KINDS)) + r"):(?P<height>\d+)x(?P<width>\d+)"
+    r":s(?P<steps>\d+):(?P<scheduler>[^:]+)$"
 )
 
 
