@@ -1,5 +1,5 @@
 """The webhook sender across Redis outages: the real process (``python -m service.webhooks``) against a real
-redis-server with AOF (``service.devstack.PersistentRedis``) that is killed and restarted on the same port,
+redis-server with AOF (``devtools.devstack.PersistentRedis``) that is killed and restarted on the same port,
 and a loopback receiver. Plus the pieces that make delivery at-least-once without double sends: the
 ``:done`` mark, ``requeue_job`` and ``recover_stranded``, against the session's Redis."""
 
@@ -35,7 +35,7 @@ from service.webhooks import delivery as wh_delivery
 from service.webhooks import emit as wh_emit
 from service.webhooks import events as wh_events
 from service.webhooks import sender as wh_sender
-from service.devstack import start_persistent_redis
+from devtools.devstack import start_persistent_redis
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from worker_support import (
 )
 
 from editserve.contract import EditStatus, Sweep
-from service.devstack import free_port
+from devtools.devstack import free_port
 from service.jobstore import edit_key
 from worker.editing.batch import BatchForwardError
 from worker.editing.jobs import JobResult, P2PJobSpec
