@@ -2,7 +2,7 @@
 
 Why: a worker batches only jobs that can share one UNet call per step. Routing each job to a queue named
 by its ``BatchKey`` lets a worker block on one job and then drain more *compatible* jobs from the same
-queue without ever pushing anything back (serving.md §3, design (a)).
+queue without ever pushing anything back (docs/design-notes.md).
 
 Name layout: ``edits.{priority}.{model}:{kind}:{H}x{W}:s{steps}:{scheduler}``.
 """

@@ -11,7 +11,8 @@ Why the ordering matters for "nothing lost, nothing twice":
 Why the uploads start together: when a batch's finishing begins, every successful job's PNG encoding and S3
 PUTs are handed to a small thread pool at once, and the finish loop (still one job at a time, in order: the
 JobStore mark, then RQ) only waits for each job's own uploads, renewing heartbeats meanwhile. Done one
-object after another they were the largest service cost of a batch (bench/service_bench.py).
+object after another they were the largest service cost of a batch (bench/service_bench.py; figures in
+bench/results/).
 
 Why ``start``, ``run`` and ``finish`` are separate steps: the worker loop starts the next batch, then hands
 the batch that just ran to its finisher thread (``finishing``), then runs the next one; ``process`` does all

@@ -92,8 +92,8 @@ class EditWorker:
 
         Why the previous batch is handed over only after this one started: its finishing (PNG encoding, boto3
         PUTs, JobStore renders) competes with this thread for the CPU and the GIL. Overlapped with the gather
-        and start — short Redis round trips while the accelerator idles — it made those several times slower
-        (bench/service_bench.py); during the run this thread mostly waits for the accelerator. (On a CPU-only
+        and start — short Redis round trips while the accelerator idles — it made those much slower
+        (bench/service_bench.py, figures in bench/results/); during the run this thread mostly waits for the accelerator. (On a CPU-only
         box the run itself needs the CPU and the GIL, and slows by about what the finishing costs.) The
         previous batch waits for this gather's window (``max_batch_wait_ms``) at most, and is handed over at
         once when no job is waiting.
