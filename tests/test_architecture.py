@@ -221,6 +221,22 @@ def test_keys_and_scripts_are_leaves():
     assert graph["service.scripts"] <= {"service.keys", "service.config", "service.queues", "editserve.contract"}
 
 
+LEAVES = {"service.keys", "service.scripts", "service.queues", "service.config", "service.storage", "service.metrics",
+          "service.egress", "service.imaging"}
+
+
+def test_leaves_import_only_leaves_and_the_contract():
+    graph = import_graph()
+    for leaf in sorted(LEAVES):
+        above = {m for m in graph[leaf] if not (m in LEAVES or m.startswith("editserve."))}
+        assert above == set(), f"{leaf} imports {sorted(above)}"
+
+
+def test_the_worker_runtime_does_not_import_the_gateway():
+    assert offenders("worker.runtime", ["service.app", "service.streams", "service.admin", "service.intake",
+                                        "service.edit_validation", "fastapi"]) == []
+
+
 def test_webhook_emission_is_redis_only():
     """``service.webhooks.emit`` is what a GPU worker runs on every status change: no HTTP client, no sender."""
     assert offenders("service.webhooks.emit", ["httpx", "service.webhooks.delivery", "service.webhooks.sender",
