@@ -363,7 +363,7 @@ class Chaos:
     def verify(self, finals: dict[str, Any]) -> dict[str, Any]:
         import redis
 
-        from service.jobstore import edit_key
+        from service.keys import edit_key
 
         s3 = self.s3.client()
         conn = redis.Redis.from_url(self.redis.url)

@@ -225,7 +225,7 @@ async def submit_all(base_url: str, args, seeds: list[int]) -> tuple[float, list
 
 def wait_terminal(conn, ids: list[str], timeout: float) -> None:
     """Block until every edit is terminal (watching the JobStore's records; cheap for the machine)."""
-    from service.jobstore import edit_key
+    from service.keys import edit_key
 
     deadline = time.monotonic() + timeout
     pending = set(ids)
@@ -291,7 +291,7 @@ def service_run(bench: Bench, args, seeds: list[int], conn, deadline: Deadline) 
 def bare_specs(conn, ids: list[str]):
     """The very job specs the worker ran: the stored payloads through the worker's own translation."""
     from editserve.contract import JobPayload
-    from service.jobstore import edit_key
+    from service.keys import edit_key
     from worker.runtime.execute import to_job_spec
 
     return [to_job_spec(JobPayload.model_validate_json(conn.hget(edit_key(i), "payload"))) for i in ids]

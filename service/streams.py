@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from editserve.contract import TERMINAL_STATUSES as _TERMINAL
 from editserve.contract import Edit
-from service.jobstore import JobStore, events_channel
+from service.jobstore import JobStore
+from service.keys import events_channel
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,8 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from editserve.contract import BatchKey, EditStatus, ErrorInfo, WebhookSpec
-from service.jobstore import (
-    EditConflict,
-    EditNotFound,
-    IdempotencyConflict,
-    JobStore,
-    edit_key,
-    events_channel,
-    new_edit_id,
-)
+from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
+from service.keys import edit_key, events_channel
 from service.queues import discover, parse_queue_name, queue_name, queue_names_by_priority
 
 

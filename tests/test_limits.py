@@ -15,17 +15,9 @@ from rq.job import Job
 from editserve.contract import EditStatus, ErrorInfo, JobPayload
 from service import metrics
 from service.app import create_app
-from service.jobstore import JobStore, edit_key, new_edit_id
-from service.limits import (
-    GLOBAL_QUEUED_KEY,
-    LimitExceeded,
-    TenantLimitOverrides,
-    held_key,
-    queued_key,
-    released_key,
-    tenant_limits,
-    write_overrides,
-)
+from service.jobstore import JobStore, new_edit_id
+from service.keys import GLOBAL_QUEUED_KEY, edit_key, held_key, queued_key, released_key
+from service.limits import LimitExceeded, TenantLimitOverrides, tenant_limits, write_overrides
 from service.queues import discover, queue_names_by_priority, rq_queue_key
 
 P2P = {"kind": "p2p", "source_prompt": "a cat riding a bike", "target_prompts": ["a dog riding a bike"], "steps": 4}

@@ -39,7 +39,8 @@ from rq.executions import Execution
 from editserve.contract import TERMINAL_STATUSES, BatchKey, ErrorInfo, ErrorType, JobPayload, job_error
 from service import metrics
 from service.config import Settings
-from service.jobstore import EditNotFound, JobStore, edit_key
+from service.jobstore import EditNotFound, JobStore
+from service.keys import edit_key
 from service.storage import Storage, StorageError
 from worker.editing.batch import BatchForwardError, BatchRunner, NonFiniteLatentsError
 from worker.editing.jobs import EditValidationError, JobResult, JobSpec

@@ -31,10 +31,10 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from editserve.contract import ErrorType, job_error
-from service.config import Settings, get_settings
 from service import scripts
-from service.jobstore import JobStore, edit_key
-from service.keys import REAPER_LOCK_KEY
+from service.config import Settings, get_settings
+from service.jobstore import JobStore
+from service.keys import REAPER_LOCK_KEY, edit_key
 from service.queues import discover
 from service.webhooks.emit import emit as emit_webhook
 from worker.runtime.batching import intermediate_key, queue_key
