@@ -14,7 +14,9 @@ from pydantic import ValidationError
 
 from service.auth import TENANT_RE, KeyStore
 from service.config import Settings
-from service.limits import TenantLimitOverrides, release_held, tenant_limits, write_overrides
+from service.jobstore import JobStore
+from service.limits import TenantLimitOverrides, tenant_limits, write_overrides
+from service.webhooks.emit import emit as emit_webhook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def limits_command(args: argparse.Namespace, connection: redis.Redis, settings: Settings) -> int:
     if args.command == "release-held":
-        print(f"released {release_held(connection, settings)}")
+        print(f"released {JobStore(connection, settings, listeners=[emit_webhook]).release_held()}")
         return 0
     if not TENANT_RE.match(args.tenant):
         print(f"error: invalid tenant name {args.tenant!r}", file=sys.stderr)

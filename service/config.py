@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ModelKind = Literal["text2image", "instruct"]
+from editserve.contract import ModelKind
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

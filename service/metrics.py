@@ -3,7 +3,7 @@
 Why one module: names, labels and buckets must match the Grafana dashboards exactly, and a metric
 defined twice in one process raises at import. Multiprocess mode (gunicorn with several workers) works
 when ``PROMETHEUS_MULTIPROC_DIR`` is set *before* start: every process writes its own files and
-``render()`` aggregates them with a fresh registry per scrape (serving.md §7).
+``render()`` aggregates them with a fresh registry per scrape (prometheus_client's multiprocess mode).
 
 Labels never carry ids; ``route`` is the route template (``/v1/edits/{edit_id}``), never the raw path.
 """
@@ -24,6 +24,9 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
+
+from service.keys import GLOBAL_QUEUED_KEY
+from service.queues import discover, rq_queue_key
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +79,9 @@ class QueueDepthCollector:
         queued = GaugeMetricFamily(QUEUED_EDITS_NAME, "Edits waiting to start, held ones (fair share) included; "
                                    "limits.max_queue_depth caps it")
         try:
-            from service.limits import GLOBAL_QUEUED_KEY
-            from service.queues import discover
-
             for group in discover(self.connection):
                 for name in group.queue_names:
-                    family.add_metric([name], float(self.connection.llen(f"rq:queue:{name}")))
+                    family.add_metric([name], float(self.connection.llen(rq_queue_key(name))))
             queued.add_metric([], float(self.connection.scard(GLOBAL_QUEUED_KEY)))
         except Exception as exc:  # a scrape must not fail because Redis blipped
             log.warning("queue depth unavailable: %s", exc)

@@ -83,7 +83,7 @@ def test_grafana_dashboard_is_current_and_queries_real_metrics():
 
 @pytest.mark.e2e
 def test_gunicorn_config_aggregates_metrics_across_processes(tmp_path, redis_url):
-    from service.devstack import free_port, wait_for_http
+    from devtools.devstack import free_port, wait_for_http
 
     port = free_port()
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"), EDITSERVE_BIND=f"127.0.0.1:{port}",

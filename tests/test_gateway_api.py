@@ -25,7 +25,7 @@ from rq.job import Job
 
 from editserve.contract import EditStatus
 from service.app import create_app
-from service.devstack import free_port
+from devtools.devstack import free_port
 from service.storage import output_key
 
 P2P = {"kind": "p2p", "source_prompt": "a cat riding a bike", "target_prompts": ["a dog riding a bike"],

@@ -22,8 +22,8 @@ from worker_support import (
 )
 
 from editserve.contract import EditStatus, Sweep
-from service.devstack import free_port
-from service.jobstore import edit_key
+from devtools.devstack import free_port
+from service.keys import edit_key
 from worker.editing.batch import BatchForwardError
 from worker.editing.jobs import JobResult, P2PJobSpec
 from worker.runtime.processing import run_with_split

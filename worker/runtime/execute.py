@@ -8,10 +8,10 @@ here are the job's own (``EditValidationError`` naming the field), never the bat
 from __future__ import annotations
 
 import io
-import itertools
 from collections.abc import Callable
 
 from editserve.contract import IP2PEditRequest, JobPayload, P2PEditRequest
+from editserve.kinds import sweep_cells
 from worker.editing.jobs import EditValidationError, IP2PCell, IP2PJobSpec, JobSpec, LocalBlendSpec, P2PJobSpec
 
 FetchBytes = Callable[[str], bytes]
@@ -85,28 +85,16 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes |
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
         raise EditValidationError("image", f"stored input {key} is not a readable image: {exc}") from exc
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
-                       cells=sweep_cells(request, payload.seeds))
+                       cells=ip2p_cells(request, payload.seeds))
 
 
-def sweep_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:
-    """Cells in the order image_guidance × text_guidance × seeds (seed varies fastest).
-
-    ``seeds`` (resolved by the gateway) holds one seed per cell; a list as long as the seed axis
-    is accepted too and broadcast over the guidance axes.
-    """
-    sweep = request.sweep
-    image_axis = (sweep.image_guidance if sweep else None) or [request.image_guidance]
-    text_axis = (sweep.text_guidance if sweep else None) or [request.text_guidance]
-    seed_axis_len = len(sweep.seeds) if sweep and sweep.seeds else 1
-    grid = list(itertools.product(image_axis, text_axis, range(seed_axis_len)))
-    if len(seeds) == len(grid):
-        cell_seeds = list(seeds)
-    elif len(seeds) == seed_axis_len:
-        cell_seeds = [seeds[s] for _, _, s in grid]
-    else:
-        raise EditValidationError("seeds", f"{len(seeds)} seeds for {len(grid)} sweep cells")
-    return [IP2PCell(text_guidance=tg, image_guidance=ig, seed=seed)
-            for (ig, tg, _), seed in zip(grid, cell_seeds)]
+def ip2p_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:
+    """``editserve.kinds.sweep_cells`` as the core's cells; a seed count that fits no grid is the job's error."""
+    try:
+        cells = sweep_cells(request, seeds)
+    except ValueError as exc:
+        raise EditValidationError("seeds", str(exc)) from exc
+    return [IP2PCell(text_guidance=tg, image_guidance=ig, seed=seed) for ig, tg, seed in cells]
 
 
 SpecBuilder = Callable[[JobPayload, object, "FetchBytes | None"], JobSpec]

@@ -25,6 +25,7 @@ import redis
 
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
+from service.webhooks.emit import emit as emit_webhook
 from service.storage import Storage
 from worker.models.registry import ModelRegistry
 from worker.runtime.batching import BatchGatherer, ClaimedJob, GatherPolicy, QueueClaimer
@@ -52,7 +53,7 @@ class EditWorker:
         self.connection = connection or redis.Redis.from_url(settings.redis_url)
         self.registry = registry or ModelRegistry(settings)
         self.storage = storage or Storage(settings.s3)
-        self.store = JobStore(self.connection, settings, self.storage)
+        self.store = JobStore(self.connection, settings, self.storage, listeners=[emit_webhook])
         w = settings.worker
         self.bridge = RqBridge(self.connection, name or f"{socket.gethostname()}.{os.getpid()}",
                                heartbeat_ttl=w.heartbeat_ttl_seconds, result_ttl=w.result_ttl_seconds)
@@ -91,8 +92,8 @@ class EditWorker:
 
         Why the previous batch is handed over only after this one started: its finishing (PNG encoding, boto3
         PUTs, JobStore renders) competes with this thread for the CPU and the GIL. Overlapped with the gather
-        and start — short Redis round trips while the accelerator idles — it made those several times slower
-        (bench/service_bench.py); during the run this thread mostly waits for the accelerator. (On a CPU-only
+        and start — short Redis round trips while the accelerator idles — it made those much slower
+        (bench/service_bench.py, figures in bench/results/); during the run this thread mostly waits for the accelerator. (On a CPU-only
         box the run itself needs the CPU and the GIL, and slows by about what the finishing costs.) The
         previous batch waits for this gather's window (``max_batch_wait_ms``) at most, and is handed over at
         once when no job is waiting.
