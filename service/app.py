@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
 from service import metrics
 from service import webhooks as webhook_delivery
+from service import redisconn
 from service.auth import (
     TENANT_RE,
     ApiKeyList,
@@ -79,7 +80,7 @@ class Services:
 
     def async_redis(self) -> aioredis.Redis:
         """A fresh asyncio client per waiting request: pub/sub holds its own connection anyway."""
-        return aioredis.Redis.from_url(self.settings.redis_url)
+        return redisconn.async_client(self.settings.redis_url)
 
     def aio_redis(self) -> aioredis.Redis:
         """The shared asyncio client of the running event loop (a client's pool is bound to the loop it first
@@ -87,7 +88,7 @@ class Services:
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:
-            entry = (loop, aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
+            entry = (loop, redisconn.async_client(self.settings.redis_url, socket_timeout=5,
                                                    socket_connect_timeout=2, health_check_interval=30))
             self._aio[id(loop)] = entry
         return entry[1]
@@ -537,7 +538,7 @@ def _warm_up(svc: Services) -> None:
 
 
 def build_services(settings: Settings) -> Services:
-    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+    connection = redisconn.sync_client(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
                                       health_check_interval=30)
     storage = Storage(settings.s3)
     return Services(settings=settings, redis=connection, storage=storage,

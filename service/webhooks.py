@@ -99,6 +99,7 @@ from rq.utils import parse_composite_key
 from editserve.contract import Edit, EditStatus, WebhookDeliveryState, WebhookEvent, WebhookEventType
 from editserve.webhooks import sign
 from service import egress
+from service import redisconn
 from service.config import Settings, WebhookSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -641,7 +642,7 @@ def deliver(delivery: dict) -> str:
     job = get_current_job()
     settings = get_settings()
     if job is None:  # called directly, outside a worker
-        connection = redis_lib.Redis.from_url(settings.redis_url)
+        connection = redisconn.rq_client(settings.redis_url)
         return Deliverer(settings, connection).run(Delivery(**delivery)).outcome.value
     return Deliverer(settings, job.connection).run(Delivery(**delivery), job_id=job.id).outcome.value
 
@@ -776,7 +777,7 @@ class Sender:
     def __post_init__(self) -> None:
         # One quick try per command (redis-py's default retries would hide an outage for seconds, and could
         # repeat a non-idempotent write); the loop below does the waiting. Reconnects are implicit.
-        self.connection = redis_lib.Redis.from_url(
+        self.connection = redisconn.rq_client(
             self.settings.redis_url, socket_connect_timeout=2, socket_timeout=self.dequeue_timeout + 4,
             retry=Retry(NoBackoff(), 0))
         self.queue = Queue(QUEUE_NAME, connection=self.connection)
@@ -933,7 +934,7 @@ class Sender:
 
 
 def _cli_failed(settings: Settings, limit: int, as_json: bool) -> int:
-    entries = list_failed(redis_lib.Redis.from_url(settings.redis_url), limit, settings=settings)
+    entries = list_failed(redisconn.rq_client(settings.redis_url), limit, settings=settings)
     for entry in entries:
         row = entry.summary()
         if as_json:
@@ -948,7 +949,7 @@ def _cli_failed(settings: Settings, limit: int, as_json: bool) -> int:
 
 
 def _cli_replay(settings: Settings, idents: list[str]) -> int:
-    connection = redis_lib.Redis.from_url(settings.redis_url)
+    connection = redisconn.rq_client(settings.redis_url)
     rc = 0
     for ident in idents:
         try:

@@ -31,6 +31,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from editserve.contract import ErrorInfo
+from service import redisconn
 from service.config import Settings, get_settings
 from service.jobstore import JobStore, edit_key
 from service.queues import discover
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
-    reaper = Reaper(redis.Redis.from_url(settings.redis_url), settings)
+    reaper = Reaper(redisconn.rq_client(settings.redis_url), settings)
     while True:
         report = reaper.run_once()
         print(f"requeued={len(report.requeued)} failed={len(report.failed)} tidied={len(report.tidied)} "

@@ -23,6 +23,7 @@ import time
 
 import redis
 
+from service import redisconn
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
 from service.storage import Storage
@@ -49,7 +50,7 @@ class EditWorker:
                              f"known: {sorted(settings.model_catalog())}")
         self.settings = settings
         self.models = list(models)
-        self.connection = connection or redis.Redis.from_url(settings.redis_url)
+        self.connection = connection or redisconn.rq_client(settings.redis_url)
         self.registry = registry or ModelRegistry(settings)
         self.storage = storage or Storage(settings.s3)
         self.store = JobStore(self.connection, settings, self.storage)
@@ -209,7 +210,7 @@ class EditWorker:
 def wait_for_redis(url: str, timeout: float = 60.0) -> None:
     """Block (bounded) until Redis answers: a worker (re)started during a Redis outage or while Redis loads
     its AOF used to die in RQ's worker constructor and wait for its supervisor's restart back-off instead."""
-    connection = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    connection = redisconn.sync_client(url, socket_connect_timeout=2, socket_timeout=2)
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:
