@@ -23,7 +23,7 @@ import time
 
 import redis
 
-from service import redisconn
+from service import liveness, redisconn
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
 from service.storage import Storage
@@ -141,6 +141,8 @@ class EditWorker:
     def run(self) -> int:
         self.load_models()
         self.bridge.register()
+        beacon = liveness.Beacon(self.connection, self.name, self.models, self.settings.worker.heartbeat_ttl_seconds)
+        beacon.start()  # after load_models: "live" means the models are loaded
         self.processor.worker_name = self.name
         reaper_thread = ReaperThread(self.reaper, self.settings.worker.reaper_interval_seconds)
         reaper_thread.start()
@@ -164,6 +166,7 @@ class EditWorker:
             self.finisher.close()
             reaper_thread.stop()
             self.stop_metrics_server()
+            beacon.stop()
             self.bridge.unregister()
             log_event("worker_stopped", worker=self.name, aborted=self.abort_requested)
         return 0
