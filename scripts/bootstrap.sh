@@ -15,12 +15,13 @@ if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, w
   $PY -m pip install -q --disable-pip-version-check --no-deps "open-clip-torch==3.3.0"
   touch "$stamp"
 fi
-# Debian packages: Redis and Sentinel (tests/test_redis_sentinel.py), promtool (alert rules), node + npm (CRD
+# Debian packages: Redis, Sentinel and openssl (tests/test_redis_sentinel.py), promtool (alert rules), node + npm (CRD
 # validators for deploy/k8s), kubectl (kustomize renders deploy/k8s; these machines ship Google's kubectl package).
 apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v redis-sentinel >/dev/null || apt_missing+=(redis-sentinel)
 command -v promtool >/dev/null || apt_missing+=(prometheus)
+command -v openssl >/dev/null || apt_missing+=(openssl)
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
 if [ ${#apt_missing[@]} -gt 0 ]; then

@@ -2,7 +2,8 @@
 
 A real Sentinel group (redis-server master + replica, redis-sentinel) runs on loopback. The whole service
 (uvicorn gateway, batching worker, webhook sender) is given only the sentinel's address; an edit goes
-submit -> worker -> result, then Sentinel promotes the replica and the next edit still completes.
+submit -> worker -> result, then Sentinel promotes the replica and the next edit still completes. A TLS-only
+redis-server checks ``rediss://`` URLs (certificate verified against the CA given in the URL).
 """
 
 from __future__ import annotations
@@ -141,3 +142,50 @@ def test_submit_worker_result_and_webhook_through_sentinel_across_a_failover(gro
     finally:
         stack.stop()
         hooks.shutdown()
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """A redis-server that speaks TLS only (self-signed certificate for 127.0.0.1, made with openssl)."""
+    import shutil
+    import subprocess
+
+    from sentinel_support import _wait
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True, timeout=60)
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--tls-port", str(port), "--tls-cert-file",
+                             str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                             "--tls-auth-clients", "no", "--save", "", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    try:
+        _wait(lambda: redisconn.sync_client(url, socket_timeout=2).ping(), 20, "TLS redis")
+        yield port, cert, url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_tls_url_reaches_a_tls_only_redis_and_checks_its_certificate(tls_redis):
+    port, cert, url = tls_redis
+    assert Settings(redis_url=url).redis_url == url
+    job = Queue("tls-check", connection=redisconn.rq_client(url)).enqueue("builtins.len", "abc")
+    assert Queue("tls-check", connection=redisconn.sync_client(url)).job_ids == [job.id]
+
+    async def roundtrip() -> bytes:
+        client = redisconn.async_client(url)
+        try:
+            await client.set("t", "tls")
+            return await client.get("t")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(roundtrip()) == b"tls"
+    with pytest.raises(redis.ConnectionError):  # the server's certificate is not trusted without the CA
+        redisconn.sync_client(f"rediss://127.0.0.1:{port}/0", socket_timeout=2).ping()
+    with pytest.raises(redis.ConnectionError):  # and it speaks no plain text
+        redisconn.sync_client(f"redis://127.0.0.1:{port}/0", socket_timeout=2).ping()
