@@ -30,9 +30,8 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
-from service import metrics
+from service import metrics, redisconn
 from service import webhooks as webhook_delivery
-from service import redisconn
 from service.auth import (
     TENANT_RE,
     ApiKeyList,
@@ -89,7 +88,7 @@ class Services:
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:
             entry = (loop, redisconn.async_client(self.settings.redis_url, socket_timeout=5,
-                                                   socket_connect_timeout=2, health_check_interval=30))
+                                                  socket_connect_timeout=2, health_check_interval=30))
             self._aio[id(loop)] = entry
         return entry[1]
 
@@ -539,7 +538,7 @@ def _warm_up(svc: Services) -> None:
 
 def build_services(settings: Settings) -> Services:
     connection = redisconn.sync_client(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                      health_check_interval=30)
+                                       health_check_interval=30)
     storage = Storage(settings.s3)
     return Services(settings=settings, redis=connection, storage=storage,
                     jobstore=JobStore(connection, settings, storage), keys=KeyStore(connection, settings),

@@ -98,8 +98,7 @@ from rq.utils import parse_composite_key
 
 from editserve.contract import Edit, EditStatus, WebhookDeliveryState, WebhookEvent, WebhookEventType
 from editserve.webhooks import sign
-from service import egress
-from service import redisconn
+from service import egress, redisconn
 from service.config import Settings, WebhookSettings, get_settings
 
 log = logging.getLogger(__name__)
