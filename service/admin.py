@@ -12,6 +12,7 @@ import sys
 import redis
 from pydantic import ValidationError
 
+from service import redisconn
 from service.auth import TENANT_RE, KeyStore
 from service.config import Settings
 from service.jobstore import JobStore
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = redisconn.rq_client(settings.redis_url)
     if args.command in ("show-limits", "set-limits", "release-held"):
         return limits_command(args, connection, settings)
     store = KeyStore(connection, settings)

@@ -41,7 +41,7 @@ from editserve.contract import (
     ModelInfo,
 )
 from editserve.kinds import edit_kinds_for_model
-from service import metrics
+from service import metrics, redisconn
 from service.webhooks import failed as failed_webhooks
 from service.webhooks.emit import emit as emit_webhook
 from service.auth import (
@@ -91,7 +91,7 @@ class Services:
 
     def async_redis(self) -> aioredis.Redis:
         """A fresh asyncio client per waiting request: pub/sub holds its own connection anyway."""
-        return aioredis.Redis.from_url(self.settings.redis_url)
+        return redisconn.async_client(self.settings.redis_url)
 
     def aio_redis(self) -> aioredis.Redis:
         """The shared asyncio client of the running event loop (a client's pool is bound to the loop it first
@@ -99,8 +99,8 @@ class Services:
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:
-            entry = (loop, aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
-                                                   socket_connect_timeout=2, health_check_interval=30))
+            entry = (loop, redisconn.async_client(self.settings.redis_url, socket_timeout=5,
+                                                  socket_connect_timeout=2, health_check_interval=30))
             self._aio[id(loop)] = entry
         return entry[1]
 
@@ -547,8 +547,8 @@ def _warm_up(svc: Services) -> None:
 
 
 def build_services(settings: Settings) -> Services:
-    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                      health_check_interval=30)
+    connection = redisconn.sync_client(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                       health_check_interval=30)
     storage = Storage(settings.s3)
     jobstore = JobStore(connection, settings, storage, listeners=[emit_webhook])  # the store tells, webhooks watch
     return Services(settings=settings, redis=connection, storage=storage, jobstore=jobstore,

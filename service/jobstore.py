@@ -321,9 +321,10 @@ class JobStore:
         with self._lock:
             self._in_progress_here.add(edit_id)
         metrics.jobs_in_progress.inc()
-        wait = self.redis.hget(edit_key(edit_id), "queue_wait_seconds")
+        wait, model, kind = self.redis.hmget(edit_key(edit_id), "queue_wait_seconds", "model", "kind")
         if wait is not None:
-            metrics.queue_wait_seconds.observe(float(wait))
+            metrics.queue_wait_seconds.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode()).observe(
+                float(wait))
         self._publish_current(edit_id, event="started")
         return True
 
@@ -354,7 +355,9 @@ class JobStore:
         fields = {"results": json.dumps(results), "attention_maps": json.dumps(attention_maps),
                   "run_seconds": repr(float(run_seconds))}
         if self._transition(edit_id, S, completed_at=True, set_fields=fields):
-            metrics.job_duration_seconds.observe(run_seconds)
+            model, kind = self.redis.hmget(edit_key(edit_id), "model", "kind")
+            metrics.job_duration_seconds.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode()).observe(
+                run_seconds)
             self._record_stats(edit_id, run_seconds)
 
     def mark_failed(self, edit_id: str, error: ErrorInfo) -> None:
@@ -473,8 +476,9 @@ class JobStore:
 
     def _finish_bookkeeping(self, edit_id: str, previous: str, to: EditStatus) -> None:
         self._leave_in_progress(edit_id)
-        kind = self.redis.hget(edit_key(edit_id), "kind")
-        metrics.jobs_completed_total.labels(kind=(kind or b"?").decode(), status=to.value).inc()
+        kind, model = self.redis.hmget(edit_key(edit_id), "kind", "model")
+        metrics.jobs_completed_total.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode(),
+                                            status=to.value).inc()
         if previous == Q.value:  # never started: make sure no worker picks the RQ job up
             self._cancel_rq_job(edit_id)
 

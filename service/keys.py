@@ -26,6 +26,7 @@ Layout (all prefixed ``editserve:``)::
     webhook:{id}:done             hash: delivery job id -> JSON outcome of its attempt
     webhooks:failed               stream: deliveries given up on (replayable)
     reaper:lock                   string: one reaper pass at a time
+    workers:live                  sorted set: model|worker -> heartbeat expiry (live workers per model)
 """
 
 from __future__ import annotations
@@ -118,3 +119,4 @@ def webhook_done_key(edit_id: str) -> str:
 # ---------------------------------------------------------------------------------------------- worker
 
 REAPER_LOCK_KEY = f"{KEY_PREFIX}reaper:lock"
+LIVE_WORKERS_KEY = f"{KEY_PREFIX}workers:live"  # sorted set "model|worker" -> expiry (service.liveness)

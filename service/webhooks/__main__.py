@@ -7,8 +7,8 @@ import json
 import logging
 import sys
 
-import redis as redis_lib
 
+from service import redisconn
 from service.config import Settings, get_settings
 from service.webhooks import delivery  # noqa: F401 (the code its jobs run: loaded before the first job)
 from service.webhooks.failed import list_failed, replay_failed
@@ -16,7 +16,7 @@ from service.webhooks.sender import Sender
 
 
 def _cli_failed(settings: Settings, limit: int, as_json: bool) -> int:
-    entries = list_failed(redis_lib.Redis.from_url(settings.redis_url), limit, settings=settings)
+    entries = list_failed(redisconn.rq_client(settings.redis_url), limit, settings=settings)
     for entry in entries:
         row = entry.summary()
         if as_json:
@@ -31,7 +31,7 @@ def _cli_failed(settings: Settings, limit: int, as_json: bool) -> int:
 
 
 def _cli_replay(settings: Settings, idents: list[str]) -> int:
-    connection = redis_lib.Redis.from_url(settings.redis_url)
+    connection = redisconn.rq_client(settings.redis_url)
     rc = 0
     for ident in idents:
         try:

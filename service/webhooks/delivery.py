@@ -16,7 +16,7 @@ import redis as redis_lib
 from rq.timeouts import JobTimeoutException
 
 from editserve.webhooks import sign
-from service import egress, metrics
+from service import egress, metrics, redisconn
 from service.auth import webhook_secret
 from service.config import Settings, WebhookSettings, get_settings
 from service.jobstore import JobStore
@@ -241,6 +241,6 @@ def deliver(delivery: dict) -> str:
     job = get_current_job()
     settings = get_settings()
     if job is None:  # called directly, outside a worker
-        connection = redis_lib.Redis.from_url(settings.redis_url)
+        connection = redisconn.rq_client(settings.redis_url)
         return Deliverer(settings, connection).run(Delivery(**delivery)).outcome.value
     return Deliverer(settings, job.connection).run(Delivery(**delivery), job_id=job.id).outcome.value

@@ -26,7 +26,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.utils import parse_composite_key
 
-from service import scripts
+from service import redisconn, scripts
 from service.config import Settings
 from service.webhooks.events import QUEUE_NAME, TRANSIENT_REDIS_ERRORS, text
 
@@ -152,7 +152,7 @@ class Sender:
     def __post_init__(self) -> None:
         # One quick try per command (redis-py's default retries would hide an outage for seconds, and could
         # repeat a non-idempotent write); the loop below does the waiting. Reconnects are implicit.
-        self.connection = redis_lib.Redis.from_url(
+        self.connection = redisconn.rq_client(
             self.settings.redis_url, socket_connect_timeout=2, socket_timeout=self.dequeue_timeout + 4,
             retry=Retry(NoBackoff(), 0))
         self.queue = Queue(QUEUE_NAME, connection=self.connection)

@@ -165,7 +165,7 @@ class BatchProcessor:
             mark_canceled=self.store.mark_canceled,
             background=True)
         report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
-        metrics.batch_size.observe(len(jobs))
+        metrics.batch_size.labels(model=claimed[0].batch_key.model).observe(len(jobs))
 
         runnable = []
         for job in jobs:

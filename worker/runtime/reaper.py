@@ -31,7 +31,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from editserve.contract import ErrorType, job_error
-from service import scripts
+from service import redisconn, scripts
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
 from service.keys import REAPER_LOCK_KEY, edit_key
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = redisconn.rq_client(settings.redis_url)
     reaper = Reaper(connection, settings, JobStore(connection, settings, listeners=[emit_webhook]))
     while True:
         report = reaper.run_once()
