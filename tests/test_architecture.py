@@ -222,7 +222,7 @@ def test_keys_and_scripts_are_leaves():
 
 
 LEAVES = {"service.keys", "service.scripts", "service.queues", "service.config", "service.storage", "service.metrics",
-          "service.egress", "service.imaging"}
+          "service.egress", "service.imaging", "service.redisconn", "service.liveness"}
 
 
 def test_leaves_import_only_leaves_and_the_contract():
