@@ -53,9 +53,9 @@ def start_web_stack(redis_server, s3_server, models_dir: Path) -> WebStack:
         "EDITSERVE_WORKER__TORCH_THREADS": "1",
     })
     try:
-        stack.start_gateway()
+        stack.start_webhook_sender()  # the slow starters first: they load while the gateway comes up
         stack.start_worker("web-worker")
-        stack.start_webhook_sender()
+        stack.start_gateway()
         created = httpx.post(f"{stack.base_url}/v1/admin/keys", json={"tenant": "web", "label": "web tests"},
                              headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
         created.raise_for_status()
