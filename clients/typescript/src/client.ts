@@ -100,6 +100,22 @@ const sleep = (ms: number, signal?: AbortSignal) =>
     }, { once: true });
   });
 
+/** AbortSignal.any where it exists (Node 20.3+, current browsers), else the same by hand (Node 18). */
+function anySignal(signals: AbortSignal[]): AbortSignal {
+  if (signals.length === 1) return signals[0];
+  const native = (AbortSignal as { any?: (s: AbortSignal[]) => AbortSignal }).any;
+  if (native) return native(signals);
+  const controller = new AbortController();
+  for (const signal of signals) {
+    if (signal.aborted) {
+      controller.abort(signal.reason);
+      break;
+    }
+    signal.addEventListener("abort", () => controller.abort(signal.reason), { once: true });
+  }
+  return controller.signal;
+}
+
 function randomKey(): string {
   const c = globalThis.crypto;
   if (c?.randomUUID) return c.randomUUID();
@@ -265,8 +281,7 @@ export class EditserveClient {
     const id = editId(edit);
     const deadline = options.timeoutMs === undefined ? null : Date.now() + options.timeoutMs;
     const timer = new AbortController();
-    const signals = [timer.signal, ...(options.signal ? [options.signal] : [])];
-    const signal = signals.length > 1 ? AbortSignal.any(signals) : timer.signal;
+    const signal = anySignal([timer.signal, ...(options.signal ? [options.signal] : [])]);
     const timeout = deadline === null ? undefined : setTimeout(() => timer.abort(new WaitTimeout("", null)),
                                                                Math.max(0, deadline - Date.now()));
     let last: Edit | null = typeof edit === "string" ? null : (edit as Edit);
@@ -361,7 +376,7 @@ export class EditserveClient {
     for (let attempt = 0; ; attempt++) {
       const signals = call.signal ? [call.signal] : [];
       if (call.timeout !== false) signals.push(AbortSignal.timeout(this.timeoutMs));
-      const signal = signals.length > 1 ? AbortSignal.any(signals) : signals[0];
+      const signal = signals.length ? anySignal(signals) : undefined;
       let response: Response | null = null;
       try {
         response = await this.fetchImpl(this.url(call), { method: call.method, headers, body, signal });

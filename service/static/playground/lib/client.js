@@ -26,6 +26,23 @@ const sleep = (ms, signal) => new Promise((resolve, reject) => {
         reject(signal.reason);
     }, { once: true });
 });
+/** AbortSignal.any where it exists (Node 20.3+, current browsers), else the same by hand (Node 18). */
+function anySignal(signals) {
+    if (signals.length === 1)
+        return signals[0];
+    const native = AbortSignal.any;
+    if (native)
+        return native(signals);
+    const controller = new AbortController();
+    for (const signal of signals) {
+        if (signal.aborted) {
+            controller.abort(signal.reason);
+            break;
+        }
+        signal.addEventListener("abort", () => controller.abort(signal.reason), { once: true });
+    }
+    return controller.signal;
+}
 function randomKey() {
     const c = globalThis.crypto;
     if (c?.randomUUID)
@@ -179,8 +196,7 @@ export class EditserveClient {
         const id = editId(edit);
         const deadline = options.timeoutMs === undefined ? null : Date.now() + options.timeoutMs;
         const timer = new AbortController();
-        const signals = [timer.signal, ...(options.signal ? [options.signal] : [])];
-        const signal = signals.length > 1 ? AbortSignal.any(signals) : timer.signal;
+        const signal = anySignal([timer.signal, ...(options.signal ? [options.signal] : [])]);
         const timeout = deadline === null ? undefined : setTimeout(() => timer.abort(new WaitTimeout("", null)), Math.max(0, deadline - Date.now()));
         let last = typeof edit === "string" ? null : edit;
         let useEvents = true;
@@ -287,7 +303,7 @@ export class EditserveClient {
             const signals = call.signal ? [call.signal] : [];
             if (call.timeout !== false)
                 signals.push(AbortSignal.timeout(this.timeoutMs));
-            const signal = signals.length > 1 ? AbortSignal.any(signals) : signals[0];
+            const signal = signals.length ? anySignal(signals) : undefined;
             let response = null;
             try {
                 response = await this.fetchImpl(this.url(call), { method: call.method, headers, body, signal });
