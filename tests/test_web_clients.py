@@ -59,7 +59,7 @@ def web(redis_server, s3_server, tiny_models):
 
 @pytest.mark.e2e
 def test_node_suite_against_a_live_stack(web):
-    result = run(["node", "--test", "--test-reporter=spec", "test/live.test.mjs"], timeout=240, env={
+    result = run(["node", "--test", "--test-reporter=spec", "test/sse.test.mjs", "test/live.test.mjs"], timeout=240, env={
         "EDITSERVE_URL": web.base_url, "EDITSERVE_API_KEY": web.api_key,
         "EDITSERVE_WEBHOOK_SECRET": web.webhook_secret})
     output = result.stdout + result.stderr
@@ -149,7 +149,7 @@ def images_loaded(page, card) -> list[str]:
     card.locator(".result img").first.wait_for()
     page.wait_for_function("(card) => [...card.querySelectorAll('.result img')].every((i) => i.complete && "
                            "i.naturalWidth > 0)", arg=card.element_handle(), timeout=30_000)
-    return card.locator(".result img").evaluate_all("(imgs) => imgs.map((i) => i.src)")
+    return card.locator(".result:not(.input) img").evaluate_all("(imgs) => imgs.map((i) => i.src)")
 
 
 @pytest.mark.e2e
@@ -227,6 +227,7 @@ def test_ip2p_edit_from_the_page_with_a_sweep_by_keyboard(page, tmp_path):
     card = wait_finished(page, '.job[data-kind="ip2p"]')
     urls = images_loaded(page, card)
     assert len(urls) == 4 and all("X-Amz-Signature" in u for u in urls)
+    assert card.locator(".result.input img").get_attribute("src").startswith("blob:")  # the photo, beside them
     captions = card.locator(".result figcaption span").all_inner_texts()
     assert captions[:2] == ["s_I 1 · s_T 5 · seed 4", "s_I 1 · s_T 7.5 · seed 4"], captions
     columns = card.locator(".results").evaluate("(el) => getComputedStyle(el).gridTemplateColumns.split(' ').length")

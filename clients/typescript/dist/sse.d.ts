@@ -3,7 +3,7 @@
  *
  * Why not `EventSource`: it cannot send an `Authorization` header, and the API key must never travel in a
  * URL. This parser implements the framing of the HTML spec (fields `event`, `data`, `id`; comments; any of
- * CR, LF, CRLF as line ends) and works the same in browsers and Node 18+.
+ * CR, LF, CRLF as line ends; an unfinished event at the end is dropped) and works in browsers and Node 18+.
  */
 export interface SSEMessage {
     event: string;

@@ -3,7 +3,7 @@
  *
  * Why not `EventSource`: it cannot send an `Authorization` header, and the API key must never travel in a
  * URL. This parser implements the framing of the HTML spec (fields `event`, `data`, `id`; comments; any of
- * CR, LF, CRLF as line ends) and works the same in browsers and Node 18+.
+ * CR, LF, CRLF as line ends; an unfinished event at the end is dropped) and works in browsers and Node 18+.
  */
 /** Frames one event per blank line from a stream of text lines. */
 export class SSEDecoder {
@@ -66,17 +66,8 @@ export async function* readSSE(body) {
                     yield message;
             }
             buffer = buffer.slice(start);
-            if (done) {
-                if (buffer) {
-                    const message = decoder.feed(buffer);
-                    if (message)
-                        yield message;
-                }
-                const last = decoder.feed("");
-                if (last)
-                    yield last;
-                return;
-            }
+            if (done)
+                return; // an event not ended by a blank line is incomplete: the spec drops it
         }
     }
     finally {

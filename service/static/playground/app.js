@@ -259,7 +259,6 @@ function chooseFile(file) {
   if (!file) return;
   ip2p.file = file;
   const preview = $("#ip2p-preview");
-  if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   $("#drop-hint").textContent = `${file.name} (${Math.round(file.size / 1024)} KiB): drop or press Enter to change`;
@@ -304,7 +303,8 @@ function setupIP2P() {
       showError(form, new APIError("choose or drop a photo first", 0, "invalid_request", "image", null));
       return;
     }
-    await submitFrom(form, $("#ip2p-submit"), () => state.client.submit(request, { image: ip2p.file, filename: ip2p.file.name }), request);
+    const shown = { ...request, inputUrl: $("#ip2p-preview").src };
+    await submitFrom(form, $("#ip2p-submit"), () => state.client.submit(request, { image: ip2p.file, filename: ip2p.file.name }), shown);
   });
 }
 
@@ -346,6 +346,9 @@ function follow(edit, request) {
   const maps = el("div", { class: "maps" });
   const card = el("article", { class: "job", "data-edit-id": edit.id, "data-kind": edit.kind, "data-status": edit.status },
     el("header", {}, el("strong", { text: edit.kind.toUpperCase() }), el("code", { text: edit.id }), status, cancel),
+    el("p", { class: "summary", text: request.kind === "p2p"
+      ? `${request.source_prompt} → ${request.target_prompts.join(" | ")} (${request.edit})`
+      : `“${request.instruction}”${request.sweep ? `, sweep ${Object.entries(request.sweep).map(([k, v]) => `${k} [${v.join(", ")}]`).join(" × ")}` : ""}` }),
     progress, results, maps);
   $("#jobs").prepend(card);
 
@@ -404,7 +407,11 @@ function renderResults(edit, request, results, maps) {
                        onclick: () => download(result.url, `${edit.id}-${result.index}.png`) })));
     return figure;
   });
-  results.replaceChildren(...figures);
+  const input = edit.kind === "ip2p" && request.inputUrl
+    ? el("figure", { class: "result input" }, el("div", { class: "frame" }, el("img", { src: request.inputUrl, alt: "the input photo" })),
+         el("figcaption", { text: "input" }))
+    : null;
+  results.replaceChildren(...(input ? [input] : []), ...figures);
   maps.replaceChildren(...edit.attention_maps.map((map) => {
     const figure = figures.find((f) => Number(f.dataset.index) === map.prompt_index);
     let loaded = null;
