@@ -7,13 +7,16 @@ next to their field. Screenshots of finished edits go to ``.run/playground-scree
 
 from __future__ import annotations
 
+import base64
 import filecmp
 import re
+import sys
 
 import httpx
 import pytest
 from web_support import (
     PLAYGROUND_DIR,
+    REPO,
     SCREENSHOT_DIR,
     TS_DIR,
     chromium_path,
@@ -153,7 +156,7 @@ def images_loaded(page, card) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_p2p_edit_from_the_page(page, web):
+def test_p2p_edit_from_the_page(page, web, tmp_path):
     page.fill("#p2p-source", "a photo of a cat riding a bicycle")
     page.fill("#p2p-target-0", "a photo of a dog riding a bicycle")
     page.click("#add-target")
@@ -197,10 +200,19 @@ def test_p2p_edit_from_the_page(page, web):
     page.mouse.move(0, 0)
     page.wait_for_function("(el) => !el.classList.contains('shown')", arg=overlay.element_handle())
 
-    # copy as code: the request as curl, never with the key
+    # copy as code: the same request as curl and Python, never with the key, and both run as they are
+    env = {"EDITSERVE_API_KEY": web.api_key, "PYTHONPATH": str(REPO)}
     page.click('#p2p-form [data-copy="curl"]')
     curl = page.locator("#snippet").inner_text()
     assert "$EDITSERVE_API_KEY" in curl and web.api_key not in curl and '"reweight":[{"dog":2},{}]' in curl
+    answer = run(["bash", "-c", curl], cwd=tmp_path, env=env, timeout=60)
+    assert answer.returncode == 0 and '"status":"queued"' in answer.stdout, answer.stdout + answer.stderr
+    page.click('#p2p-form [data-copy="python"]')
+    python = page.locator("#snippet").inner_text()
+    assert web.api_key not in python and "submit_p2p(" in python
+    ran = run([sys.executable, "-c", python], cwd=tmp_path, env=env, timeout=180)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert len(list((tmp_path / "out").glob("*-output-*.png"))) == 3
 
 
 @pytest.mark.e2e
@@ -212,7 +224,12 @@ def test_ip2p_edit_from_the_page_with_a_sweep_by_keyboard(page, tmp_path):
     page.focus("#tab-p2p")
     page.keyboard.press("ArrowRight")
     assert page.locator("#panel-ip2p").is_visible() and page.evaluate("document.activeElement.id") == "tab-ip2p"
-    page.set_input_files("#ip2p-file", str(photo))
+    page.evaluate("""(b64) => {  // drag and drop, as a person would
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'photo.png', {type: 'image/png'}));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
+    }""", base64.b64encode(photo.read_bytes()).decode())
     page.wait_for_selector("#ip2p-preview:not([hidden])")
     page.fill("#ip2p-instruction", "make it snowy")
     set_range(page, "#ip2p-text", 6)
