@@ -253,7 +253,15 @@ def test_ip2p_edit_from_the_page_with_a_sweep_by_keyboard(page, tmp_path):
 
 
 @pytest.mark.e2e
-def test_api_errors_are_shown_next_to_the_field_they_name(page):
+def test_api_errors_are_shown_next_to_the_field_they_name(page, web):
+    page.fill("#api-key", "esk_not_a_key")
+    page.fill("#p2p-steps", "4")
+    page.click("#p2p-submit")
+    page.locator("#key-form .field-error").wait_for(timeout=15_000)
+    assert "invalid" in page.locator("#key-form .field-error").inner_text()
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.fill("#api-key", web.api_key)
+
     page.fill("#p2p-target-0", "a photo of a dog riding a bicycle")
     page.click("#add-target")
     page.fill("#p2p-target-1", "a photo of a big bird riding a red bicycle")

@@ -76,8 +76,10 @@ function showBanner(message) {
 }
 
 function clearErrors(form) {
-  for (const node of $$(".field-error", form)) node.remove();
-  for (const node of $$("[aria-invalid]", form)) node.removeAttribute("aria-invalid");
+  for (const root of [form, $("#key-form")]) {
+    for (const node of $$(".field-error", root)) node.remove();
+    for (const node of $$("[aria-invalid]", root)) node.removeAttribute("aria-invalid");
+  }
   showBanner("");
 }
 
@@ -94,15 +96,16 @@ function fieldElement(form, field) {
 
 function showError(form, error) {
   const field = error instanceof APIError ? error.field : null;
-  const target = field ? fieldElement(form, field) : null;
+  const unauthorized = error instanceof APIError && error.status === 401;
+  const target = unauthorized ? $("#key-form") : field ? fieldElement(form, field) : null;
   const message = error instanceof APIError ? `${error.message}` : String(error.message ?? error);
   if (!target) {
     showBanner(error instanceof APIError ? `${error.status} ${error.type}: ${message}` : message);
     return;
   }
   const id = `error-${Math.random().toString(36).slice(2, 8)}`;
-  target.append(el("p", { class: "field-error", role: "alert", id, "data-error-field": field, text: message }));
-  const input = target.matches("input, select") ? target : target.querySelector("input, select, textarea, [tabindex]");
+  target.append(el("p", { class: "field-error", role: "alert", id, "data-error-field": field ?? "api_key", text: message }));
+  const input = target.matches("input, select") ? target : target.querySelector("input:not([type=checkbox]), select, textarea, [tabindex]");
   if (input) {
     input.setAttribute("aria-invalid", "true");
     input.setAttribute("aria-describedby", id);
