@@ -53,7 +53,8 @@ export interface WaitOptions {
     pollIntervalMs?: number;
     signal?: AbortSignal;
 }
-interface Call {
+/** One API request, as `json()` sends it (retried unchanged). */
+export interface ApiCall {
     method: string;
     path: string;
     query?: Record<string, string | number | undefined>;
@@ -121,8 +122,7 @@ export declare class EditserveClient {
         signal?: AbortSignal;
     }): Promise<ArrayBuffer>;
     /** One API call, answered as parsed JSON (errors thrown as APIError). */
-    json<T>(call: Call): Promise<T>;
+    json<T>(call: ApiCall): Promise<T>;
     private url;
     private send;
 }
-export {};

@@ -75,7 +75,8 @@ export interface WaitOptions {
   signal?: AbortSignal;
 }
 
-interface Call {
+/** One API request, as `json()` sends it (retried unchanged). */
+export interface ApiCall {
   method: string;
   path: string;
   query?: Record<string, string | number | undefined>;
@@ -351,19 +352,19 @@ export class EditserveClient {
   // -- transport ---------------------------------------------------------------------------------------
 
   /** One API call, answered as parsed JSON (errors thrown as APIError). */
-  async json<T>(call: Call): Promise<T> {
+  async json<T>(call: ApiCall): Promise<T> {
     const response = await this.send(call);
     return (await response.json()) as T;
   }
 
-  private url(call: Call): string {
+  private url(call: ApiCall): string {
     const query = new URLSearchParams();
     for (const [k, v] of Object.entries(call.query ?? {})) if (v !== undefined && v !== null) query.set(k, String(v));
     const qs = query.toString();
     return `${this.baseUrl}${call.path}${qs ? `?${qs}` : ""}`;
   }
 
-  private async send(call: Call): Promise<Response> {
+  private async send(call: ApiCall): Promise<Response> {
     const headers: Record<string, string> = { ...this.headers, ...call.headers };
     if (this.apiKey) headers.authorization = `Bearer ${this.apiKey}`;
     let body: BodyInit | undefined;
