@@ -2,7 +2,7 @@
 
 What it does, all on loopback:
 - a private ``redis-server`` with ``appendonly yes`` + ``appendfsync always`` on a free port
-  (``service.devstack.PersistentRedis``), SeaweedFS, the gateway, the webhook sender and 2–3 workers
+  (``devtools.devstack.PersistentRedis``), SeaweedFS, the gateway, the webhook sender and 2–3 workers
   (``LocalStack``), and a webhook receiver (the loopback allow-listed) that verifies every signature;
 - submits ``--jobs`` edits through the SDK over ``--duration`` seconds: P2P (replace/refine) and IP2P
   (some as 2-cell sweeps), tiny models, 64 px, 4 steps; a third with webhooks, a few canceled;
@@ -158,7 +158,7 @@ class Chaos:
     # ---------------------------------------------------------------- setup / teardown
     def start(self) -> None:
         from service.config import Settings
-        from service.devstack import LocalStack, free_port, start_persistent_redis, start_seaweedfs
+        from devtools.devstack import LocalStack, free_port, start_persistent_redis, start_seaweedfs
         from worker.models.builders import ensure_tiny_models
 
         ensure_tiny_models(REPO / ".models")
@@ -363,7 +363,7 @@ class Chaos:
     def verify(self, finals: dict[str, Any]) -> dict[str, Any]:
         import redis
 
-        from service.jobstore import edit_key
+        from service.keys import edit_key
 
         s3 = self.s3.client()
         conn = redis.Redis.from_url(self.redis.url)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.app import create_app
     from service.config import S3Settings, Settings
-    from service.devstack import ensure_redis, free_port, start_seaweedfs
+    from devtools.devstack import ensure_redis, free_port, start_seaweedfs
 
     redis_server = ensure_redis(f"redis://127.0.0.1:{free_port()}/0")
     s3 = start_seaweedfs(bucket="editserve-fuzz")

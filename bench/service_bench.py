@@ -14,7 +14,7 @@
     p99 < 50 ms.
 
 Everything runs on loopback: a private redis-server on a free port, SeaweedFS ``weed mini``, the gateway
-and worker as real processes (``service.devstack.LocalStack``). The script bounds its own time
+and worker as real processes (``devtools.devstack.LocalStack``). The script bounds its own time
 (``--max-seconds``) and stops every process it started, also on failure or Ctrl-C.
 
     python bench/service_bench.py                 # both parts, writes bench/results/service-<machine>.txt/.json
@@ -130,7 +130,7 @@ class Bench:
 
     # ---------------------------------------------------------------- start / stop
     def start_backing(self) -> None:
-        from service.devstack import ensure_redis, free_port, start_seaweedfs
+        from devtools.devstack import ensure_redis, free_port, start_seaweedfs
 
         port = free_port()
         self.redis_server = ensure_redis(f"redis://127.0.0.1:{port}/0", data_dir=self.redis_dir)
@@ -139,7 +139,7 @@ class Bench:
         self.s3 = start_seaweedfs(bucket="editserve-bench")
 
     def make_stack(self, extra_env: dict[str, str]):
-        from service.devstack import LocalStack
+        from devtools.devstack import LocalStack
 
         self.stack = LocalStack(redis_url=self.redis_server.url, s3=self.s3, models_dir=REPO / ".models",
                                 extra_env=extra_env)
@@ -147,7 +147,7 @@ class Bench:
 
     def spawn_uvicorn(self, name: str, target: str, port: int, *, factory: bool = False) -> subprocess.Popen:
         """uvicorn, 1 process, uvloop + httptools, no access log: the same flags for both (b) servers."""
-        from service.devstack import wait_for_http
+        from devtools.devstack import wait_for_http
 
         args = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
                 "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
@@ -225,7 +225,7 @@ async def submit_all(base_url: str, args, seeds: list[int]) -> tuple[float, list
 
 def wait_terminal(conn, ids: list[str], timeout: float) -> None:
     """Block until every edit is terminal (watching the JobStore's records; cheap for the machine)."""
-    from service.jobstore import edit_key
+    from service.keys import edit_key
 
     deadline = time.monotonic() + timeout
     pending = set(ids)
@@ -291,7 +291,7 @@ def service_run(bench: Bench, args, seeds: list[int], conn, deadline: Deadline) 
 def bare_specs(conn, ids: list[str]):
     """The very job specs the worker ran: the stored payloads through the worker's own translation."""
     from editserve.contract import JobPayload
-    from service.jobstore import edit_key
+    from service.keys import edit_key
     from worker.runtime.execute import to_job_spec
 
     return [to_job_spec(JobPayload.model_validate_json(conn.hget(edit_key(i), "payload"))) for i in ids]
@@ -620,7 +620,7 @@ def bench_gateway(bench: Bench, args, deadline: Deadline) -> dict[str, Any]:
     import httpx
     import redis
 
-    from service.devstack import free_port
+    from devtools.devstack import free_port
 
     gen = args.loadgen
     if gen == "auto":

@@ -19,7 +19,8 @@ from typing import Any
 
 from editserve import errors
 from editserve.client import Client
-from editserve.contract import Edit, EditStatus, LocalBlend, Sweep
+from editserve.contract import Edit, EditStatus, ErrorType, LocalBlend, Sweep
+from editserve.kinds import EDIT_KINDS
 from editserve.progress import ProgressLine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--wait-timeout", type=float, metavar="S")
     listing = commands.add_parser("list", help="list your edits, newest first")
     listing.add_argument("--status", choices=[s.value for s in EditStatus])
-    listing.add_argument("--kind", choices=["p2p", "ip2p"])
+    listing.add_argument("--kind", choices=list(EDIT_KINDS))
     listing.add_argument("--model")
     listing.add_argument("--limit", type=int, default=20)
     commands.add_parser("models", help="list the servable models")
@@ -143,7 +144,7 @@ class StatusReporter:
 def _p2p_fields(args: argparse.Namespace) -> dict[str, Any]:
     if bool(args.blend_source) != bool(args.blend_target):
         raise errors.InvalidRequestError("local blend needs both --blend-source and --blend-target words",
-                                         type="invalid_request", field="local_blend")
+                                         type=ErrorType.invalid_request.value, field="local_blend")
     blend = None
     if args.blend_source:
         blend = LocalBlend.model_validate({"source_words": args.blend_source, "target_words": args.blend_target,
@@ -163,13 +164,13 @@ def _ip2p_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_edit(client: Client, args: argparse.Namespace) -> int:
     if not args.no_wait and args.out is None:
-        raise errors.InvalidRequestError("--out DIR is required (or pass --no-wait)", type="usage", field="--out")
+        raise errors.InvalidRequestError("--out DIR is required (or pass --no-wait)", type=ErrorType.usage.value, field="--out")
     common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority)
     if args.kind == "p2p":
         edit = client.submit_p2p(args.source, args.target, **common, **_p2p_fields(args))
     else:
         if not args.image.is_file():
-            raise errors.InvalidRequestError(f"no such file: {args.image}", type="usage", field="--image")
+            raise errors.InvalidRequestError(f"no such file: {args.image}", type=ErrorType.usage.value, field="--image")
         edit = client.submit_ip2p(args.image, args.instruction, **common, **_ip2p_fields(args))
     if args.no_wait:
         print(edit.id)

@@ -41,6 +41,7 @@ from editserve.contract import (
     EditList,
     EditRequest,
     EditStatus,
+    ErrorType,
     IP2PEditRequest,
     LocalBlend,
     ModelInfo,
@@ -48,6 +49,7 @@ from editserve.contract import (
     Sweep,
     WebhookSpec,
 )
+from editserve.kinds import EDIT_KINDS
 from editserve.progress import ProgressCallback, progress_callback
 from editserve.webhooks import verify as verify_webhook
 
@@ -71,7 +73,7 @@ ImageInput = Any
 """A path (str / os.PathLike), raw bytes, a binary file object, or a PIL image."""
 
 _REQUEST_ADAPTER: TypeAdapter = TypeAdapter(EditRequest)
-_UNION_TAGS = ("p2p", "ip2p")
+_UNION_TAGS = tuple(EDIT_KINDS)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -97,7 +99,7 @@ def _local_validation_error(exc: ValidationError) -> errors.InvalidRequestError:
         loc = loc[1:]
     path = ".".join(str(p) for p in loc if not str(p).startswith("function-")) or None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    return errors.InvalidRequestError(message, status=None, type="invalid_request", field=path)
+    return errors.InvalidRequestError(message, status=None, type=ErrorType.invalid_request.value, field=path)
 
 
 def validate_request(request: EditRequest | Mapping[str, Any]) -> P2PEditRequest | IP2PEditRequest:
@@ -280,12 +282,13 @@ class _ClientCore:
         body = _request_json(model)
         if image is None:
             return _Call("POST", f"/{API_VERSION}/edits", json_body=body, headers=headers, timeout=timeout)
-        if model.kind != "ip2p":
-            raise errors.InvalidRequestError("only ip2p edits take an input image", type="invalid_request",
-                                             field="image")
+        if not EDIT_KINDS[model.kind].takes_image:
+            takers = " and ".join(k.name for k in EDIT_KINDS.values() if k.takes_image)
+            raise errors.InvalidRequestError(f"only {takers} edits take an input image",
+                                             type=ErrorType.invalid_request.value, field="image")
         if model.image:
             raise errors.InvalidRequestError("send the image either inline or as a file, not both",
-                                             type="invalid_request", field="image")
+                                             type=ErrorType.invalid_request.value, field="image")
         data, filename, mime = image_bytes(image)
         return _Call("POST", f"/{API_VERSION}/edits", form={"request": json.dumps(body)},
                      files={"image": (filename, data, mime)}, headers=headers, timeout=timeout)

@@ -35,6 +35,11 @@ def _kind_required(schema: dict[str, Any]) -> None:
     schema["required"] = ["kind", *[name for name in schema.get("required", []) if name != "kind"]]
 
 
+EditKind = Literal["p2p", "ip2p"]
+"""Every edit method; what each needs (model kind, default steps, ...) is ``editserve.kinds.EDIT_KINDS``."""
+ModelKind = Literal["text2image", "instruct"]
+
+
 class EditStatus(str, Enum):
     queued = "queued"
     processing = "processing"
@@ -44,7 +49,21 @@ class EditStatus(str, Enum):
 
     @property
     def terminal(self) -> bool:
-        return self in (EditStatus.succeeded, EditStatus.failed, EditStatus.canceled)
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: frozenset[EditStatus] = frozenset({EditStatus.succeeded, EditStatus.failed, EditStatus.canceled})
+"""An edit in one of these never changes again. The one definition: Redis scripts receive it as an argument."""
+
+ALLOWED_FROM: dict[EditStatus, frozenset[EditStatus]] = {
+    EditStatus.processing: frozenset({EditStatus.queued}),
+    EditStatus.queued: frozenset({EditStatus.processing}),  # requeue after a crash
+    # Terminal from queued too: a reaper may fail a job it never saw start, and a "dead" worker that finished
+    # anyway should not lose its results; the stale queue entry is skipped when the edit is no longer queued.
+    **{status: frozenset({EditStatus.queued, EditStatus.processing}) for status in TERMINAL_STATUSES},
+}
+"""The status transition table: the statuses each status may be entered from (the transition script checks it
+atomically, so a terminal edit never changes again and a late or duplicate write is a no-op)."""
 
 
 class WebhookEventType(str, Enum):
@@ -81,7 +100,7 @@ class _EditBase(_Strict):
 
 
 class LocalBlend(_Strict):
-    """Edit only where the given words attend (P2P §local blending)."""
+    """Edit only where the given words attend (local blending, from the Prompt-to-Prompt paper)."""
 
     source_words: list[str] = Field(min_length=1, max_length=8)
     target_words: list[str] | list[list[str]] = Field(
@@ -183,7 +202,7 @@ class BatchKey(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     model: str
-    kind: Literal["p2p", "ip2p"]
+    kind: EditKind
     height: int
     width: int
     steps: int
@@ -235,10 +254,57 @@ class AttentionMapResult(BaseModel):
     expires_at: datetime
 
 
+class ErrorType(str, Enum):
+    """Every error ``type`` editserve reports, the one catalogue: a request's ``{"error": {"type", ...}}``
+    (``service.errors`` maps each to its HTTP status) and a failed edit's ``error.type`` (``job_error``).
+    Clients branch on these strings; adding one here is adding it to the API."""
+
+    # a request refused (HTTP 4xx/5xx)
+    bad_request = "bad_request"
+    malformed_json = "malformed_json"
+    unauthorized = "unauthorized"
+    forbidden = "forbidden"
+    not_found = "not_found"
+    method_not_allowed = "method_not_allowed"
+    conflict = "conflict"
+    idempotency_conflict = "idempotency_conflict"
+    payload_too_large = "payload_too_large"
+    unsupported_media_type = "unsupported_media_type"
+    invalid_request = "invalid_request"
+    too_many_requests = "too_many_requests"
+    rate_limited = "rate_limited"
+    tenant_queue_full = "tenant_queue_full"
+    queue_full = "queue_full"
+    service_unavailable = "service_unavailable"
+    storage_unavailable = "storage_unavailable"
+    queue_unavailable = "queue_unavailable"
+    not_ready = "not_ready"
+    internal_error = "internal_error"
+    error = "error"  # any other status
+    # an edit that ran (or was to run) and failed: ``Edit.error.type``
+    validation_error = "validation_error"
+    invalid_payload = "invalid_payload"
+    invalid_input = "invalid_input"
+    non_finite_output = "non_finite_output"
+    storage_error = "storage_error"
+    inference_error = "inference_error"
+    output_error = "output_error"
+    worker_error = "worker_error"
+    worker_crashed = "worker_crashed"
+    queue_entry_lost = "queue_entry_lost"
+    # the SDK's CLI only (never sent by the server)
+    usage = "usage"
+
+
 class ErrorInfo(BaseModel):
     type: str
     message: str
     field: str | None = None
+
+
+def job_error(type: ErrorType, message: str, field: str | None = None) -> ErrorInfo:
+    """A failed edit's error record: the one way to build one, so its ``type`` is always in the catalogue."""
+    return ErrorInfo(type=ErrorType(type).value, message=message, field=field)
 
 
 class RunMetrics(BaseModel):
@@ -262,7 +328,7 @@ class Edit(BaseModel):
 
     id: str
     object: Literal["edit"] = "edit"
-    kind: Literal["p2p", "ip2p"]
+    kind: EditKind
     model: str
     status: EditStatus
     created_at: datetime
@@ -303,8 +369,8 @@ class WebhookEvent(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    kind: Literal["text2image", "instruct"]
-    edit_kinds: list[Literal["p2p", "ip2p"]]
+    kind: ModelKind
+    edit_kinds: list[EditKind]
     default_size: int
     max_size: int
     random_weights: bool

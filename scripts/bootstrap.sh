@@ -15,8 +15,27 @@ if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, w
   $PY -m pip install -q --disable-pip-version-check --no-deps "open-clip-torch==3.3.0"
   touch "$stamp"
 fi
-if ! command -v redis-server >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
+# Debian packages: Redis, Sentinel and openssl (tests/test_redis_sentinel.py), promtool (alert rules), node + npm (CRD
+# validators for deploy/k8s), kubectl (kustomize renders deploy/k8s; these machines ship Google's kubectl package).
+apt_missing=()
+command -v redis-server >/dev/null || apt_missing+=(redis-server)
+command -v redis-sentinel >/dev/null || apt_missing+=(redis-sentinel)
+command -v promtool >/dev/null || apt_missing+=(prometheus)
+command -v openssl >/dev/null || apt_missing+=(openssl)
+command -v node >/dev/null || apt_missing+=(nodejs)
+command -v npm >/dev/null || apt_missing+=(npm)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${apt_missing[@]}") >/dev/null
+fi
+if ! command -v kubectl >/dev/null; then
+  (apt-get install -y -qq kubectl || apt-get install -y -qq kubernetes-client) >/dev/null
+fi
+# The Debian prometheus package starts a server where an init system runs; only promtool is wanted.
+if command -v service >/dev/null && service prometheus status >/dev/null 2>&1; then service prometheus stop >/dev/null || true; fi
+# KEDA / prometheus-operator CRD validators (npm @kubernetes-models/*), pinned by the lock file.
+if [ ! -d deploy/k8s/crd-check/node_modules/@kubernetes-models/keda ]; then
+  npm ci --prefix deploy/k8s/crd-check --no-audit --no-fund --loglevel=error >/dev/null
 fi
 # The tiny random-weight models every test and the demo load through from_pretrained.
 $PY -m worker.models.builders --tiny-root "${EDITSERVE_MODELS_DIR:-.models}" >/dev/null 2>&1 \

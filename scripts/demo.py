@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from editserve import Client, verify_webhook  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.devstack import LocalStack, ensure_redis, free_port, start_seaweedfs  # noqa: E402
+from devtools.devstack import LocalStack, ensure_redis, free_port, start_seaweedfs  # noqa: E402
 
 
 class WebhookReceiver(BaseHTTPRequestHandler):

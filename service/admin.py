@@ -12,9 +12,12 @@ import sys
 import redis
 from pydantic import ValidationError
 
+from service import redisconn
 from service.auth import TENANT_RE, KeyStore
 from service.config import Settings
-from service.limits import TenantLimitOverrides, release_held, tenant_limits, write_overrides
+from service.jobstore import JobStore
+from service.limits import TenantLimitOverrides, tenant_limits, write_overrides
+from service.webhooks.emit import emit as emit_webhook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = redisconn.rq_client(settings.redis_url)
     if args.command in ("show-limits", "set-limits", "release-held"):
         return limits_command(args, connection, settings)
     store = KeyStore(connection, settings)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def limits_command(args: argparse.Namespace, connection: redis.Redis, settings: Settings) -> int:
     if args.command == "release-held":
-        print(f"released {release_held(connection, settings)}")
+        print(f"released {JobStore(connection, settings, listeners=[emit_webhook]).release_held()}")
         return 0
     if not TENANT_RE.match(args.tenant):
         print(f"error: invalid tenant name {args.tenant!r}", file=sys.stderr)

@@ -29,9 +29,21 @@ from PIL import Image
 from pydantic import BaseModel, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from editserve.contract import API_VERSION, Edit, EditList, EditRequest, EditStatus, ErrorResponse, ModelInfo
-from service import metrics
-from service import webhooks as webhook_delivery
+from editserve.contract import (
+    API_VERSION,
+    Edit,
+    EditList,
+    EditRequest,
+    EditKind,
+    EditStatus,
+    ErrorResponse,
+    ErrorType,
+    ModelInfo,
+)
+from editserve.kinds import edit_kinds_for_model
+from service import metrics, redisconn
+from service.webhooks import failed as failed_webhooks
+from service.webhooks.emit import emit as emit_webhook
 from service.auth import (
     TENANT_RE,
     ApiKeyList,
@@ -43,7 +55,7 @@ from service.auth import (
 )
 from service.config import Settings, get_settings
 from service.edit_validation import parse_request, prepare_submission
-from service.errors import ApiError, install_error_handlers, not_found
+from service.errors import ApiError, error_response, install_error_handlers, not_found
 from service.intake import max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
@@ -80,7 +92,7 @@ class Services:
 
     def async_redis(self) -> aioredis.Redis:
         """A fresh asyncio client per waiting request: pub/sub holds its own connection anyway."""
-        return aioredis.Redis.from_url(self.settings.redis_url)
+        return redisconn.async_client(self.settings.redis_url)
 
     def aio_redis(self) -> aioredis.Redis:
         """The shared asyncio client of the running event loop (a client's pool is bound to the loop it first
@@ -88,8 +100,8 @@ class Services:
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:
-            entry = (loop, aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
-                                                   socket_connect_timeout=2, health_check_interval=30))
+            entry = (loop, redisconn.async_client(self.settings.redis_url, socket_timeout=5,
+                                                  socket_connect_timeout=2, health_check_interval=30))
             self._aio[id(loop)] = entry
         return entry[1]
 
@@ -151,7 +163,7 @@ def tenant_for_token(svc: Services, token: str | None, found: str | None) -> str
 def require_admin(request: Request, _doc: Any = Security(_bearer_scheme)) -> None:
     admin_token = services(request).settings.auth.admin_token
     if not admin_token:
-        raise ApiError(404, "admin endpoints are disabled: no admin token is configured", type="not_found")
+        raise ApiError(404, "admin endpoints are disabled: no admin token is configured", type=ErrorType.not_found)
     token = bearer_token(request.headers.get("authorization")) or ""
     if not constant_time_equal(token, admin_token):
         raise ApiError(401, "admin token required: `Authorization: Bearer <admin token>`",
@@ -280,7 +292,7 @@ def list_edits(
     request: Request,
     tenant: str = Depends(current_tenant),
     status: EditStatus | None = None,
-    kind: Literal["p2p", "ip2p"] | None = None,
+    kind: EditKind | None = None,
     model: str | None = Query(None, max_length=100),
     limit: int = Query(20, ge=1, le=100),
     cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
@@ -289,7 +301,7 @@ def list_edits(
         return services(request).jobstore.list(tenant, status=status.value if status else None, kind=kind,
                                                model=model, limit=limit, cursor=cursor)
     except ValueError as exc:
-        raise ApiError(422, str(exc), type="invalid_request", field="cursor")
+        raise ApiError(422, str(exc), type=ErrorType.invalid_request, field="cursor")
 
 
 @router.post("/edits/{edit_id}/cancel", response_model=Edit,
@@ -327,9 +339,8 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList, summary="Servable models")
 def list_models(request: Request) -> ModelList:
-    kinds = {"text2image": ["p2p"], "instruct": ["ip2p"]}
     return ModelList(data=[
-        ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=kinds[spec.kind], default_size=spec.default_size,
+        ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
                   max_size=spec.max_size, random_weights=spec.random_weights)
         for spec in services(request).settings.model_catalog().values()
     ])
@@ -375,27 +386,27 @@ def put_tenant_limits(tenant: TenantName, body: TenantLimitOverrides, request: R
     return write_overrides(svc.redis, tenant, body, svc.settings)
 
 
-@admin_router.get("/webhooks/failed", response_model=webhook_delivery.FailedWebhookList,
+@admin_router.get("/webhooks/failed", response_model=failed_webhooks.FailedWebhookList,
                   summary="Webhook deliveries given up on (attempts exhausted or destination refused), newest first")
 def list_failed_webhooks(request: Request, limit: int = Query(100, ge=1, le=1000),
-                         tenant: str | None = Query(None, max_length=64)) -> webhook_delivery.FailedWebhookList:
+                         tenant: str | None = Query(None, max_length=64)) -> failed_webhooks.FailedWebhookList:
     svc = services(request)
-    entries = webhook_delivery.list_failed(svc.redis, None if tenant else limit, settings=svc.settings)
+    entries = failed_webhooks.list_failed(svc.redis, None if tenant else limit, settings=svc.settings)
     if tenant:
         entries = [e for e in entries if e.delivery.tenant == tenant][:limit]
-    return webhook_delivery.FailedWebhookList(data=[webhook_delivery.FailedWebhook(**e.summary()) for e in entries])
+    return failed_webhooks.FailedWebhookList(data=[failed_webhooks.FailedWebhook(**e.summary()) for e in entries])
 
 
-@admin_router.post("/webhooks/failed/{ident}/replay", response_model=webhook_delivery.FailedWebhook,
+@admin_router.post("/webhooks/failed/{ident}/replay", response_model=failed_webhooks.FailedWebhook,
                    summary="Send a failed delivery again: same webhook-id and body, attempts start over")
 def replay_failed_webhook(request: Request, ident: str = Path(max_length=128, description=(
-        "the entry's `id` or its `webhook_id` (msg_...)"))) -> webhook_delivery.FailedWebhook:
+        "the entry's `id` or its `webhook_id` (msg_...)"))) -> failed_webhooks.FailedWebhook:
     svc = services(request)
     try:
-        entry = webhook_delivery.replay_failed(svc.redis, ident, settings=svc.settings)
+        entry = failed_webhooks.replay_failed(svc.redis, ident, settings=svc.settings)
     except KeyError:
         raise not_found(f"failed webhook delivery {ident}")
-    return webhook_delivery.FailedWebhook(**entry.summary())
+    return failed_webhooks.FailedWebhook(**entry.summary())
 
 
 # ------------------------------------------------------------------------------------------------ ops
@@ -428,9 +439,8 @@ async def readyz(request: Request) -> JSONResponse:
     checks = await run_in_threadpool(readiness_checks, services(request))
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
-        body = {"error": {"type": "not_ready", "message": f"not ready: {', '.join(down)} down", "field": None},
-                "checks": checks}
-        return JSONResponse(body, status_code=503)
+        return error_response(ApiError(503, f"not ready: {', '.join(down)} down", type=ErrorType.not_ready,
+                                       extra={"checks": checks}))
     return JSONResponse({"status": "ready", "checks": checks})
 
 
@@ -472,21 +482,21 @@ class HttpMetricsMiddleware:
 
 def install_domain_error_handlers(app: FastAPI) -> None:
     async def on_idempotency_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
-        return _error(409, "idempotency_conflict", str(exc), "Idempotency-Key")
+        return _error(409, ErrorType.idempotency_conflict, str(exc), "Idempotency-Key")
 
     async def on_edit_conflict(request: Request, exc: EditConflict) -> JSONResponse:
-        return _error(409, "conflict", str(exc))
+        return _error(409, ErrorType.conflict, str(exc))
 
     async def on_edit_not_found(request: Request, exc: EditNotFound) -> JSONResponse:
-        return _error(404, "not_found", f"edit {exc} not found")
+        return _error(404, ErrorType.not_found, f"edit {exc} not found")
 
     async def on_storage_error(request: Request, exc: StorageError) -> JSONResponse:
         log.warning("storage unavailable: %s", exc)
-        return _error(503, "storage_unavailable", "object storage is unavailable; retry later")
+        return _error(503, ErrorType.storage_unavailable, "object storage is unavailable; retry later")
 
     async def on_redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
-        return _error(503, "queue_unavailable", "the job store is unavailable; retry later")
+        return _error(503, ErrorType.queue_unavailable, "the job store is unavailable; retry later")
 
     async def on_limit_exceeded(request: Request, exc: LimitExceeded) -> JSONResponse:
         metrics.rejections_total.labels(reason=exc.type).inc()
@@ -502,8 +512,8 @@ def install_domain_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.RedisError, on_redis_error)
 
 
-def _error(status: int, type: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type, "message": message, "field": field}}, status_code=status)
+def _error(status: int, type: ErrorType, message: str, field: str | None = None) -> JSONResponse:
+    return error_response(ApiError(status, message, type=type, field=field))
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -538,12 +548,13 @@ def _warm_up(svc: Services) -> None:
 
 
 def build_services(settings: Settings) -> Services:
-    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                      health_check_interval=30)
+    connection = redisconn.sync_client(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                       health_check_interval=30)
     storage = Storage(settings.s3)
-    return Services(settings=settings, redis=connection, storage=storage,
-                    jobstore=JobStore(connection, settings, storage), keys=KeyStore(connection, settings),
-                    tokens=PromptTokenCounter(settings), rate_limiter=RateLimiter(connection, settings))
+    jobstore = JobStore(connection, settings, storage, listeners=[emit_webhook])  # the store tells, webhooks watch
+    return Services(settings=settings, redis=connection, storage=storage, jobstore=jobstore,
+                    keys=KeyStore(connection, settings), tokens=PromptTokenCounter(settings),
+                    rate_limiter=RateLimiter(connection, settings))
 
 
 def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True) -> FastAPI:

@@ -26,12 +26,11 @@ import redis
 from pydantic import BaseModel, Field
 
 from service.config import Settings
+from service.keys import APIKEY_INDEX_KEY as _APIKEY_INDEX
+from service.keys import apikey_key, tenant_key
 
 KEY_PREFIX = "esk_"
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_APIKEY = "editserve:apikey:{}"
-_APIKEY_INDEX = "editserve:apikeys"
-_TENANT = "editserve:tenant:{}"
 
 
 class CreateKeyRequest(BaseModel):
@@ -56,11 +55,6 @@ class ApiKeyList(BaseModel):
     data: list[ApiKeyInfo]
 
 
-def tenant_key(tenant: str) -> str:
-    """The tenant's own hash: webhook secret, creation time, limit overrides."""
-    return _TENANT.format(tenant)
-
-
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -79,7 +73,7 @@ def _text(value: bytes | str | None) -> str | None:
 
 def webhook_secret(connection: redis.Redis, tenant: str, settings: Settings) -> str:
     """The secret webhooks for ``tenant`` are signed with (the webhook sender calls this)."""
-    stored = _text(connection.hget(_TENANT.format(tenant), "webhook_secret"))
+    stored = _text(connection.hget(tenant_key(tenant), "webhook_secret"))
     return stored or settings.webhooks.secret
 
 
@@ -92,7 +86,7 @@ class KeyStore:
         """Create the tenant's webhook secret on first use; return it."""
         if not TENANT_RE.match(tenant):
             raise ValueError(f"invalid tenant name {tenant!r}")
-        key = _TENANT.format(tenant)
+        key = tenant_key(tenant)
         self.redis.hsetnx(key, "webhook_secret", new_webhook_secret())
         self.redis.hsetnx(key, "created_at", repr(time.time()))
         return _text(self.redis.hget(key, "webhook_secret"))  # type: ignore[return-value]
@@ -104,7 +98,7 @@ class KeyStore:
         digest = hash_key(key)
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(_APIKEY.format(digest), mapping={"key_id": key_id, "tenant": tenant, "label": label or "",
+        pipe.hset(apikey_key(digest), mapping={"key_id": key_id, "tenant": tenant, "label": label or "",
                                                    "created_at": repr(now)})
         pipe.hset(_APIKEY_INDEX, key_id, digest)
         pipe.execute()
@@ -114,7 +108,7 @@ class KeyStore:
     def list_keys(self, tenant: str | None = None) -> list[ApiKeyInfo]:
         out = []
         for key_id, digest in sorted(self.redis.hgetall(_APIKEY_INDEX).items()):
-            row = {_text(k): _text(v) for k, v in self.redis.hgetall(_APIKEY.format(_text(digest))).items()}
+            row = {_text(k): _text(v) for k, v in self.redis.hgetall(apikey_key(_text(digest))).items()}
             if not row or (tenant and row["tenant"] != tenant):
                 continue
             out.append(ApiKeyInfo(key_id=_text(key_id), tenant=row["tenant"], label=row.get("label") or None,
@@ -126,7 +120,7 @@ class KeyStore:
         if digest is None:
             return False
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(_APIKEY.format(digest))
+        pipe.delete(apikey_key(digest))
         pipe.hdel(_APIKEY_INDEX, key_id)
         pipe.execute()
         return True
@@ -143,7 +137,7 @@ class KeyStore:
 
 def _key_record(key: str) -> str | None:
     """The Redis hash of an API key (we store only its SHA-256), or None if it cannot be one of ours."""
-    return _APIKEY.format(hash_key(key)) if key.startswith(KEY_PREFIX) else None
+    return apikey_key(hash_key(key)) if key.startswith(KEY_PREFIX) else None
 
 
 def bearer_token(authorization: str | None) -> str | None:

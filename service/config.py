@@ -12,10 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ModelKind = Literal["text2image", "instruct"]
+from editserve.contract import ModelKind
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -142,7 +142,8 @@ class AuthSettings(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDITSERVE_", env_nested_delimiter="__", extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS) or "
+                           "redis+sentinel://host:26379[,host2:26379]/MASTER_NAME/DB (service/redisconn.py)")
     models_dir: Path = REPO_ROOT / ".models"
     models: list[ModelSpec] | None = Field(None, description="JSON list; default: default_models(models_dir)")
     enabled_models: list[str] | None = Field(None, description="names a worker loads; default: all local ones")
@@ -153,6 +154,13 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _openable_redis_url(cls, url: str) -> str:
+        from service.redisconn import validate_url  # lazy: the settings import nothing heavy
+
+        return validate_url(url)
 
     def model_catalog(self) -> dict[str, ModelSpec]:
         specs = self.models if self.models is not None else default_models(self.models_dir)

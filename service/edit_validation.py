@@ -27,6 +27,7 @@ from editserve.contract import (
     P2PEditRequest,
     WebhookSpec,
 )
+from editserve.kinds import edit_kind
 from service import egress
 from service.config import ModelSpec, Settings
 from service.errors import from_pydantic, invalid
@@ -35,8 +36,6 @@ from service.intake import load_image, png_bytes
 from service.prompt_tokens import PromptTokenCounter
 from service.storage import input_key
 
-DEFAULT_STEPS = {"p2p": 50, "ip2p": 100}
-MODEL_KIND_FOR_EDIT = {"p2p": "text2image", "ip2p": "instruct"}
 _EDIT_REQUEST = TypeAdapter(EditRequest)
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 _BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -63,12 +62,13 @@ def parse_request(data: dict) -> EditRequest:
 
 def resolve_model(request: EditRequest, settings: Settings) -> ModelSpec:
     catalog = settings.model_catalog()
-    name = request.model or (settings.default_p2p_model if request.kind == "p2p" else settings.default_ip2p_model)
+    kind = edit_kind(request.kind)
+    name = request.model or getattr(settings, kind.default_model_setting)
     spec = catalog.get(name)
     if spec is None:
         raise invalid("model", f"unknown model {name!r}; available: {', '.join(sorted(catalog))}")
-    if spec.kind != MODEL_KIND_FOR_EDIT[request.kind]:
-        usable = sorted(n for n, s in catalog.items() if s.kind == MODEL_KIND_FOR_EDIT[request.kind])
+    if spec.kind != kind.model_kind:
+        usable = sorted(n for n, s in catalog.items() if s.kind == kind.model_kind)
         raise invalid("model", f"model {name!r} ({spec.kind}) cannot run {request.kind} edits; "
                                f"use one of {', '.join(usable)}")
     return spec
@@ -190,7 +190,7 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
     spec = resolve_model(request, settings)
     check_prompts(request, spec, counter, settings.limits.max_prompt_tokens)
     check_webhook(request.webhook, settings)
-    steps = request.steps or DEFAULT_STEPS[request.kind]
+    steps = request.steps or edit_kind(request.kind).default_steps
     scheduler = request.scheduler or spec.scheduler
     input_png: bytes | None = None
     image_digest = ""

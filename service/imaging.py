@@ -1,7 +1,7 @@
 """Input-image normalisation shared by the gateway and the worker: Pillow only, never torch.
 
 The gateway imports this to validate and echo sizes before anything is queued, so it must stay light.
-``official_resize`` reproduces InstructPix2Pix's ``edit_cli.py`` exactly (ip2p.md §1.5): diffusers keeps the
+``official_resize`` reproduces InstructPix2Pix's ``edit_cli.py`` exactly (docs/design-notes.md): diffusers keeps the
 input size, which runs a 12 MP photo at 12 MP; the official rule caps the long side near ``resolution``.
 """
 

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
 from service.config import LimitsSettings
+from editserve.contract import ErrorType
 from service.errors import ApiError, invalid
 from service.imaging import to_rgb
 
@@ -34,7 +35,7 @@ def max_body_bytes(limits: LimitsSettings) -> int:
 
 
 def too_large(what: str, limit: int, field: str | None = None) -> ApiError:
-    return ApiError(413, f"{what} is larger than the limit of {limit} bytes", type="payload_too_large", field=field)
+    return ApiError(413, f"{what} is larger than the limit of {limit} bytes", type=ErrorType.payload_too_large, field=field)
 
 
 async def read_body_limited(request: Request, limit: int) -> bytes:
@@ -45,7 +46,7 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
             if int(declared) > limit:
                 raise too_large("request body", limit)
         except ValueError:
-            raise ApiError(400, "invalid Content-Length header", type="bad_request")
+            raise ApiError(400, "invalid Content-Length header", type=ErrorType.bad_request)
     chunks: list[bytes] = []
     received = 0
     async for chunk in request.stream():
@@ -71,7 +72,7 @@ def parse_json_object(raw: bytes | str, what: str = "request body") -> dict[str,
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, f"{what} is not valid JSON: {exc}", type="malformed_json")
+        raise ApiError(400, f"{what} is not valid JSON: {exc}", type=ErrorType.malformed_json)
     if not isinstance(data, dict):
         raise invalid(None, f"{what} must be a JSON object")
     suspect = isinstance(raw, str) or _SURROGATE_ESCAPE.search(raw)  # a str part may hold any code point
@@ -143,7 +144,7 @@ async def parse_edit_body(request: Request, body: bytes, limits: LimitsSettings)
     if content_type == "multipart/form-data":
         return await _parse_multipart(request, body, limits)
     raise ApiError(415, f"unsupported Content-Type {content_type!r}; send application/json or multipart/form-data",
-                   type="unsupported_media_type")
+                   type=ErrorType.unsupported_media_type)
 
 
 async def _parse_multipart(request: Request, body: bytes, limits: LimitsSettings) -> EditBody:
@@ -154,7 +155,7 @@ async def _parse_multipart(request: Request, body: bytes, limits: LimitsSettings
         form = await Request(request.scope, replay).form(max_files=1, max_fields=4,
                                                          max_part_size=MULTIPART_OVERHEAD_BYTES)
     except Exception as exc:  # python-multipart / starlette raise several types for bad framing
-        raise ApiError(400, f"malformed multipart body: {getattr(exc, 'detail', exc)}", type="bad_request")
+        raise ApiError(400, f"malformed multipart body: {getattr(exc, 'detail', exc)}", type=ErrorType.bad_request)
     try:
         raw_request = form.get("request")
         if raw_request is None:
@@ -190,7 +191,7 @@ def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
         allowed = [f.upper() for f in limits.image_formats]
         if fmt not in allowed:
             raise ApiError(415, f"image format {fmt or 'unknown'} is not accepted; use one of {', '.join(allowed)}",
-                           type="unsupported_media_type", field="image")
+                           type=ErrorType.unsupported_media_type, field="image")
         width, height = probe.size
         if width * height > limits.max_image_pixels:
             raise invalid("image", f"image has {width}x{height} = {width * height} pixels; "

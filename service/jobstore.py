@@ -1,12 +1,15 @@
-"""Edit records in Redis and their RQ jobs: the single place that changes an edit's status.
+"""Edit records in Redis and their RQ jobs: the write path, the single place that changes an edit's status.
+
+Reading (rendering, presigned URLs, ETA, listing) is ``service.editview``; this module writes.
 
 Why one place: the gateway, every GPU worker and the reaper write the same records concurrently. Each
 status change is one Lua script that checks the current status against an explicit transition table, so
 a terminal edit never changes again (a late ``mark_succeeded`` after a cancel, or a duplicate run, is a
 no-op) and no writer can clobber another. After a change the new ``Edit`` is published on
-``editserve:events:{id}`` (SSE, ``Prefer: wait``) and handed to ``service.webhooks.emit``.
+``editserve:events:{id}`` (SSE, ``Prefer: wait``) and handed to the store's listeners: the process's main
+(the gateway's app factory, the worker) adds ``service.webhooks.emit``; this module never imports a watcher.
 
-Redis layout (all keys prefixed ``editserve:``)::
+Redis layout (all keys prefixed ``editserve:``; names in ``service.keys``, scripts in ``service.scripts``)::
 
     edit:{id}                 hash: status, tenant, kind, model, queue, payload, params, webhook, timestamps,
                               progress, results, attention_maps, error, attempts, batch/worker info, revision
@@ -28,16 +31,13 @@ releases the tenant's next held edit in the same atomic step.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import importlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -46,64 +46,38 @@ from rq.exceptions import InvalidJobOperationError, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from editserve.contract import (
-    AttentionMapResult,
+    ALLOWED_FROM,
     Edit,
     EditList,
     EditStatus,
     ErrorInfo,
+    ErrorType,
     JobPayload,
-    Progress,
-    ResultImage,
-    RunMetrics,
-    WebhookDeliveryState,
     WebhookSpec,
+    job_error,
 )
-from service import limits, metrics
+from editserve.kinds import sweep_cells
+from service import limits, metrics, scripts
 from service.config import Settings
+from service.editview import EditView, load_record
+from service.keys import edit_key, events_channel, idem_key, stats_key
 from service.limits import Accounting
 from service.queues import queue_name, rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "editserve:"
 JOB_FUNCTION = "worker.runtime.execute.run_single"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 IDEMPOTENCY_WAIT_SECONDS = 5.0
 STATS_EWMA_ALPHA = 0.2
-MAX_LIST_LIMIT = 100
 
 Q, P, S, F, C = (EditStatus.queued, EditStatus.processing, EditStatus.succeeded, EditStatus.failed,
                  EditStatus.canceled)
-ALLOWED_FROM: dict[EditStatus, frozenset[EditStatus]] = {
-    P: frozenset({Q}),
-    Q: frozenset({P}),  # requeue after a crash
-    # Terminal from queued too: a reaper may fail a job it never saw start, and a "dead" worker that
-    # finished anyway should not lose its results; the stale RQ entry is skipped by mark_processing.
-    S: frozenset({Q, P}),
-    F: frozenset({Q, P}),
-    C: frozenset({Q, P}),
-}
 
-
-def edit_key(edit_id: str) -> str:
-    return f"{KEY_PREFIX}edit:{edit_id}"
-
-
-def tenant_index_key(tenant: str) -> str:
-    return f"{KEY_PREFIX}tenant:{tenant}:edits"
-
-
-def idem_key(tenant: str, key: str) -> str:
-    return f"{KEY_PREFIX}idem:{tenant}:{key}"
-
-
-def events_channel(edit_id: str) -> str:
-    return f"{KEY_PREFIX}events:{edit_id}"
-
-
-def stats_key(suffix: str) -> str:
-    return f"{KEY_PREFIX}stats:{suffix}"
+StatusListener = Callable[[redis.Redis, Edit, str, str], None]
+"""Told of every published change: ``(connection, edit, event, tenant)``, event ``started``, ``progress`` or
+``completed``. Must not raise into the caller's transition (a raise is logged and dropped)."""
 
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -146,97 +120,43 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
-_TRANSITION_LUA = limits.LIMITS_LUA + """
-local key = KEYS[1]
-local spec = cjson.decode(ARGV[1])
-local cur = redis.call('HGET', key, 'status')
-if not cur then return {0, ''} end
-local allowed = false
-for _, s in ipairs(spec['from']) do if s == cur then allowed = true end end
-if not allowed then return {0, cur} end
-if spec['to'] ~= '' then redis.call('HSET', key, 'status', spec['to']) end
-for f, v in pairs(spec['set']) do redis.call('HSET', key, f, v) end
-for f, v in pairs(spec['set_nx']) do redis.call('HSETNX', key, f, v) end
-for _, f in ipairs(spec['incr']) do redis.call('HINCRBY', key, f, 1) end
-for _, f in ipairs(spec['del']) do redis.call('HDEL', key, f) end
-if spec['queue_wait'] then
-  local enq = redis.call('HGET', key, 'enqueued_at')
-  if enq then
-    redis.call('HSET', key, 'queue_wait_seconds', tostring(math.max(0, tonumber(spec['now']) - tonumber(enq))))
-  end
-end
-if spec['to'] ~= '' then lim_note_transition(cjson.decode(ARGV[2]), key, cur, spec['to']) end
-local rev = redis.call('HINCRBY', key, 'revision', 1)
-if spec['ttl'] > 0 then redis.call('EXPIRE', key, spec['ttl']) end
-return {rev, cur}
-"""
-
-_PROGRESS_LUA = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
-redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_total', ARGV[2])
-return redis.call('HINCRBY', KEYS[1], 'revision', 1)
-"""
-
-_RELEASE_CLAIM_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_EWMA_LUA = """
-local alpha = tonumber(ARGV[3])
-for _, k in ipairs(KEYS) do
-  for j, f in ipairs({'step_seconds', 'job_seconds'}) do
-    local v = tonumber(ARGV[j])
-    local old = redis.call('HGET', k, f)
-    if old then v = alpha * v + (1 - alpha) * tonumber(old) end
-    redis.call('HSET', k, f, tostring(v))
-  end
-end
-return 1
-"""
-
-
 def _now() -> float:
     return time.time()
 
 
-def _ts(value: str | None) -> datetime | None:
-    return datetime.fromtimestamp(float(value), tz=UTC) if value else None
-
-
-def _encode_cursor(score: float, edit_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{int(score)}:{edit_id}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[int, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        score, edit_id = raw.split(":", 1)
-        return int(score), edit_id
-    except Exception as exc:
-        raise ValueError("cursor is not one this API returned") from exc
-
 
 class JobStore:
-    def __init__(self, redis: redis.Redis, settings: Settings, storage: Storage | None = None):
+    def __init__(self, redis: redis.Redis, settings: Settings, storage: Storage | None = None,
+                 listeners: Iterable[StatusListener] = ()):
         self.redis = redis
         self.settings = settings
-        self._storage = storage
-        self._transition_script = redis.register_script(_TRANSITION_LUA)
-        self._progress_script = redis.register_script(_PROGRESS_LUA)
-        self._ewma_script = redis.register_script(_EWMA_LUA)
-        self._release_claim_script = redis.register_script(_RELEASE_CLAIM_LUA)
+        self.view = EditView(redis, settings, storage)
+        self._listeners: list[StatusListener] = list(listeners)
+        self._transition_script = redis.register_script(scripts.TRANSITION)
+        self._progress_script = redis.register_script(scripts.PROGRESS)
+        self._ewma_script = redis.register_script(scripts.EWMA)
+        self._release_claim_script = redis.register_script(scripts.COMPARE_AND_DELETE)
         self.accounting = Accounting(redis, settings)
         self._last_progress_publish: dict[str, float] = {}
         self._in_progress_here: set[str] = set()  # for the livesum gauge: only this process decrements
         self._lock = threading.Lock()
 
+    def add_listener(self, listener: StatusListener) -> None:
+        """Tell ``listener`` of every start, progress report and terminal change this store publishes."""
+        self._listeners.append(listener)
+
     @property
     def storage(self) -> Storage:
-        """Presigning needs no network, so a worker or sender without a Storage gets a lazy one."""
-        if self._storage is None:
-            self._storage = Storage(self.settings.s3)
-        return self._storage
+        return self.view.storage
+
+    # Reads are the view's (service.editview); these two keep callers that hold a store short.
+    def get(self, edit_id: str, tenant: str | None = None) -> Edit | None:
+        """:meth:`EditView.get`: the edit as the API shows it; None if unknown or another tenant's."""
+        return self.view.get(edit_id, tenant)
+
+    def list(self, tenant: str, **filters) -> EditList:
+        """:meth:`EditView.list`: the tenant's edits newest first."""
+        return self.view.list(tenant, **filters)
 
     @property
     def retention_seconds(self) -> int:
@@ -336,7 +256,7 @@ class JobStore:
         """The new edit, rendered from what was just written (no read back). Nobody can be subscribed to a
         brand-new id's events yet (a stream starts with a snapshot), so nothing is published."""
         metrics.jobs_submitted_total.labels(kind=payload.request.kind, model=payload.batch_key.model).inc()
-        return self._render(request.record, queue_state=(admission.ahead, admission.stats))
+        return self.view.render(request.record, queue_state=(admission.ahead, admission.stats))
 
     def _duplicate(self, payload: JobPayload, idempotency_key: str | None, admission: limits.Admission,
                    request: limits.AdmissionRequest) -> Edit:
@@ -359,71 +279,6 @@ class JobStore:
             description=f"edit {edit_id}",
         )
 
-    def get(self, edit_id: str, tenant: str | None = None) -> Edit | None:
-        """The edit with presigned URLs, queue position and ETA; None if unknown or owned by another tenant."""
-        record = self._record(edit_id)
-        if record is None or (tenant is not None and record.get("tenant") != tenant):
-            return None
-        return self._render(record)
-
-    def list(self, tenant: str, *, status: str | None = None, kind: str | None = None, model: str | None = None,
-             limit: int = 20, cursor: str | None = None) -> EditList:
-        """The tenant's edits newest first; ``next_cursor`` continues after the last one returned."""
-        limit = max(1, min(int(limit), MAX_LIST_LIMIT))
-        index = tenant_index_key(tenant)
-        max_score: float | str = "+inf"
-        after: tuple[int, str] | None = None
-        if cursor:
-            after = _decode_cursor(cursor)
-            max_score = after[0]
-        found: list[tuple[str, float]] = []
-        offset, chunk = 0, max(limit * 4, 50)
-        exhausted = False
-        while len(found) < limit and not exhausted:
-            batch = self.redis.zrevrangebyscore(index, max_score, "-inf", start=offset, num=chunk, withscores=True)
-            offset += len(batch)
-            exhausted = len(batch) < chunk
-            ids = [m.decode() if isinstance(m, bytes) else m for m, _ in batch]
-            if after is not None:  # same-ms members sort by id, descending: skip up to the cursor
-                batch = [(i, s) for i, (_, s) in zip(ids, batch) if not (int(s) == after[0] and i >= after[1])]
-            else:
-                batch = [(i, s) for i, (_, s) in zip(ids, batch)]
-            if not batch:
-                continue
-            pipe = self.redis.pipeline(transaction=False)
-            for edit_id, _ in batch:
-                pipe.hmget(edit_key(edit_id), "status", "kind", "model")
-            rows = pipe.execute()
-            stale = []
-            for (edit_id, score), (st, kd, md) in zip(batch, rows):
-                if st is None:
-                    stale.append(edit_id)  # record expired with retention: drop from the index
-                    continue
-                if (status and st.decode() != status) or (kind and kd.decode() != kind) or (
-                        model and md.decode() != model):
-                    continue
-                found.append((edit_id, score))
-                if len(found) == limit:
-                    break
-            if stale:
-                self.redis.zrem(index, *stale)
-        edits = [e for e in (self.get(i) for i, _ in found) if e is not None]
-        next_cursor = None
-        if len(found) == limit:
-            last_id, last_score = found[-1]
-            if self._has_more(index, last_score, last_id):
-                next_cursor = _encode_cursor(last_score, last_id)
-        return EditList(data=edits, next_cursor=next_cursor)
-
-    def _has_more(self, index: str, score: float, edit_id: str) -> bool:
-        """Cheap look-ahead: anything older than the last returned entry (filters may still skip it)."""
-        nxt = self.redis.zrevrangebyscore(index, score, "-inf", start=0, num=50, withscores=True)
-        for member, s in nxt:
-            m = member.decode() if isinstance(member, bytes) else member
-            if not (int(s) == int(score) and m >= edit_id):
-                return True
-        return len(nxt) == 50
-
     def request_cancel(self, edit_id: str, tenant: str) -> Edit:
         """Queued: canceled now and removed from RQ. Processing: flag for the worker. Terminal: EditConflict."""
         record = self._record(edit_id)
@@ -440,7 +295,7 @@ class JobStore:
             else:
                 rev, _ = self._run_transition(edit_id, {P}, None, set_fields={"cancel_requested": "1"})
                 if rev:
-                    self._publish(self._require(edit_id), tenant, webhook_event=None)
+                    self._publish(self._require(edit_id), tenant, event=None)
                     break
             record = self._record(edit_id) or record  # lost a race: re-read and decide again
         return self._require(edit_id)
@@ -466,10 +321,11 @@ class JobStore:
         with self._lock:
             self._in_progress_here.add(edit_id)
         metrics.jobs_in_progress.inc()
-        wait = self.redis.hget(edit_key(edit_id), "queue_wait_seconds")
+        wait, model, kind = self.redis.hmget(edit_key(edit_id), "queue_wait_seconds", "model", "kind")
         if wait is not None:
-            metrics.queue_wait_seconds.observe(float(wait))
-        self._publish_current(edit_id, webhook_event="started")
+            metrics.queue_wait_seconds.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode()).observe(
+                float(wait))
+        self._publish_current(edit_id, event="started")
         return True
 
     def set_progress(self, edit_id: str, step: int, total: int) -> None:
@@ -485,7 +341,7 @@ class JobStore:
             if due:
                 self._last_progress_publish[edit_id] = now
         if due:
-            self._publish_current(edit_id, webhook_event="progress")
+            self._publish_current(edit_id, event="progress")
 
     def is_cancel_requested(self, edit_id: str) -> bool:
         """True when the worker should stop: cancel asked, edit already terminal, or record gone."""
@@ -499,7 +355,9 @@ class JobStore:
         fields = {"results": json.dumps(results), "attention_maps": json.dumps(attention_maps),
                   "run_seconds": repr(float(run_seconds))}
         if self._transition(edit_id, S, completed_at=True, set_fields=fields):
-            metrics.job_duration_seconds.observe(run_seconds)
+            model, kind = self.redis.hmget(edit_key(edit_id), "model", "kind")
+            metrics.job_duration_seconds.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode()).observe(
+                run_seconds)
             self._record_stats(edit_id, run_seconds)
 
     def mark_failed(self, edit_id: str, error: ErrorInfo) -> None:
@@ -535,6 +393,24 @@ class JobStore:
         raw = self.redis.hget(edit_key(edit_id), "tenant")
         return raw.decode() if raw is not None else None
 
+    # ------------------------------------------------------------------ repair pass
+
+    def release_held(self) -> int:
+        """The periodic fair-share repair pass (``service.limits.Accounting.sweep``); the GPU worker's reaper
+        calls it every pass (it is idempotent and cheap).
+
+        Normal operation never needs it: admission and terminal transitions release atomically. It catches
+        what they cannot see (edits finished by code without this bookkeeping, a raised per-tenant limit,
+        set members whose edits are gone) and fails queued edits whose RQ job hash was deleted (``rq empty``),
+        which would otherwise hold their tenant's slot forever. Returns how many held edits it released.
+        """
+        released, lost = self.accounting.sweep()
+        for edit_id in lost:
+            log.warning("edit %s: its RQ job is gone; failing it so its tenant's slot frees", edit_id)
+            self.mark_failed(edit_id, job_error(ErrorType.queue_entry_lost,
+                                                "the edit's queue entry was deleted before it ran; submit it again"))
+        return released
+
     # ------------------------------------------------------------------ webhook sender side
 
     def record_webhook_delivery(self, edit_id: str, *, ok: bool, error: str | None = None) -> None:
@@ -548,10 +424,7 @@ class JobStore:
     # ------------------------------------------------------------------ internals
 
     def _record(self, edit_id: str) -> dict[str, str] | None:
-        raw = self.redis.hgetall(edit_key(edit_id))
-        if not raw:
-            return None
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return load_record(self.redis, edit_id)
 
     def _require(self, edit_id: str) -> Edit:
         edit = self.get(edit_id)
@@ -570,7 +443,7 @@ class JobStore:
         }
         # cjson turns an empty JSON object into an empty table either way; arrays stay arrays
         rev, previous = self._transition_script(keys=[edit_key(edit_id)],
-                                                args=[json.dumps(spec), limits.lua_config(self.settings)])
+                                                args=[json.dumps(spec), scripts.lua_config(self.settings)])
         return int(rev), previous.decode() if isinstance(previous, bytes) else previous
 
     def _transition(self, edit_id: str, to: EditStatus, *, completed_at: bool = False,
@@ -589,7 +462,7 @@ class JobStore:
         if to.terminal:
             self._finish_bookkeeping(edit_id, previous, to)
         event = "completed" if to.terminal else None
-        self._publish_current(edit_id, webhook_event=event)
+        self._publish_current(edit_id, event=event)
         return True
 
     def _leave_in_progress(self, edit_id: str) -> None:
@@ -603,8 +476,9 @@ class JobStore:
 
     def _finish_bookkeeping(self, edit_id: str, previous: str, to: EditStatus) -> None:
         self._leave_in_progress(edit_id)
-        kind = self.redis.hget(edit_key(edit_id), "kind")
-        metrics.jobs_completed_total.labels(kind=(kind or b"?").decode(), status=to.value).inc()
+        kind, model = self.redis.hmget(edit_key(edit_id), "kind", "model")
+        metrics.jobs_completed_total.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode(),
+                                            status=to.value).inc()
         if previous == Q.value:  # never started: make sure no worker picks the RQ job up
             self._cancel_rq_job(edit_id)
 
@@ -628,133 +502,24 @@ class JobStore:
         self._ewma_script(keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
                           args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA])
 
-    def _publish_current(self, edit_id: str, *, webhook_event: str | None) -> None:
+    def _publish_current(self, edit_id: str, *, event: str | None) -> None:
         record = self._record(edit_id)
         if record is None:
             return
-        self._publish(self._render(record), record["tenant"], webhook_event=webhook_event)
+        self._publish(self.view.render(record), record["tenant"], event=event)
 
-    def _publish(self, edit: Edit, tenant: str, *, webhook_event: str | None) -> None:
+    def _publish(self, edit: Edit, tenant: str, *, event: str | None) -> None:
         try:
             self.redis.publish(events_channel(edit.id), edit.model_dump_json())
         except redis.RedisError:
             log.exception("edit %s: event not published", edit.id)
-        if webhook_event is not None and edit.webhook is not None:
-            _emit_webhook(self.redis, edit, webhook_event, tenant)
-
-    def _render(self, r: dict[str, str], *, queue_state: tuple[int | None, dict[str, float]] | None = None) -> Edit:
-        """The API view of a record; ``queue_state`` (jobs ahead, ETA stats) when the caller already knows it."""
-        status = EditStatus(r["status"])
-        payload_raw = json.loads(r["payload"])
-        request = payload_raw["request"]
-        progress = None
-        if status is S:  # finished means every step ran, whatever the last throttled update said
-            total = int(r.get("progress_total") or payload_raw["batch_key"]["steps"])
-            progress = Progress(step=total, total=total)
-        elif r.get("progress_total"):
-            progress = Progress(step=int(r["progress_step"]), total=int(r["progress_total"]))
-        webhook = None
-        if r.get("webhook"):
-            spec = WebhookSpec.model_validate_json(r["webhook"])
-            webhook = WebhookDeliveryState(url=spec.url, events=spec.events,
-                                           delivered=int(r.get("webhook_delivered", 0)),
-                                           failed=int(r.get("webhook_failed", 0)),
-                                           last_error=r.get("webhook_last_error"))
-        queue_position, eta = self._position_and_eta(r, status, progress, payload_raw, queue_state)
-        model = r["model"]
-        spec_catalog = self.settings.model_catalog()
-        return Edit(
-            id=r["id"],
-            kind=r["kind"],
-            model=model,
-            status=status,
-            created_at=_ts(r["created_at"]),
-            started_at=_ts(r.get("started_at")),
-            completed_at=_ts(r.get("completed_at")),
-            progress=progress,
-            queue_position=queue_position,
-            eta_seconds=eta,
-            params=json.loads(r["params"]),
-            results=self._results(r) if status is S else [],
-            attention_maps=self._attention_maps(r) if status is S else [],
-            error=ErrorInfo.model_validate_json(r["error"]) if r.get("error") else None,
-            metrics=RunMetrics(
-                queue_wait_seconds=float(r["queue_wait_seconds"]) if r.get("queue_wait_seconds") else None,
-                run_seconds=float(r["run_seconds"]) if r.get("run_seconds") else None,
-                batch_id=r.get("batch_id"),
-                batch_size=int(r["batch_size"]) if r.get("batch_size") else None,
-                attempts=int(r.get("attempts", 0)),
-            ),
-            webhook=webhook,
-            metadata=request.get("metadata") or {},
-            random_weights=bool(spec_catalog[model].random_weights) if model in spec_catalog else False,
-            cancel_requested=r.get("cancel_requested") == "1",
-            revision=int(r.get("revision", 0)),
-        )
-
-    def _results(self, r: dict[str, str]) -> list[ResultImage]:
-        out = []
-        for item in json.loads(r.get("results") or "[]"):
-            url, expires_at = self.storage.presign_get(item["key"])
-            fields = {k: v for k, v in item.items() if k in ResultImage.model_fields and k != "url"}
-            out.append(ResultImage(url=url, expires_at=expires_at, **fields))
-        return out
-
-    def _attention_maps(self, r: dict[str, str]) -> list[AttentionMapResult]:
-        out = []
-        for item in json.loads(r.get("attention_maps") or "[]"):
-            grid_url, expires_at = self.storage.presign_get(item["grid_key"])
-            array_url, _ = self.storage.presign_get(item["array_key"])
-            out.append(AttentionMapResult(prompt_index=item["prompt_index"], prompt=item["prompt"],
-                                          tokens=item["tokens"], grid_url=grid_url, array_url=array_url,
-                                          expires_at=expires_at))
-        return out
-
-    def _position_and_eta(self, r: dict[str, str], status: EditStatus, progress: Progress | None,
-                          payload: dict, known: tuple[int | None, dict[str, float]] | None = None
-                          ) -> tuple[int | None, float | None]:
-        """Jobs ahead (0 = next) and seconds left: remaining steps × s/step + jobs ahead × s/job."""
-        if status.terminal:
-            return None, None
-        bk = payload["batch_key"]
-        steps = int(bk["steps"])
-        if known is not None:
-            ahead, stats = known
-        else:
-            suffix = f"{bk['model']}:{bk['kind']}:{bk['height']}x{bk['width']}:s{bk['steps']}:{bk['scheduler']}"
-            stats = self._stats(suffix)
-        step_s, job_s = stats.get("step_seconds"), stats.get("job_seconds")
-        if status is P:
-            if progress and progress.step > 0 and r.get("started_at"):
-                rate = (_now() - float(r["started_at"])) / progress.step
-                return None, round(max(0.0, (progress.total - progress.step) * rate), 2)
-            return None, round(steps * step_s, 2) if step_s is not None else None
-        if known is None:
-            ahead = self._queue_position(r)
-        if ahead is None:
-            return None, None
-        if step_s is None or job_s is None:
-            return ahead, None
-        return ahead, round(steps * step_s + ahead * job_s, 2)
-
-    def _queue_position(self, r: dict[str, str]) -> int | None:
-        name = r["queue"]
-        if r.get("held"):  # an estimate: its tenant's held edits ahead, one of its running edits, its queue now
-            held = limits.held_ahead(self.redis, r["tenant"], r["held"], r["id"])
-            position = None if held is None else held + 1 + self.redis.llen(rq_queue_key(name))
-        else:
+        if event is None:
+            return
+        for listener in self._listeners:
             try:
-                position = Queue(name, connection=self.redis).get_job_position(r["id"])
-            except redis.RedisError:
-                position = None
-        if position is None:
-            return None
-        return position + sum(self.redis.llen(rq_queue_key(q)) for q in same_key_queues_ahead(name))
-
-    def _stats(self, suffix: str) -> dict[str, float]:
-        raw = self.redis.hgetall(stats_key(suffix)) or self.redis.hgetall(stats_key("all"))
-        return {k.decode(): float(v) for k, v in raw.items()}
-
+                listener(self.redis, edit, event, tenant)
+            except Exception:  # a watcher must never fail a transition
+                log.exception("edit %s: listener %r failed on %s", edit.id, listener, event)
 
 def build_params(payload: JobPayload) -> dict[str, Any]:
     """The parameters actually used (defaults resolved, seeds included) shown as ``Edit.params``."""
@@ -771,36 +536,3 @@ def build_params(payload: JobPayload) -> dict[str, Any]:
             for i, (ig, tg, seed) in enumerate(sweep_cells(request, payload.seeds))
         ]
     return params
-
-
-def sweep_cells(request, seeds: list[int]) -> list[tuple[float, float, int]]:
-    """IP2P cells in expansion order image_guidance × text_guidance × seeds (outer to inner).
-
-    ``seeds`` is JobPayload.seeds: one per cell, already in this order.
-    """
-    sweep = request.sweep
-    image_axis = (sweep.image_guidance if sweep and sweep.image_guidance else None) or [request.image_guidance]
-    text_axis = (sweep.text_guidance if sweep and sweep.text_guidance else None) or [request.text_guidance]
-    per_seed = len(sweep.seeds) if sweep and sweep.seeds else 1
-    cells = [(ig, tg) for ig in image_axis for tg in text_axis for _ in range(per_seed)]
-    return [(ig, tg, seed) for (ig, tg), seed in zip(cells, seeds)]
-
-
-def _emit_webhook(connection: redis.Redis, edit: Edit, event: str, tenant: str) -> None:
-    """Hand the change to ``service.webhooks.emit`` (lazy: the sender module may not be deployed)."""
-    try:
-        webhooks = importlib.import_module("service.webhooks")  # sys.modules first (tests substitute it)
-    except ModuleNotFoundError as exc:
-        if exc.name != "service.webhooks":
-            log.exception("service.webhooks failed to import; webhook for edit %s dropped", edit.id)
-        return
-    except Exception:
-        log.exception("service.webhooks failed to import; webhook for edit %s dropped", edit.id)
-        return
-    emit = getattr(webhooks, "emit", None)
-    if emit is None:
-        return
-    try:
-        emit(connection, edit, event, tenant)
-    except Exception:
-        log.exception("edit %s: webhook emit(%s) failed", edit.id, event)

@@ -3,7 +3,8 @@
 Why in Redis and in Lua: several gateway processes and every GPU worker change these counts at once. Each
 decision (admit or refuse, release or hold) is one script, so no two writers ever see the same free slot,
 and the bookkeeping of an edit's terminal transition and the release of the tenant's next edit are one
-atomic step (``JobStore._transition`` runs ``LIMITS_LUA`` inside its transition script).
+atomic step (the transition script, ``service.scripts.TRANSITION``, runs ``LIMITS_FN`` inside it). The
+scripts live in ``service.scripts``, the key names in ``service.keys``.
 
 Fair share, so that one tenant's burst cannot starve the others: a tenant has at most
 ``tenant_max_concurrent`` edits *released* to the RQ queues (queued there, claimed or running). Its further
@@ -29,7 +30,7 @@ release/hold (and, on the JSON submit path, counts the request's rate and claims
 gateway dying mid-request leaves nothing half-written. A terminal transition and the release it causes are
 one script. Sets, not counters: adding or removing an id twice is harmless. :func:`release_held` repairs
 what no script can see (edits transitioned by an older code version, raised limits, an RQ job hash deleted
-by hand); the worker's reaper calls it.
+by hand); the worker's reaper calls it (``JobStore.release_held``, which fails edits that lost their RQ job).
 """
 
 from __future__ import annotations
@@ -44,39 +45,28 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from pydantic import BaseModel, ConfigDict, Field
-from rq import Queue
-from rq.job import Job
-from rq.utils import now as rq_now
-from rq.utils import utcformat
 
-from service.auth import tenant_key
+from editserve.contract import ErrorType
+from service import scripts
 from service.config import Settings
+from service.keys import (
+    EDIT_PREFIX,
+    GLOBAL_QUEUED_KEY,
+    TENANTS_KEY,
+    held_key,
+    queued_key,
+    ratelimit_key,
+    released_key,
+    tenant_key,
+)
 from service.queues import PRIORITIES
+from service.scripts import lua_config
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "editserve:"
-GLOBAL_QUEUED_KEY = f"{KEY_PREFIX}limits:queued"
-TENANTS_KEY = f"{KEY_PREFIX}limits:tenants"
 OVERRIDE_FIELDS = {"rps": "limit_rps", "burst": "limit_burst", "max_queued": "limit_max_queued",
                    "max_concurrent": "limit_max_concurrent"}
 SWEEP_CHUNK = 500
-
-
-def queued_key(tenant: str) -> str:
-    return f"{KEY_PREFIX}tenant:{tenant}:queued"
-
-
-def released_key(tenant: str) -> str:
-    return f"{KEY_PREFIX}tenant:{tenant}:released"
-
-
-def held_key(tenant: str, priority: str) -> str:
-    return f"{KEY_PREFIX}tenant:{tenant}:held:{priority}"
-
-
-def ratelimit_key(tenant: str) -> str:
-    return f"{KEY_PREFIX}ratelimit:{tenant}"
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -84,10 +74,10 @@ def ratelimit_key(tenant: str) -> str:
 class LimitExceeded(Exception):
     """A request refused by a limit: 429 (this tenant's limit) or 503 (the service's global queue)."""
 
-    def __init__(self, status: int, type: str, message: str, *, limit: str, retry_after: int):
+    def __init__(self, status: int, type: ErrorType, message: str, *, limit: str, retry_after: int):
         super().__init__(message)
         self.status = status
-        self.type = type
+        self.type = ErrorType(type).value
         self.message = message
         self.limit = limit
         """The setting that refused it (tenant_rps, tenant_max_queued, max_queue_depth)."""
@@ -97,9 +87,9 @@ class LimitExceeded(Exception):
 def queue_refusal(reason: str, tenant: str, count: int, limit: int, settings: Settings) -> LimitExceeded:
     retry = settings.limits.queue_full_retry_after_seconds
     if reason == "queue_full":
-        return LimitExceeded(503, "queue_full", f"the service already holds {count} queued edits, its limit "
+        return LimitExceeded(503, ErrorType.queue_full, f"the service already holds {count} queued edits, its limit "
                              f"(max_queue_depth {limit}); retry later", limit="max_queue_depth", retry_after=retry)
-    return LimitExceeded(429, "tenant_queue_full", f"tenant {tenant!r} already has {count} queued edits, its limit "
+    return LimitExceeded(429, ErrorType.tenant_queue_full, f"tenant {tenant!r} already has {count} queued edits, its limit "
                          f"(tenant_max_queued {limit}); retry when some have started", limit="tenant_max_queued",
                          retry_after=retry)
 
@@ -174,26 +164,6 @@ def tenant_limits(connection: redis.Redis, tenant: str, settings: Settings) -> T
 
 # ------------------------------------------------------------------------------------------------ rate limit
 
-RATE_LUA_FN = """
--- GCRA: true when the request may pass, else the ms to wait; the tenant hash may override rate and burst.
-local function rate_take(key, tkey, default_rate, default_burst)
-  local rate = tonumber(redis.call('HGET', tkey, 'limit_rps') or default_rate)
-  local burst = tonumber(redis.call('HGET', tkey, 'limit_burst') or default_burst)
-  if rate <= 0 then return {1, 0, '0', burst} end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-  local interval = 1000 / rate
-  local tat = tonumber(redis.call('GET', key) or '0')
-  if tat < now then tat = now end
-  local new_tat = tat + interval
-  local wait = new_tat - now - interval * burst
-  if wait > 0 then return {0, math.ceil(wait), tostring(rate), burst} end
-  redis.call('SET', key, tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
-  return {1, 0, tostring(rate), burst}
-end
-"""
-
-_RATE_LUA = RATE_LUA_FN + "return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
 
 async def eval_script_async(connection, script: Script, keys: list, args: list):
@@ -214,7 +184,7 @@ class RateLimiter:
 
     def __init__(self, connection: redis.Redis, settings: Settings):
         self.settings = settings
-        self._script: Script = connection.register_script(_RATE_LUA)
+        self._script: Script = connection.register_script(scripts.RATE)
 
     def check(self, tenant: str) -> None:
         """Count one request of ``tenant``; raise :class:`LimitExceeded` (429) when over its rate."""
@@ -238,207 +208,12 @@ class RateLimiter:
             return
         rate_s = rate.decode() if isinstance(rate, bytes) else str(rate)
         retry = max(1, math.ceil(int(wait_ms) / 1000))
-        raise LimitExceeded(429, "rate_limited", f"tenant {tenant!r} may make {float(rate_s):g} requests/s with "
+        raise LimitExceeded(429, ErrorType.rate_limited, f"tenant {tenant!r} may make {float(rate_s):g} requests/s with "
                             f"bursts of {int(burst)} (tenant_rps, tenant_burst); retry in {retry} s",
                             limit="tenant_rps", retry_after=retry)
 
 
 # ------------------------------------------------------------------------------------------------ accounting
-
-LIMITS_LUA = """
-local function lim_base(cfg, t) return cfg.prefix .. 'tenant:' .. t end
-local function lim_override(cfg, t, field, default)
-  local v = redis.call('HGET', lim_base(cfg, t), field)
-  if v then return tonumber(v) end
-  return default
-end
-local function lim_held_key(cfg, t, priority) return lim_base(cfg, t) .. ':held:' .. priority end
-
--- Push a released edit onto its RQ queue: its job hash exists since submission (status 'created').
-local function lim_push(cfg, id, queue)
-  local qk = cfg.rq_queue .. queue
-  redis.call('HSET', cfg.rq_job .. id, 'status', 'queued', 'enqueued_at', cfg.now_rq)
-  redis.call('SADD', cfg.rq_queues, qk)
-  redis.call('RPUSH', qk, id)
-end
-
--- Release the tenant's oldest held edits (high before normal before low) while it has free slots.
-local function lim_release(cfg, t)
-  local released_set = lim_base(cfg, t) .. ':released'
-  local limit = lim_override(cfg, t, 'limit_max_concurrent', cfg.max_concurrent)
-  local count = 0
-  for _, p in ipairs(cfg.priorities) do
-    local hk = lim_held_key(cfg, t, p)
-    while redis.call('SCARD', released_set) < limit do
-      local id = redis.call('LPOP', hk)
-      if not id then break end
-      local ek = cfg.prefix .. 'edit:' .. id
-      local f = redis.call('HMGET', ek, 'status', 'held', 'queue')
-      if f[1] == 'queued' and f[2] == hk then
-        redis.call('HDEL', ek, 'held')
-        redis.call('SADD', released_set, id)
-        lim_push(cfg, id, f[3])
-        count = count + 1
-      end
-    end
-  end
-  return count
-end
-
--- Keep the sets in step with a status change of edit hash `ek` (cur -> to); release on terminal.
-local function lim_note_transition(cfg, ek, cur, to)
-  if to == '' or to == cur then return end
-  local f = redis.call('HMGET', ek, 'id', 'tenant', 'held')
-  local id, t, held = f[1], f[2], f[3]
-  if not id or not t then return end
-  local base = lim_base(cfg, t)
-  if cur == 'queued' then
-    redis.call('SREM', base .. ':queued', id)
-    redis.call('SREM', cfg.prefix .. 'limits:queued', id)
-  end
-  if to == 'queued' then
-    redis.call('SADD', base .. ':queued', id)
-    redis.call('SADD', cfg.prefix .. 'limits:queued', id)
-  end
-  if held then  -- leaves the queue while held: canceled or failed (or started by hand: count it as released)
-    redis.call('LREM', held, 0, id)
-    redis.call('HDEL', ek, 'held')
-    if to == 'processing' then redis.call('SADD', base .. ':released', id) end
-  end
-  if to == 'succeeded' or to == 'failed' or to == 'canceled' then
-    redis.call('SREM', base .. ':released', id)
-    lim_release(cfg, t)
-  end
-end
-"""
-
-_ADMIT_LUA = LIMITS_LUA + RATE_LUA_FN + """
--- The whole of creating an edit, one round trip: count the request against the tenant's rate (optional),
--- find an Idempotency-Key's earlier edit (optional), check the queue limits, write the RQ job hash and the
--- edit record, release or hold it, and report its place in line and the ETA statistics.
--- ARGV: cfg JSON, spec JSON, then the RQ job hash as field, value, ... (binary-safe: RQ pickles its data)
-local cfg = cjson.decode(ARGV[1])
-local spec = cjson.decode(ARGV[2])
-local rec = spec.record
-local id, t = rec['id'], rec['tenant']
-local ek = cfg.prefix .. 'edit:' .. id
-local base = lim_base(cfg, t)
-if spec.rate then
-  local r = rate_take(spec.rate.key, base, spec.rate.rps, spec.rate.burst)
-  if r[1] == 0 then return {'rate_limited', r[2], r[3], r[4]} end
-end
-if spec.claim then
-  local prior = redis.call('GET', spec.claim.key)
-  if prior then return {'duplicate', prior} end
-end
-if redis.call('EXISTS', ek) == 1 or redis.call('EXISTS', spec.job_key) == 1 then return {'exists', 0, 0} end
-local depth = redis.call('SCARD', cfg.prefix .. 'limits:queued')
-if depth >= cfg.max_depth then return {'queue_full', depth, cfg.max_depth} end
-local mine = redis.call('SCARD', base .. ':queued')
-local max_queued = lim_override(cfg, t, 'limit_max_queued', cfg.max_queued)
-if mine >= max_queued then return {'tenant_queue_full', mine, max_queued} end
-if spec.claim then redis.call('SET', spec.claim.key, spec.claim.value, 'EX', spec.claim.ttl) end
-redis.call('HSET', spec.job_key, unpack(ARGV, 3))
-for field, value in pairs(rec) do redis.call('HSET', ek, field, value) end
-redis.call('ZADD', base .. ':edits', spec.score, id)
-redis.call('SADD', base .. ':queued', id)
-redis.call('SADD', cfg.prefix .. 'limits:queued', id)
-redis.call('SADD', cfg.prefix .. 'limits:tenants', t)
-lim_release(cfg, t)  -- older held edits first (a no-op unless limits were raised)
-local qk = cfg.rq_queue .. rec['queue']
-local ahead = 0
-for _, k in ipairs(spec.queues_ahead) do ahead = ahead + redis.call('LLEN', k) end
-local state
-if redis.call('SCARD', base .. ':released') < lim_override(cfg, t, 'limit_max_concurrent', cfg.max_concurrent) then
-  redis.call('SADD', base .. ':released', id)
-  lim_push(cfg, id, rec['queue'])
-  state = 'released'
-  ahead = ahead + redis.call('LLEN', qk) - 1
-else
-  local hk = lim_held_key(cfg, t, spec.priority)
-  redis.call('RPUSH', hk, id)
-  redis.call('HSET', ek, 'held', hk)
-  state = 'held'  -- its tenant's held edits ahead, then one of its running edits, then the RQ queue now
-  local held = redis.call('LLEN', hk) - 1
-  for _, p in ipairs(cfg.priorities) do
-    if p == spec.priority then break end
-    held = held + redis.call('LLEN', lim_held_key(cfg, t, p))
-  end
-  ahead = ahead + held + 1 + redis.call('LLEN', qk)
-end
-local stats = {}
-for _, k in ipairs(spec.stats_keys) do
-  stats = redis.call('HGETALL', k)
-  if #stats > 0 then break end
-end
-return {state, ahead, stats}
-"""
-
-_RELEASE_LUA = LIMITS_LUA + """
-return lim_release(cjson.decode(ARGV[1]), ARGV[2])
-"""
-
-# Drop ids whose edit left the state a set stands for (written by code without this bookkeeping), report
-# queued edits whose RQ job hash is gone (they could never run), then release what the limits allow.
-_SWEEP_TENANT_LUA = LIMITS_LUA + """
-local cfg = cjson.decode(ARGV[1])
-local t = ARGV[2]
-local base = lim_base(cfg, t)
-local lost, seen = {}, {}
-local function check_job(id)
-  if not seen[id] and redis.call('EXISTS', cfg.rq_job .. id) == 0 then table.insert(lost, id) end
-  seen[id] = true
-end
-for _, id in ipairs(redis.call('SMEMBERS', base .. ':released')) do
-  local st = redis.call('HGET', cfg.prefix .. 'edit:' .. id, 'status')
-  if st ~= 'queued' and st ~= 'processing' then redis.call('SREM', base .. ':released', id)
-  elseif st == 'queued' then check_job(id) end
-end
-for _, id in ipairs(redis.call('SMEMBERS', base .. ':queued')) do
-  if redis.call('HGET', cfg.prefix .. 'edit:' .. id, 'status') ~= 'queued' then
-    redis.call('SREM', base .. ':queued', id)
-    redis.call('SREM', cfg.prefix .. 'limits:queued', id)
-  else
-    check_job(id)
-  end
-end
-local released = lim_release(cfg, t)
-local idle = redis.call('SCARD', base .. ':queued') == 0 and redis.call('SCARD', base .. ':released') == 0
-for _, p in ipairs(cfg.priorities) do
-  if redis.call('LLEN', lim_held_key(cfg, t, p)) > 0 then idle = false end
-end
-if idle then redis.call('SREM', cfg.prefix .. 'limits:tenants', t) end
-local out = {released}
-for _, id in ipairs(lost) do table.insert(out, id) end
-return out
-"""
-
-_PRUNE_GLOBAL_LUA = """
-local n = 0
-for _, id in ipairs(ARGV) do
-  if redis.call('HGET', KEYS[1] .. id, 'status') ~= 'queued' then
-    n = n + redis.call('SREM', KEYS[2], id)
-  end
-end
-return n
-"""
-
-
-def lua_config(settings: Settings) -> str:
-    """What every accounting script needs: key names (ours and RQ's), default limits and RQ's clock format."""
-    limits = settings.limits
-    return json.dumps({
-        "prefix": KEY_PREFIX,
-        "rq_job": Job.redis_job_namespace_prefix,
-        "rq_queue": Queue.redis_queue_namespace_prefix,
-        "rq_queues": Queue.redis_queues_keys,
-        "priorities": list(PRIORITIES),
-        "max_concurrent": limits.tenant_max_concurrent,
-        "max_queued": limits.tenant_max_queued,
-        "max_depth": limits.max_queue_depth,
-        "now_rq": utcformat(rq_now()),
-    })
-
 
 @dataclass
 class Admission:
@@ -469,15 +244,15 @@ class AdmissionRequest:
 
 
 class Accounting:
-    """The scripts that admit, hold and release edits (JobStore embeds ``LIMITS_LUA`` in its transitions)."""
+    """The scripts that admit, hold and release edits (the transition script embeds the same ``LIMITS_FN``)."""
 
     def __init__(self, connection: redis.Redis, settings: Settings):
         self.redis = connection
         self.settings = settings
-        self._admit: Script = connection.register_script(_ADMIT_LUA)
-        self._release = connection.register_script(_RELEASE_LUA)
-        self._sweep_tenant = connection.register_script(_SWEEP_TENANT_LUA)
-        self._prune_global = connection.register_script(_PRUNE_GLOBAL_LUA)
+        self._admit: Script = connection.register_script(scripts.ADMIT)
+        self._release = connection.register_script(scripts.RELEASE)
+        self._sweep_tenant = connection.register_script(scripts.SWEEP_TENANT)
+        self._prune_global = connection.register_script(scripts.PRUNE_GLOBAL)
 
     def precheck(self, tenant: str) -> None:
         """Refuse early (before an image is stored) when a queue limit is already reached; not atomic —
@@ -547,10 +322,10 @@ class Accounting:
         for member in self.redis.sscan_iter(GLOBAL_QUEUED_KEY, count=SWEEP_CHUNK):
             chunk.append(member)
             if len(chunk) >= SWEEP_CHUNK:
-                self._prune_global(keys=[f"{KEY_PREFIX}edit:", GLOBAL_QUEUED_KEY], args=chunk)
+                self._prune_global(keys=[EDIT_PREFIX, GLOBAL_QUEUED_KEY], args=chunk)
                 chunk = []
         if chunk:
-            self._prune_global(keys=[f"{KEY_PREFIX}edit:", GLOBAL_QUEUED_KEY], args=chunk)
+            self._prune_global(keys=[EDIT_PREFIX, GLOBAL_QUEUED_KEY], args=chunk)
         return released, lost
 
 
@@ -566,26 +341,3 @@ def held_ahead(connection: redis.Redis, tenant: str, held_list: str, edit_id: st
             break
         ahead += connection.llen(key)
     return ahead
-
-
-def release_held(connection: redis.Redis, settings: Settings) -> int:
-    """The periodic repair pass; the GPU worker's reaper calls it every pass (it is idempotent and cheap).
-
-    Normal operation never needs it: admission and terminal transitions release atomically. It catches
-    what they cannot see — edits finished by code without this bookkeeping (a rolling upgrade), a raised
-    per-tenant limit, set members whose edits are gone — and fails queued edits whose RQ job hash was
-    deleted (``rq empty``), which would otherwise hold their tenant's slot forever. Returns how many held
-    edits it released.
-    """
-    released, lost = Accounting(connection, settings).sweep()
-    if lost:
-        from editserve.contract import ErrorInfo
-        from service.jobstore import JobStore
-
-        store = JobStore(connection, settings)
-        for edit_id in lost:
-            log.warning("edit %s: its RQ job is gone; failing it so its tenant's slot frees", edit_id)
-            store.mark_failed(edit_id, ErrorInfo(type="queue_entry_lost",
-                                                 message="the edit's queue entry was deleted before it ran; "
-                                                         "submit it again"))
-    return released

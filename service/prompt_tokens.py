@@ -51,7 +51,8 @@ class PromptTokenCounter:
         self._lock = threading.Lock()
 
     def warm(self) -> None:
-        """Load every catalog model's tokenizer now (~0.5 s each), so no submit waits for one."""
+        """Load every catalog model's tokenizer now (each takes a noticeable fraction of a second), so no submit
+        waits for one."""
         for spec in self.settings.model_catalog().values():
             try:
                 self._counter(spec)
@@ -88,13 +89,13 @@ class PromptTokenCounter:
 
 @lru_cache(maxsize=16)
 def load_counter(folder: str) -> tuple[str, Callable[[str], int] | None]:
-    """(method, counter) for a tokenizer folder; cached per process because loading takes ~0.5 s."""
+    """(method, counter) for a tokenizer folder; cached per process because loading one is slow."""
     try:
         from transformers import CLIPTokenizer
 
         tok = CLIPTokenizer.from_pretrained(folder)
         tok.model_max_length = 10**9  # we count, never truncate: silence the over-length warning
-        backend = getattr(tok, "backend_tokenizer", None)  # the same ids without the Python wrapper (~2x faster)
+        backend = getattr(tok, "backend_tokenizer", None)  # the same ids without the Python wrapper (faster)
         if backend is not None and backend.truncation is None:
             return "clip", lambda text: len(backend.encode(text).ids)
         return "clip", lambda text: len(tok(text, truncation=False)["input_ids"])

@@ -2,7 +2,7 @@
 
 Why: a worker batches only jobs that can share one UNet call per step. Routing each job to a queue named
 by its ``BatchKey`` lets a worker block on one job and then drain more *compatible* jobs from the same
-queue without ever pushing anything back (serving.md §3, design (a)).
+queue without ever pushing anything back (docs/design-notes.md).
 
 Name layout: ``edits.{priority}.{model}:{kind}:{H}x{W}:s{steps}:{scheduler}``.
 """
@@ -17,13 +17,15 @@ import redis
 from rq import Queue
 
 from editserve.contract import BatchKey
+from editserve.kinds import EDIT_KINDS
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 """Served in this order: a worker always looks at higher priorities first."""
 
 QUEUE_PREFIX = "edits."
 _SUFFIX_RE = re.compile(
-    r"^(?P<model>.+):(?P<kind>p2p|ip2p):(?P<height>\d+)x(?P<width>\d+):s(?P<steps>\d+):(?P<scheduler>[^:]+)$"
+    r"^(?P<model>.+):(?P<kind>" + "|".join(map(re.escape, EDIT_KINDS)) + r"):(?P<height>\d+)x(?P<width>\d+)"
+    r":s(?P<steps>\d+):(?P<scheduler>[^:]+)$"
 )
 
 

@@ -16,6 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from service import metrics
 from service.config import S3Settings
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,14 @@ class Storage:
     def _with_retries(self, what: str, operation, *, retry_client_errors: bool = True):
         """Our retries, not botocore's (its client makes one attempt), so attempts and backoff follow settings."""
         attempts = self.settings.upload_attempts
+        operation_label = what.split(" ", 1)[0]  # "upload" / "download": bounded, never the key
         for attempt in range(1, attempts + 1):
             try:
-                return operation()
+                result = operation()
+                metrics.s3_operations_total.labels(operation=operation_label, outcome="ok").inc()
+                return result
             except (BotoCoreError, ClientError) as exc:
+                metrics.s3_operations_total.labels(operation=operation_label, outcome="error").inc()
                 permanent = isinstance(exc, ClientError) and (
                     not retry_client_errors
                     or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500) < 500)

@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 
-from editserve.contract import Edit, EditStatus
-from service.jobstore import JobStore, events_channel
+from editserve.contract import TERMINAL_STATUSES as _TERMINAL
+from editserve.contract import Edit
+from service.jobstore import JobStore
+from service.keys import events_channel
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = frozenset(s.value for s in EditStatus if s.terminal)
+TERMINAL_STATUSES = frozenset(s.value for s in _TERMINAL)
 
 
 def _status_of(data: bytes | str) -> str | None:

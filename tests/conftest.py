@@ -29,7 +29,7 @@ def redis_server():
     Why private: tests flush databases and start workers that consume every edit queue; two test
     sessions sharing one Redis would steal each other's jobs.
     """
-    from service.devstack import ensure_redis, free_port
+    from devtools.devstack import ensure_redis, free_port
 
     url = TEST_REDIS_URL or f"redis://127.0.0.1:{free_port()}/15"
     server = ensure_redis(url)
@@ -48,7 +48,7 @@ def redis_url(redis_server) -> str:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    from service.devstack import start_seaweedfs
+    from devtools.devstack import start_seaweedfs
 
     server = start_seaweedfs(bucket="editserve-test")
     yield server

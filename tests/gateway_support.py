@@ -14,7 +14,7 @@ import redis
 
 from editserve.contract import BatchKey, JobPayload, P2PEditRequest
 from service.config import S3Settings, Settings
-from service.devstack import free_port, wait_for_port
+from devtools.devstack import free_port, wait_for_port
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from editserve import Client, EditStatus, verify_webhook
 from service.config import Settings
-from service.devstack import LocalStack, free_port
+from devtools.devstack import LocalStack, free_port
 
 pytestmark = pytest.mark.e2e
 E2E_REDIS_DB = 14

@@ -27,8 +27,9 @@ from rq.job import Job, JobStatus
 
 from editserve import Client, EditStatus
 from service.config import S3Settings, Settings, WorkerSettings
-from service.devstack import LocalStack, start_persistent_redis
-from service.jobstore import JobStore, edit_key
+from devtools.devstack import LocalStack, start_persistent_redis
+from service.jobstore import JobStore
+from service.keys import edit_key
 from worker_support import EventCounter, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -25,7 +25,7 @@ from rq.job import Job
 
 from editserve.contract import EditStatus
 from service.app import create_app
-from service.devstack import free_port
+from devtools.devstack import free_port
 from service.storage import output_key
 
 P2P = {"kind": "p2p", "source_prompt": "a cat riding a bike", "target_prompts": ["a dog riding a bike"],
@@ -302,11 +302,15 @@ def test_metrics_use_route_templates_and_report_queue_depth(live):
     assert edit["id"] not in text
     assert 'editserve_jobs_submitted_total{kind="p2p",model="tiny-sd"}' in text
     depth = [line for line in text.splitlines() if line.startswith("editserve_queue_depth{")]
-    assert depth and depth[0].endswith(" 1.0") and "edits.normal.tiny-sd:p2p:128x128:s4:ddim" in depth[0]
-    for name in ("editserve_batch_size_bucket", "editserve_queue_wait_seconds_bucket",
-                 "editserve_job_duration_seconds_bucket", "editserve_denoise_step_seconds_bucket",
-                 "editserve_jobs_in_progress", "editserve_http_request_duration_seconds_bucket"):
-        assert name in text, name
+    assert depth and depth[0].endswith(" 1.0") and 'model="tiny-sd"' in depth[0] and 'priority="normal"' in depth[0]
+    assert "128x128" not in text  # the queue label is bounded: model and priority, never the batch key
+    assert [line for line in text.splitlines() if line.startswith("editserve_running_edits{")] == [
+        'editserve_running_edits{model="tiny-sd"} 0.0']
+    assert 'editserve_live_workers{model="tiny-sd"} 0.0' in text  # queued work and no worker: the alert's case
+    for name in ("editserve_batch_size histogram", "editserve_queue_wait_seconds histogram",  # labelled: no
+                 "editserve_job_duration_seconds histogram", "editserve_denoise_step_seconds histogram",  # sample yet
+                 "editserve_jobs_in_progress gauge", "editserve_http_request_duration_seconds histogram"):
+        assert f"# TYPE {name}" in text, name
 
 
 def test_metrics_multiprocess_mode(tmp_path):

@@ -15,18 +15,9 @@ from rq.job import Job
 from editserve.contract import EditStatus, ErrorInfo, JobPayload
 from service import metrics
 from service.app import create_app
-from service.jobstore import JobStore, edit_key, new_edit_id
-from service.limits import (
-    GLOBAL_QUEUED_KEY,
-    LimitExceeded,
-    TenantLimitOverrides,
-    held_key,
-    queued_key,
-    release_held,
-    released_key,
-    tenant_limits,
-    write_overrides,
-)
+from service.jobstore import JobStore, new_edit_id
+from service.keys import GLOBAL_QUEUED_KEY, edit_key, held_key, queued_key, released_key
+from service.limits import LimitExceeded, TenantLimitOverrides, tenant_limits, write_overrides
 from service.queues import discover, queue_names_by_priority, rq_queue_key
 
 P2P = {"kind": "p2p", "source_prompt": "a cat riding a bike", "target_prompts": ["a dog riding a bike"], "steps": 4}
@@ -341,14 +332,14 @@ def test_release_held_repairs_what_no_transition_saw(redis_url, conn):
     # An older worker finishes `first` without the bookkeeping: its slot stays taken.
     conn.hset(edit_key(first), "status", "succeeded")
     assert not in_rq_queue(conn, second)
-    assert release_held(conn, js.settings) == 1
+    assert js.release_held() == 1
     assert in_rq_queue(conn, second) and counts(conn) == (2, 1, 1)
     # An operator deletes a held edit's RQ job: it can never run, so the sweep fails it (and frees its place).
     conn.delete(Job.key_for(third))
-    release_held(conn, js.settings)
+    js.release_held()
     assert js.get(third).status is EditStatus.failed and js.get(third).error.type == "queue_entry_lost"
     assert counts(conn) == (1, 1, 0)
-    assert release_held(conn, js.settings) == 0  # idempotent
+    assert js.release_held() == 0  # idempotent
 
 
 def test_raising_a_tenant_limit_releases_held_edits_at_once(redis_url, conn):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from gateway_support import s3_settings
 
-from service.devstack import free_port
+from devtools.devstack import free_port
 from service.storage import Storage, StorageError, attention_array_key, input_key, output_key
 
 

@@ -25,7 +25,10 @@ from rq.registry import ScheduledJobRegistry
 from editserve.contract import Edit, EditStatus, Progress, WebhookDeliveryState, WebhookEventType
 from editserve.webhooks import WebhookVerificationError, verify
 from service import egress
-from service import webhooks as wh
+from service.webhooks import delivery as wh_delivery
+from service.webhooks import emit as wh_emit
+from service.webhooks import events as wh_events
+from service.webhooks import failed as wh_failed
 from service.config import Settings, WebhookSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,23 +119,23 @@ def make_edit(edit_id: str, url: str, events=(E.started, E.completed), status=Ed
                 webhook=WebhookDeliveryState(url=url, events=list(events)))
 
 
-def delivery(url: str, edit_id: str = "ed1", event: str = "completed", attempt: int = 1) -> wh.Delivery:
+def delivery(url: str, edit_id: str = "ed1", event: str = "completed", attempt: int = 1) -> wh_events.Delivery:
     body = json.dumps({"type": f"edit.{event}", "timestamp": "2026-01-01T00:00:00Z",
                        "data": json.loads(make_edit(edit_id, url).model_dump_json())})
-    return wh.Delivery(msg_id=f"msg_{edit_id}_{event}", edit_id=edit_id, tenant="default", url=url, event=event,
+    return wh_events.Delivery(msg_id=f"msg_{edit_id}_{event}", edit_id=edit_id, tenant="default", url=url, event=event,
                        body=body, attempt=attempt)
 
 
 def state(redis, edit_id: str = "ed1") -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in redis.hgetall(wh.state_key(edit_id)).items()}
+    return {k.decode(): v.decode() for k, v in redis.hgetall(wh_events.state_key(edit_id)).items()}
 
 
 def queued_jobs(redis) -> list:
-    return Queue(wh.QUEUE_NAME, connection=redis).get_jobs()
+    return Queue(wh_events.QUEUE_NAME, connection=redis).get_jobs()
 
 
 def scheduled_jobs(redis) -> list[tuple[str, float]]:
-    registry = ScheduledJobRegistry(wh.QUEUE_NAME, connection=redis)
+    registry = ScheduledJobRegistry(wh_events.QUEUE_NAME, connection=redis)
     return [(job_id, registry.get_expiration_time(registry.job_class.fetch(job_id, connection=redis)).timestamp())
             for job_id in registry.get_job_ids()]
 
@@ -141,10 +144,16 @@ def deliveries_total(outcome: str) -> float:
     return REGISTRY.get_sample_value("editserve_webhook_deliveries_total", {"outcome": outcome}) or 0.0
 
 
+def use_settings(monkeypatch, settings) -> None:
+    """The parts that read settings through get_settings (the RQ job, emit, the failed list) see ``settings``."""
+    for module in (wh_delivery, wh_emit, wh_failed):
+        monkeypatch.setattr(module, "get_settings", lambda: settings)
+
+
 def run_queue_inline(redis, settings, monkeypatch) -> None:
     """Deliver everything queued now, in this process (the job reads settings via get_settings)."""
-    monkeypatch.setattr(wh, "get_settings", lambda: settings)
-    SimpleWorker([Queue(wh.QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
+    use_settings(monkeypatch, settings)
+    SimpleWorker([Queue(wh_events.QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
 
 
 # ---------------------------------------------------------------------------------------------- emission
@@ -158,7 +167,7 @@ def test_emit_and_deliver_signed_event_with_tenant_secret(redis, redis_url, rece
     before = deliveries_total("delivered")
 
     edit = make_edit("ed1", receiver.url(), status=EditStatus.succeeded)
-    wh.emit(redis, edit, "completed", "acme", settings=settings)
+    wh_emit.emit(redis, edit, "completed", "acme", settings=settings)
     assert state(redis)["pending"] == "1"
     run_queue_inline(redis, settings, monkeypatch)
 
@@ -174,16 +183,16 @@ def test_emit_and_deliver_signed_event_with_tenant_secret(redis, redis_url, rece
     s = state(redis)
     assert (s["delivered"], s["pending"], s["attempts"], s["last_status"]) == ("1", "0", "1", "200")
     assert json.loads(s["events"]) == ["started", "completed"] and s["url"] == receiver.url()
-    assert wh.read_state(redis, "ed1") == WebhookDeliveryState(url=receiver.url(), events=[E.started, E.completed],
+    assert wh_events.read_state(redis, "ed1") == WebhookDeliveryState(url=receiver.url(), events=[E.started, E.completed],
                                                                 delivered=1, failed=0)
     assert redis.hget("editserve:edit:ed1", "webhook_delivered") == b"1"  # mirrored for Edit.webhook
     assert deliveries_total("delivered") == before + 1
-    assert 0 < redis.ttl(wh.state_key("ed1")) <= settings.webhooks.state_ttl_seconds
+    assert 0 < redis.ttl(wh_events.state_key("ed1")) <= settings.webhooks.state_ttl_seconds
 
 
 def test_default_tenant_without_secret_uses_global_secret(redis, redis_url, receiver, monkeypatch):
     settings = make_settings(redis_url)
-    wh.emit(redis, make_edit("ed1", receiver.url()), "started", "default", settings=settings)
+    wh_emit.emit(redis, make_edit("ed1", receiver.url()), "started", "default", settings=settings)
     run_queue_inline(redis, settings, monkeypatch)
     [request] = receiver.requests
     assert verify(settings.webhooks.secret, request.headers, request.body).type == "edit.started"
@@ -193,23 +202,23 @@ def test_default_tenant_without_secret_uses_global_secret(redis, redis_url, rece
 def test_event_filter_and_at_most_once_emission(redis, redis_url):
     settings = make_settings(redis_url)
     only_completed = make_edit("ed1", "http://127.0.0.1:9/x", events=[E.completed])
-    wh.emit(redis, only_completed, "started", "t", settings=settings)
-    wh.emit(redis, only_completed.model_copy(update={"progress": Progress(step=1, total=5)}), "progress", "t",
+    wh_emit.emit(redis, only_completed, "started", "t", settings=settings)
+    wh_emit.emit(redis, only_completed.model_copy(update={"progress": Progress(step=1, total=5)}), "progress", "t",
             settings=settings)
     assert queued_jobs(redis) == []
-    wh.emit(redis, only_completed, "completed", "t", settings=settings)
-    wh.emit(redis, only_completed, "completed", "t", settings=settings)  # e.g. a duplicate status write
+    wh_emit.emit(redis, only_completed, "completed", "t", settings=settings)
+    wh_emit.emit(redis, only_completed, "completed", "t", settings=settings)  # e.g. a duplicate status write
     assert len(queued_jobs(redis)) == 1
 
     no_webhook = make_edit("ed2", "http://x").model_copy(update={"webhook": None})
-    wh.emit(redis, no_webhook, "completed", "t", settings=settings)
-    wh.emit(redis, make_edit("ed3", "http://x"), "bogus", "t", settings=settings)  # logged, never raised
+    wh_emit.emit(redis, no_webhook, "completed", "t", settings=settings)
+    wh_emit.emit(redis, make_edit("ed3", "http://x"), "bogus", "t", settings=settings)  # logged, never raised
     assert len(queued_jobs(redis)) == 1
-    assert not redis.exists(wh.state_key("ed2")) and not redis.exists(wh.state_key("ed3"))
+    assert not redis.exists(wh_events.state_key("ed2")) and not redis.exists(wh_events.state_key("ed3"))
 
     # Status names are accepted as aliases: processing → started, any terminal status → completed.
-    wh.emit(redis, make_edit("ed4", "http://x"), "processing", "t", settings=settings)
-    wh.emit(redis, make_edit("ed4", "http://x"), "canceled", "t", settings=settings)
+    wh_emit.emit(redis, make_edit("ed4", "http://x"), "processing", "t", settings=settings)
+    wh_emit.emit(redis, make_edit("ed4", "http://x"), "canceled", "t", settings=settings)
     assert sorted(j.args[0]["msg_id"] for j in queued_jobs(redis)[1:]) == ["msg_ed4_completed", "msg_ed4_started"]
 
 
@@ -217,12 +226,12 @@ def test_progress_is_throttled_per_edit(redis, redis_url):
     settings = make_settings(redis_url, progress_min_interval_seconds=0.3)
     events = [E.started, E.progress, E.completed]
     for step in range(1, 6):
-        wh.emit(redis, make_edit("ed1", "http://x", events=events, step=step), "progress", "t", settings=settings)
-    wh.emit(redis, make_edit("ed2", "http://x", events=events, step=1), "progress", "t", settings=settings)
+        wh_emit.emit(redis, make_edit("ed1", "http://x", events=events, step=step), "progress", "t", settings=settings)
+    wh_emit.emit(redis, make_edit("ed2", "http://x", events=events, step=1), "progress", "t", settings=settings)
     assert [j.args[0]["msg_id"] for j in queued_jobs(redis)] == ["msg_ed1_progress_1", "msg_ed2_progress_1"]
     time.sleep(0.35)
-    wh.emit(redis, make_edit("ed1", "http://x", events=events, step=9), "progress", "t", settings=settings)
-    wh.emit(redis, make_edit("ed1", "http://x", events=events, status=EditStatus.succeeded), "completed", "t",
+    wh_emit.emit(redis, make_edit("ed1", "http://x", events=events, step=9), "progress", "t", settings=settings)
+    wh_emit.emit(redis, make_edit("ed1", "http://x", events=events, status=EditStatus.succeeded), "completed", "t",
             settings=settings)  # terminal events are never throttled
     ids = [j.args[0]["msg_id"] for j in queued_jobs(redis)]
     assert ids[2:] == ["msg_ed1_progress_9", "msg_ed1_completed"]
@@ -233,9 +242,9 @@ def test_progress_is_throttled_per_edit(redis, redis_url):
 def test_emit_accepts_a_decoding_redis_client(redis_url, receiver):
     decoding = redis_lib.Redis.from_url(redis_url, decode_responses=True)
     settings = make_settings(redis_url)
-    wh.emit(decoding, make_edit("ed1", receiver.url()), "started", "t", settings=settings)
+    wh_emit.emit(decoding, make_edit("ed1", receiver.url()), "started", "t", settings=settings)
     assert len(queued_jobs(redis_lib.Redis.from_url(redis_url))) == 1
-    assert wh.read_state(decoding, "ed1").url == receiver.url()
+    assert wh_events.read_state(decoding, "ed1").url == receiver.url()
 
 
 # ---------------------------------------------------------------------------------------------- delivery outcomes
@@ -243,28 +252,28 @@ def test_emit_accepts_a_decoding_redis_client(redis_url, receiver):
 def test_retry_after_on_429_is_honoured_and_scheduled(redis, redis_url, receiver):
     settings = make_settings(redis_url, backoff_seconds=[0.05])
     receiver.script = [Reply(429, {"Retry-After": "30"})]
-    result = wh.Deliverer(settings, redis).run(delivery(receiver.url()))
-    assert result.outcome is wh.DeliveryOutcome.retrying and 30 <= result.retry_in <= 31
+    result = wh_delivery.Deliverer(settings, redis).run(delivery(receiver.url()))
+    assert result.outcome is wh_events.DeliveryOutcome.retrying and 30 <= result.retry_in <= 31
     [(_, when)] = scheduled_jobs(redis)
     assert 28 <= when - time.time() <= 32
-    job = ScheduledJobRegistry(wh.QUEUE_NAME, connection=redis).job_class.fetch(
-        ScheduledJobRegistry(wh.QUEUE_NAME, connection=redis).get_job_ids()[0], connection=redis)
+    job = ScheduledJobRegistry(wh_events.QUEUE_NAME, connection=redis).job_class.fetch(
+        ScheduledJobRegistry(wh_events.QUEUE_NAME, connection=redis).get_job_ids()[0], connection=redis)
     assert job.args[0]["attempt"] == 2 and job.args[0]["msg_id"] == "msg_ed1_completed"
     assert state(redis)["last_error"] == "HTTP 429: ok" and state(redis).get("failed") is None
 
 
 def test_retry_delay_schedule_jitter_and_caps():
     config = WebhookSettings(backoff_seconds=[1, 5, 30], jitter_ratio=0.2, max_retry_after_seconds=60)
-    assert wh.retry_delay(1, config, rand=lambda: 0.5) == 1
-    assert wh.retry_delay(2, config, rand=lambda: 0.0) == pytest.approx(4.0)
-    assert wh.retry_delay(3, config, rand=lambda: 1.0) == pytest.approx(36.0)
-    assert wh.retry_delay(9, config, rand=lambda: 0.5) == 30  # past the list: its last entry
-    assert wh.retry_delay(1, config, retry_after=10, rand=lambda: 0.5) == 10
-    assert wh.retry_delay(1, config, retry_after=10_000, rand=lambda: 0.5) == 60
-    assert wh.parse_retry_after("120") == 120
+    assert wh_delivery.retry_delay(1, config, rand=lambda: 0.5) == 1
+    assert wh_delivery.retry_delay(2, config, rand=lambda: 0.0) == pytest.approx(4.0)
+    assert wh_delivery.retry_delay(3, config, rand=lambda: 1.0) == pytest.approx(36.0)
+    assert wh_delivery.retry_delay(9, config, rand=lambda: 0.5) == 30  # past the list: its last entry
+    assert wh_delivery.retry_delay(1, config, retry_after=10, rand=lambda: 0.5) == 10
+    assert wh_delivery.retry_delay(1, config, retry_after=10_000, rand=lambda: 0.5) == 60
+    assert wh_delivery.parse_retry_after("120") == 120
     future = email_date(time.time() + 100)
-    assert 95 <= wh.parse_retry_after(future) <= 101
-    assert wh.parse_retry_after("soon") is None and wh.parse_retry_after(None) is None
+    assert 95 <= wh_delivery.parse_retry_after(future) <= 101
+    assert wh_delivery.parse_retry_after("soon") is None and wh_delivery.parse_retry_after(None) is None
 
 
 def email_date(ts: float) -> str:
@@ -277,8 +286,8 @@ def test_redirect_is_not_followed_and_counts_as_failure(redis, redis_url, receiv
     settings = make_settings(redis_url, max_attempts=1)
     receiver.script = [Reply(302, {"Location": receiver.url("/elsewhere")})]
     before = deliveries_total("failed")
-    result = wh.Deliverer(settings, redis).run(delivery(receiver.url()))
-    assert result.outcome is wh.DeliveryOutcome.failed and result.status_code == 302
+    result = wh_delivery.Deliverer(settings, redis).run(delivery(receiver.url()))
+    assert result.outcome is wh_events.DeliveryOutcome.failed and result.status_code == 302
     assert [r.path for r in receiver.requests] == ["/hook"]  # /elsewhere never requested
     s = state(redis)
     assert s["failed"] == "1" and "redirect" in s["last_error"] and "/elsewhere" in s["last_error"]
@@ -287,16 +296,16 @@ def test_redirect_is_not_followed_and_counts_as_failure(redis, redis_url, receiv
 
     # With attempts left, a redirect is retried like any other failure.
     receiver.script = [Reply(301, {"Location": "http://169.254.169.254/"})]
-    retry = wh.Deliverer(make_settings(redis_url, max_attempts=3), redis).run(delivery(receiver.url(), "ed2"))
-    assert retry.outcome is wh.DeliveryOutcome.retrying and len(scheduled_jobs(redis)) == 1
+    retry = wh_delivery.Deliverer(make_settings(redis_url, max_attempts=3), redis).run(delivery(receiver.url(), "ed2"))
+    assert retry.outcome is wh_events.DeliveryOutcome.retrying and len(scheduled_jobs(redis)) == 1
 
 
 def test_410_gives_up_and_stops_later_events(redis, redis_url, receiver):
     settings = make_settings(redis_url)
     receiver.script = [Reply(410)]
-    deliverer = wh.Deliverer(settings, redis)
-    assert deliverer.run(delivery(receiver.url(), event="started")).outcome is wh.DeliveryOutcome.gone
-    assert deliverer.run(delivery(receiver.url(), event="completed")).outcome is wh.DeliveryOutcome.gone
+    deliverer = wh_delivery.Deliverer(settings, redis)
+    assert deliverer.run(delivery(receiver.url(), event="started")).outcome is wh_events.DeliveryOutcome.gone
+    assert deliverer.run(delivery(receiver.url(), event="completed")).outcome is wh_events.DeliveryOutcome.gone
     assert len(receiver.requests) == 1
     s = state(redis)
     assert (s["failed"], s["gone"]) == ("2", "1") and scheduled_jobs(redis) == []
@@ -304,21 +313,21 @@ def test_410_gives_up_and_stops_later_events(redis, redis_url, receiver):
 
 def test_progress_events_are_not_retried(redis, redis_url, receiver):
     receiver.script = [Reply(500)]
-    result = wh.Deliverer(make_settings(redis_url), redis).run(delivery(receiver.url(), event="progress"))
-    assert result.outcome is wh.DeliveryOutcome.failed and scheduled_jobs(redis) == []
+    result = wh_delivery.Deliverer(make_settings(redis_url), redis).run(delivery(receiver.url(), event="progress"))
+    assert result.outcome is wh_events.DeliveryOutcome.failed and scheduled_jobs(redis) == []
 
 
 def test_timeout_is_a_retryable_failure(redis, redis_url, receiver):
     receiver.script = [Reply(200, delay=1.0)]
-    result = wh.Deliverer(make_settings(redis_url, timeout_seconds=0.2), redis).run(delivery(receiver.url()))
-    assert result.outcome is wh.DeliveryOutcome.retrying and "timeout" in result.error
+    result = wh_delivery.Deliverer(make_settings(redis_url, timeout_seconds=0.2), redis).run(delivery(receiver.url()))
+    assert result.outcome is wh_events.DeliveryOutcome.retrying and "timeout" in result.error
 
 
 def test_connection_refused_is_a_retryable_failure(redis, redis_url, receiver):
     port = receiver.port
     receiver.close()
-    result = wh.Deliverer(make_settings(redis_url), redis).run(delivery(f"http://127.0.0.1:{port}/hook"))
-    assert result.outcome is wh.DeliveryOutcome.retrying and "connection error" in result.error
+    result = wh_delivery.Deliverer(make_settings(redis_url), redis).run(delivery(f"http://127.0.0.1:{port}/hook"))
+    assert result.outcome is wh_events.DeliveryOutcome.retrying and "connection error" in result.error
 
 
 # ---------------------------------------------------------------------------------------------- SSRF guard
@@ -353,8 +362,8 @@ PRIVATE_FORMS = [
 def test_non_global_destinations_are_refused(redis, redis_url, receiver, template):
     settings = make_settings(redis_url, allow_hosts=[])
     before = deliveries_total("refused")
-    result = wh.Deliverer(settings, redis).run(delivery(template.format(port=receiver.port)))
-    assert result.outcome is wh.DeliveryOutcome.refused, result.error
+    result = wh_delivery.Deliverer(settings, redis).run(delivery(template.format(port=receiver.port)))
+    assert result.outcome is wh_events.DeliveryOutcome.refused, result.error
     assert receiver.requests == [] and scheduled_jobs(redis) == []
     assert state(redis)["failed"] == "1" and state(redis)["last_error"].startswith("refused:")
     assert deliveries_total("refused") == before + 1
@@ -363,11 +372,11 @@ def test_non_global_destinations_are_refused(redis, redis_url, receiver, templat
 def test_hostnames_resolving_to_private_addresses_are_refused(redis, redis_url):
     records = {"rebind.example": ["10.1.2.3"], "mixed.example": ["93.184.216.34", "127.0.0.1"],
                "v6.example": ["2606:4700::1111", "::1"]}
-    deliverer = wh.Deliverer(make_settings(redis_url, allow_hosts=[]), redis,
+    deliverer = wh_delivery.Deliverer(make_settings(redis_url, allow_hosts=[]), redis,
                              resolver=lambda host, port: records[host])
     for host in records:
         result = deliverer.run(delivery(f"http://{host}/hook", edit_id=host.split(".")[0]))
-        assert result.outcome is wh.DeliveryOutcome.refused, host
+        assert result.outcome is wh_events.DeliveryOutcome.refused, host
 
 
 def test_other_schemes_and_unresolvable_names():
@@ -391,8 +400,8 @@ def test_other_schemes_and_unresolvable_names():
     (["LOCALHOST."], "localhost"),
 ])
 def test_allow_list_admits_hosts_ips_and_cidrs(redis, redis_url, receiver, allow, host):
-    result = wh.Deliverer(make_settings(redis_url, allow_hosts=allow), redis).run(delivery(receiver.url(host=host)))
-    assert result.outcome is wh.DeliveryOutcome.delivered, result.error
+    result = wh_delivery.Deliverer(make_settings(redis_url, allow_hosts=allow), redis).run(delivery(receiver.url(host=host)))
+    assert result.outcome is wh_events.DeliveryOutcome.delivered, result.error
     assert receiver.requests[0].headers["host"] == f"{host}:{receiver.port}"
 
 
@@ -405,28 +414,28 @@ def test_connects_to_the_checked_ip_and_keeps_the_host_header(redis, redis_url, 
         calls.append(host)
         return next(answers)
 
-    deliverer = wh.Deliverer(make_settings(redis_url, allow_hosts=["127.0.0.1"]), redis, resolver=resolver)
+    deliverer = wh_delivery.Deliverer(make_settings(redis_url, allow_hosts=["127.0.0.1"]), redis, resolver=resolver)
     result = deliverer.run(delivery(receiver.url(host="hooks.example.test")))
-    assert result.outcome is wh.DeliveryOutcome.delivered
+    assert result.outcome is wh_events.DeliveryOutcome.delivered
     assert calls == ["hooks.example.test"]  # the name the OS cannot even resolve was reached via the pin
     assert receiver.requests[0].headers["host"] == f"hooks.example.test:{receiver.port}"
     # The next attempt re-checks and, now that the name rebinds, refuses.
-    assert deliverer.run(delivery(receiver.url(host="hooks.example.test"), "ed2")).outcome is wh.DeliveryOutcome.refused
+    assert deliverer.run(delivery(receiver.url(host="hooks.example.test"), "ed2")).outcome is wh_events.DeliveryOutcome.refused
 
 
 def test_https_pinned_ip_keeps_sni_and_certificate_name(redis, redis_url, tmp_path):
     ssl_ctx = _tls_contexts(tmp_path, "hooks.example.test")
     server = Receiver(tls_context=ssl_ctx["server"])
     try:
-        deliverer = wh.Deliverer(
+        deliverer = wh_delivery.Deliverer(
             make_settings(redis_url), redis, resolver=lambda host, port: ["127.0.0.1"],
             client_factory=lambda: httpx.Client(verify=ssl_ctx["client"], follow_redirects=False, trust_env=False))
         ok = deliverer.run(delivery(server.url(host="hooks.example.test", scheme="https")))
-        assert ok.outcome is wh.DeliveryOutcome.delivered, ok.error
+        assert ok.outcome is wh_events.DeliveryOutcome.delivered, ok.error
         assert server.requests[0].headers["host"] == f"hooks.example.test:{server.port}"
         # A name the certificate does not cover fails verification, even though the IP is the same.
         bad = deliverer.run(delivery(server.url(host="other.example.test", scheme="https"), "ed2"))
-        assert bad.outcome is wh.DeliveryOutcome.retrying and "connection error" in bad.error
+        assert bad.outcome is wh_events.DeliveryOutcome.retrying and "connection error" in bad.error
     finally:
         server.close()
 
@@ -469,7 +478,7 @@ def test_delivery_process_retries_with_backoff_then_delivers_once(redis, redis_u
            "EDITSERVE_WEBHOOKS__JITTER_RATIO": "0", "EDITSERVE_WEBHOOKS__METRICS_PORT": "0"}
     process = subprocess.Popen([sys.executable, "-m", "service.webhooks", "--log-level", "WARNING"], cwd=REPO, env=env)
     try:
-        wh.emit(redis, make_edit("ed1", receiver.url(), status=EditStatus.succeeded), "completed", "t",
+        wh_emit.emit(redis, make_edit("ed1", receiver.url(), status=EditStatus.succeeded), "completed", "t",
                 settings=settings)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and state(redis).get("delivered") != "1":
@@ -501,22 +510,22 @@ def test_delivery_process_retries_with_backoff_then_delivers_once(redis, redis_u
 
 def test_jobstore_status_changes_reach_the_receiver_and_edit_shows_the_outcome(redis, redis_url, receiver,
                                                                                monkeypatch):
-    """The integration the gateway relies on: JobStore calls emit(); outcomes come back as Edit.webhook."""
+    """The integration the gateway relies on: JobStore tells emit(); outcomes come back as Edit.webhook."""
     from gateway_support import p2p_payload
 
     from editserve.contract import WebhookSpec
     from service.jobstore import JobStore
 
     settings = make_settings(redis_url)
-    monkeypatch.setattr(wh, "get_settings", lambda: settings)  # emit() as called by JobStore
-    store = JobStore(redis, settings)
+    use_settings(monkeypatch, settings)  # emit() as called by JobStore
+    store = JobStore(redis, settings, listeners=[wh_emit.emit])  # as the gateway's and worker's mains wire it
     spec = WebhookSpec(url=receiver.url(), events=[E.started, E.progress, E.completed])
     edit, _ = store.create(p2p_payload("ed1edit"), webhook=spec, idempotency_key=None)
     assert store.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")
     for step in range(1, 5):
         store.set_progress(edit.id, step, 4)
     store.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=0.1)
-    SimpleWorker([Queue(wh.QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
+    SimpleWorker([Queue(wh_events.QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
 
     events = [verify(settings.webhooks.secret, r.headers, r.body) for r in receiver.requests]
     types = [e.type for e in events]

@@ -1,5 +1,5 @@
 """The webhook sender across Redis outages: the real process (``python -m service.webhooks``) against a real
-redis-server with AOF (``service.devstack.PersistentRedis``) that is killed and restarted on the same port,
+redis-server with AOF (``devtools.devstack.PersistentRedis``) that is killed and restarted on the same port,
 and a loopback receiver. Plus the pieces that make delivery at-least-once without double sends: the
 ``:done`` mark, ``requeue_job`` and ``recover_stranded``, against the session's Redis."""
 
@@ -26,12 +26,16 @@ from test_webhooks_delivery import (  # noqa: F401 (receiver, redis: fixtures)
     receiver,
     redis,
     state,
+    use_settings,
 )
 
 from editserve.contract import EditStatus
 from editserve.webhooks import verify
-from service import webhooks as wh
-from service.devstack import start_persistent_redis
+from service.webhooks import delivery as wh_delivery
+from service.webhooks import emit as wh_emit
+from service.webhooks import events as wh_events
+from service.webhooks import sender as wh_sender
+from devtools.devstack import start_persistent_redis
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,12 +95,12 @@ def test_sender_survives_redis_restarts_and_delivers_what_was_pending(tmp_path):
 
     def emit(edit_id: str, event: str = "completed") -> None:
         status = EditStatus.succeeded if event == "completed" else EditStatus.processing
-        wh.emit(client, make_edit(edit_id, hooks.url(f"/{edit_id}"), status=status), event, "t", settings=settings)
+        wh_emit.emit(client, make_edit(edit_id, hooks.url(f"/{edit_id}"), status=status), event, "t", settings=settings)
 
     def delivered(edit_id: str) -> bool:
         return state(client, edit_id).get("delivered") == "1"
 
-    queue = Queue(wh.QUEUE_NAME, connection=client)
+    queue = Queue(wh_events.QUEUE_NAME, connection=client)
 
     def acknowledged() -> bool:
         """Nothing queued, taken or running: RQ has recorded the end of every job."""
@@ -175,7 +179,7 @@ def test_sender_survives_redis_restarts_and_delivers_what_was_pending(tmp_path):
         assert (s2["delivered"], s2["pending"], s2["attempts"], s2.get("failed")) == ("1", "0", "1", None)
         assert (s3["delivered"], s3["pending"], s3["attempts"], s3.get("failed")) == ("1", "0", "2", None)
         assert acknowledged()
-        assert ScheduledJobRegistry(wh.QUEUE_NAME, connection=client).count == 0
+        assert ScheduledJobRegistry(wh_events.QUEUE_NAME, connection=client).count == 0
     finally:
         server.stop(signal.SIGKILL)
 
@@ -187,7 +191,7 @@ def test_a_second_signal_stops_at_once_and_requeues_the_attempt(redis, redis_url
     sender = SenderProcess(redis_url, tmp_path / "sender.log")
     try:
         settings = make_settings(redis_url)
-        wh.emit(redis, make_edit("ed1", receiver.url(), status=EditStatus.succeeded), "completed", "t",
+        wh_emit.emit(redis, make_edit("ed1", receiver.url(), status=EditStatus.succeeded), "completed", "t",
                 settings=settings)
         sender.wait("the POST", lambda: receiver.requests)
         sender.process.send_signal(signal.SIGTERM)
@@ -196,7 +200,7 @@ def test_a_second_signal_stops_at_once_and_requeues_the_attempt(redis, redis_url
         assert sender.process.wait(2) == 1, sender.log()
     finally:
         sender.kill()
-    queue = Queue(wh.QUEUE_NAME, connection=redis)
+    queue = Queue(wh_events.QUEUE_NAME, connection=redis)
     assert queue.count == 1 and queue.failed_job_registry.count == 0 and queue.started_job_registry.count == 0
     assert state(redis).get("pending") == "1" and "delivered" not in state(redis)
 
@@ -214,34 +218,34 @@ def test_a_second_signal_stops_at_once_and_requeues_the_attempt(redis, redis_url
 def test_a_job_that_recorded_its_attempt_sends_nothing_when_run_again(redis, redis_url, receiver):
     """A job requeued after its outcome was committed (e.g. Redis died during RQ's acknowledgement)."""
     settings = make_settings(redis_url, max_attempts=3)
-    deliverer = wh.Deliverer(settings, redis)
+    deliverer = wh_delivery.Deliverer(settings, redis)
     receiver.script = [Reply(500)]
     first = deliverer.run(delivery(receiver.url()), job_id="job-1")
-    assert first.outcome is wh.DeliveryOutcome.retrying
+    assert first.outcome is wh_events.DeliveryOutcome.retrying
     again = deliverer.run(delivery(receiver.url()), job_id="job-1")
-    assert again.outcome is wh.DeliveryOutcome.retrying and again.status_code == 500
+    assert again.outcome is wh_events.DeliveryOutcome.retrying and again.status_code == 500
     assert len(receiver.requests) == 1
-    assert ScheduledJobRegistry(wh.QUEUE_NAME, connection=redis).count == 1  # one next attempt, not two
+    assert ScheduledJobRegistry(wh_events.QUEUE_NAME, connection=redis).count == 1  # one next attempt, not two
     assert state(redis)["attempts"] == "1"
 
     ok = deliverer.run(delivery(receiver.url(), attempt=2), job_id="job-2")
-    assert ok.outcome is wh.DeliveryOutcome.delivered
-    assert deliverer.run(delivery(receiver.url(), attempt=2), job_id="job-2").outcome is wh.DeliveryOutcome.delivered
+    assert ok.outcome is wh_events.DeliveryOutcome.delivered
+    assert deliverer.run(delivery(receiver.url(), attempt=2), job_id="job-2").outcome is wh_events.DeliveryOutcome.delivered
     assert len(receiver.requests) == 2 and state(redis)["delivered"] == "1"
-    done = {k.decode(): json.loads(v) for k, v in redis.hgetall(wh.done_key("ed1")).items()}
+    done = {k.decode(): json.loads(v) for k, v in redis.hgetall(wh_events.done_key("ed1")).items()}
     assert done["job-1"]["outcome"] == "retrying" and done["job-2"] == {
         "outcome": "delivered", "status": 200, "error": None, "on_edit": True}
-    assert 0 < redis.ttl(wh.done_key("ed1")) <= settings.webhooks.state_ttl_seconds
+    assert 0 < redis.ttl(wh_events.done_key("ed1")) <= settings.webhooks.state_ttl_seconds
 
 
 def test_an_edit_mirror_missed_in_an_outage_is_completed_by_the_rerun(redis, redis_url, receiver):
     settings = make_settings(redis_url)
     redis.hset("editserve:edit:ed1", mapping={"tenant": "default", "status": "succeeded"})
-    deliverer = wh.Deliverer(settings, redis)
+    deliverer = wh_delivery.Deliverer(settings, redis)
     # as left by a run whose attempt was recorded but whose edit mirror was cut off
-    redis.hset(wh.done_key("ed1"), "job-1", json.dumps({"outcome": "delivered", "status": 200, "error": None,
+    redis.hset(wh_events.done_key("ed1"), "job-1", json.dumps({"outcome": "delivered", "status": 200, "error": None,
                                                         "on_edit": False}))
-    assert deliverer.run(delivery(receiver.url()), job_id="job-1").outcome is wh.DeliveryOutcome.delivered
+    assert deliverer.run(delivery(receiver.url()), job_id="job-1").outcome is wh_events.DeliveryOutcome.delivered
     assert receiver.requests == [] and redis.hget("editserve:edit:ed1", "webhook_delivered") == b"1"
     deliverer.run(delivery(receiver.url()), job_id="job-1")
     assert redis.hget("editserve:edit:ed1", "webhook_delivered") == b"1"  # mirrored once
@@ -251,7 +255,7 @@ def _take(redis) -> tuple:
     """What a sender does before running a job: take it (→ :intermediate) and start it (→ StartedJobRegistry)."""
     from rq import SimpleWorker
 
-    queue = Queue(wh.QUEUE_NAME, connection=redis)
+    queue = Queue(wh_events.QUEUE_NAME, connection=redis)
     job, _ = Queue.dequeue_any([queue], None, connection=redis)
     worker = SimpleWorker([queue], connection=redis, prepare_for_work=False)
     execution = worker.prepare_execution(job)
@@ -260,17 +264,17 @@ def _take(redis) -> tuple:
 
 def test_recover_stranded_requeues_what_a_dead_sender_left(redis, redis_url, receiver, monkeypatch):
     settings = make_settings(redis_url)
-    monkeypatch.setattr(wh, "get_settings", lambda: settings)
-    wh.enqueue_delivery(redis, delivery(receiver.url(), "ed1"), settings.webhooks)
-    wh.enqueue_delivery(redis, delivery(receiver.url(), "ed2"), settings.webhooks)
+    use_settings(monkeypatch, settings)
+    wh_events.enqueue_delivery(redis, delivery(receiver.url(), "ed1"), settings.webhooks)
+    wh_events.enqueue_delivery(redis, delivery(receiver.url(), "ed2"), settings.webhooks)
     queue, started_job, execution = _take(redis)  # started, then its sender was SIGKILLed
     claimed, _ = Queue.dequeue_any([queue], None, connection=redis)  # taken, never started
     assert queue.count == 0
 
-    assert wh.recover_stranded(redis) == []  # nothing expired yet; the claim is only first seen
+    assert wh_sender.recover_stranded(redis) == []  # nothing expired yet; the claim is only first seen
     later = time.time() + 10_000
-    assert wh.recover_stranded(redis, now=later, grace_seconds=60) == [started_job.id, claimed.id]
-    assert wh.recover_stranded(redis, now=later, grace_seconds=60) == []
+    assert wh_sender.recover_stranded(redis, now=later, grace_seconds=60) == [started_job.id, claimed.id]
+    assert wh_sender.recover_stranded(redis, now=later, grace_seconds=60) == []
     assert queue.get_job_ids() == [claimed.id, started_job.id]
     assert queue.started_job_registry.count == 0 and redis.llen(queue.intermediate_queue_key) == 0
     assert not redis.exists(execution.key)
@@ -284,19 +288,19 @@ def test_recover_stranded_requeues_what_a_dead_sender_left(redis, redis_url, rec
 
 def test_requeue_job_pushes_once_and_never_an_acknowledged_job(redis, redis_url, receiver):
     settings = make_settings(redis_url)
-    wh.enqueue_delivery(redis, delivery(receiver.url()), settings.webhooks)
+    wh_events.enqueue_delivery(redis, delivery(receiver.url()), settings.webhooks)
     queue, job, execution = _take(redis)
     redis.lrem(queue.intermediate_queue_key, 0, job.id)  # as RQ's prepare_job_execution does
     entries = [execution.composite_key]
-    assert wh.requeue_job(redis, job.id, entries) is True  # e.g. the interrupted sender itself
-    assert wh.requeue_job(redis, job.id, entries) is False  # e.g. another sender's sweep, a moment later
+    assert wh_sender.requeue_job(redis, job.id, entries) is True  # e.g. the interrupted sender itself
+    assert wh_sender.requeue_job(redis, job.id, entries) is False  # e.g. another sender's sweep, a moment later
     assert queue.get_job_ids() == [job.id]
-    assert wh.requeue_job(redis, "no-such-job") is False and queue.count == 1
+    assert wh_sender.requeue_job(redis, "no-such-job") is False and queue.count == 1
 
 
 def test_backoff_doubles_to_the_cap_with_jitter():
-    backoff = wh.Backoff(first=0.1, cap=5.0, rand=lambda: 1.0)
+    backoff = wh_sender.Backoff(first=0.1, cap=5.0, rand=lambda: 1.0)
     assert [round(backoff.next(), 3) for _ in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
     backoff.reset()
-    assert wh.Backoff(rand=lambda: 0.0).next() == pytest.approx(0.05)  # never below half the step
+    assert wh_sender.Backoff(rand=lambda: 0.0).next() == pytest.approx(0.05)  # never below half the step
     assert backoff.next() == pytest.approx(0.1)

@@ -8,6 +8,7 @@ import json
 import threading
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from PIL import Image
 from rq.job import Job, JobStatus
 from worker_support import (
@@ -22,8 +23,8 @@ from worker_support import (
 )
 
 from editserve.contract import EditStatus, Sweep
-from service.devstack import free_port
-from service.jobstore import edit_key
+from devtools.devstack import free_port
+from service.keys import edit_key
 from worker.editing.batch import BatchForwardError
 from worker.editing.jobs import JobResult, P2PJobSpec
 from worker.runtime.processing import run_with_split
@@ -150,9 +151,14 @@ def test_metrics_port_serves_worker_histograms(make_worker):
                  "editserve_batch_size_count", "editserve_denoise_step_seconds_count"):
         value = [line for line in body.splitlines() if line.startswith(name)]
         assert value and float(value[0].split()[-1]) > 0, name
-    assert 'editserve_jobs_completed_total{kind="p2p",status="succeeded"}' in body
+    samples = {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(body)
+               for s in f.samples}
+    labels = (("kind", "p2p"), ("model", "tiny-sd"))
+    assert ("editserve_jobs_completed_total", (*labels, ("status", "succeeded"))) in samples
+    assert ("editserve_queue_wait_seconds_count", labels) in samples
+    assert ("editserve_job_duration_seconds_count", labels) in samples
     assert "editserve_jobs_in_progress" in body
-    assert 'editserve_batch_size_bucket{le="2.0"}' in body
+    assert ("editserve_batch_size_bucket", (("le", "2.0"), ("model", "tiny-sd"))) in samples
 
 
 class FlakyRunner:

@@ -10,7 +10,7 @@ from worker_support import p2p_payload
 
 from editserve.contract import Sweep
 from worker.editing.jobs import EditValidationError, IP2PJobSpec, P2PJobSpec
-from worker.runtime.execute import run_single, sweep_cells, to_job_spec
+from worker.runtime.execute import ip2p_cells, run_single, to_job_spec
 
 
 def _png(size: int = 64) -> bytes:
@@ -63,10 +63,10 @@ def test_ip2p_seeds_per_cell_and_mismatch():
     from editserve.contract import IP2PEditRequest
 
     req = IP2PEditRequest(instruction="x", sweep=Sweep(text_guidance=[5.0, 7.5]))
-    assert [c.seed for c in sweep_cells(req, [3, 4])] == [3, 4]
-    assert [c.seed for c in sweep_cells(req, [3])] == [3, 3]  # one seed broadcast over guidance axes
+    assert [c.seed for c in ip2p_cells(req, [3, 4])] == [3, 4]
+    assert [c.seed for c in ip2p_cells(req, [3])] == [3, 3]  # one seed broadcast over guidance axes
     with pytest.raises(EditValidationError) as err:
-        sweep_cells(req, [1, 2, 3])
+        ip2p_cells(req, [1, 2, 3])
     assert err.value.field == "seeds"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from service.devstack import LocalStack
+from devtools.devstack import LocalStack
 
 REPO = Path(__file__).resolve().parent.parent
 TS_DIR = REPO / "clients" / "typescript"

@@ -19,7 +19,8 @@ from PIL import Image
 
 from editserve.contract import BatchKey, IP2PEditRequest, JobPayload, P2PEditRequest, Sweep
 from service.config import S3Settings, Settings, WorkerSettings
-from service.jobstore import JobStore, edit_key, new_edit_id
+from service.jobstore import JobStore, new_edit_id
+from service.keys import edit_key
 from service.storage import Storage, input_key
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,8 @@
 """Generate deploy/grafana/dashboards/editserve.json from a short list of rows and panels.
 
-Why generated: the panels stay readable here, and tests/test_deploy.py checks that every metric a
-panel queries is one that service/metrics.py really exports.
+Why generated: the panels stay readable here, and tests/test_deploy_monitoring.py checks that every metric
+and label a panel queries is one a running gateway, worker or webhook sender really exports (the GPU row
+reads NVIDIA's DCGM exporter, which runs beside the workers in compose and Kubernetes).
 """
 
 from __future__ import annotations
@@ -18,40 +19,76 @@ def q(quantile: float, metric: str, by: str = "") -> str:
     return f"histogram_quantile({quantile}, sum by ({group}) (rate({P}{metric}_bucket[5m])))"
 
 
+# Values read from Redis at scrape time (queue depth, running edits, live workers) are reported alike by every
+# gateway replica: take the max across replicas, never the sum.
 ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
     ("Overview", [
         ("Requests/s by status", "reqps", [(f"sum by (code) (rate({P}http_requests_total[5m]))", "{{code}}")]),
-        ("Edits completed/s", "ops", [(f"sum by (status) (rate({P}jobs_completed_total[5m]))", "{{status}}")]),
-        ("Success ratio", "percentunit", [(
-            f'sum(rate({P}jobs_completed_total{{status="succeeded"}}[15m])) / sum(rate({P}jobs_completed_total[15m]))',
-            "succeeded")]),
+        ("Edits completed/s by model", "ops", [
+            (f"sum by (model, status) (rate({P}jobs_completed_total[5m]))", "{{model}} {{status}}")]),
+        ("Success ratio by model", "percentunit", [(
+            f'sum by (model) (rate({P}jobs_completed_total{{status="succeeded"}}[15m])) '
+            f"/ sum by (model) (rate({P}jobs_completed_total[15m]))", "{{model}}")]),
         ("Jobs in progress", "short", [(f"sum({P}jobs_in_progress)", "running")]),
     ]),
     ("Queue", [
-        ("Queue depth", "short", [(f"sum by (queue) ({P}queue_depth)", "{{queue}}")]),
-        ("Queue wait p50/p95/p99", "s", [(q(0.5, "queue_wait_seconds"), "p50"), (q(0.95, "queue_wait_seconds"), "p95"),
-                                          (q(0.99, "queue_wait_seconds"), "p99")]),
-        ("Submitted/s by kind", "ops", [(f"sum by (kind) (rate({P}jobs_submitted_total[5m]))", "{{kind}}")]),
+        ("Waiting edits by model and priority", "short", [
+            (f"max by (model, priority) ({P}queue_depth)", "{{model}} {{priority}}"),
+            (f"max({P}queued_edits)", "all queued (held included)")]),
+        ("Queue wait p95 by model", "s", [(q(0.95, "queue_wait_seconds", "model"), "{{model}}")]),
+        ("Queue wait p50/p99 (all)", "s", [(q(0.5, "queue_wait_seconds"), "p50"), (q(0.99, "queue_wait_seconds"), "p99")]),
+        ("Submitted/s by model and kind", "ops", [
+            (f"sum by (model, kind) (rate({P}jobs_submitted_total[5m]))", "{{model}} {{kind}}")]),
+    ]),
+    ("Workers and autoscaling", [
+        ("Live workers by model", "short", [(f"max by (model) ({P}live_workers)", "{{model}}")]),
+        ("Running edits by model", "short", [(f"max by (model) ({P}running_edits)", "{{model}}")]),
+        ("Pending work per model (the KEDA trigger)", "short", [(
+            f"sum by (model) (max by (model, priority) ({P}queue_depth)) + on (model) "
+            f"max by (model) ({P}running_edits)", "{{model}}")]),
     ]),
     ("Batching", [
-        ("Mean batch size", "short", [(f"sum(rate({P}batch_size_sum[5m])) / sum(rate({P}batch_size_count[5m]))",
-                                        "mean")]),
+        ("Mean batch size by model", "short", [(
+            f"sum by (model) (rate({P}batch_size_sum[5m])) / sum by (model) (rate({P}batch_size_count[5m]))",
+            "{{model}}")]),
         ("Batch size p50/p95", "short", [(q(0.5, "batch_size"), "p50"), (q(0.95, "batch_size"), "p95")]),
     ]),
     ("Inference", [
-        ("Job duration p50/p95", "s", [(q(0.5, "job_duration_seconds"), "p50"),
-                                        (q(0.95, "job_duration_seconds"), "p95")]),
+        ("Job duration p95 by model and kind", "s", [
+            (q(0.95, "job_duration_seconds", "model, kind"), "{{model}} {{kind}}")]),
         ("Seconds per denoising step p50/p95", "s", [(q(0.5, "denoise_step_seconds"), "p50"),
                                                       (q(0.95, "denoise_step_seconds"), "p95")]),
     ]),
-    ("Errors and webhooks", [
+    ("Errors", [
         ("5xx and 429 per second", "reqps", [
             (f'sum(rate({P}http_requests_total{{code=~"5.."}}[5m]))', "5xx"),
             (f'sum(rate({P}http_requests_total{{code="429"}}[5m]))', "429")]),
-        ("Failed edits/s", "ops", [(f'sum(rate({P}jobs_completed_total{{status="failed"}}[5m]))', "failed")]),
-        ("Webhook deliveries/s by outcome", "ops", [
-            (f"sum by (outcome) (rate({P}webhook_deliveries_total[5m]))", "{{outcome}}")]),
+        ("Failed edits/s by model", "ops", [
+            (f'sum by (model) (rate({P}jobs_completed_total{{status="failed"}}[5m]))', "{{model}}")]),
+        ("Refusals/s by limit", "ops", [(f"sum by (reason) (rate({P}rejections_total[5m]))", "{{reason}}")]),
         ("Gateway latency p95 by route", "s", [(q(0.95, "http_request_duration_seconds", "route"), "{{route}}")]),
+    ]),
+    ("Webhooks", [
+        ("Deliveries/s by outcome", "ops", [
+            (f"sum by (outcome) (rate({P}webhook_deliveries_total[5m]))", "{{outcome}}")]),
+        ("Failure ratio", "percentunit", [(
+            f'sum(rate({P}webhook_deliveries_total{{outcome=~"failed|retrying"}}[15m])) '
+            f"/ sum(rate({P}webhook_deliveries_total[15m]))", "failed or retrying")]),
+    ]),
+    ("Storage (S3)", [
+        ("S3 calls/s by operation and outcome", "ops", [
+            (f"sum by (operation, outcome) (rate({P}s3_operations_total[5m]))", "{{operation}} {{outcome}}")]),
+        ("S3 error ratio", "percentunit", [(
+            f'sum(rate({P}s3_operations_total{{outcome="error"}}[15m])) / sum(rate({P}s3_operations_total[15m]))',
+            "errors")]),
+    ]),
+    ("GPU (DCGM exporter)", [
+        ("GPU utilisation", "percent", [("avg by (Hostname, gpu) (DCGM_FI_DEV_GPU_UTIL)", "{{Hostname}} gpu{{gpu}}")]),
+        ("GPU memory used", "decmbytes", [("max by (Hostname, gpu) (DCGM_FI_DEV_FB_USED)", "{{Hostname}} gpu{{gpu}}")]),
+        ("Power and temperature", "short", [
+            ("max by (Hostname, gpu) (DCGM_FI_DEV_POWER_USAGE)", "{{Hostname}} gpu{{gpu}} W"),
+            ("max by (Hostname, gpu) (DCGM_FI_DEV_GPU_TEMP)", "{{Hostname}} gpu{{gpu}} C")]),
+        ("XID errors", "short", [("max by (Hostname, gpu) (DCGM_FI_DEV_XID_ERRORS)", "{{Hostname}} gpu{{gpu}}")]),
     ]),
 ]
 

@@ -442,14 +442,20 @@ def _local_blend(
 
 
 def build_controller(
-    spec: P2PJobSpec, tokenizer, num_steps: int, latent_size: tuple[int, int]
+    spec: P2PJobSpec, tokenizer, num_steps: int, latent_size: tuple[int, int], *, schedule_steps: int | None = None
 ) -> AttentionController:
     """Validate ``spec`` and build its controller (num_steps = UNet evaluations; latent_size = (h, w)).
 
+    ``schedule_steps`` is the sampler's step count T that the windows are fractions of (default: num_steps).
+    They differ under PNDM, which makes T + 1 UNet calls for T steps: the reference's α (T + 1 rows, bounds
+    int(f·(T + 1))) already covers that extra call, so counting it again would inject one call too long.
     Raises ``EditValidationError`` with the HTTP contract's field names.
     """
     if num_steps < 1:
         raise ValueError("num_steps must be at least 1")
+    steps = num_steps if schedule_steps is None else schedule_steps
+    if steps < 1:
+        raise ValueError("schedule_steps must be at least 1")
     latent_size = (int(latent_size[0]), int(latent_size[1]))
     source, targets = spec.source_prompt, list(spec.target_prompts)
     if not targets:
@@ -467,13 +473,13 @@ def build_controller(
             raise EditValidationError("attention_maps", f"prompt index {index} outside 0..{len(prompts) - 1}")
     blend = None
     if spec.local_blend:
-        blend = _local_blend(spec, spec.local_blend, tokenizer, num_steps, latent_size, max_len)
+        blend = _local_blend(spec, spec.local_blend, tokenizer, steps, latent_size, max_len)
     store = AttentionStore(len(prompts), blend_grid(latent_size)) if blend or spec.attention_map_prompts else None
     extras = {"store": store, "blend": blend, "tokenizer": tokenizer}
 
     schedule = dict(
-        cross_alpha=cross_alpha(spec.cross_replace_steps, targets, tokenizer, num_steps, max_len),
-        self_window=self_range(spec.self_replace_steps, num_steps),
+        cross_alpha=cross_alpha(spec.cross_replace_steps, targets, tokenizer, steps, max_len),
+        self_window=self_range(spec.self_replace_steps, steps),
         self_max_queries=self_max_queries(spec.self_replace_layers, latent_size),
         **extras,
     )

@@ -1,6 +1,6 @@
 """InstructPix2Pix sampling: the ungated three-branch guidance, image conditioning, and one job's state.
 
-Semantics follow the official code where diffusers differs (ip2p.md §5.2): the formula is always applied,
+Semantics follow the official code where diffusers differs (docs/design-notes.md): the formula is always applied,
 so s_T = 1 or s_I < 1 mean what they say instead of silently switching guidance off. Inside diffusers'
 gate (s_T > 1 and s_I >= 1) results equal ``StableDiffusionInstructPix2PixPipeline`` for the same seed.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from worker.editing.batch import JobState, SamplingContext, seeded_generator
+from worker.editing.base import JobState, SamplingContext, seeded_generator
 from worker.editing.jobs import EditValidationError, IP2PCell, IP2PJobSpec, JobResult
 
 

@@ -54,6 +54,10 @@ class P2PJobSpec:
     def prompts(self) -> list[str]:
         return [self.source_prompt, *self.target_prompts]
 
+    def image_params(self, index: int) -> dict[str, Any]:
+        """What a client needs to reproduce output ``index``: every prompt shares the job's seed."""
+        return {"seed": self.seed}
+
 
 @dataclass
 class IP2PCell:
@@ -70,6 +74,13 @@ class IP2PJobSpec:
     image: Any  # PIL.Image.Image, RGB, batch size
     instruction: str
     cells: list[IP2PCell]  # one output per cell (a plain edit has one cell; a sweep several)
+
+    def image_params(self, index: int) -> dict[str, Any]:
+        """What a client needs to reproduce output ``index``: its cell's seed and guidance scales."""
+        if not 0 <= index < len(self.cells):
+            return {}
+        cell = self.cells[index]
+        return {"seed": cell.seed, "text_guidance": cell.text_guidance, "image_guidance": cell.image_guidance}
 
 
 JobSpec = Union[P2PJobSpec, IP2PJobSpec]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from worker.editing.batch import JobState, SamplingContext, seeded_generator
+from worker.editing.base import JobState, SamplingContext, seeded_generator
 from worker.editing.jobs import JobResult, P2PJobSpec
 
 
@@ -41,9 +41,10 @@ def twin_generators(generator: torch.Generator, count: int) -> list[torch.Genera
 
 
 def build_job_controller(spec: P2PJobSpec, ctx: SamplingContext, num_steps: int):
+    """The job's controller over ``num_steps`` UNet calls, its windows fractions of the requested steps."""
     from worker.editing.controllers import build_controller
 
-    return build_controller(spec, ctx.model.tokenizer, num_steps, ctx.latent_size)
+    return build_controller(spec, ctx.model.tokenizer, num_steps, ctx.latent_size, schedule_steps=ctx.steps)
 
 
 class P2PJobState(JobState):

@@ -158,7 +158,7 @@ class P2PAttnProcessor:
         """softmax(QKᵀ·scale) → the controller → ·V, as 3-D batched GEMMs with the scale folded into the first.
 
         Few operators on purpose: on a GPU an SD step at small batch is bound by the host's launches
-        (bench/gpu_profile.py), and this runs at ~22 layers per step; 4-D matmuls cost twice the operators."""
+        (bench/gpu_profile.py; figures in bench/results/), and this runs at ~22 layers per step; 4-D matmuls cost twice the operators."""
         rows, heads, queries, dim = query.shape
         keys = key.shape[2]
         q = query.reshape(rows * heads, queries, dim)

@@ -30,6 +30,8 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
         overrides = {"clip_sample": False, "set_alpha_to_one": False}
     if name == "euler_a":  # the IP2P repo's sampler; keep linspace spacing (init sigma = sigma_max)
         overrides = {"timestep_spacing": "linspace"}
+    if name == "pndm":  # SD-1.4's own PNDM, the P2P stable notebook's: PLMS only, T + 1 UNet calls for T steps
+        overrides = {"skip_prk_steps": True}
     return cls.from_config(base_config, **overrides)
 
 

@@ -22,23 +22,9 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from editserve.contract import BatchKey
+from service import scripts
 from service.queues import PRIORITIES, discover, parse_queue_name, queue_name
 
-# KEYS = [queue_1, intermediate_1, queue_2, intermediate_2, ...] in priority order; ARGV[1] = how many.
-_CLAIM_SCRIPT = """
-local wanted = tonumber(ARGV[1])
-local claimed = {}
-for i = 1, #KEYS, 2 do
-  while #claimed < wanted * 2 do
-    local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
-    if not id then break end
-    table.insert(claimed, KEYS[i])
-    table.insert(claimed, id)
-  end
-  if #claimed >= wanted * 2 then break end
-end
-return claimed
-"""
 
 
 def queue_key(name: str) -> str:
@@ -71,7 +57,7 @@ class QueueClaimer:
         self.connection = connection
         self.models = list(models)
         self.discovery_interval = discovery_interval
-        self._script = connection.register_script(_CLAIM_SCRIPT)
+        self._script = connection.register_script(scripts.CLAIM)
         self._names: list[str] = []
         self._discovered_at = float("-inf")
         self._rotation = 0

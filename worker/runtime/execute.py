@@ -8,10 +8,10 @@ here are the job's own (``EditValidationError`` naming the field), never the bat
 from __future__ import annotations
 
 import io
-import itertools
 from collections.abc import Callable
 
 from editserve.contract import IP2PEditRequest, JobPayload, P2PEditRequest
+from editserve.kinds import sweep_cells
 from worker.editing.jobs import EditValidationError, IP2PCell, IP2PJobSpec, JobSpec, LocalBlendSpec, P2PJobSpec
 
 FetchBytes = Callable[[str], bytes]
@@ -19,15 +19,15 @@ FetchBytes = Callable[[str], bytes]
 
 
 def to_job_spec(payload: JobPayload, fetch: FetchBytes | None = None) -> JobSpec:
+    """The core's spec for a queued payload, by its edit kind (``SPEC_BUILDERS``)."""
     request = payload.request
-    if isinstance(request, P2PEditRequest):
-        return p2p_spec(payload, request)
-    if fetch is None:
-        raise ValueError("an IP2P payload needs a fetch function for its input image")
-    return ip2p_spec(payload, request, fetch)
+    builder = SPEC_BUILDERS.get(request.kind)
+    if builder is None:
+        raise ValueError(f"the worker cannot translate edit kind {request.kind!r}")
+    return builder(payload, request, fetch)
 
 
-def p2p_spec(payload: JobPayload, request: P2PEditRequest) -> P2PJobSpec:
+def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | None = None) -> P2PJobSpec:
     n = len(request.target_prompts)
     if not payload.seeds:
         raise EditValidationError("seed", "the payload carries no seed")
@@ -73,9 +73,11 @@ def attention_map_prompts(value: bool | list[int], n: int) -> list[int]:
     return list(value)
 
 
-def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes) -> IP2PJobSpec:
+def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes | None = None) -> IP2PJobSpec:
     from PIL import Image
 
+    if fetch is None:
+        raise ValueError("an IP2P payload needs a fetch function for its input image")
     key = payload.input_image_key or f"edits/{payload.id}/input.png"
     try:
         image = Image.open(io.BytesIO(fetch(key)))
@@ -83,28 +85,21 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes) 
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
         raise EditValidationError("image", f"stored input {key} is not a readable image: {exc}") from exc
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
-                       cells=sweep_cells(request, payload.seeds))
+                       cells=ip2p_cells(request, payload.seeds))
 
 
-def sweep_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:
-    """Cells in the order image_guidance × text_guidance × seeds (seed varies fastest).
+def ip2p_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:
+    """``editserve.kinds.sweep_cells`` as the core's cells; a seed count that fits no grid is the job's error."""
+    try:
+        cells = sweep_cells(request, seeds)
+    except ValueError as exc:
+        raise EditValidationError("seeds", str(exc)) from exc
+    return [IP2PCell(text_guidance=tg, image_guidance=ig, seed=seed) for ig, tg, seed in cells]
 
-    ``seeds`` (resolved by the gateway) holds one seed per cell; a list as long as the seed axis
-    is accepted too and broadcast over the guidance axes.
-    """
-    sweep = request.sweep
-    image_axis = (sweep.image_guidance if sweep else None) or [request.image_guidance]
-    text_axis = (sweep.text_guidance if sweep else None) or [request.text_guidance]
-    seed_axis_len = len(sweep.seeds) if sweep and sweep.seeds else 1
-    grid = list(itertools.product(image_axis, text_axis, range(seed_axis_len)))
-    if len(seeds) == len(grid):
-        cell_seeds = list(seeds)
-    elif len(seeds) == seed_axis_len:
-        cell_seeds = [seeds[s] for _, _, s in grid]
-    else:
-        raise EditValidationError("seeds", f"{len(seeds)} seeds for {len(grid)} sweep cells")
-    return [IP2PCell(text_guidance=tg, image_guidance=ig, seed=seed)
-            for (ig, tg, _), seed in zip(grid, cell_seeds)]
+
+SpecBuilder = Callable[[JobPayload, object, "FetchBytes | None"], JobSpec]
+SPEC_BUILDERS: dict[str, SpecBuilder] = {"p2p": p2p_spec, "ip2p": ip2p_spec}
+"""Payload → core spec per edit kind: one entry per row of ``worker.editing.methods.METHODS`` (tested)."""
 
 
 def run_single(payload_json: str) -> None:

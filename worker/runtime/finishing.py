@@ -1,8 +1,8 @@
 """The worker's finisher: one thread settles a ran batch's jobs while the worker loop runs the next batch.
 
 Why: once a batch's run is over, finishing it — its S3 uploads, the JobStore marks (publish, webhook emit),
-RQ's bookkeeping — kept the loop from gathering the next batch: ~0.2-0.4 s per 32 jobs, 9 % of the loop on
-a CPU box (bench/service_bench.py), time the accelerator sat idle.
+RQ's bookkeeping — kept the loop from gathering the next batch, time the accelerator sat idle
+(bench/service_bench.py; figures in bench/results/).
 
 Why one thread and one batch at a time: finishing is short next to a run, so one thread keeps up. A batch
 handed over while the previous one is still being finished waits for it: at most one batch's outputs go to

@@ -11,7 +11,8 @@ Why the ordering matters for "nothing lost, nothing twice":
 Why the uploads start together: when a batch's finishing begins, every successful job's PNG encoding and S3
 PUTs are handed to a small thread pool at once, and the finish loop (still one job at a time, in order: the
 JobStore mark, then RQ) only waits for each job's own uploads, renewing heartbeats meanwhile. Done one
-object after another they were the largest service cost of a batch (bench/service_bench.py).
+object after another they were the largest service cost of a batch (bench/service_bench.py; figures in
+bench/results/).
 
 Why ``start``, ``run`` and ``finish`` are separate steps: the worker loop starts the next batch, then hands
 the batch that just ran to its finisher thread (``finishing``), then runs the next one; ``process`` does all
@@ -35,10 +36,11 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 from rq.executions import Execution
 
-from editserve.contract import BatchKey, ErrorInfo, JobPayload
+from editserve.contract import TERMINAL_STATUSES, BatchKey, ErrorInfo, ErrorType, JobPayload, job_error
 from service import metrics
 from service.config import Settings
-from service.jobstore import EditNotFound, JobStore, edit_key
+from service.jobstore import EditNotFound, JobStore
+from service.keys import edit_key
 from service.storage import Storage, StorageError
 from worker.editing.batch import BatchForwardError, BatchRunner, NonFiniteLatentsError
 from worker.editing.jobs import EditValidationError, JobResult, JobSpec
@@ -52,7 +54,8 @@ from worker.runtime.uploads import upload_outputs
 log = logging.getLogger("editserve.worker")
 
 UPLOAD_THREADS = 8  # S3 PUTs (and PNG encoding, which releases the GIL) of one batch in flight at once
-TERMINAL_OR_MISSING = ("succeeded", "failed", "canceled", "missing")
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATUSES)
+TERMINAL_OR_MISSING = TERMINAL_VALUES | {"missing"}
 
 
 def log_event(event: str, **fields) -> None:
@@ -117,16 +120,16 @@ class ActiveBatch:
 def error_info(exc: BaseException) -> ErrorInfo:
     """What the client sees: the field for validation errors, a stable type, and a one-line message."""
     if isinstance(exc, EditValidationError):
-        return ErrorInfo(type="validation_error", message=exc.message, field=exc.field)
+        return job_error(ErrorType.validation_error, exc.message, field=exc.field)
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or None
-        return ErrorInfo(type="invalid_payload", message=first.get("msg", str(exc)), field=where)
+        return job_error(ErrorType.invalid_payload, first.get("msg", str(exc)), field=where)
     if isinstance(exc, NonFiniteLatentsError):
-        return ErrorInfo(type="non_finite_output", message=str(exc))
+        return job_error(ErrorType.non_finite_output, str(exc))
     if isinstance(exc, StorageError):
-        return ErrorInfo(type="storage_error", message=str(exc))
-    return ErrorInfo(type="inference_error", message=f"{type(exc).__name__}: {exc}")
+        return job_error(ErrorType.storage_error, str(exc))
+    return job_error(ErrorType.inference_error, f"{type(exc).__name__}: {exc}")
 
 
 class BatchProcessor:
@@ -162,7 +165,7 @@ class BatchProcessor:
             mark_canceled=self.store.mark_canceled,
             background=True)
         report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
-        metrics.batch_size.observe(len(jobs))
+        metrics.batch_size.labels(model=claimed[0].batch_key.model).observe(len(jobs))
 
         runnable = []
         for job in jobs:
@@ -223,25 +226,25 @@ class BatchProcessor:
         except (ValidationError, EditValidationError) as exc:
             job.error = error_info(exc)
         except StorageError as exc:
-            job.error = ErrorInfo(type="storage_error", message=str(exc), field="image")
+            job.error = job_error(ErrorType.storage_error, str(exc), field="image")
         except EditNotFound:
-            job.error = ErrorInfo(type="invalid_payload", message="the edit record is gone")
+            job.error = job_error(ErrorType.invalid_payload, "the edit record is gone")
         except Exception as exc:  # noqa: BLE001 — e.g. a decompression bomb as input: still this job's alone
-            job.error = ErrorInfo(type="invalid_input", message=f"{type(exc).__name__}: {exc}")
+            job.error = job_error(ErrorType.invalid_input, f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ the run
     def _run_group(self, key: BatchKey, group: list[RunningJob], reporter: StepReporter) -> None:
         if key.model not in self.registry.loaded():
             for job in group:
-                job.error = ErrorInfo(type="validation_error", field="model",
-                                      message=f"model {key.model!r} is not served by worker {self.worker_name}")
+                job.error = job_error(ErrorType.validation_error,
+                                      f"model {key.model!r} is not served by worker {self.worker_name}", field="model")
             return
         try:
             runner = BatchRunner(self.registry.get(key.model), height=key.height, width=key.width,
                                  steps=key.steps, scheduler=key.scheduler)
         except ValueError as exc:
             for job in group:
-                job.error = ErrorInfo(type="validation_error", message=str(exc))
+                job.error = job_error(ErrorType.validation_error, str(exc))
             return
         reporter.begin()
         results = run_with_split(runner, [j.spec for j in group], reporter)  # type: ignore[misc]
@@ -262,7 +265,7 @@ class BatchProcessor:
         finish its RQ job to match the edit. If that fails too, give the job up to the reaper: its heartbeats
         stop now, and the reaper re-runs it (still processing) or tidies its RQ job (already terminal)."""
         log.error("edit %s: finishing failed", job.id, exc_info=exc)
-        error = ErrorInfo(type="worker_error", message=f"finishing the edit failed: {type(exc).__name__}: {exc}")
+        error = job_error(ErrorType.worker_error, f"finishing the edit failed: {type(exc).__name__}: {exc}")
         try:
             owned = self.bridge.owns(job.claimed.job, job.execution)
             self.store.mark_failed(job.id, error)
@@ -277,7 +280,7 @@ class BatchProcessor:
             log.exception("edit %s: left to the reaper", job.id)
             log_event("job", edit_id=job.id, outcome="abandoned", error=error.model_dump())
             return "abandoned"
-        outcome = status if status in ("succeeded", "failed", "canceled") else "failed"
+        outcome = status if status in TERMINAL_VALUES else "failed"
         log_event("job", edit_id=job.id, outcome=outcome, owned=owned, error=error.model_dump())
         return outcome
 
@@ -287,7 +290,7 @@ class BatchProcessor:
         result = job.result
         error = job.error
         if error is None and result is None:
-            error = ErrorInfo(type="inference_error", message="the batch produced no result for this edit")
+            error = job_error(ErrorType.inference_error, "the batch produced no result for this edit")
         if error is None and result is not None and result.canceled:
             if self.aborting() and not reporter.canceled(job.id):
                 return self._requeue(job), None
@@ -348,7 +351,7 @@ class BatchProcessor:
         except StorageError as exc:
             return error_info(exc)
         except Exception as exc:  # noqa: BLE001 — encoding one job's outputs must not sink the batch
-            return ErrorInfo(type="output_error", message=f"{type(exc).__name__}: {exc}")
+            return job_error(ErrorType.output_error, f"{type(exc).__name__}: {exc}")
         self.store.mark_succeeded(job.id, results=results, attention_maps=maps,
                                   run_seconds=time.monotonic() - run_started)
         return None

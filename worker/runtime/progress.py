@@ -7,8 +7,8 @@ progress and cancel flags per job at most every few hundred ms. Redis errors are
 heartbeat only matters if it lasts for the whole TTL, and then the reaper's recovery is the right answer).
 
 Why a helper thread (``background=True``, the worker's default): each progress write is a Lua call plus, when
-due, a read-render-publish of the edit (~1-2 ms), each cancel check a round trip; done inline they stalled
-the denoising loop for every job of the batch (bench/service_bench.py measured ~5% of a CPU batch). The
+due, a read-render-publish of the edit, each cancel check a round trip; done inline they stalled the
+denoising loop for every job of the batch (bench/service_bench.py; figures in bench/results/). The
 loop now only records the latest step; the helper writes progress and reads cancel flags at the same
 throttled rates, and the loop picks a cancel up at its next step. Heartbeats stay on the loop's thread on
 purpose: they must stop when the loop stops making progress, so that the reaper recovers a hung batch.

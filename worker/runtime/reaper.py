@@ -30,36 +30,22 @@ from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from editserve.contract import ErrorInfo
+from editserve.contract import ErrorType, job_error
+from service import redisconn, scripts
 from service.config import Settings, get_settings
-from service.jobstore import JobStore, edit_key
+from service.jobstore import JobStore
+from service.keys import REAPER_LOCK_KEY, edit_key
 from service.queues import discover
+from service.webhooks.emit import emit as emit_webhook
 from worker.runtime.batching import intermediate_key, queue_key
 from worker.runtime.rqbridge import execution_from_entry, settle, split_entry
 
 log = logging.getLogger("editserve.reaper")
 
-LOCK_KEY = "editserve:reaper:lock"
+LOCK_KEY = REAPER_LOCK_KEY
 LOCK_MIN_SECONDS = 5.0  # a pass takes milliseconds; a reaper killed mid-pass only blocks the others this long
 LEASE_SECONDS = 15  # an entry whose reaper died mid-recovery is retried after this
 
-_LEASE_SCRIPT = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
-"""
-_RELEASE_LOCK_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_RETURN_STRANDED_SCRIPT = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
 
 
 @dataclass
@@ -77,9 +63,9 @@ class Reaper:
         self.connection = connection
         self.settings = settings
         self.store = store or JobStore(connection, settings)
-        self._lease = connection.register_script(_LEASE_SCRIPT)
-        self._release_lock = connection.register_script(_RELEASE_LOCK_SCRIPT)
-        self._return_stranded = connection.register_script(_RETURN_STRANDED_SCRIPT)
+        self._lease = connection.register_script(scripts.REAPER_LEASE)
+        self._release_lock = connection.register_script(scripts.COMPARE_AND_DELETE)
+        self._return_stranded = connection.register_script(scripts.RETURN_STRANDED)
 
     @property
     def max_attempts(self) -> int:
@@ -106,14 +92,10 @@ class Reaper:
         return report
 
     def _repair_admission(self) -> int:
-        """``service.limits.release_held``: the gateway's fair-share bookkeeping asks the reaper to run its
-        idempotent repair sweep every pass (absent in deployments without per-tenant limits)."""
+        """``JobStore.release_held``: the gateway's fair-share bookkeeping asks the reaper to run its
+        idempotent repair sweep every pass."""
         try:
-            from service.limits import release_held
-        except ImportError:
-            return 0
-        try:
-            return release_held(self.connection, self.settings)
+            return self.store.release_held()
         except Exception:  # the repair is best-effort; recovering crashed jobs must not depend on it
             log.exception("admission repair sweep failed")
             return 0
@@ -154,7 +136,7 @@ class Reaper:
         if attempts >= self.max_attempts:
             message = (f"worker crashed {attempts} times while running this edit (last: {worker}); "
                        f"giving up after {self.max_attempts} attempts")
-            self.store.mark_failed(job_id, ErrorInfo(type="worker_crashed", message=message))
+            self.store.mark_failed(job_id, job_error(ErrorType.worker_crashed, message))
             self._settle(job, "failed", message)
             report.failed.append(job_id)
         elif self.store.mark_requeued(job_id, f"worker {worker} stopped heartbeating (attempt {attempts})"):
@@ -234,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
-    reaper = Reaper(redis.Redis.from_url(settings.redis_url), settings)
+    connection = redisconn.rq_client(settings.redis_url)
+    reaper = Reaper(connection, settings, JobStore(connection, settings, listeners=[emit_webhook]))
     while True:
         report = reaper.run_once()
         print(f"requeued={len(report.requeued)} failed={len(report.failed)} tidied={len(report.tidied)} "

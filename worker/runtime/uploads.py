@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from service.storage import Storage, attention_array_key, attention_grid_key, output_key
-from worker.editing.jobs import AttentionMaps, IP2PJobSpec, JobResult, JobSpec, P2PJobSpec
+from worker.editing.jobs import AttentionMaps, JobResult, JobSpec
 
 PNG = "image/png"
 NPY = "application/x-npy"
@@ -46,22 +46,12 @@ def upload_outputs(storage: Storage, spec: JobSpec, result: JobResult,
         storage.put_bytes(key, png_bytes(image), PNG)
         label = result.labels[index] if index < len(result.labels) else str(index)
         results.append({"index": index, "label": label, "key": key, "width": image.width, "height": image.height,
-                        **image_params(spec, index)})
+                        **spec.image_params(index)})
     maps = []
     for attn in result.attention_maps:
         before_each()
         maps.append(upload_attention(storage, spec.job_id, attn))
     return results, maps
-
-
-def image_params(spec: JobSpec, index: int) -> dict[str, Any]:
-    """The per-image parameters a client needs to reproduce it."""
-    if isinstance(spec, P2PJobSpec):
-        return {"seed": spec.seed}
-    if isinstance(spec, IP2PJobSpec) and index < len(spec.cells):
-        cell = spec.cells[index]
-        return {"seed": cell.seed, "text_guidance": cell.text_guidance, "image_guidance": cell.image_guidance}
-    return {}
 
 
 def upload_attention(storage: Storage, edit_id: str, attn: AttentionMaps) -> dict:

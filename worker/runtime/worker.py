@@ -23,8 +23,10 @@ import time
 
 import redis
 
+from service import liveness, redisconn
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
+from service.webhooks.emit import emit as emit_webhook
 from service.storage import Storage
 from worker.models.registry import ModelRegistry
 from worker.runtime.batching import BatchGatherer, ClaimedJob, GatherPolicy, QueueClaimer
@@ -49,10 +51,10 @@ class EditWorker:
                              f"known: {sorted(settings.model_catalog())}")
         self.settings = settings
         self.models = list(models)
-        self.connection = connection or redis.Redis.from_url(settings.redis_url)
+        self.connection = connection or redisconn.rq_client(settings.redis_url)
         self.registry = registry or ModelRegistry(settings)
         self.storage = storage or Storage(settings.s3)
-        self.store = JobStore(self.connection, settings, self.storage)
+        self.store = JobStore(self.connection, settings, self.storage, listeners=[emit_webhook])
         w = settings.worker
         self.bridge = RqBridge(self.connection, name or f"{socket.gethostname()}.{os.getpid()}",
                                heartbeat_ttl=w.heartbeat_ttl_seconds, result_ttl=w.result_ttl_seconds)
@@ -91,8 +93,8 @@ class EditWorker:
 
         Why the previous batch is handed over only after this one started: its finishing (PNG encoding, boto3
         PUTs, JobStore renders) competes with this thread for the CPU and the GIL. Overlapped with the gather
-        and start — short Redis round trips while the accelerator idles — it made those several times slower
-        (bench/service_bench.py); during the run this thread mostly waits for the accelerator. (On a CPU-only
+        and start — short Redis round trips while the accelerator idles — it made those much slower
+        (bench/service_bench.py, figures in bench/results/); during the run this thread mostly waits for the accelerator. (On a CPU-only
         box the run itself needs the CPU and the GIL, and slows by about what the finishing costs.) The
         previous batch waits for this gather's window (``max_batch_wait_ms``) at most, and is handed over at
         once when no job is waiting.
@@ -140,6 +142,8 @@ class EditWorker:
     def run(self) -> int:
         self.load_models()
         self.bridge.register()
+        beacon = liveness.Beacon(self.connection, self.name, self.models, self.settings.worker.heartbeat_ttl_seconds)
+        beacon.start()  # after load_models: "live" means the models are loaded
         self.processor.worker_name = self.name
         reaper_thread = ReaperThread(self.reaper, self.settings.worker.reaper_interval_seconds)
         reaper_thread.start()
@@ -163,6 +167,7 @@ class EditWorker:
             self.finisher.close()
             reaper_thread.stop()
             self.stop_metrics_server()
+            beacon.stop()
             self.bridge.unregister()
             log_event("worker_stopped", worker=self.name, aborted=self.abort_requested)
         return 0
@@ -209,7 +214,7 @@ class EditWorker:
 def wait_for_redis(url: str, timeout: float = 60.0) -> None:
     """Block (bounded) until Redis answers: a worker (re)started during a Redis outage or while Redis loads
     its AOF used to die in RQ's worker constructor and wait for its supervisor's restart back-off instead."""
-    connection = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    connection = redisconn.sync_client(url, socket_connect_timeout=2, socket_timeout=2)
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:

@@ -545,7 +545,7 @@ export interface components {
         };
         /**
          * LocalBlend
-         * @description Edit only where the given words attend (P2P §local blending).
+         * @description Edit only where the given words attend (local blending, from the Prompt-to-Prompt paper).
          */
         LocalBlend: {
             /** Source Words */
