@@ -47,6 +47,7 @@ def start_web_stack(redis_server, s3_server, models_dir: Path) -> WebStack:
         "EDITSERVE_AUTH__REQUIRED": "true",
         "EDITSERVE_AUTH__ADMIN_TOKEN": admin_token,
         "EDITSERVE_WEBHOOKS__ALLOW_HOSTS": '["127.0.0.1"]',
+        "EDITSERVE_WEBHOOKS__METRICS_PORT": "0",  # no fixed port: parallel stacks would collide
         "EDITSERVE_WORKER__MAX_BATCH_WAIT_MS": "50",
         "EDITSERVE_WORKER__DEBUG_STEP_DELAY_SECONDS": STEP_DELAY_SECONDS,
         "EDITSERVE_WORKER__PROGRESS_MIN_INTERVAL_SECONDS": "0.1",
