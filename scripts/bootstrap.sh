@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, w
   touch "$stamp"
 fi
 # Debian packages: Redis, Sentinel and openssl (tests/test_redis_sentinel.py), promtool (alert rules), node + npm (CRD
-# validators for deploy/k8s), kubectl (kustomize renders deploy/k8s; these machines ship Google's kubectl package).
+# validators for deploy/k8s, the TypeScript client), kubectl (kustomize renders deploy/k8s; these machines ship Google's kubectl package).
 apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v redis-sentinel >/dev/null || apt_missing+=(redis-sentinel)
@@ -24,6 +24,8 @@ command -v promtool >/dev/null || apt_missing+=(prometheus)
 command -v openssl >/dev/null || apt_missing+=(openssl)
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
+# Debian's chromium (and a font) for the playground's browser tests: Playwright drives it, no browser download.
+command -v chromium >/dev/null || apt_missing+=(chromium fonts-dejavu-core)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${apt_missing[@]}") >/dev/null
@@ -40,12 +42,7 @@ fi
 # The tiny random-weight models every test and the demo load through from_pretrained.
 $PY -m worker.models.builders --tiny-root "${EDITSERVE_MODELS_DIR:-.models}" >/dev/null 2>&1 \
   || $PY -m worker.models.builders --tiny-root "${EDITSERVE_MODELS_DIR:-.models}"
-# The web clients: Node 18+ with npm for the TypeScript client's dev tools (tsc, openapi-typescript) and
-# node:test; Debian's chromium for the playground's browser tests (Playwright drives it; no browser download).
-if ! command -v node >/dev/null || ! command -v npm >/dev/null || ! command -v chromium >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
-     $(command -v node >/dev/null || echo nodejs) $(command -v npm >/dev/null || echo npm)) >/dev/null
-fi
+# The TypeScript client's dev tools (tsc, openapi-typescript), pinned by its lock file.
 ts_stamp=clients/typescript/node_modules/.stamp-$( (cat clients/typescript/package-lock.json; node --version) | sha256sum | cut -c1-16)
 if [ ! -f "$ts_stamp" ]; then
   (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error >/dev/null) && touch "$ts_stamp"
