@@ -16,7 +16,8 @@ if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, w
   touch "$stamp"
 fi
 # Debian packages: Redis, Sentinel and openssl (tests/test_redis_sentinel.py), promtool (alert rules), node + npm (CRD
-# validators for deploy/k8s, the TypeScript client), kubectl (kustomize renders deploy/k8s; these machines ship Google's kubectl package).
+# validators for deploy/k8s, the TypeScript client), kubectl (kustomize renders deploy/k8s; these machines ship
+# Google's kubectl package).
 apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v redis-sentinel >/dev/null || apt_missing+=(redis-sentinel)
