@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p .run
 stamp=.run/bootstrap.$( (cat pyproject.toml; $PY --version) | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, worker, schemathesis" 2>/dev/null \
+if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, worker, schemathesis, playwright" 2>/dev/null \
    || ! command -v weed >/dev/null; then
   $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
   $PY -m pip install -q --disable-pip-version-check -e ".[dev]"
@@ -16,7 +16,8 @@ if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, w
   touch "$stamp"
 fi
 # Debian packages: Redis, Sentinel and openssl (tests/test_redis_sentinel.py), promtool (alert rules), node + npm (CRD
-# validators for deploy/k8s), kubectl (kustomize renders deploy/k8s; these machines ship Google's kubectl package).
+# validators for deploy/k8s, the TypeScript client), kubectl (kustomize renders deploy/k8s; these machines ship
+# Google's kubectl package).
 apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v redis-sentinel >/dev/null || apt_missing+=(redis-sentinel)
@@ -24,6 +25,8 @@ command -v promtool >/dev/null || apt_missing+=(prometheus)
 command -v openssl >/dev/null || apt_missing+=(openssl)
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
+# Debian's chromium (and a font) for the playground's browser tests: Playwright drives it, no browser download.
+command -v chromium >/dev/null || apt_missing+=(chromium fonts-dejavu-core)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${apt_missing[@]}") >/dev/null
@@ -40,3 +43,8 @@ fi
 # The tiny random-weight models every test and the demo load through from_pretrained.
 $PY -m worker.models.builders --tiny-root "${EDITSERVE_MODELS_DIR:-.models}" >/dev/null 2>&1 \
   || $PY -m worker.models.builders --tiny-root "${EDITSERVE_MODELS_DIR:-.models}"
+# The TypeScript client's dev tools (tsc, openapi-typescript), pinned by its lock file.
+ts_stamp=clients/typescript/node_modules/.stamp-$( (cat clients/typescript/package-lock.json; node --version) | sha256sum | cut -c1-16)
+if [ ! -f "$ts_stamp" ]; then
+  (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error >/dev/null) && touch "$ts_stamp"
+fi

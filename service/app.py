@@ -66,6 +66,7 @@ from service.limits import (
     tenant_limits,
     write_overrides,
 )
+from service.playground import install_playground
 from service.prompt_tokens import PromptTokenCounter
 from service.storage import Storage, StorageError
 from service.streams import edit_events, wait_for_terminal, wait_seconds
@@ -581,6 +582,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(ops_router)
+    install_playground(app)
     app.add_middleware(HttpMetricsMiddleware)
     install_openapi(app)
     return app
