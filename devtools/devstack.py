@@ -223,10 +223,13 @@ class LocalStack:
         return self._spawn(name, [sys.executable, "-m", "worker.runtime.worker", "--models", models, "--name", name],
                            env=full_env)
 
-    def start_webhook_sender(self, name: str = "webhooks") -> subprocess.Popen:
+    def start_webhook_sender(self, name: str = "webhooks", env: dict[str, str] | None = None) -> subprocess.Popen:
         import sys
 
-        return self._spawn(name, [sys.executable, "-m", "service.webhooks"])
+        full_env = self.env()
+        full_env.setdefault("EDITSERVE_WEBHOOKS__METRICS_PORT", "0")  # a fixed port collides with parallel stacks
+        full_env.update(env or {})
+        return self._spawn(name, [sys.executable, "-m", "service.webhooks"], env=full_env)
 
     def log(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
