@@ -44,7 +44,7 @@ from service.auth import (
 from service.config import Settings, get_settings
 from service.edit_validation import parse_request, prepare_submission
 from service.errors import ApiError, install_error_handlers, not_found
-from service.intake import max_body_bytes, parse_edit_body, read_body_limited
+from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
     LimitExceeded,
@@ -74,6 +74,7 @@ class Services:
     keys: KeyStore
     tokens: PromptTokenCounter
     rate_limiter: RateLimiter
+    decode_gate: DecodeGate | None = None
     sse_keepalive_seconds: float = SSE_KEEPALIVE_SECONDS
     _aio: dict[int, tuple[asyncio.AbstractEventLoop, aioredis.Redis]] = field(default_factory=dict, repr=False)
 
@@ -195,7 +196,8 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     """Validate, decode the image, store it, create the job: the thread-pool path for edits with an image
     (Pillow, boto3). JSON edits without an image take :func:`create_edit`'s one-round-trip path."""
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
-                                    tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
+                                    tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
+                                    decode_gate=svc.decode_gate)
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
@@ -542,7 +544,8 @@ def build_services(settings: Settings) -> Services:
     storage = Storage(settings.s3)
     return Services(settings=settings, redis=connection, storage=storage,
                     jobstore=JobStore(connection, settings, storage), keys=KeyStore(connection, settings),
-                    tokens=PromptTokenCounter(settings), rate_limiter=RateLimiter(connection, settings))
+                    tokens=PromptTokenCounter(settings), rate_limiter=RateLimiter(connection, settings),
+                    decode_gate=DecodeGate(settings.limits.max_concurrent_decodes, settings.limits.decode_wait_seconds))
 
 
 def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True) -> FastAPI:

@@ -75,6 +75,10 @@ class LimitsSettings(BaseModel):
     max_image_pixels: int = 40_000_000
     image_formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
     max_prompt_tokens: int = 77
+    max_concurrent_decodes: int = Field(2, ge=1, description="images decoded at once per gateway process; the "
+                                        "memory worst case is this many decodes of max_image_pixels")
+    decode_wait_seconds: float = Field(10.0, ge=0, description="how long an upload waits for a decode slot "
+                                       "before 503 + Retry-After")
     max_wait_seconds: int = 60
     max_queue_depth: int = Field(10_000, ge=0, description="queued edits of all tenants together; beyond it "
                                  "POST /v1/edits answers 503 + Retry-After")
