@@ -43,7 +43,7 @@ from service.auth import (
 )
 from service.config import Settings, get_settings
 from service.edit_validation import parse_request, prepare_submission
-from service.errors import ApiError, install_error_handlers, not_found
+from service.errors import ApiError, install_error_handlers, not_found, with_retry_after
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
@@ -84,12 +84,18 @@ class Services:
 
     def aio_redis(self) -> aioredis.Redis:
         """The shared asyncio client of the running event loop (a client's pool is bound to the loop it first
-        ran on, and test clients run one loop each). The submit path uses it to stay on the event loop."""
+        ran on, and test clients run one loop each). The submit path uses it to stay on the event loop.
+
+        Its pool *waits* up to ``redis_pool_wait_seconds`` for a free connection: a burst of concurrent submits
+        queues briefly instead of failing at the pool's size (then 503 + Retry-After)."""
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:
-            entry = (loop, aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
-                                                   socket_connect_timeout=2, health_check_interval=30))
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.settings.redis_url, max_connections=self.settings.redis_pool_size,
+                timeout=self.settings.redis_pool_wait_seconds, socket_timeout=5, socket_connect_timeout=2,
+                health_check_interval=30)
+            entry = (loop, aioredis.Redis(connection_pool=pool))
             self._aio[id(loop)] = entry
         return entry[1]
 
@@ -431,7 +437,7 @@ async def readyz(request: Request) -> JSONResponse:
     if down:
         body = {"error": {"type": "not_ready", "message": f"not ready: {', '.join(down)} down", "field": None},
                 "checks": checks}
-        return JSONResponse(body, status_code=503)
+        return with_retry_after(JSONResponse(body, status_code=503))
     return JSONResponse({"status": "ready", "checks": checks})
 
 
@@ -504,7 +510,8 @@ def install_domain_error_handlers(app: FastAPI) -> None:
 
 
 def _error(status: int, type: str, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type, "message": message, "field": field}}, status_code=status)
+    return with_retry_after(JSONResponse({"error": {"type": type, "message": message, "field": field}},
+                                         status_code=status))
 
 
 def install_openapi(app: FastAPI) -> None:

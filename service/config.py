@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDITSERVE_", env_nested_delimiter="__", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_pool_size: int = Field(100, ge=1, description="the gateway's asyncio Redis connections per process")
+    redis_pool_wait_seconds: float = Field(5.0, ge=0, description="how long a request waits for a free pooled "
+                                           "connection before 503 + Retry-After")
     models_dir: Path = REPO_ROOT / ".models"
     models: list[ModelSpec] | None = Field(None, description="JSON list; default: default_models(models_dir)")
     enabled_models: list[str] | None = Field(None, description="names a worker loads; default: all local ones")

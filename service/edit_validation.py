@@ -14,7 +14,6 @@ import json
 import re
 import secrets
 import unicodedata
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime
@@ -187,6 +186,13 @@ def ip2p_resolution(size: tuple[int, int], requested: int, spec: ModelSpec) -> i
     return resolution
 
 
+def normalised_input(image_bytes: bytes, settings: Settings, resolution: int) -> tuple[int, int, bytes]:
+    """(width, height, PNG) of the upload after the official resize: the decoded picture lives only in here."""
+    image = load_image(image_bytes, settings.limits)
+    width, height = official_resize_dims(image.width, image.height, resolution)
+    return width, height, png_bytes(official_resize(image, resolution))
+
+
 def random_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
@@ -234,11 +240,8 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
             raise invalid("image", "an IP2P edit needs an input image (multipart `image` part or base64 `image`)")
         image_digest = hashlib.sha256(image_bytes).hexdigest()
         resolution = ip2p_resolution(probe_image(image_bytes, settings.limits), request.resolution, spec)
-        with decode_gate.slot() if decode_gate is not None else nullcontext():  # the decoded image lives here only
-            image = load_image(image_bytes, settings.limits)
-            width, height = official_resize_dims(image.width, image.height, resolution)
-            input_png = png_bytes(official_resize(image, resolution))
-            del image
+        args = (image_bytes, settings, resolution)
+        width, height, input_png = decode_gate.run(normalised_input, *args) if decode_gate else normalised_input(*args)
         seeds = ip2p_seeds(request)
         resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
                                               "resolution": resolution, "image": None})

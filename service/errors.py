@@ -27,6 +27,9 @@ _UNION_MEMBER = re.compile(r"^(?:function-[a-z-]+|(?:constrained-)?(?:float|int|
                            r"frozenset|none|literal|union|is-instance)(?:\[.*\])?)$")
 _FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_][a-z0-9_.]*): (?P<rest>.+)$", re.DOTALL)
 
+UNAVAILABLE_RETRY_AFTER_SECONDS = 2
+"""Retry-After of a 503 that names no better delay (Redis or S3 down, every decoder busy): clients back off."""
+
 _TYPES_BY_STATUS = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
     409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
@@ -103,10 +106,17 @@ def from_pydantic(exc: ValidationError, *, prefix: tuple = ()) -> ApiError:
     return from_validation_errors(exc.errors(include_url=False), prefix=prefix)
 
 
+def with_retry_after(response: JSONResponse) -> JSONResponse:
+    """Every 503 tells the client when to come back (RFC 9110 §10.2.3); one that already does is kept."""
+    if response.status_code == 503 and "retry-after" not in response.headers:
+        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+    return response
+
+
 def _response(err: ApiError) -> JSONResponse:
     body = error_body(err.type, err.message, err.field)
     body.update(err.extra)
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return with_retry_after(JSONResponse(body, status_code=err.status, headers=err.headers))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -13,10 +13,10 @@ import io
 import json
 import re
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
@@ -26,6 +26,7 @@ from service.config import LimitsSettings
 from service.errors import ApiError, invalid
 from service.imaging import to_rgb
 
+T = TypeVar("T")
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # the JSON `request` part and multipart framing
 MAX_JSON_SEPARATORS = 50_000
 """Commas and colons a request body may hold: a legal edit has a few thousand at most (prompts of at most 77
@@ -215,25 +216,28 @@ async def _parse_multipart(request: Request, body: bytes, limits: LimitsSettings
 
 
 class DecodeGate:
-    """At most ``slots`` images decoded at once in this process; a request waits ``wait_seconds`` for a slot,
-    then gets 503 + Retry-After.
+    """Image work (decode, convert, resize, encode) on ``slots`` dedicated threads; a request waits
+    ``wait_seconds`` for one, then gets 503 + Retry-After.
 
     Why: a small file can hold a large picture (a one-colour PNG of 40 MP is a few kB and decodes to
-    ~120 MB, plus copies while it is converted); eight at once took the gateway past 3 GB. The worst case is
+    ~120 MB, plus copies while it is converted); eight at once took the gateway past 3 GB. Why dedicated
+    threads and not just a semaphore: the allocator keeps freed pixel memory in per-thread arenas, so decodes
+    spread over the request thread pool left one picture's worth resident per thread. The worst case is
     ``slots`` decodes of ``limits.max_image_pixels`` (README, "Limits and security").
     """
 
     def __init__(self, slots: int, wait_seconds: float):
         self._slots = threading.BoundedSemaphore(slots)
+        self._threads = ThreadPoolExecutor(slots, thread_name_prefix="editserve-decode")
         self.wait_seconds = wait_seconds
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a decode thread, blocking the caller (a request's worker thread) until it is done."""
         if not self._slots.acquire(timeout=self.wait_seconds):
             raise ApiError(503, "too many images are being decoded right now; retry shortly",
                            type="decoder_busy", headers={"Retry-After": "1"})
         try:
-            yield
+            return self._threads.submit(fn, *args).result()
         finally:
             self._slots.release()
 
@@ -270,7 +274,7 @@ def probe_image(data: bytes, limits: LimitsSettings) -> tuple[int, int]:
 
 def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
     """Validate and decode an upload: size, format allow-list, pixel count, full decode → upright RGB.
-    Callers decoding for a request hold a :class:`DecodeGate` slot around it and what they derive from it."""
+    Callers decoding for a request run it, and what they derive from it, through a :class:`DecodeGate`."""
     probe_image(data, limits)
     try:
         Image.open(io.BytesIO(data)).verify()
