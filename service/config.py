@@ -116,6 +116,12 @@ class WorkerSettings(BaseModel):
                                           "between claim and start) goes back to its queue after this long")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for torch (0: torch's default); 1 avoids "
                                "oversubscription when CPU workers share cores")
+    result_upload_window_seconds: float = Field(600.0, ge=0, description="a finished result whose upload fails "
+                                                "(storage outage) is kept and retried this long: the edit stays "
+                                                "processing, heartbeats alive, and fails only after")
+    hung_batch_seconds: float = Field(1800.0, gt=0, description="a batch that makes no progress (no denoising "
+                                      "step ends, no job is settled, no upload is retried) for this long counts as "
+                                      "hung: its heartbeats stop and the reaper re-runs its jobs")
     debug_step_delay_seconds: float = Field(0.0, ge=0, description="fault-injection tests only: sleep per step")
 
 

@@ -1,0 +1,152 @@
+"""The worker under hostile conditions, on a real Redis and S3 endpoint with the tiny models (issue 9):
+a step longer than the heartbeat TTL is not run twice (item 5); a finished result outlasts a storage outage
+longer than the storage client's retries (item 10)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from tcp_proxy import TcpProxy
+from worker_support import EventCounter, edit_field, make_settings, p2p_payload, started_entries, submit, wait_until
+
+from service.jobstore import JobStore
+from service.storage import Storage, output_key
+from worker.runtime.reaper import Reaper
+from worker.runtime.worker import EditWorker
+
+
+class ReaperLoop:
+    """Another worker's reaper, passing every 0.2 s: it re-runs any job whose heartbeat lapsed."""
+
+    def __init__(self, conn: redis.Redis, settings):
+        self.reaper = Reaper(conn, settings)
+        self.requeued: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.requeued += self.reaper.run_once().requeued
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_a_step_longer_than_the_heartbeat_ttl_is_not_run_twice(redis_url, s3_server, worker_registry):
+    """One denoising step of 7 s against a 5 s TTL, a reaper passing every 0.2 s: the heartbeat thread keeps the
+    job alive, so the job runs once (the old code renewed only between steps and the reaper re-ran it)."""
+    settings = make_settings(redis_url, s3_server, heartbeat_ttl_seconds=5, heartbeat_interval_seconds=0.5,
+                             debug_step_delay_seconds=7.0, reaper_interval_seconds=0.2)
+    conn = redis.Redis.from_url(redis_url)
+    store = JobStore(conn, settings)
+    edit_id = submit(store, p2p_payload(steps=1))
+    worker = EditWorker(settings, ["tiny-sd"], "long-step", registry=worker_registry)
+    worker.bridge.register()
+    events = EventCounter(conn)
+    reaper = ReaperLoop(conn, settings)
+    try:
+        report = worker.run_once(timeout=10)
+    finally:
+        reaper.stop()
+        worker.finisher.close()
+        worker.bridge.unregister()
+    try:
+        assert report is not None and report.outcomes == {edit_id: "succeeded"}, report
+        assert reaper.requeued == []
+        assert edit_field(conn, edit_id, "status") == "succeeded"
+        assert edit_field(conn, edit_id, "attempts") == "1"
+        wait_until(lambda: events.of(edit_id) == ["succeeded"], 5, what=lambda: str(events.seen))
+    finally:
+        events.close()
+
+
+def test_a_hung_batch_stops_renewing_so_the_reaper_recovers_it(redis_url, s3_server, worker_registry):
+    """The heartbeat thread renews only while the batch makes progress: with ``hung_batch_seconds`` shorter
+    than the step, the heartbeats lapse and another worker's reaper re-runs the job (a hung GPU call)."""
+    settings = make_settings(redis_url, s3_server, heartbeat_ttl_seconds=5, heartbeat_interval_seconds=0.5,
+                             debug_step_delay_seconds=7.0, hung_batch_seconds=1.0, max_retries=2)
+    conn = redis.Redis.from_url(redis_url)
+    store = JobStore(conn, settings)
+    edit_id = submit(store, p2p_payload(steps=1))
+    worker = EditWorker(settings, ["tiny-sd"], "hung", registry=worker_registry)
+    worker.bridge.register()
+    reaper = ReaperLoop(conn, settings)
+    try:
+        worker.run_once(timeout=10)
+    finally:
+        reaper.stop()
+        worker.finisher.close()
+        worker.bridge.unregister()
+    assert reaper.requeued == [edit_id]  # its heartbeats lapsed while the (simulated) GPU call hung
+
+
+def test_a_finished_result_outlasts_a_storage_outage_longer_than_the_retry_budget(redis_url, s3_server, s3,
+                                                                                  worker_registry):
+    """S3 is unreachable for ~7 s, the storage client gives up after ~0.03 s and the TTL is 5 s: the result
+    is kept and retried, the edit stays ``processing`` with live heartbeats, then succeeds once S3 is back."""
+    target = urlsplit(s3_server.endpoint_url)
+    proxy = TcpProxy(target.hostname, target.port)
+    settings = make_settings(redis_url, s3_server, heartbeat_ttl_seconds=5, heartbeat_interval_seconds=0.5,
+                             result_upload_window_seconds=60)
+    settings.s3.endpoint_url = f"http://{proxy.address}"
+    settings.s3.upload_attempts = 2
+    settings.s3.upload_backoff_seconds = 0.01
+    conn = redis.Redis.from_url(redis_url)
+    store = JobStore(conn, settings)
+    edit_id = submit(store, p2p_payload(steps=2))
+    worker = EditWorker(settings, ["tiny-sd"], "outage", registry=worker_registry)
+    worker.bridge.register()
+    proxy.down()
+    reports = []
+    runner = threading.Thread(target=lambda: reports.append(worker.run_once(timeout=10)))
+    runner.start()
+    try:
+        wait_until(lambda: edit_field(conn, edit_id, "status") == "processing", 30)
+        outage_ends = time.monotonic() + 7
+        while time.monotonic() < outage_ends:
+            assert edit_field(conn, edit_id, "status") == "processing"
+            scores = [conn.zscore(key, member) for key in conn.scan_iter("rq:wip:*")
+                      for member in conn.zrange(key, 0, -1)]
+            assert scores and min(scores) > time.time(), "a heartbeat lapsed during the outage"
+            time.sleep(0.25)
+        proxy.up()
+        runner.join(60)
+    finally:
+        proxy.close()
+        worker.finisher.close()
+        worker.bridge.unregister()
+    assert reports and reports[0] is not None and reports[0].outcomes == {edit_id: "succeeded"}, reports
+    assert edit_field(conn, edit_id, "status") == "succeeded"
+    assert started_entries(conn) == []
+    data = Storage(make_settings(redis_url, s3_server).s3).get_bytes(output_key(edit_id, 0))
+    assert data.startswith(b"\x89PNG")
+
+
+def test_a_result_is_failed_once_the_outage_outlasts_the_window(redis_url, s3_server, s3, worker_registry):
+    target = urlsplit(s3_server.endpoint_url)
+    proxy = TcpProxy(target.hostname, target.port)
+    settings = make_settings(redis_url, s3_server, result_upload_window_seconds=1.0)
+    settings.s3.endpoint_url = f"http://{proxy.address}"
+    settings.s3.upload_attempts = 1
+    conn = redis.Redis.from_url(redis_url)
+    edit_id = submit(JobStore(conn, settings), p2p_payload(steps=2))
+    worker = EditWorker(settings, ["tiny-sd"], "outage-too-long", registry=worker_registry)
+    worker.bridge.register()
+    proxy.down()
+    try:
+        report = worker.run_once(timeout=10)
+    finally:
+        proxy.close()
+        worker.finisher.close()
+        worker.bridge.unregister()
+    assert report.outcomes == {edit_id: "failed"}
+    assert edit_field(conn, edit_id, "status") == "failed"
+
+
+pytestmark = pytest.mark.timeout(120)
