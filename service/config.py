@@ -75,6 +75,10 @@ class LimitsSettings(BaseModel):
     max_image_pixels: int = 40_000_000
     image_formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
     max_prompt_tokens: int = 77
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a request's headers must arrive within this "
+                                          "(service.serving; slowloris)")
+    body_timeout_seconds: float = Field(60.0, gt=0, description="a request's body must arrive within this after "
+                                        "its headers (service.serving)")
     max_concurrent_decodes: int = Field(2, ge=1, description="images decoded at once per gateway process; the "
                                         "memory worst case is this many decodes of max_image_pixels")
     decode_wait_seconds: float = Field(10.0, ge=0, description="how long an upload waits for a decode slot "

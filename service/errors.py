@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,18 @@ def install_error_handlers(app: FastAPI) -> None:
         err = ApiError(exc.status_code, message, type=error_type, headers=getattr(exc, "headers", None))
         return _response(err)
 
+    async def on_client_disconnect(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        """The client left (or was cut off for reading too slowly) before its request was read: nothing to answer
+        and nothing broken on our side, so one line at INFO, no traceback."""
+        log.info("client disconnected before %s %s was read", request.method, request.url.path)
+        return _response(ApiError(400, "client disconnected", type="client_disconnected"))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _response(ApiError(500, "internal error; it has been logged", type="internal_error"))
 
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_unexpected)

@@ -5,6 +5,7 @@ bounded, and overload or an outage answers 503 with Retry-After (issue 9, items 
 from __future__ import annotations
 
 import asyncio
+import logging
 import base64
 import io
 import itertools
@@ -327,3 +328,85 @@ def test_concurrent_large_uploads_do_not_multiply_the_gateways_memory(redis_url,
     one_decode_mb = 9e6 * 3 / 2**20  # 27 MB of RGB pixels
     # the old code held 8 decodes (and their copies) at once: ~8 x 3 x 27 MB more
     assert after_eight - after_one < 4 * one_decode_mb, (after_one, after_eight)
+
+
+# ------------------------------------------------------------------ item 11: read deadlines, quiet disconnects
+
+@pytest.fixture
+def deadline_gateway(redis_url, s3):
+    """A real uvicorn serving the app with ``service.serving``'s protocol and 1 s read deadlines."""
+    import uvicorn
+
+    from service.serving import deadline_protocol
+
+    port = free_port()
+    app = create_app(make_settings(redis_url, s3, limits=NO_RATE_LIMIT), prepare_bucket=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                           http=deadline_protocol(1.0, 1.0)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for_http(f"http://127.0.0.1:{port}/healthz", 20)
+    yield port
+    server.should_exit = True
+    thread.join(10)
+
+
+def _closed_by_server_within(sock, seconds: float, trickle: bytes | None = None) -> bytes:
+    """What the server sent before closing the connection; fails if it is still open after ``seconds``."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.3)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return received
+            received += chunk
+        except TimeoutError:
+            pass
+        except OSError:
+            return received
+        if trickle:
+            try:
+                sock.sendall(trickle)
+            except OSError:
+                return received
+    raise AssertionError(f"the connection was still open after {seconds}s")
+
+
+def test_slow_headers_are_cut_off_with_408(deadline_gateway):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", deadline_gateway)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        received = _closed_by_server_within(sock, 8, trickle=b"X-Slow: 1\r\n")  # a header line every 0.3 s
+    assert received.startswith(b"HTTP/1.1 408"), received
+
+
+def test_a_body_that_never_arrives_is_cut_off_and_logged_without_a_traceback(deadline_gateway, conn, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", deadline_gateway)) as sock:
+        sock.sendall(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n{\"kind\": ")
+        _closed_by_server_within(sock, 8)
+    time.sleep(0.5)
+    assert edit_records(conn) == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_a_client_that_leaves_mid_body_is_one_info_line_not_an_error(deadline_gateway, conn, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", deadline_gateway)) as sock:
+            sock.sendall(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5000\r\n\r\n{\"kind\": \"p2p\"")
+            time.sleep(0.2)
+    time.sleep(0.5)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert any("client disconnected" in r.getMessage() for r in caplog.records)
