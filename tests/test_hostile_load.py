@@ -22,7 +22,7 @@ import pytest
 import redis
 from gateway_support import edit_records, make_settings, start_live_server
 from PIL import Image
-from tcp_proxy import TcpProxy
+from service.faultproxy import TcpProxy
 
 from service.app import create_app
 from service.devstack import free_port, wait_for_http

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from tcp_proxy import TcpProxy
+from service.faultproxy import TcpProxy
 from worker_support import EventCounter, edit_field, make_settings, p2p_payload, started_entries, submit, wait_until
 
 from service.jobstore import JobStore

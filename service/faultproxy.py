@@ -1,6 +1,8 @@
-"""A TCP forwarder in front of a real server (Redis, the S3 endpoint) that a test can slow down or take down.
+"""A TCP forwarder in front of a real server (Redis, the S3 endpoint) that a test or bench can slow down or take
+down (fault injection; never used by the service itself).
 
-Why not stop the real server: Redis and SeaweedFS are shared by the whole test session. Taking the proxy down
+Why not stop the real server: Redis and SeaweedFS are shared by a whole test session, and a bench wants one
+client's view of an outage (the workers' S3) while the rest keeps working. Taking the proxy down
 closes every connection through it and refuses new ones, which is what clients see in an outage; ``latency``
 delays each forwarded chunk, which makes requests pile up the way a loaded server does.
 """
