@@ -411,7 +411,9 @@ ops_router = APIRouter(tags=["ops"])
 
 
 @ops_router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """On the event loop, not the thread pool: liveness must not wait behind blocking work (uploads, listings)
+    that has every pool thread busy; what it measures is whether the loop answers."""
     return {"status": "ok"}
 
 

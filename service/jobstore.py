@@ -613,6 +613,7 @@ class JobStore:
             job = Job.fetch(edit_id, connection=self.redis)
             if not job.is_canceled:
                 job.cancel()
+            job.delete()  # never started: its hash and CanceledJobRegistry entry would otherwise stay forever
         except (NoSuchJobError, InvalidJobOperationError):
             pass
         except Exception:

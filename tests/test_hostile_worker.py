@@ -150,3 +150,55 @@ def test_a_result_is_failed_once_the_outage_outlasts_the_window(redis_url, s3_se
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def _keys_without_ttl(conn: redis.Redis, pattern: str) -> list[bytes]:
+    return [k for k in conn.scan_iter(pattern) if conn.ttl(k) == -1]
+
+
+def test_canceled_edits_leave_no_rq_key_that_never_expires(redis_url, s3_server, worker_registry):
+    """Item 8, its measured leak: queued edits canceled by their client, and a running one canceled mid-run.
+    RQ gave a canceled job's hash no TTL and never cleaned its CanceledJobRegistry; here the queued ones leave
+    nothing, the running one expires like a finished job, and the reaper empties the canceled registry."""
+    settings = make_settings(redis_url, s3_server, result_ttl_seconds=60, debug_step_delay_seconds=0.3)
+    conn = redis.Redis.from_url(redis_url)
+    store = JobStore(conn, settings)
+    queued = [submit(store, p2p_payload(steps=2, seed=i)) for i in range(20)]
+    for edit_id in queued:
+        store.request_cancel(edit_id, "tests")
+    assert [edit_field(conn, i, "status") for i in queued] == ["canceled"] * 20
+    assert not any(conn.exists(f"rq:job:{i}") for i in queued)
+    assert [k for k in conn.scan_iter("rq:canceled:*") if conn.zcard(k)] == []
+
+    running = submit(store, p2p_payload(steps=8))
+    worker = EditWorker(settings, ["tiny-sd"], "cancel-mid-run", registry=worker_registry)
+    worker.bridge.register()
+    runner = threading.Thread(target=lambda: worker.run_once(timeout=10))
+    runner.start()
+    try:
+        wait_until(lambda: edit_field(conn, running, "status") == "processing", 30)
+        store.request_cancel(running, "tests")
+        runner.join(60)
+    finally:
+        worker.finisher.close()
+        worker.bridge.unregister()
+    assert edit_field(conn, running, "status") == "canceled"
+    assert 0 < conn.ttl(f"rq:job:{running}") <= 60
+    entries = [(k, s) for k in conn.scan_iter("rq:canceled:*") for _, s in conn.zrange(k, 0, -1, withscores=True)]
+    assert entries and all(score <= time.time() + 60 for _, score in entries)  # scored by expiry: reaped then
+
+    # what RQ itself leaves (and this code left before): an entry scored with the time it was added, and a
+    # job hash without TTL; the reaper's next pass removes the entry and gives the hash the result TTL
+    from rq import Queue
+    from rq.registry import CanceledJobRegistry
+
+    (registry_key, _), = entries
+    queue_name = registry_key.decode().removeprefix("rq:canceled:")
+    legacy = Queue(queue_name, connection=conn).enqueue_call("builtins.print", job_id="legacycanceled")
+    legacy.cancel()
+    assert conn.ttl(legacy.key) == -1
+    conn.zadd(registry_key, {running: time.time() - 1})  # as if it had expired
+    Reaper(conn, settings).run_once()
+    assert conn.zcard(registry_key) == 0
+    assert _keys_without_ttl(conn, "rq:job:*") == []
+    assert CanceledJobRegistry(queue_name, connection=conn).count == 0
