@@ -1,9 +1,11 @@
 """The worker under hostile conditions, on a real Redis and S3 endpoint with the tiny models (issue 9):
-a step longer than the heartbeat TTL is not run twice (item 5); a finished result outlasts a storage outage
-longer than the storage client's retries (item 10)."""
+a step longer than the heartbeat TTL is not run twice (item 5); canceled edits leave no key that never
+expires (item 8, its canceled-job part); the queues a worker polls are bounded (item 9); a finished result
+outlasts a storage outage longer than the storage client's retries (item 10)."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from urllib.parse import urlsplit
@@ -15,6 +17,7 @@ from worker_support import EventCounter, edit_field, make_settings, p2p_payload,
 
 from service.jobstore import JobStore
 from service.storage import Storage, output_key
+from worker.runtime.batching import QueueClaimer
 from worker.runtime.reaper import Reaper
 from worker.runtime.worker import EditWorker
 
@@ -202,3 +205,36 @@ def test_canceled_edits_leave_no_rq_key_that_never_expires(redis_url, s3_server,
     assert conn.zcard(registry_key) == 0
     assert _keys_without_ttl(conn, "rq:job:*") == []
     assert CanceledJobRegistry(queue_name, connection=conn).count == 0
+
+
+def test_the_queues_a_worker_polls_are_bounded_whatever_clients_send(redis_url, s3_server, worker_registry):
+    """Item 9: 24 different batch keys (sizes x steps) at 3 priorities make 3 queues for the model, not 72;
+    the worker still batches only compatible jobs, gathering them out of the shared queue in order."""
+    settings = make_settings(redis_url, s3_server, max_batch_size=8, max_batch_wait_ms=50)
+    conn = redis.Redis.from_url(redis_url)
+    store = JobStore(conn, settings)
+    for i, (size, steps) in enumerate(itertools.product((64, 128, 192, 256), (1, 2, 3, 4, 5, 6))):
+        submit(store, p2p_payload(size=size, steps=steps, priority=("high", "normal", "low")[i % 3]))
+    edit_queues = [k for k in conn.scan_iter("rq:queue:edits.*") if not k.endswith(b":intermediate")]
+    assert len(edit_queues) == 3, edit_queues
+    assert len([m for m in conn.smembers("rq:queues") if m.startswith(b"rq:queue:edits.")]) == 3
+    assert len(QueueClaimer(conn, ["tiny-sd"]).queue_names()) == 3
+
+    conn.flushdb()
+    # interleaved in one queue: A B A B A (A: 64 px 2 steps; B: 64 px 3 steps)
+    a = [submit(store, p2p_payload(steps=2, seed=i)) for i in range(3)]
+    b = [submit(store, p2p_payload(steps=3, seed=i)) for i in range(2)]
+    order = [a[0], b[0], a[1], b[1], a[2]]
+    queue = next(k for k in conn.scan_iter("rq:queue:edits.*") if not k.endswith(b":intermediate"))
+    conn.delete(queue)
+    conn.rpush(queue, *order)
+    worker = EditWorker(settings, ["tiny-sd"], "bounded-queues", registry=worker_registry)
+    worker.bridge.register()
+    try:
+        first = worker.run_once(timeout=10)
+        second = worker.run_once(timeout=10)
+    finally:
+        worker.finisher.close()
+        worker.bridge.unregister()
+    assert set(first.outcomes) == set(a) and set(first.outcomes.values()) == {"succeeded"}
+    assert set(second.outcomes) == set(b) and set(second.outcomes.values()) == {"succeeded"}
