@@ -561,10 +561,13 @@ class Chaos:
         from service.config import Settings
 
         limits = Settings().limits
-        return GATEWAY_IDLE_MB + limits.max_concurrent_decodes * limits.max_image_pixels * DECODE_BYTES_PER_PIXEL / 2**20
+        per_decode_mb = limits.max_image_pixels * DECODE_BYTES_PER_PIXEL / 2**20
+        return GATEWAY_IDLE_MB + limits.max_concurrent_decodes * per_decode_mb
 
     def hostile_lines(self, r: dict[str, Any]) -> list[str]:
         lines = [f"  health probe (attack)    {self.probe.summary() if self.probe else 'off'}  (goal p99 < 100 ms)"]
+        if self.probe and self.hostile:
+            lines.append(f"                           {self.probe.split_by(self.hostile.bursts)}")
         peak, bound = self.gateway_peak_mb, self.gateway_memory_bound_mb()
         lines.append(f"  gateway peak RSS         {peak:.0f} MB; stated bound {bound:.0f} MB: "
                      f"{'held' if peak <= bound else 'EXCEEDED'}" if peak else "  gateway peak RSS         ?")
@@ -572,8 +575,8 @@ class Chaos:
         lines.append(f"  Redis keys               baseline {keys.get('baseline')}, after settling "
                      f"{keys.get('after settling')} (retention TTLs are days: aging out is not run here)")
         if self.hostile is not None:
-            lines.append(f"  attacker answers (5xx other than 503: {self.hostile.five_xx()}); its accepted large-picture "
-                         f"edits: {dict(r['hostile_states'])}")
+            lines.append(f"  attacker answers (5xx other than 503: {self.hostile.five_xx()}); its accepted "
+                         f"large-picture edits: {dict(r['hostile_states'])}")
             lines += self.hostile.lines()
         return lines
 

@@ -57,6 +57,7 @@ class HealthProbe:
         self.base_url = base_url
         self.interval = interval
         self.samples: list[float] = []
+        self.timed: list[tuple[float, float]] = []  # (monotonic start, seconds)
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
@@ -81,6 +82,7 @@ class HealthProbe:
                     ok = False
                 if ok:
                     self.samples.append(time.perf_counter() - t0)
+                    self.timed.append((time.monotonic(), self.samples[-1]))
                 else:
                     self.errors += 1
 
@@ -91,6 +93,19 @@ class HealthProbe:
         pick = lambda q: s[min(len(s) - 1, int(q * len(s)))] * 1000  # noqa: E731
         return (f"p50 {pick(0.5):.1f} ms, p99 {pick(0.99):.1f} ms, max {s[-1] * 1000:.0f} ms over {len(s)} probes"
                 f" ({self.errors} failed)")
+
+    def split_by(self, windows: list[tuple[float, float]]) -> str:
+        """p99 of the probes that started inside ``windows`` (e.g. the attacker's 220-connection bursts) and of
+        the others: tells a loop stalled by one request from requests queueing behind a burst."""
+        def p99(values: list[float]) -> str:
+            if not values:
+                return "-"
+            values = sorted(values)
+            return f"{values[min(len(values) - 1, int(0.99 * len(values)))] * 1000:.0f} ms ({len(values)} probes)"
+
+        inside = [s for t, s in self.timed if any(a <= t <= b for a, b in windows)]
+        outside = [s for t, s in self.timed if not any(a <= t <= b for a, b in windows)]
+        return f"p99 during the attacker's bursts {p99(inside)}, outside them {p99(outside)}"
 
     def p99_ms(self) -> float | None:
         if not self.samples:
@@ -111,6 +126,7 @@ class HostileClient:
         self.pause = pause
         self.answers: Counter = Counter()
         self.accepted_ids: list[str] = []  # the large-picture uploads are valid edits: they run like any other
+        self.bursts: list[tuple[float, float]] = []  # (monotonic start, end) of each round's requests
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hostile", daemon=True)
         side = int((max_image_pixels * 0.9) ** 0.5)
@@ -139,10 +155,12 @@ class HostileClient:
         for _ in range(self.rounds):
             if self._stop.is_set():
                 return
+            started = time.monotonic()
             try:
                 asyncio.run(self._round())
             except Exception as exc:  # noqa: BLE001 — a gateway restart mid-round
                 self.answers[("round", type(exc).__name__)] += 1
+            self.bursts.append((started, time.monotonic()))
             self._stop.wait(self.pause)
 
     async def _round(self) -> None:

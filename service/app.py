@@ -554,7 +554,8 @@ def build_services(settings: Settings) -> Services:
     return Services(settings=settings, redis=connection, storage=storage,
                     jobstore=JobStore(connection, settings, storage), keys=KeyStore(connection, settings),
                     tokens=PromptTokenCounter(settings), rate_limiter=RateLimiter(connection, settings),
-                    decode_gate=DecodeGate(settings.limits.max_concurrent_decodes, settings.limits.decode_wait_seconds))
+                    decode_gate=DecodeGate(settings.limits.max_concurrent_decodes,
+                                           settings.limits.decode_wait_seconds))
 
 
 def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True) -> FastAPI:

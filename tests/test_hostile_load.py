@@ -199,8 +199,8 @@ def test_the_resize_respects_the_models_limits_lowering_the_resolution_when_need
 @pytest.mark.parametrize("char", ["\u061c", "\u200b", "\u200d", "\ufeff", "\u2060", "\U000e0041", "\u00ad"])
 def test_invisible_characters_in_prompts_are_refused(gateway, conn, char):
     with gateway.client() as client:
-        error = refused(client.post("/v1/edits", json=p2p(source_prompt=f"a cat{char} riding a bicycle over a mountain")),
-                        "source_prompt")
+        prompt = f"a cat{char} riding a bicycle over a mountain"
+        error = refused(client.post("/v1/edits", json=p2p(source_prompt=prompt)), "source_prompt")
     assert f"U+{ord(char):04X}" in error["message"]
     assert edit_records(conn) == 0
 
