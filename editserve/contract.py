@@ -75,6 +75,8 @@ class _EditBase(_Strict):
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when omitted; echoed in params")
     webhook: WebhookSpec | None = None
     priority: Literal["high", "normal", "low"] = "normal"
+    metrics: bool = Field(False, description="CLIP scores per output (IP2P paper metrics), computed on the worker "
+                                             "and returned in `results[].scores`")
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=16, description="echoed back, not used (16 keys of at most 64 characters, "
                                                          "values of at most 512)")
@@ -163,6 +165,9 @@ class IP2PEditRequest(_EditBase):
     image_guidance: float = Field(1.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_I; applied ungated")
     resolution: int = Field(512, ge=64, le=2048, description="long side R of the official resize (capped per model)")
     sweep: Sweep | None = None
+    input_caption: str | None = Field(None, max_length=1000, description="with `metrics` and `output_caption`: "
+                                                                         "directional CLIP similarity too")
+    output_caption: str | None = Field(None, max_length=1000, description="the edited image's caption (metrics)")
 
     @model_validator(mode="after")
     def _sweep_size(self):
@@ -214,6 +219,19 @@ class Progress(BaseModel):
         return self.step / self.total if self.total else 0.0
 
 
+class ClipScores(BaseModel):
+    """CLIP similarities of one output against its input (IP2P paper §3.1 filter, Fig. 8 metrics).
+
+    P2P: the input is the source image (index 0) and its prompt, the output a target and its prompt.
+    IP2P: the input image and output; caption scores only when the request gave both captions.
+    """
+
+    image_image: float = Field(description="cos(E(input image), E(output image))")
+    input_caption: float | None = Field(None, description="cos(E(input image), E(input caption))")
+    output_caption: float | None = Field(None, description="cos(E(output image), E(output caption))")
+    directional: float | None = Field(None, description="cos(E(out) - E(in), E(out caption) - E(in caption))")
+
+
 class ResultImage(BaseModel):
     index: int
     label: str = Field(description="P2P: the prompt; IP2P: the sweep cell")
@@ -224,6 +242,7 @@ class ResultImage(BaseModel):
     seed: int | None = None
     text_guidance: float | None = None
     image_guidance: float | None = None
+    scores: ClipScores | None = Field(None, description="with `metrics: true`: CLIP scores of this output")
 
 
 class AttentionMapResult(BaseModel):
