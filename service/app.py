@@ -42,6 +42,7 @@ from service.auth import (
     constant_time_equal,
 )
 from service.config import Settings, get_settings
+from service.dataset_routes import router as dataset_router
 from service.edit_validation import parse_request, prepare_submission
 from service.errors import ApiError, install_error_handlers, not_found
 from service.intake import max_body_bytes, parse_edit_body, read_body_limited
@@ -568,6 +569,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
     install_error_handlers(app)
     install_domain_error_handlers(app)
     app.include_router(router)
+    app.include_router(dataset_router)
     app.include_router(admin_router)
     app.include_router(ops_router)
     app.add_middleware(HttpMetricsMiddleware)
