@@ -215,3 +215,50 @@ def test_store_counts_a_triplet_once(redis_url, s3_server):
     record = store.record("ds1")
     assert (record["done"], record["c_samples"], record["c_kept"]) == ("1", "2", "1")
     assert store.inflight("ds1") == {}
+
+
+def test_sdk_and_cli_create_get_download(redis_url, s3_server, make_worker, tmp_path, capsys):
+    from gateway_support import start_live_server
+
+    from editserve import Client
+    from editserve.cli import main as cli
+    from editserve.errors import InvalidRequestError
+    from service.app import create_app
+
+    server = start_live_server(create_app(gateway_make_settings(redis_url, s3_server), prepare_bucket=False))
+    worker = make_worker()
+    driver = DatasetDriver(worker.connection, worker.settings, store=worker.store, storage=worker.storage)
+    try:
+        with Client(server.url) as client:
+            with pytest.raises(InvalidRequestError) as bad:  # validated locally, the server's message
+                client.create_dataset(TRIPLETS[:1], p2p_fraction=(0.9, 0.1))
+            assert "p2p_fraction" in str(bad.value)
+            created = client.create_dataset(TRIPLETS[:2], samples_per_triplet=2, keep_best=1, steps=STEPS, size=SIZE,
+                                            seed=1, thresholds=KEEP_ALL)
+            assert client.get_dataset(created.id).progress.total == 2
+            for _ in range(100):
+                driver.tick()
+                if client.get_dataset(created.id).status is EditStatus.succeeded:
+                    break
+                worker.run_once(0.3)
+            done = client.wait_dataset(created.id, timeout=5)
+            assert done.counts.kept == 2
+            paths = client.download_dataset(done, tmp_path / "sdk")
+            assert sorted(p.name for p in paths) == ["manifest.json", "metadata.jsonl", "shard-00000.tar"]
+            assert len((tmp_path / "sdk" / "metadata.jsonl").read_text().splitlines()) == 2
+        capsys.readouterr()
+        assert cli(["--url", server.url, "dataset", "get", created.id]) == 0
+        assert json.loads(capsys.readouterr().out)["status"] == "succeeded"
+        assert cli(["--url", server.url, "-q", "dataset", "download", created.id, "--out", str(tmp_path / "cli")]) == 0
+        assert len(capsys.readouterr().out.split()) == 3
+        samples = list(wds.WebDataset(str(tmp_path / "cli" / "shard-00000.tar"), shardshuffle=False).decode("pil"))
+        assert len(samples) == 2 and all(s["edited.png"].size == (SIZE, SIZE) for s in samples)
+        triplets_file = tmp_path / "t.jsonl"
+        triplets_file.write_text("\n".join(json.dumps(t) for t in TRIPLETS[:1]))
+        assert cli(["--url", server.url, "dataset", "create", "--triplets", str(triplets_file), "--samples", "1",
+                    "--size", str(SIZE), "--steps", str(STEPS)]) == 0
+        new_id = capsys.readouterr().out.strip()
+        assert cli(["--url", server.url, "dataset", "cancel", new_id]) == 0
+        assert capsys.readouterr().out.strip() == f"{new_id} canceled"
+    finally:
+        server.stop()
