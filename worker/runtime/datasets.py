@@ -246,7 +246,7 @@ class DatasetDriver:
             "shards": [{"key": k, "pairs": n} for k, n in shards], "metadata": metadata_object(dataset_id),
             "counts": counts, "params": params, "random_weights": self._random_weights(params["model"]),
         }
-        self.storage.put_bytes(metadata_object(dataset_id), b"".join(lines), "application/jsonl")
+        self._put(metadata_object(dataset_id), b"".join(lines), "application/jsonl")
         self.storage.put_bytes(manifest_object(dataset_id), json.dumps(manifest, indent=1).encode(),
                                "application/json")
         output = {"manifest": manifest_object(dataset_id), "metadata": metadata_object(dataset_id),
@@ -259,6 +259,18 @@ class DatasetDriver:
                 self.storage.delete(part_object(dataset_id, index))
             except Exception:  # noqa: BLE001 — leftovers expire with the bucket's retention
                 pass
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        """``put_bytes``; an empty object goes through a one-off client: SeaweedFS answers an empty PUT in a
+        way that leaves the pooled connection unreadable (the next request then times out)."""
+        if data:
+            self.storage.put_bytes(key, data, content_type)
+            return
+        client = self.storage._make_client(self.storage.settings.endpoint_url)
+        try:
+            client.put_object(Bucket=self.storage.bucket, Key=key, Body=data, ContentType=content_type)
+        finally:
+            client.close()
 
     def _random_weights(self, model: str) -> bool:
         spec = self.settings.model_catalog().get(model)
