@@ -42,6 +42,7 @@ from service.auth import (
     constant_time_equal,
 )
 from service.config import Settings, get_settings
+from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
 from service.edit_validation import parse_request, prepare_submission
 from service.errors import ApiError, install_error_handlers, not_found
@@ -514,7 +515,7 @@ def install_openapi(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in _EDIT_REQUEST_DEFS.items():
+            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS}.items():
                 components.setdefault(name, definition)
             app.openapi_schema = schema
         return app.openapi_schema

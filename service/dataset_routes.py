@@ -23,6 +23,12 @@ from service.storage import StorageError
 
 router = APIRouter(prefix=f"/{API_VERSION}", tags=["datasets"])
 
+_SCHEMA = DatasetRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+DATASET_REQUEST_DEFS = {**_SCHEMA.pop("$defs", {}), "DatasetRequest": _SCHEMA}
+"""The request models for the OpenAPI components (the route reads its body itself, size-capped)."""
+DATASET_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/DatasetRequest"}}}}}
+
 
 def _app():
     from service import app as gateway  # the gateway module owns services() and the tenant dependency
@@ -113,7 +119,7 @@ def check_triplets(svc, triplets: list[CaptionTriplet], params: dict, source: st
                 raise invalid(field, f"{field} has {count.tokens} CLIP tokens; the limit is {max_tokens}")
 
 
-@router.post("/datasets", status_code=202, response_model=Dataset,
+@router.post("/datasets", status_code=202, response_model=Dataset, openapi_extra=DATASET_REQUEST_BODY,
              summary="Start a dataset job (IP2P data engine: P2P pairs from caption triplets, CLIP-filtered)")
 async def create_dataset(request: Request, tenant: str = Depends(tenant_dependency)) -> Response:
     svc = _app().services(request)
