@@ -262,3 +262,28 @@ def test_sdk_and_cli_create_get_download(redis_url, s3_server, make_worker, tmp_
         assert capsys.readouterr().out.strip() == f"{new_id} canceled"
     finally:
         server.stop()
+
+
+def test_cancel_stops_the_jobs_queued_samples(gateway, redis_url, s3_server):
+    """No worker: the driver fans the job out, the client cancels, the next pass cancels every queued sample."""
+    import redis
+
+    from service.datasets import ACTIVE_KEY
+    from service.jobstore import JobStore
+    from service.storage import Storage
+
+    conn = redis.Redis.from_url(redis_url)
+    storage = Storage(gateway.settings.s3)
+    driver = DatasetDriver(conn, gateway.settings, store=JobStore(conn, gateway.settings, storage), storage=storage)
+    dataset_id = gateway.post("/v1/datasets", json=job_body(samples_per_triplet=2)).json()["id"]
+    driver.tick()
+    body = gateway.get(f"/v1/datasets/{dataset_id}").json()
+    assert body["status"] == "processing"
+    ids = [i for ids in driver.datasets.inflight(dataset_id).values() for i in ids]
+    assert len(ids) == 6  # window 32 ≥ 3 triplets × 2 samples: all fanned out at once
+    assert {conn.hget(edit_key(i), "status") for i in ids} == {b"queued"}
+    assert gateway.post(f"/v1/datasets/{dataset_id}/cancel").json()["status"] == "canceled"
+    driver.tick()
+    assert {conn.hget(edit_key(i), "status") for i in ids} == {b"canceled"}
+    assert not conn.sismember(ACTIVE_KEY, dataset_id)
+    assert gateway.post("/v1/datasets", json=job_body()).status_code == 202  # the tenant's slot is free again
