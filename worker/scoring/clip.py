@@ -76,7 +76,7 @@ class ClipScorer:
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device, dtype = "cpu", torch.float32
         self.source = source
-        self.model = CLIPModel.from_pretrained(source, torch_dtype=dtype).eval().requires_grad_(False).to(device)
+        self.model = CLIPModel.from_pretrained(source, dtype=dtype).eval().requires_grad_(False).to(device)
         self.tokenizer = CLIPTokenizer.from_pretrained(source)
         self.device = torch.device(device)
         self.dtype = dtype
