@@ -109,7 +109,7 @@ class Loop:
         self.runner = BatchRunner(registry.get("tiny-sd"), height=args.size, width=args.size, steps=args.steps,
                                   scheduler="ddim")
 
-    def run(self, seed: int, n_triplets: int | None = None, samples: int | None = None) -> dict[str, Any]:
+    def run(self, seed: int, n_triplets: int | None = None, per_triplet: int | None = None) -> dict[str, Any]:
         from service.datasets import sample_payload, triplet_plan
         from worker.runtime.execute import p2p_spec
         from worker.scoring.attach import attach_scores
@@ -125,7 +125,7 @@ class Loop:
         for index, raw in enumerate(triplets(n_triplets or args.triplets)):
             triplet = CaptionTriplet(**raw)
             scored = []
-            for plan in triplet_plan(seed, index, samples or args.samples, (0.1, 0.9), (7.5, 15.0)):
+            for plan in triplet_plan(seed, index, per_triplet or args.samples, (0.1, 0.9), (7.5, 15.0)):
                 payload = sample_payload("loop", "bench", params, index, triplet, plan, f"loop-{index}-{plan.sample}")
                 spec = p2p_spec(payload, payload.request)
                 result = self.runner.run([spec])[0]
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print("warm-up (model and CLIP loading) ...", flush=True)
                 service_run(http, args, 999, deadline, n_triplets=1, samples=2)
                 loop = Loop(args)
-                loop.run(998, n_triplets=1, samples=2)
+                loop.run(998, n_triplets=1, per_triplet=2)
                 for r in range(args.repeats):
                     a["service"].append(service_run(http, args, 10 + r, deadline))
                     print(f"service run {r + 1}: {a['service'][-1]}", flush=True)

@@ -16,10 +16,10 @@ import pytest
 import redis
 
 from editserve import verify_webhook
+from editserve.contract import BatchKey
 from service.config import Settings
 from service.devstack import LocalStack, free_port
 from service.queues import queue_name
-from editserve.contract import BatchKey
 from worker.scoring.selection import PairScores, Thresholds, keep_and_rank
 
 pytestmark = pytest.mark.e2e
@@ -170,8 +170,8 @@ def test_sigkill_mid_job_loses_and_duplicates_no_kept_pair(stack):
 def test_interactive_edits_start_before_the_jobs_remaining_work(stack):
     triplets, samples = 6, 4
     dataset_id = create(stack, triplets, samples)
-    worker = stack.start_worker("busy", models="tiny-sd", env={"EDITSERVE_WORKER__MAX_BATCH_SIZE": "2",
-                                                               "EDITSERVE_WORKER__DEBUG_STEP_DELAY_SECONDS": "0.05"})
+    stack.start_worker("busy", models="tiny-sd", env={"EDITSERVE_WORKER__MAX_BATCH_SIZE": "2",
+                                                      "EDITSERVE_WORKER__DEBUG_STEP_DELAY_SECONDS": "0.05"})
     low = queue_name(BatchKey(model="tiny-sd", kind="p2p", height=SIZE, width=SIZE, steps=STEPS, scheduler="ddim"),
                      "low")
     try:
