@@ -434,7 +434,6 @@ def test_https_pinned_ip_keeps_sni_and_certificate_name(redis, redis_url, tmp_pa
 def _tls_contexts(tmp_path, hostname):
     import ssl
 
-    pytest.importorskip("cryptography")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -142,7 +142,8 @@ def test_non_event_body_is_rejected_by_verify_but_not_by_verify_signature():
 
 
 def test_interop_with_the_reference_library():
-    standardwebhooks = pytest.importorskip("standardwebhooks")
+    import standardwebhooks
+
     secret = generate_secret()
     reference = standardwebhooks.Webhook(secret)
     body = _event_body()
