@@ -176,12 +176,16 @@ def tenant_limits(connection: redis.Redis, tenant: str, settings: Settings) -> T
 
 RATE_LUA_FN = """
 -- GCRA: true when the request may pass, else the ms to wait; the tenant hash may override rate and burst.
-local function rate_take(key, tkey, default_rate, default_burst)
+-- now_ms (optional) replaces Redis's clock: tests drive time through whole intervals without sleeping.
+local function rate_take(key, tkey, default_rate, default_burst, now_ms)
   local rate = tonumber(redis.call('HGET', tkey, 'limit_rps') or default_rate)
   local burst = tonumber(redis.call('HGET', tkey, 'limit_burst') or default_burst)
   if rate <= 0 then return {1, 0, '0', burst} end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local now = tonumber(now_ms)
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  end
   local interval = 1000 / rate
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
@@ -193,7 +197,7 @@ local function rate_take(key, tkey, default_rate, default_burst)
 end
 """
 
-_RATE_LUA = RATE_LUA_FN + "return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
+_RATE_LUA = RATE_LUA_FN + "return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
 
 
 async def eval_script_async(connection, script: Script, keys: list, args: list):
@@ -216,9 +220,13 @@ class RateLimiter:
         self.settings = settings
         self._script: Script = connection.register_script(_RATE_LUA)
 
-    def check(self, tenant: str) -> None:
-        """Count one request of ``tenant``; raise :class:`LimitExceeded` (429) when over its rate."""
-        self.judge(tenant, *self._script(keys=self.keys(tenant), args=self.args()))
+    def check(self, tenant: str, now: float | None = None) -> None:
+        """Count one request of ``tenant``; raise :class:`LimitExceeded` (429) when over its rate.
+
+        ``now`` (epoch seconds) replaces Redis's clock, for tests that step time instead of sleeping.
+        """
+        args = self.args() if now is None else [*self.args(), repr(now * 1000.0)]
+        self.judge(tenant, *self._script(keys=self.keys(tenant), args=args))
 
     async def check_async(self, connection, tenant: str) -> None:
         self.judge(tenant, *await eval_script_async(connection, self._script, self.keys(tenant), self.args()))
