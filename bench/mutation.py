@@ -21,6 +21,8 @@ GCRA script) are checked by the hand mutations listed in bench/README.md instead
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import os
 import re
@@ -53,7 +55,7 @@ MODULES: dict[str, list[str]] = {
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py"],
     "service/egress.py": ["tests/test_webhooks_delivery.py"],
     "service/storage.py": ["tests/test_storage.py"],
-    "editserve/webhooks.py": ["tests/test_webhooks_signing.py"],
+    "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py"],
 }
 DEFAULT_BUDGET_S = {path: 900 for path in MODULES} | {"worker/editing/batch.py": 1800,
                                                       "worker/editing/controllers.py": 1800}
@@ -130,10 +132,12 @@ def summarise(module: str, tests: list[str], work: Path, elapsed: float, stopped
     checked = sum(n for status, n in counts.items() if status not in ("not checked", "skipped"))
     notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
     survivors = []
+    mutated = work / "mutants" / module
+    functions = functions_of(mutated) if mutated.exists() else {}
     for name, code in sorted(codes.items()):
         status = STATUS.get(code, "suspicious")
         if status in ("survived", "no tests", "suspicious", "segfault"):
-            survivors.append({"mutant": name, "status": status, "diff": show(work, name),
+            survivors.append({"mutant": name, "status": status, "diff": mutant_diff(functions, module, name),
                               "note": notes.get(name, "UNEXPLAINED")})
     tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
     return {"module": module, "tests": tests, "mutants": len(codes), "counts": counts, "killed": killed,
@@ -143,11 +147,21 @@ def summarise(module: str, tests: list[str], work: Path, elapsed: float, stopped
             "log_tail": tail if returncode not in (0, None) and not codes else ""}
 
 
-def show(work: Path, name: str) -> str:
-    out = subprocess.run([*mutmut_command(), "show", name], cwd=work, capture_output=True, text=True, timeout=120)
-    lines = [line for line in out.stdout.splitlines() if line.startswith(("-", "+")) and
-             not line.startswith(("---", "+++"))]
-    return "\n".join(lines[:12])
+def functions_of(mutated: Path) -> dict[str, str]:
+    """Every function in mutmut's mutated copy of a module (originals and mutants, methods included), by name."""
+    source = mutated.read_text()
+    return {node.name: ast.get_source_segment(source, node) or "" for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def mutant_diff(functions: dict[str, str], module: str, key: str) -> str:
+    """The changed lines of one mutant against its original (``mutmut show`` is one process per mutant)."""
+    name = key[len(module.removesuffix(".py").replace("/", ".")) + 1:]
+    original = name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
+    before = functions.get(original, "").replace(original, "f").splitlines()
+    after = functions.get(name, "").replace(name, "f").splitlines()
+    return "\n".join(line for line in difflib.unified_diff(before, after, lineterm="", n=0)
+                     if line[:1] in "+-" and line[:3] not in ("---", "+++"))
 
 
 def write_results(results: dict[str, dict], out: Path, machine: str, started: str) -> None:
