@@ -86,13 +86,14 @@ def key_for(app, tenant: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- rate limit
 
 def test_rate_limit_is_429_with_retry_after_naming_the_limit(redis_url, s3):
-    app, client = gateway(redis_url, s3, tenant_rps=0.2, tenant_burst=3)  # slow refill: a loaded box stays refused
+    # 100 s per request: no refill can happen while the test runs, however loaded the box
+    app, client = gateway(redis_url, s3, tenant_rps=0.01, tenant_burst=3)
     acme, globex = key_for(app, "acme"), key_for(app, "globex")
     before = rejections("rate_limited")
     assert [client.get("/v1/edits", headers=acme).status_code for _ in range(3)] == [200, 200, 200]
     refused = client.get("/v1/edits", headers=acme)
     assert refused.status_code == 429
-    assert 1 <= int(refused.headers["retry-after"]) <= 5  # one request per 5 s
+    assert 1 <= int(refused.headers["retry-after"]) <= 100  # one request per 100 s
     error = refused.json()["error"]
     assert error["type"] == "rate_limited" and "tenant_rps" in error["message"] and "acme" in error["message"]
     assert client.post("/v1/edits", json=P2P, headers=acme).status_code == 429  # every /v1 route counts
