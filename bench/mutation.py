@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results path without suffix (default bench/results/mutation-MACHINE)")
     parser.add_argument("--machine", help="name in the result files (default: CPU vendor, family and core count)")
     parser.add_argument("--list", action="store_true", help="print the module -> test files map and exit")
+    parser.add_argument("--renote", action="store_true",
+                        help="re-apply mutation_notes.json to the existing results (no run) and rewrite them")
     args = parser.parse_args()
     if args.list:
         for module, tests in MODULES.items():
@@ -223,6 +225,14 @@ def main() -> None:
         f"-{os.cpu_count()}c"
     out = args.out or REPO / "bench" / "results" / f"mutation-{machine}"
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if args.renote:
+        notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
+        saved = json.loads(out.with_suffix(".json").read_text())
+        for m in saved["modules"]:
+            for survivor in m["survivors"]:
+                survivor["note"] = notes.get(survivor["mutant"], "UNEXPLAINED")
+        write_results({m["module"]: m for m in saved["modules"]}, out, machine, saved["updated"])
+        return
     results = {}
     for module in args.modules:
         budget = args.budget_s or DEFAULT_BUDGET_S[module]
