@@ -26,7 +26,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Self
@@ -52,6 +52,10 @@ from editserve.contract import (
 from editserve.kinds import EDIT_KINDS
 from editserve.progress import ProgressCallback, progress_callback
 from editserve.dataset_client import AsyncDatasetMethods, DatasetMethods
+from editserve.errors import local_validation_error as _local_validation_error
+from editserve.calls import Call as _Call
+from editserve.calls import webhook_spec as _webhook
+from editserve.calls import write_atomically as _write_atomically
 from editserve.webhooks import verify as verify_webhook
 
 try:
@@ -78,30 +82,6 @@ _UNION_TAGS = tuple(EDIT_KINDS)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-@dataclass
-class _Call:
-    """One API request, sent identically on every retry."""
-
-    method: str
-    path: str
-    params: dict[str, Any] | None = None
-    json_body: Any = None
-    form: dict[str, str] | None = None
-    files: dict[str, tuple[str, bytes, str]] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    timeout: float | None = None
-
-
-def _local_validation_error(exc: ValidationError) -> errors.InvalidRequestError:
-    first = exc.errors()[0]
-    loc = list(first.get("loc", ()))
-    if loc and loc[0] in _UNION_TAGS:
-        loc = loc[1:]
-    path = ".".join(str(p) for p in loc if not str(p).startswith("function-")) or None
-    message = first.get("msg", "invalid value").removeprefix("Value error, ")
-    return errors.InvalidRequestError(message, status=None, type=ErrorType.invalid_request.value, field=path)
-
 
 def validate_request(request: EditRequest | Mapping[str, Any]) -> P2PEditRequest | IP2PEditRequest:
     """A request dict or model, validated with the shared contract (raises InvalidRequestError)."""
@@ -138,10 +118,6 @@ def image_bytes(image: ImageInput) -> tuple[bytes, str, str]:
 
 def _clean(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
-
-
-def _webhook(webhook: str | WebhookSpec | Mapping[str, Any] | None) -> Any:
-    return {"url": webhook} if isinstance(webhook, str) else webhook
 
 
 def parse_retry_after(headers: httpx.Headers) -> float | None:
@@ -246,12 +222,6 @@ def _download_plan(edit: Edit, folder: Path, attention_maps: bool) -> list[_Down
             plan.append(_Download(m.grid_url, folder / f"{edit.id}-attn-{m.prompt_index}{suffix(m.grid_url, '.png')}"))
             plan.append(_Download(m.array_url, folder / f"{edit.id}-attn-{m.prompt_index}{suffix(m.array_url, '.npy')}"))
     return plan
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(content)
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------ shared core

@@ -12,6 +12,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from editserve.contract import API_VERSION, CaptionTriplet, Dataset, DatasetRequest
+from editserve.calls import Call as _Call
+from editserve.calls import webhook_spec as _webhook
+from editserve.calls import write_atomically as _write_atomically
+from editserve.errors import local_validation_error
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -19,15 +23,13 @@ TERMINAL = ("succeeded", "failed", "canceled")
 def dataset_request(triplets: Sequence[CaptionTriplet | Mapping[str, Any]] | None, fields: Mapping[str, Any]
                     ) -> dict[str, Any]:
     """The request validated locally (same errors as the server's 422) and dumped as JSON."""
-    from editserve.client import _local_validation_error
-
     values = {k: v for k, v in fields.items() if v is not None}
     if triplets is not None:
         values["triplets"] = [t.model_dump() if isinstance(t, CaptionTriplet) else dict(t) for t in triplets]
     try:
         return DatasetRequest.model_validate(values).model_dump(mode="json", exclude_none=True)
     except ValidationError as exc:
-        raise _local_validation_error(exc) from exc
+        raise local_validation_error(exc) from exc
 
 
 def _dataset_id(dataset: str | Dataset) -> str:
@@ -54,8 +56,6 @@ class DatasetMethods:
                        height: int | None = None, width: int | None = None, seed: int | None = None,
                        webhook: str | Mapping[str, Any] | None = None, **extra: Any) -> Dataset:
         """Start a dataset job from inline (input, instruction, output) triplets or a JSONL object in the bucket."""
-        from editserve.client import _Call, _webhook
-
         fields = dict(triplets_key=triplets_key, samples_per_triplet=samples_per_triplet, p2p_fraction=p2p_fraction,
                       guidance=guidance, thresholds=thresholds, keep_best=keep_best, model=model, steps=steps,
                       height=height or size, width=width or size, seed=seed, webhook=_webhook(webhook), **extra)
@@ -63,13 +63,9 @@ class DatasetMethods:
         return Dataset.model_validate(self._json(_Call("POST", f"/{API_VERSION}/datasets", json_body=body)))
 
     def get_dataset(self, dataset: str | Dataset) -> Dataset:
-        from editserve.client import _Call
-
         return Dataset.model_validate(self._json(_Call("GET", f"/{API_VERSION}/datasets/{_dataset_id(dataset)}")))
 
     def cancel_dataset(self, dataset: str | Dataset) -> Dataset:
-        from editserve.client import _Call
-
         path = f"/{API_VERSION}/datasets/{_dataset_id(dataset)}/cancel"
         return Dataset.model_validate(self._json(_Call("POST", path)))
 
@@ -86,8 +82,6 @@ class DatasetMethods:
 
     def download_dataset(self, dataset: str | Dataset, folder: str | os.PathLike) -> list[Path]:
         """Save manifest.json, metadata.jsonl and the WebDataset shards of a finished job into ``folder``."""
-        from editserve.client import _write_atomically
-
         current = dataset if isinstance(dataset, Dataset) else self.get_dataset(dataset)
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
@@ -104,8 +98,6 @@ class AsyncDatasetMethods:
     async def create_dataset(self, triplets: Sequence[CaptionTriplet | Mapping[str, Any]] | None = None, *,
                              webhook: str | Mapping[str, Any] | None = None, size: int | None = None,
                              **fields: Any) -> Dataset:
-        from editserve.client import _Call, _webhook
-
         if size is not None:
             fields.setdefault("height", size)
             fields.setdefault("width", size)
@@ -113,14 +105,10 @@ class AsyncDatasetMethods:
         return Dataset.model_validate(await self._json(_Call("POST", f"/{API_VERSION}/datasets", json_body=body)))
 
     async def get_dataset(self, dataset: str | Dataset) -> Dataset:
-        from editserve.client import _Call
-
         path = f"/{API_VERSION}/datasets/{_dataset_id(dataset)}"
         return Dataset.model_validate(await self._json(_Call("GET", path)))
 
     async def cancel_dataset(self, dataset: str | Dataset) -> Dataset:
-        from editserve.client import _Call
-
         path = f"/{API_VERSION}/datasets/{_dataset_id(dataset)}/cancel"
         return Dataset.model_validate(await self._json(_Call("POST", path)))
 
@@ -135,8 +123,6 @@ class AsyncDatasetMethods:
             await asyncio.sleep(poll)
 
     async def download_dataset(self, dataset: str | Dataset, folder: str | os.PathLike) -> list[Path]:
-        from editserve.client import _write_atomically
-
         current = dataset if isinstance(dataset, Dataset) else await self.get_dataset(dataset)
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)

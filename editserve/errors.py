@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from editserve.contract import Edit, ErrorInfo
+from pydantic import ValidationError
+
+from editserve.contract import Edit, ErrorInfo, ErrorType
+from editserve.kinds import EDIT_KINDS
 from editserve.webhooks import WebhookVerificationError
 
 
@@ -153,3 +156,15 @@ __all__ = [
     "WebhookVerificationError",
     "error_class",
 ]
+
+
+def local_validation_error(exc: ValidationError) -> InvalidRequestError:
+    """A request the SDK refused before sending, as the server's 422 would have said it (field path without the
+    union tag or pydantic's function names)."""
+    first = exc.errors()[0]
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in EDIT_KINDS:
+        loc = loc[1:]
+    path = ".".join(str(p) for p in loc if not str(p).startswith("function-")) or None
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    return InvalidRequestError(message, status=None, type=ErrorType.invalid_request.value, field=path)

@@ -590,6 +590,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
         lifespan=lifespan,
     )
     app.state.services = svc
+    app.state.current_tenant = current_tenant  # handed to routers below the app (dataset_routes)
     install_error_handlers(app)
     install_domain_error_handlers(app)
     app.include_router(router)

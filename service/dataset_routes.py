@@ -9,6 +9,7 @@ bucket (size-capped) and validated line by line; both sources are stored as one 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
@@ -22,6 +23,7 @@ from service.errors import ApiError, from_pydantic, invalid, not_found
 from service.intake import max_body_bytes, read_body_limited
 from service.jobstore import new_edit_id
 from service.storage import StorageError
+from service.webhooks.emit import emit_dataset as emit_dataset_webhook
 
 router = APIRouter(prefix=f"/{API_VERSION}", tags=["datasets"])
 
@@ -32,23 +34,19 @@ DATASET_REQUEST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/DatasetRequest"}}}}}
 
 
-def _app():
-    from service import app as gateway  # the gateway module owns services() and the tenant dependency
-
-    return gateway
-
-
 def dataset_store(request: Request) -> DatasetStore:
-    svc = _app().services(request)
+    svc = request.app.state.services
     store = getattr(svc, "_datasets", None)
     if store is None:
-        store = DatasetStore(svc.redis, svc.settings, svc.storage)
+        store = DatasetStore(svc.redis, svc.settings, svc.storage, listeners=[partial(emit_dataset_webhook, settings=svc.settings)])
         svc._datasets = store  # type: ignore[attr-defined]
     return store
 
 
 def tenant_dependency(request: Request) -> str:
-    return _app().current_tenant(request)
+    """The gateway's tenant dependency, handed in by the app factory (``app.state.current_tenant``): this router
+    sits below the app and never imports it."""
+    return request.app.state.current_tenant(request)
 
 
 def resolve(svc, request: DatasetRequest) -> dict:
@@ -124,7 +122,7 @@ def check_triplets(svc, triplets: list[CaptionTriplet], params: dict, source: st
 @router.post("/datasets", status_code=202, response_model=Dataset, openapi_extra=DATASET_REQUEST_BODY,
              summary="Start a dataset job (IP2P data engine: P2P pairs from caption triplets, CLIP-filtered)")
 async def create_dataset(request: Request, tenant: str = Depends(tenant_dependency)) -> Response:
-    svc = _app().services(request)
+    svc = request.app.state.services
     body = await read_body_limited(request, max_body_bytes(svc.settings.limits))
     try:
         data = json.loads(body or b"null")

@@ -30,10 +30,12 @@ in between leaves ids whose records are missing, which the next driver creates.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -45,12 +47,11 @@ from editserve.contract import (
     DatasetOutput,
     DatasetProgress,
     DatasetRequest,
-    DatasetWebhookEvent,
     EditStatus,
     ErrorInfo,
 )
-from service.config import Settings
 from service import scripts
+from service.config import Settings
 from service.keys import (
     DATASETS_ACTIVE_KEY as ACTIVE_KEY,
     dataset_key,
@@ -60,6 +61,11 @@ from service.keys import (
     lease_key,
     tenant_active_key,
 )
+
+log = logging.getLogger(__name__)
+
+DatasetListener = Callable[[redis.Redis, Dataset, str, Any, str, "int | None"], None]
+"""``(redis, dataset, tenant, webhook spec or None, event, progress step)``: told of every dataset event."""
 
 Q, P, S, F, C = (EditStatus.queued, EditStatus.processing, EditStatus.succeeded, EditStatus.failed,
                  EditStatus.canceled)
@@ -175,10 +181,12 @@ def _ts(value: str | None) -> datetime | None:
 class DatasetStore:
     """Dataset records: create (gateway), read and render, cancel, and the driver's guarded steps."""
 
-    def __init__(self, connection: redis.Redis, settings: Settings, storage=None):
+    def __init__(self, connection: redis.Redis, settings: Settings, storage=None,
+                 listeners: Sequence[DatasetListener] = ()):
         self.redis = connection
         self.settings = settings
         self._storage = storage
+        self._listeners = list(listeners)
         self._transition = connection.register_script(scripts.DATASET_TRANSITION)
         self._collect = connection.register_script(scripts.DATASET_COLLECT)
         self._plan = connection.register_script(scripts.DATASET_PLAN)
@@ -311,32 +319,20 @@ class DatasetStore:
         )
 
     def emit(self, dataset_id: str, event: str, *, step: int | None = None) -> None:
-        """Queue ``dataset.{event}`` for the job's webhook (at most once per event and progress step);
-        delivered by the webhook sender like an edit's, signed the same way."""
-        try:
-            self._emit(dataset_id, event, step)
-        except Exception:  # noqa: BLE001 — a webhook problem never fails a dataset job
-            import logging
-
-            logging.getLogger(__name__).exception("dataset %s: webhook %s not emitted", dataset_id, event)
-
-    def _emit(self, dataset_id: str, event: str, step: int | None) -> None:
-        from service import webhooks
-
+        """Tell the listeners (the webhook emitter, wired by the gateway and the worker) of ``dataset.{event}``;
+        a listener's failure never fails a dataset job."""
+        if not self._listeners:
+            return
         record = self.record(dataset_id)
         if record is None:
             return
-        spec = DatasetRequest.model_validate({**json.loads(record["request"]), "triplets_key": "x"}).webhook
-        if spec is None or event not in [e.value for e in spec.events]:
-            return
-        msg_id = f"msg_{dataset_id}_{event}" + (f"_{step}" if step is not None else "")
-        if not self.redis.sadd(webhooks.emitted_key(dataset_id), msg_id):
-            return
-        self.redis.expire(webhooks.emitted_key(dataset_id), self.settings.webhooks.state_ttl_seconds)
-        body = DatasetWebhookEvent(type=f"dataset.{event}", timestamp=datetime.now(UTC), data=self.render(record))
-        delivery = webhooks.Delivery(msg_id=msg_id, edit_id=dataset_id, tenant=record["tenant"], url=spec.url,
-                                     event=event, body=body.model_dump_json())
-        webhooks.enqueue_delivery(webhooks._rq_connection(self.redis), delivery, self.settings.webhooks)
+        webhook = DatasetRequest.model_validate({**json.loads(record["request"]), "triplets_key": "x"}).webhook
+        dataset = self.render(record)
+        for listener in self._listeners:
+            try:
+                listener(self.redis, dataset, record["tenant"], webhook, event, step)
+            except Exception:  # noqa: BLE001
+                log.exception("dataset %s: listener failed on %s", dataset_id, event)
 
 
 # ---------------------------------------------------------------------------------------------- the samples

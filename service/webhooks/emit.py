@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import redis as redis_lib
 
-from editserve.contract import Edit, EditStatus, WebhookEvent, WebhookEventType
+from editserve.contract import Dataset, DatasetWebhookEvent, Edit, EditStatus, WebhookEvent, WebhookEventType
 from service.config import Settings, get_settings
 from service.webhooks.events import (
     Delivery,
@@ -104,3 +104,26 @@ def _emit(redis: redis_lib.Redis, edit: Edit, event: str | WebhookEventType, ten
         pipe.expire(state_key(edit.id), ttl)
         pipe.execute()
     enqueue_delivery(rq_connection(redis), delivery, config)
+
+
+def emit_dataset(redis: redis_lib.Redis, dataset: Dataset, tenant: str, webhook, event: str, step: int | None,
+                 *, settings: Settings | None = None) -> None:
+    """A DatasetStore listener: queue ``dataset.{event}`` if the job subscribed to it, at most once per event
+    and progress step; delivered and signed like an edit's webhook. Never raises."""
+    try:
+        if webhook is None or event not in [e.value for e in webhook.events]:
+            return
+        config = (settings or get_settings()).webhooks
+        msg_id = f"msg_{dataset.id}_{event}" + (f"_{step}" if step is not None else "")
+        with redis.pipeline() as pipe:
+            pipe.sadd(emitted_key(dataset.id), msg_id)
+            pipe.expire(emitted_key(dataset.id), config.state_ttl_seconds)
+            first_time, _ = pipe.execute()
+        if not first_time:
+            return
+        body = DatasetWebhookEvent(type=f"dataset.{event}", timestamp=datetime.now(timezone.utc), data=dataset)
+        delivery = Delivery(msg_id=msg_id, edit_id=dataset.id, tenant=tenant, url=webhook.url, event=event,
+                            body=body.model_dump_json())
+        enqueue_delivery(rq_connection(redis), delivery, config)
+    except Exception:  # a webhook problem must never fail a dataset job
+        log.exception("webhook emission failed for dataset %s (%s)", dataset.id, event)

@@ -20,6 +20,8 @@ of samples queued at once: an edit submitted mid-job waits at most for the batch
 
 from __future__ import annotations
 
+from functools import partial
+
 import argparse
 import io
 import json
@@ -50,6 +52,7 @@ from service.jobstore import EditConflict, EditNotFound, JobStore, new_edit_id
 from service.keys import edit_key
 from service.limits import LimitExceeded
 from service.storage import Storage
+from service.webhooks.emit import emit_dataset as emit_dataset_webhook
 from worker.scoring.selection import PairScores, Thresholds, keep_and_rank
 
 log = logging.getLogger("editserve.datasets")
@@ -79,7 +82,8 @@ class DatasetDriver:
         self.settings = settings
         self.storage = storage or Storage(settings.s3)
         self.jobs = store or JobStore(connection, settings, self.storage)
-        self.datasets = DatasetStore(connection, settings, self.storage)
+        self.datasets = DatasetStore(connection, settings, self.storage,
+                                     listeners=[partial(emit_dataset_webhook, settings=settings)])
         self.redis = connection
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{new_edit_id()[-6:]}"
         self._triplets: dict[str, list[CaptionTriplet]] = {}
