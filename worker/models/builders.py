@@ -66,6 +66,21 @@ def _give_cross_attention_signal(unet, gain: float = 4.0) -> None:
                 module.to_k.weight.mul_(gain)
 
 
+def _smooth_prediction(unet, gain: float = 0.03) -> None:
+    """Make the UNet's noise prediction a gentle function of its input: scale the output convolution down.
+
+    A random UNet's prediction swings with every ulp of its input, and DDIM inversion amplifies that step
+    after step (a round trip at guidance 1 misses the photo by more than the photo's own variance), so no
+    inversion property could be tested on it. With the output scaled, the prediction stays close to a
+    per-timestep, per-text constant plus a small smooth part: the DDIM trajectory is stable, text still
+    changes the prediction (guidance matters), and round-trip errors are small and repeatable.
+    ``tests/test_inversion.py`` measures this.
+    """
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(gain)
+        unet.conv_out.bias.mul_(gain)
+
+
 def _make_text_encoder(shape: dict, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -105,14 +120,19 @@ def _scheduler_for(kind: Kind):
 
 
 def build_model(folder: Path, kind: Kind = "text2image", shape: Shape = "tiny", seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> Path:
-    """Build one random SD-1.x-shaped pipeline and ``save_pretrained`` it into ``folder``."""
+                dtype: torch.dtype = torch.float32, smooth: bool = False) -> Path:
+    """Build one random SD-1.x-shaped pipeline and ``save_pretrained`` it into ``folder``.
+
+    ``smooth``: the well-conditioned variant that real-photo inversion is tested on (``_smooth_prediction``).
+    """
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
     folder = Path(folder)
     dims = _SHAPES[shape]
     unet = _make_unet(dims, in_channels=8 if kind == "instruct" else 4, seed=seed)
     _give_cross_attention_signal(unet)
+    if smooth:
+        _smooth_prediction(unet)
     tokenizer = build_clip_tokenizer(folder / "_tokenizer_build")
     pipe_cls = StableDiffusionInstructPix2PixPipeline if kind == "instruct" else StableDiffusionPipeline
     pipe = pipe_cls(
@@ -127,12 +147,13 @@ def build_model(folder: Path, kind: Kind = "text2image", shape: Shape = "tiny", 
         leftover.unlink()
     (folder / "_tokenizer_build").rmdir()
     (folder / "editserve_model.json").write_text(json.dumps(
-        {"kind": kind, "shape": shape, "seed": seed, "random_weights": True,
+        {"kind": kind, "shape": shape, "seed": seed, "random_weights": True, "smooth": smooth,
          "note": "randomly initialised: images are noise by design"}))
     return folder
 
 
-TINY_MODELS: dict[str, Kind] = {"tiny-sd": "text2image", "tiny-ip2p": "instruct"}
+TINY_MODELS: dict[str, Kind] = {"tiny-sd": "text2image", "tiny-ip2p": "instruct", "tiny-sd-smooth": "text2image"}
+SMOOTH_MODELS = {"tiny-sd-smooth"}  # well-conditioned under inversion (``_smooth_prediction``)
 
 
 def ensure_tiny_models(root: Path) -> dict[str, Path]:
@@ -141,7 +162,7 @@ def ensure_tiny_models(root: Path) -> dict[str, Path]:
     for name, kind in TINY_MODELS.items():
         folder = Path(root) / name
         if not (folder / "editserve_model.json").exists():
-            build_model(folder, kind=kind, shape="tiny")
+            build_model(folder, kind=kind, shape="tiny", smooth=name in SMOOTH_MODELS)
         out[name] = folder
     return out
 
