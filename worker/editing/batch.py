@@ -117,6 +117,7 @@ class JobState(ABC):
     ctx: SamplingContext
     latents: torch.Tensor  # (samples, 4, h, w), model dtype
     controller: Any = None  # P2P AttentionController, None otherwise
+    per_step_text: bool = False  # True when ``text_rows`` changes every step (P2P from an inversion)
 
     def __init__(self, spec: JobSpec, ctx: SamplingContext, generators: list[torch.Generator]):
         self.spec = spec
@@ -153,7 +154,8 @@ class JobState(ABC):
 
     @abstractmethod
     def text_rows(self) -> torch.Tensor:
-        """(num_rows, 77, D) encoder states: fixed for the job's lifetime, so the batch caches their concat."""
+        """(num_rows, 77, D) encoder states for the current step; the batch caches their concat unless a job
+        sets ``per_step_text``."""
 
     @abstractmethod
     def model_input(self) -> torch.Tensor:
@@ -319,6 +321,9 @@ class BatchState:
 
     def _text(self, jobs: list[JobState]) -> torch.Tensor:
         """Encoder states of all rows; rebuilt only when the batch's membership changes."""
+        if any(j.per_step_text for j in jobs):
+            self._text_cache = None
+            return torch.cat([j.text_rows() for j in jobs])
         members = tuple(jobs)  # the jobs themselves, not ids: a departed job's id may be reused by a newcomer
         cached = self._text_cache
         if cached is None or len(cached[0]) != len(members) or any(a is not b for a, b in zip(cached[0], members)):

@@ -49,6 +49,9 @@ class P2PJobSpec:
     self_replace_layers: Literal["low", "medium"] = "low"
     guidance_scale: float = 7.5
     attention_map_prompts: list[int] = field(default_factory=list)
+    # a real photo: start from its inversion's x_T with its per-step unconditional embeddings and guidance
+    # (``worker.editing.inversion.Inversion``); the seed is then unused
+    inversion: Any = None
 
     @property
     def prompts(self) -> list[str]:

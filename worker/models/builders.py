@@ -73,7 +73,9 @@ def _smooth_prediction(unet, gain: float = 0.03) -> None:
     after step (a round trip at guidance 1 misses the photo by more than the photo's own variance), so no
     inversion property could be tested on it. With the output scaled, the prediction stays close to a
     per-timestep, per-text constant plus a small smooth part: the DDIM trajectory is stable, text still
-    changes the prediction (guidance matters), and round-trip errors are small and repeatable.
+    changes the prediction (guidance matters), and round-trip errors are small and repeatable. The smooth
+    build also keeps the default (unsharpened) cross-attention, so the prediction is smooth in the text
+    embedding that null-text inversion optimises.
     ``tests/test_inversion.py`` measures this.
     """
     with torch.no_grad():
@@ -97,11 +99,15 @@ def _make_text_encoder(shape: dict, seed: int):
     return model
 
 
-def _make_vae(shape: dict, seed: int):
+SMOOTH_LATENT_SCALE = 2.5  # the random VAE's posterior means of photos have std ~0.37: this makes it ~0.9
+
+
+def _make_vae(shape: dict, seed: int, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
+        scaling_factor=scaling_factor,
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=shape["vae_channels"], layers_per_block=shape["vae_layers"],
@@ -130,13 +136,17 @@ def build_model(folder: Path, kind: Kind = "text2image", shape: Shape = "tiny", 
     folder = Path(folder)
     dims = _SHAPES[shape]
     unet = _make_unet(dims, in_channels=8 if kind == "instruct" else 4, seed=seed)
-    _give_cross_attention_signal(unet)
-    if smooth:
+    if smooth:  # near-uniform cross-attention keeps the text response smooth in the embedding too
         _smooth_prediction(unet)
+    else:
+        _give_cross_attention_signal(unet)
     tokenizer = build_clip_tokenizer(folder / "_tokenizer_build")
     pipe_cls = StableDiffusionInstructPix2PixPipeline if kind == "instruct" else StableDiffusionPipeline
+    # smooth: photo latents of about unit variance, as SD's scaled latents are (tiny ones meet the UNet's
+    # GroupNorm as noise amplified by 1/std, which makes the DDIM walk chaotic again)
+    vae = _make_vae(dims, seed + 1, SMOOTH_LATENT_SCALE) if smooth else _make_vae(dims, seed + 1)
     pipe = pipe_cls(
-        vae=_make_vae(dims, seed + 1), text_encoder=_make_text_encoder(dims, seed + 2), tokenizer=tokenizer,
+        vae=vae, text_encoder=_make_text_encoder(dims, seed + 2), tokenizer=tokenizer,
         unet=unet, scheduler=_scheduler_for(kind), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
