@@ -386,6 +386,45 @@ def reconstruct(model, inversions: Sequence[Inversion], captions_cond: Sequence[
 # Runner
 
 
+class PerJobTextProjections(PerJobRowVectors):
+    """Cross-attention key/value projections computed job by job, forward and backward.
+
+    Why: their GEMMs have jobs × 77 rows, and the kernel (hence the rounding) depends on the row count. The
+    inner loop's gradients flow through them to the embeddings, and Adam divides each coordinate by its own
+    gradient's magnitude, so a 1-ulp difference on a near-zero gradient becomes a full ``lr`` step: a batched
+    null-text inversion would not equal the job alone.
+    """
+
+    def __init__(self, unet):  # noqa: D107 — same machinery as the base, other modules
+        self.segments = None
+        self._patched = []
+        for name, module in unet.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")) and isinstance(module, torch.nn.Linear):
+                own = module.__dict__.get("forward")
+                module.forward = self._per_job(module.forward)
+                self._patched.append((module, own))
+
+
+class _Segmented:
+    """Both per-job patches of one UNet, set together."""
+
+    def __init__(self, unet):
+        self.parts = [PerJobRowVectors(unet), PerJobTextProjections(unet)]
+
+    @property
+    def segments(self):
+        return self.parts[0].segments
+
+    @segments.setter
+    def segments(self, value) -> None:
+        for part in self.parts:
+            part.segments = value
+
+    def restore(self) -> None:
+        for part in reversed(self.parts):
+            part.restore()
+
+
 class InversionRunner:
     """Inverts compatible photos — same (model, height, width, steps, scheduler) — sharing every UNet call.
 
@@ -413,7 +452,7 @@ class InversionRunner:
                     live.append((index, InversionState(spec, self.ctx)))
                 except Exception as exc:  # noqa: BLE001 — validation belongs to the job
                     results[index] = InversionResult(job_id=spec.job_id, error=exc, params=self.ctx.params())
-            row_vectors = PerJobRowVectors(self.model.unet)
+            row_vectors = _Segmented(self.model.unet)
             try:
                 live = self._walk(live, results, row_vectors, on_progress)
                 live = self._null_text(live, results, row_vectors, on_progress)
