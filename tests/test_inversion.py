@@ -86,15 +86,15 @@ def test_the_plain_tiny_model_is_not_well_conditioned(sd_model, photo):
     assert result.reconstruction_error > 10 * ROUND_TRIP_TOLERANCE * photo_variance(result)
 
 
-def test_guidance_7_5_breaks_plain_ddim_reconstruction(inverted):
-    """What inversion methods must repair: sampling x_T at guidance 7.5 with "" drifts from the photo.
-
-    Null-text's error is printed for the record: on this model it does NOT beat DDIM (bench/ reports both).
-    """
+def test_null_text_repairs_what_guidance_7_5_breaks(inverted):
+    """At guidance 7.5 plain DDIM drifts from the photo; null-text brings the error back near the guidance-1
+    round trip (the floor the walk itself sets). Errors are printed for the record (bench/ has them too)."""
+    floor = inverted["ddim-1"].reconstruction_error
     ddim, null_text = inverted["ddim"].reconstruction_error, inverted["null-text"].reconstruction_error
-    print(f"reconstruction MSE at guidance 7.5: ddim {ddim:.3g}, null-text {null_text:.3g}, "
-          f"guidance-1 round trip {inverted['ddim-1'].reconstruction_error:.3g}")
-    assert ddim > 5 * inverted["ddim-1"].reconstruction_error
+    print(f"reconstruction MSE: guidance-1 round trip {floor:.3g}; at 7.5: ddim {ddim:.3g}, null-text {null_text:.3g}")
+    assert ddim > 2 * floor
+    assert null_text < 0.6 * ddim
+    assert null_text < 1.5 * floor
 
 
 def test_negative_prompt_reconstruction_equals_the_guidance_1_one(inverted):
@@ -153,13 +153,9 @@ def test_batched_inversion_of_four_jobs_equals_each_alone(inverter, photo, inver
         assert result.ok, result.error
         assert (result.trajectory - alone.trajectory).abs().max().item() <= TOL  # the shared DDIM walk
         assert len(result.losses) == len(alone.losses) == (STEPS if spec.method == "null-text" else 0)
-        if spec.method == "null-text":
-            # Known gap: the walk's ~1e-6 batch rounding is amplified ~1/√ā_T by the first guided step, and
-            # Adam turns relative gradient noise into lr-sized steps, so the optimised embeddings drift apart.
-            first_alone, first_batched = alone.losses[0][0], result.losses[0][0]
-            assert abs(first_batched - first_alone) <= 1e-2 * first_alone
-            continue
-        assert (result.inversion.uncond_embeddings - alone.inversion.uncond_embeddings).abs().max().item() <= TOL
+        # embeddings (values ~1) after up to 60 Adam steps: Adam divides by each coordinate's gradient size,
+        # so ulp-level gradient differences show up a little larger here than on the latents
+        assert (result.inversion.uncond_embeddings - alone.inversion.uncond_embeddings).abs().max().item() <= 1e-3
         assert (result.reconstruction_latents - alone.reconstruction_latents).abs().max().item() <= TOL
 
 

@@ -34,7 +34,7 @@ _SHAPES = {
 }
 
 
-def _make_unet(shape: dict, in_channels: int, seed: int):
+def _make_unet(shape: dict, in_channels: int, seed: int, norm_eps: float = 1e-5):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -49,6 +49,7 @@ def _make_unet(shape: dict, in_channels: int, seed: int):
         attention_head_dim=shape["head_dim"],
         cross_attention_dim=shape["text_dim"],
         norm_num_groups=min(32, shape["unet_channels"][0]),
+        norm_eps=norm_eps,
     )
     return unet
 
@@ -66,7 +67,7 @@ def _give_cross_attention_signal(unet, gain: float = 4.0) -> None:
                 module.to_k.weight.mul_(gain)
 
 
-def _smooth_prediction(unet, gain: float = 0.03) -> None:
+def _smooth_prediction(unet, gain: float = 0.3) -> None:
     """Make the UNet's noise prediction a gentle function of its input: scale the output convolution down.
 
     A random UNet's prediction swings with every ulp of its input, and DDIM inversion amplifies that step
@@ -135,7 +136,9 @@ def build_model(folder: Path, kind: Kind = "text2image", shape: Shape = "tiny", 
 
     folder = Path(folder)
     dims = _SHAPES[shape]
-    unet = _make_unet(dims, in_channels=8 if kind == "instruct" else 4, seed=seed)
+    # smooth: a large GroupNorm epsilon, so small inputs (x_T of a photo is small here) are not blown up to
+    # unit variance, which would make the prediction swing with every ulp of its input
+    unet = _make_unet(dims, in_channels=8 if kind == "instruct" else 4, seed=seed, norm_eps=1.0 if smooth else 1e-5)
     if smooth:  # near-uniform cross-attention keeps the text response smooth in the embedding too
         _smooth_prediction(unet)
     else:
