@@ -44,6 +44,8 @@ def default_models(models_dir: Path) -> tuple[ModelSpec, ...]:
                   device="cuda", scheduler="euler_a"),
         ModelSpec(name="tiny-sd", kind="text2image", source=str(models_dir / "tiny-sd"), scheduler="ddim",
                   default_size=128, max_size=256, random_weights=True),
+        ModelSpec(name="tiny-sd-smooth", kind="text2image", source=str(models_dir / "tiny-sd-smooth"),
+                  scheduler="ddim", default_size=64, max_size=256, random_weights=True),
         ModelSpec(name="tiny-ip2p", kind="instruct", source=str(models_dir / "tiny-ip2p"), scheduler="euler_a",
                   default_size=128, max_size=256, random_weights=True),
     )

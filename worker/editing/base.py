@@ -108,6 +108,7 @@ class JobState(ABC):
     ctx: SamplingContext
     latents: torch.Tensor  # (samples, 4, h, w), model dtype
     controller: Any = None  # P2P AttentionController, None otherwise
+    per_step_text: bool = False  # True when ``text_rows`` changes every step (P2P from an inversion)
 
     def __init__(self, spec: JobSpec, ctx: SamplingContext, generators: list[torch.Generator]):
         self.spec = spec
@@ -144,7 +145,8 @@ class JobState(ABC):
 
     @abstractmethod
     def text_rows(self) -> torch.Tensor:
-        """(num_rows, 77, D) encoder states: fixed for the job's lifetime, so the batch caches their concat."""
+        """(num_rows, 77, D) encoder states for the current step; the batch caches their concat unless a job
+        sets ``per_step_text``."""
 
     @abstractmethod
     def model_input(self) -> torch.Tensor:

@@ -163,6 +163,9 @@ class BatchState:
 
     def _text(self, jobs: list[JobState]) -> torch.Tensor:
         """Encoder states of all rows; rebuilt only when the batch's membership changes."""
+        if any(j.per_step_text for j in jobs):
+            self._text_cache = None
+            return torch.cat([j.text_rows() for j in jobs])
         members = tuple(jobs)  # the jobs themselves, not ids: a departed job's id may be reused by a newcomer
         cached = self._text_cache
         if cached is None or len(cached[0]) != len(members) or any(a is not b for a, b in zip(cached[0], members)):

@@ -50,6 +50,9 @@ class P2PJobSpec:
     guidance_scale: float = 7.5
     attention_map_prompts: list[int] = field(default_factory=list)
     score: bool = False  # CLIP scores of every target against the source (worker.scoring)
+    # a real photo: start from its inversion's x_T with its per-step unconditional embeddings and guidance
+    # (``worker.editing.inversion.Inversion``); the seed is then unused
+    inversion: Any = None
 
     @property
     def prompts(self) -> list[str]:

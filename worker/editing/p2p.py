@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from worker.editing.base import JobState, SamplingContext, seeded_generator
-from worker.editing.jobs import JobResult, P2PJobSpec
+from worker.editing.jobs import EditValidationError, JobResult, P2PJobSpec
 
 
 def cfg_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -47,6 +47,19 @@ def build_job_controller(spec: P2PJobSpec, ctx: SamplingContext, num_steps: int)
     return build_controller(spec, ctx.model.tokenizer, num_steps, ctx.latent_size, schedule_steps=ctx.steps)
 
 
+def check_inversion_fits(inversion, ctx: SamplingContext) -> None:
+    """An inversion's embeddings belong to its exact steps, scheduler, size and model: refuse any other."""
+    expected = {"model": ctx.model.spec.name, "height": ctx.height, "width": ctx.width, "steps": ctx.steps,
+                "scheduler": ctx.scheduler}
+    for name, value in inversion.key_params().items():
+        if value != expected[name]:
+            raise EditValidationError(name, f"the inversion was made with {name} {value!r}, this edit uses "
+                                            f"{expected[name]!r}")
+    if tuple(inversion.uncond_embeddings.shape[:1]) != (ctx.steps,):
+        raise EditValidationError("inversion", f"{inversion.uncond_embeddings.shape[0]} embeddings for "
+                                               f"{ctx.steps} steps")
+
+
 class P2PJobState(JobState):
     """One P2P job: prompt 0 is the source, 1..n−1 the targets; all from one x_T."""
 
@@ -60,12 +73,23 @@ class P2PJobState(JobState):
         prompts = spec.prompts
         n = len(prompts)
         generator = seeded_generator(spec.seed)
-        x_t = shared_initial_latent(ctx, generator)
+        inversion = spec.inversion
+        if inversion is not None:
+            check_inversion_fits(inversion, ctx)
+            x_t = inversion.x_t.to(device=ctx.device, dtype=ctx.dtype)
+        else:
+            x_t = shared_initial_latent(ctx, generator)
         super().__init__(spec, ctx, twin_generators(generator, n))
         self.controller = build_job_controller(spec, ctx, self.total_steps)
         self.latents = x_t.repeat(n, 1, 1, 1) * self.scheduler.init_noise_sigma
         model = ctx.model
-        self._text_rows = torch.cat([ctx.null_text().expand(n, -1, -1), model.encode_text(prompts)])
+        self.guidance_scale = spec.guidance_scale if inversion is None else inversion.guidance_scale
+        self._cond_rows = model.encode_text(prompts)
+        self._text_rows = torch.cat([ctx.null_text().expand(n, -1, -1), self._cond_rows])
+        self._uncond_per_step = None
+        if inversion is not None:  # one more per-row input: step i's unconditional embedding replaces ""
+            self.per_step_text = True
+            self._uncond_per_step = inversion.uncond_embeddings.to(device=ctx.device, dtype=ctx.dtype)
 
     @property
     def num_prompts(self) -> int:
@@ -76,7 +100,10 @@ class P2PJobState(JobState):
         return 2 * self.num_prompts
 
     def text_rows(self) -> torch.Tensor:
-        return self._text_rows
+        if self._uncond_per_step is None:
+            return self._text_rows
+        uncond = self._uncond_per_step[self.step_index:self.step_index + 1]
+        return torch.cat([uncond.expand(self.num_prompts, -1, -1), self._cond_rows])
 
     def model_input(self) -> torch.Tensor:
         self.controller.begin_step(self.step_index)
@@ -84,14 +111,14 @@ class P2PJobState(JobState):
 
     def guide(self, noise_pred: torch.Tensor) -> torch.Tensor:
         uncond, cond = noise_pred.chunk(2)
-        return cfg_guidance(uncond, cond, self.spec.guidance_scale)
+        return cfg_guidance(uncond, cond, self.guidance_scale)
 
     def after_step(self, latents: torch.Tensor) -> torch.Tensor:
         return self.controller.after_step(latents)
 
     def params(self) -> dict[str, Any]:
         s = self.spec
-        return {**self.ctx.params(), "seed": s.seed, "guidance_scale": s.guidance_scale, "edit": s.edit,
+        return {**self.ctx.params(), "seed": s.seed, "guidance_scale": self.guidance_scale, "edit": s.edit,
                 "prompts": s.prompts, "cross_replace_steps": s.cross_replace_steps,
                 "self_replace_steps": s.self_replace_steps}
 

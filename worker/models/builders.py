@@ -34,7 +34,7 @@ _SHAPES = {
 }
 
 
-def _make_unet(shape: dict, in_channels: int, seed: int):
+def _make_unet(shape: dict, in_channels: int, seed: int, norm_eps: float = 1e-5):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -49,6 +49,7 @@ def _make_unet(shape: dict, in_channels: int, seed: int):
         attention_head_dim=shape["head_dim"],
         cross_attention_dim=shape["text_dim"],
         norm_num_groups=min(32, shape["unet_channels"][0]),
+        norm_eps=norm_eps,
     )
     return unet
 
@@ -64,6 +65,23 @@ def _give_cross_attention_signal(unet, gain: float = 4.0) -> None:
             if name.endswith("attn2"):
                 module.to_q.weight.mul_(gain)
                 module.to_k.weight.mul_(gain)
+
+
+def _smooth_prediction(unet, gain: float = 0.3) -> None:
+    """Make the UNet's noise prediction a gentle function of its input: scale the output convolution down.
+
+    A random UNet's prediction swings with every ulp of its input, and DDIM inversion amplifies that step
+    after step (a round trip at guidance 1 misses the photo by more than the photo's own variance), so no
+    inversion property could be tested on it. With the output scaled, the prediction stays close to a
+    per-timestep, per-text constant plus a small smooth part: the DDIM trajectory is stable, text still
+    changes the prediction (guidance matters), and round-trip errors are small and repeatable. The smooth
+    build also keeps the default (unsharpened) cross-attention, so the prediction is smooth in the text
+    embedding that null-text inversion optimises.
+    ``tests/test_inversion.py`` measures this.
+    """
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(gain)
+        unet.conv_out.bias.mul_(gain)
 
 
 def _make_text_encoder(shape: dict, seed: int):
@@ -82,11 +100,15 @@ def _make_text_encoder(shape: dict, seed: int):
     return model
 
 
-def _make_vae(shape: dict, seed: int):
+SMOOTH_LATENT_SCALE = 2.5  # the random VAE's posterior means of photos have std ~0.37: this makes it ~0.9
+
+
+def _make_vae(shape: dict, seed: int, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
+        scaling_factor=scaling_factor,
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=shape["vae_channels"], layers_per_block=shape["vae_layers"],
@@ -105,18 +127,29 @@ def _scheduler_for(kind: Kind):
 
 
 def build_model(folder: Path, kind: Kind = "text2image", shape: Shape = "tiny", seed: int = 0,
-                dtype: torch.dtype = torch.float32) -> Path:
-    """Build one random SD-1.x-shaped pipeline and ``save_pretrained`` it into ``folder``."""
+                dtype: torch.dtype = torch.float32, smooth: bool = False) -> Path:
+    """Build one random SD-1.x-shaped pipeline and ``save_pretrained`` it into ``folder``.
+
+    ``smooth``: the well-conditioned variant that real-photo inversion is tested on (``_smooth_prediction``).
+    """
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
     folder = Path(folder)
     dims = _SHAPES[shape]
-    unet = _make_unet(dims, in_channels=8 if kind == "instruct" else 4, seed=seed)
-    _give_cross_attention_signal(unet)
+    # smooth: a large GroupNorm epsilon, so small inputs (x_T of a photo is small here) are not blown up to
+    # unit variance, which would make the prediction swing with every ulp of its input
+    unet = _make_unet(dims, in_channels=8 if kind == "instruct" else 4, seed=seed, norm_eps=1.0 if smooth else 1e-5)
+    if smooth:  # near-uniform cross-attention keeps the text response smooth in the embedding too
+        _smooth_prediction(unet)
+    else:
+        _give_cross_attention_signal(unet)
     tokenizer = build_clip_tokenizer(folder / "_tokenizer_build")
     pipe_cls = StableDiffusionInstructPix2PixPipeline if kind == "instruct" else StableDiffusionPipeline
+    # smooth: photo latents of about unit variance, as SD's scaled latents are (tiny ones meet the UNet's
+    # GroupNorm as noise amplified by 1/std, which makes the DDIM walk chaotic again)
+    vae = _make_vae(dims, seed + 1, SMOOTH_LATENT_SCALE) if smooth else _make_vae(dims, seed + 1)
     pipe = pipe_cls(
-        vae=_make_vae(dims, seed + 1), text_encoder=_make_text_encoder(dims, seed + 2), tokenizer=tokenizer,
+        vae=vae, text_encoder=_make_text_encoder(dims, seed + 2), tokenizer=tokenizer,
         unet=unet, scheduler=_scheduler_for(kind), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
@@ -127,12 +160,13 @@ def build_model(folder: Path, kind: Kind = "text2image", shape: Shape = "tiny", 
         leftover.unlink()
     (folder / "_tokenizer_build").rmdir()
     (folder / "editserve_model.json").write_text(json.dumps(
-        {"kind": kind, "shape": shape, "seed": seed, "random_weights": True,
+        {"kind": kind, "shape": shape, "seed": seed, "random_weights": True, "smooth": smooth,
          "note": "randomly initialised: images are noise by design"}))
     return folder
 
 
-TINY_MODELS: dict[str, Kind] = {"tiny-sd": "text2image", "tiny-ip2p": "instruct"}
+TINY_MODELS: dict[str, Kind] = {"tiny-sd": "text2image", "tiny-ip2p": "instruct", "tiny-sd-smooth": "text2image"}
+SMOOTH_MODELS = {"tiny-sd-smooth"}  # well-conditioned under inversion (``_smooth_prediction``)
 TINY_CLIP = "tiny-clip"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -179,7 +213,7 @@ def ensure_tiny_models(root: Path) -> dict[str, Path]:
     for name, kind in TINY_MODELS.items():
         folder = Path(root) / name
         if not (folder / "editserve_model.json").exists():
-            build_model(folder, kind=kind, shape="tiny")
+            build_model(folder, kind=kind, shape="tiny", smooth=name in SMOOTH_MODELS)
         out[name] = folder
     clip_folder = Path(root) / TINY_CLIP
     if not (clip_folder / "editserve_model.json").exists():
