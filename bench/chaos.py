@@ -9,13 +9,20 @@ What it does, all on loopback:
 - meanwhile, every few seconds: SIGKILL a worker (restarted 1–3 s later), or restart Redis (SIGTERM or
   SIGKILL, 1–2 s down, same port and data dir); any process that exits on its own is restarted, like a
   supervisor would, and counted;
+- hostile load beside it (issue 9, ``bench/hostile.py``): the workers reach S3 through a proxy that goes down
+  for ``--s3-outage`` seconds (longer than their upload retries), one extra worker whose every denoising step
+  takes ``--long-step`` seconds (longer than the heartbeat TTL), and an attacker sending huge mappings and
+  lists, aspect-ratio bombs, large-picture PNGs and bursts of 220 concurrent connections; a health probe
+  times ``/healthz`` meanwhile;
 - then stops the chaos, waits for every accepted edit to be terminal and for the webhooks to settle,
   and checks each edit through the API, S3, the event stream, the webhooks received and the worker logs.
 
 Printed (and saved to bench/results/chaos-<machine>.txt): jobs accepted, succeeded, failed (grouped by
 reason), canceled, **lost** (accepted but neither terminal nor visible: must be 0), **duplicated** (two
 terminal transitions, results inconsistent with one attempt, or two different ``completed`` webhooks: must
-be 0), webhook deliveries verified. Exit status 1 when lost or duplicated is not 0.
+be 0), run twice, webhook deliveries verified, the attacker's answers by status, the health probe's p99
+during the attack (goal < 100 ms), the gateway's peak RSS against its stated bound, and Redis's key count
+before and after the workload. Exit status 1 when lost or duplicated is not 0.
 
     python bench/chaos.py                       # ~6-9 minutes on a 2-core box
     python bench/chaos.py --jobs 60 --duration 40 --settle 120   # a quick one
@@ -47,6 +54,8 @@ if str(REPO) not in sys.path:
 from signals import signals_interrupt  # noqa: E402  (bench/ is the script's folder)
 
 SIZE, STEPS = 64, 4
+GATEWAY_IDLE_MB = 300  # the gateway at rest with its tokenizers loaded (README, "Limits and security")
+DECODE_BYTES_PER_PIXEL = 20  # one decode at its worst (RGBA): five 4-byte-per-pixel pictures alive at once
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
@@ -62,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--machine", default=None)
+    p.add_argument("--s3-outage", type=float, default=20.0, help="seconds the workers' S3 is unreachable (0: none)")
+    p.add_argument("--long-step", type=float, default=7.0, help="step time of the extra slow worker (0: none)")
+    p.add_argument("--hostile-rounds", type=int, default=4, help="rounds of the attacker (0: none)")
     return p.parse_args(argv)
 
 
@@ -154,16 +166,37 @@ class Chaos:
         self.hooks: Hooks | None = None
         self.worker_names = [f"worker-{i + 1}" for i in range(args.workers)]
         self.procs_lock = threading.Lock()  # chaos thread and supervisor both (re)start processes
+        self.slow_worker = "slowstep-1" if args.long_step > 0 else None
+        self.s3_proxy = None
+        self.probe = None
+        self.hostile = None
+        self.redis_keys: dict[str, int] = {}
+        self.gateway_peak_mb: float | None = None
+
+    def all_workers(self) -> list[str]:
+        return self.worker_names + ([self.slow_worker] if self.slow_worker else [])
+
+    def start_worker(self, name: str) -> None:
+        """Workers reach S3 through the outage proxy; the slow one sleeps in every denoising step."""
+        env = {"EDITSERVE_S3__ENDPOINT_URL": f"http://{self.s3_proxy.address}"}
+        if name == self.slow_worker:
+            env["EDITSERVE_WORKER__DEBUG_STEP_DELAY_SECONDS"] = str(self.args.long_step)
+        self.stack.start_worker(name, env=env)
 
     # ---------------------------------------------------------------- setup / teardown
     def start(self) -> None:
         from service.config import Settings
+        from urllib.parse import urlsplit
+
         from devtools.devstack import LocalStack, free_port, start_persistent_redis, start_seaweedfs
+        from devtools.faultproxy import TcpProxy
         from worker.models.builders import ensure_tiny_models
 
         ensure_tiny_models(REPO / ".models")
         self.redis = start_persistent_redis()
         self.s3 = start_seaweedfs(bucket="editserve-chaos")
+        endpoint = urlsplit(self.s3.endpoint_url)
+        self.s3_proxy = TcpProxy(endpoint.hostname, endpoint.port)
         self.hooks = Hooks(Settings().webhooks.secret)
         port = free_port()
         self.hook_server = ThreadingHTTPServer(("127.0.0.1", port), self.hooks.handler())
@@ -183,14 +216,17 @@ class Chaos:
         self.stack = LocalStack(redis_url=self.redis.url, s3=self.s3, models_dir=REPO / ".models", extra_env=env)
         self.stack.start_gateway()
         self.stack.start_webhook_sender()
-        for name in self.worker_names:
-            self.stack.start_worker(name)
+        for name in self.all_workers():
+            self.start_worker(name)
         deadline = time.monotonic() + 180
-        for name in self.worker_names:
+        for name in self.all_workers():
             while '"event":"worker_started"' not in self.read_log(name):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} did not start: {self.read_log(name)[-2000:]}")
                 time.sleep(0.3)
+        import redis
+
+        self.redis_keys["baseline"] = redis.Redis.from_url(self.redis.url).dbsize()
         log(f"stack up: gateway {self.stack.base_url}, {len(self.worker_names)} workers, Redis AOF on port "
             f"{self.redis.port}, logs in {self.stack.log_dir}")
 
@@ -205,6 +241,8 @@ class Chaos:
                 self.stack.stop(timeout=10)
             except Exception as exc:  # noqa: BLE001
                 print(f"warning: stopping the stack: {exc}", file=sys.stderr)
+        if self.s3_proxy is not None:
+            self.s3_proxy.close()
         if self.hook_server is not None:
             self.hook_server.shutdown()
             self.hook_server.server_close()
@@ -280,7 +318,7 @@ class Chaos:
                         self.state.actions["worker SIGKILL"] += 1
                         log(f"chaos: SIGKILL {name}")
                     time.sleep(self.rng.uniform(1.0, 3.0))
-                    self.stack.start_worker(name)
+                    self.start_worker(name)
             else:
                 sig = redis_sig[self.state.actions["redis restart"] % 2]
                 down = self.rng.uniform(1.0, 2.0)
@@ -297,12 +335,23 @@ class Chaos:
                     if proc.poll() is None:
                         continue
                     self.state.exits[f"{name.split('-')[0]} exited rc={proc.returncode}"] += 1
-                    if name in self.worker_names:
-                        self.stack.start_worker(name)
+                    if name in self.all_workers():
+                        self.start_worker(name)
                     elif name == "webhooks":
                         self.stack.start_webhook_sender()
                     elif name == "gateway":
                         self.stack.start_gateway()
+
+    def storage_outage(self, at: float) -> None:
+        """The workers' S3 goes away once, for longer than their upload retries (~7.5 s at the defaults)."""
+        if self.args.s3_outage <= 0 or self.stop_event.wait(max(0.0, at - time.monotonic())):
+            return
+        log(f"chaos: workers' S3 down for {self.args.s3_outage:.0f}s")
+        self.s3_proxy.down()
+        self.state.actions["S3 outage"] += 1
+        self.stop_event.wait(self.args.s3_outage)
+        self.s3_proxy.up()
+        log("chaos: workers' S3 back")
 
     def event_watcher(self) -> None:
         """Every terminal status published on editserve:events:* (reconnecting across Redis restarts)."""
@@ -428,7 +477,7 @@ class Chaos:
         redelivered = sum(n - 1 for n in deliveries.values() if n > 1)
         # re-executions (a job run to completion more than once; the JobStore keeps the first outcome)
         runs = Counter()
-        for name in self.worker_names:
+        for name in self.all_workers():
             for line in self.read_log(name).splitlines():
                 start = line.find('{"event":"job"')
                 if start >= 0:
@@ -441,15 +490,18 @@ class Chaos:
         rerun = sum(1 for i in self.state.accepted if runs[i] > 1)
         # edits the server holds that the client never got an id for (a response lost in an outage)
         orphans = []
+        hostile_ids = set(self.hostile.accepted_ids) if self.hostile else set()
+        hostile_states = Counter((conn.hget(edit_key(i), "status") or b"missing").decode() for i in hostile_ids)
         for key in conn.scan_iter("editserve:edit:*"):
             edit_id = key.decode().rsplit(":", 1)[1]
-            if edit_id not in self.state.accepted:
+            if edit_id not in self.state.accepted and edit_id not in hostile_ids:
                 status = (conn.hget(key, "status") or b"?").decode()
                 orphans.append((edit_id, status))
         return {"counts": counts, "failed_reasons": failed_reasons, "lost": lost, "duplicated": duplicated,
                 "problems": problems, "webhooks_received": len(received), "webhooks_verified": len(received) - len(unverified),
                 "webhooks_unverified": len(unverified), "webhook_completed_missing": hook_missing,
-                "webhook_redeliveries": redelivered, "reexecuted": rerun, "orphans": orphans}
+                "webhook_redeliveries": redelivered, "reexecuted": rerun, "orphans": orphans,
+                "hostile_states": hostile_states}
 
     # ---------------------------------------------------------------- main
     def run(self) -> tuple[str, bool]:
@@ -457,26 +509,76 @@ class Chaos:
         t_start = time.monotonic()
         hard_end = t_start + args.max_seconds
         self.start()
+        from hostile import HealthProbe, HostileClient
+
         chaos_end = time.monotonic() + args.duration
+        self.probe = HealthProbe(self.stack.base_url).start()
+        if args.hostile_rounds > 0:
+            self.hostile = HostileClient(self.stack.base_url, max_image_pixels=self.max_image_pixels(),
+                                         rounds=args.hostile_rounds, pause=args.duration / (args.hostile_rounds + 1))
+            self.hostile.start()
         threads = [threading.Thread(target=self.submitter, name="submitter", daemon=True),
                    threading.Thread(target=self.chaos, args=(chaos_end,), name="chaos", daemon=True),
+                   threading.Thread(target=self.storage_outage, args=(time.monotonic() + args.duration * 0.4,),
+                                    name="s3-outage", daemon=True),
                    threading.Thread(target=self.supervisor, name="supervisor", daemon=True),
                    threading.Thread(target=self.event_watcher, name="events", daemon=True)]
         for t in threads:
             t.start()
         threads[0].join(max(1.0, min(args.duration + 60, hard_end - time.monotonic() - 60)))
         threads[1].join(max(0.0, chaos_end - time.monotonic() + 15))
+        if self.hostile is not None:
+            self.hostile.stop()
+        self.probe.stop()
+        gateway = self.stack.processes.get("gateway")
+        from hostile import peak_rss_mb
+
+        self.gateway_peak_mb = peak_rss_mb(gateway.pid) if gateway is not None else None
         log(f"chaos over: {dict(self.state.actions)}; {len(self.state.accepted)} accepted; settling ...")
         settle_end = min(time.monotonic() + args.settle, hard_end - 30)
         finals = self.settle(settle_end)
         self.wait_webhooks(finals, min(time.monotonic() + 45, hard_end - 15))
         time.sleep(1.0)
+        import redis
+
+        self.redis_keys["after settling"] = redis.Redis.from_url(self.redis.url).dbsize()
         result = self.verify(finals)
         self.stop_event.set()
         elapsed = time.monotonic() - t_start
         text = self.render(result, elapsed)
         ok = not result["lost"] and not result["duplicated"]
         return text, ok
+
+    @staticmethod
+    def max_image_pixels() -> int:
+        from service.config import Settings
+
+        return Settings().limits.max_image_pixels
+
+    @staticmethod
+    def gateway_memory_bound_mb() -> float:
+        """README's stated worst case: the idle gateway plus ``max_concurrent_decodes`` decodes at the pixel limit."""
+        from service.config import Settings
+
+        limits = Settings().limits
+        per_decode_mb = limits.max_image_pixels * DECODE_BYTES_PER_PIXEL / 2**20
+        return GATEWAY_IDLE_MB + limits.max_concurrent_decodes * per_decode_mb
+
+    def hostile_lines(self, r: dict[str, Any]) -> list[str]:
+        lines = [f"  health probe (attack)    {self.probe.summary() if self.probe else 'off'}  (goal p99 < 100 ms)"]
+        if self.probe and self.hostile:
+            lines.append(f"                           {self.probe.split_by(self.hostile.bursts)}")
+        peak, bound = self.gateway_peak_mb, self.gateway_memory_bound_mb()
+        lines.append(f"  gateway peak RSS         {peak:.0f} MB; stated bound {bound:.0f} MB: "
+                     f"{'held' if peak <= bound else 'EXCEEDED'}" if peak else "  gateway peak RSS         ?")
+        keys = self.redis_keys
+        lines.append(f"  Redis keys               baseline {keys.get('baseline')}, after settling "
+                     f"{keys.get('after settling')} (retention TTLs are days: aging out is not run here)")
+        if self.hostile is not None:
+            lines.append(f"  attacker answers (5xx other than 503: {self.hostile.five_xx()}); its accepted "
+                         f"large-picture edits: {dict(r['hostile_states'])}")
+            lines += self.hostile.lines()
+        return lines
 
     def render(self, r: dict[str, Any], elapsed: float) -> str:
         s, a = self.state, self.args
@@ -485,7 +587,9 @@ class Chaos:
         lines = [
             f"editserve chaos run — {machine_slug()}, {time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f}s, seed {a.seed}",
             f"stack: gateway + webhook sender + {a.workers} workers (tiny-sd,tiny-ip2p; heartbeat TTL 5s, reaper 1s, "
-            f"max_retries {a.max_retries}); Redis AOF appendfsync always; {SIZE}px, {STEPS} steps",
+            f"max_retries {a.max_retries}); Redis AOF appendfsync always; {SIZE}px, {STEPS} steps; "
+            f"workers' S3 down {a.s3_outage:.0f}s once; one more worker with {a.long_step:.0f}s steps; "
+            f"{a.hostile_rounds} attacker rounds",
             f"chaos over {a.duration:.0f}s: {dict(s.actions)}; processes that exited on their own "
             f"(restarted): {dict(s.exits) or 'none'}",
             "",
@@ -513,6 +617,7 @@ class Chaos:
             f"unverified {r['webhooks_unverified']}, same-id redeliveries {r['webhook_redeliveries']}",
             f"  completed webhook missing {len(r['webhook_completed_missing'])} of "
             f"{sum(1 for x in s.accepted.values() if x.webhook)} edits with webhooks",
+            *self.hostile_lines(r),
         ]
         for title, items in (("lost", r["lost"]), ("duplicated", r["duplicated"]), ("problems", r["problems"]),
                              ("completed webhook missing", r["webhook_completed_missing"])):

@@ -9,7 +9,7 @@ import shutil
 
 bind = os.environ.get("EDITSERVE_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("EDITSERVE_GATEWAY_PROCESSES", "2"))
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "service.gunicorn_worker.GatewayWorker"  # uvicorn with read deadlines (slowloris)
 graceful_timeout = 30
 timeout = 120  # `Prefer: wait` and SSE hold requests open
 keepalive = 5

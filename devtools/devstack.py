@@ -208,7 +208,7 @@ class LocalStack:
         import sys
 
         self.gateway_port = self.gateway_port or free_port()
-        self._spawn("gateway", [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
+        self._spawn("gateway", [sys.executable, "-m", "service.serving", "--host", "127.0.0.1",
                                 "--port", str(self.gateway_port), "--log-level", "warning"])
         wait_for_http(f"{self.base_url}/healthz", timeout, self.processes["gateway"], self.log("gateway"))
         return self.base_url

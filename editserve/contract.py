@@ -18,12 +18,21 @@ MAX_TARGETS = 8
 MAX_SWEEP_CELLS = 16
 REWEIGHT_RANGE = (-10.0, 10.0)
 SEED_MAX = 2**32 - 1
+MAX_PROMPT_CHARS = 1000
+MAX_PROMPT_WORDS = 75
+"""CLIP reads at most 77 tokens, two of them start/end: no prompt has more words than this, so no per-word
+list or mapping needs more entries (every such limit below follows from it, and keeps validation cost small)."""
+
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 StepRange = Union[Fraction, tuple[Fraction, Fraction]]
-"""A fraction f means steps [0, f·T); a pair [start, end] means steps [start·T, end·T)."""
-CrossReplaceSteps = Union[StepRange, dict[str, StepRange]]
+"""A fraction f means steps [0, f·T); a pair [start, end] (start <= end) means steps [start·T, end·T)."""
+Word = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+"""A word or phrase of a prompt."""
+WordList = Annotated[list[Word], Field(min_length=1, max_length=MAX_PROMPT_WORDS)]
+CrossReplaceSteps = Union[StepRange, Annotated[dict[Word, StepRange], Field(max_length=MAX_PROMPT_WORDS + 1)]]
 """Either one StepRange, or per-word ranges with the key ``default_`` for all other tokens."""
+WordWeights = Annotated[dict[Word, float], Field(min_length=1, max_length=MAX_PROMPT_WORDS)]
 
 
 class _Strict(BaseModel):
@@ -75,7 +84,7 @@ class WebhookEventType(str, Enum):
 class WebhookSpec(_Strict):
     url: str = Field(description="http(s) URL; private/loopback/link-local destinations are refused")
     events: list[WebhookEventType] = Field(
-        default_factory=lambda: [WebhookEventType.started, WebhookEventType.completed],
+        default_factory=lambda: [WebhookEventType.started, WebhookEventType.completed], max_length=3,
         description="which events to send; `completed` covers succeeded, failed and canceled",
     )
 
@@ -102,13 +111,13 @@ class _EditBase(_Strict):
 class LocalBlend(_Strict):
     """Edit only where the given words attend (local blending, from the Prompt-to-Prompt paper)."""
 
-    source_words: list[str] = Field(min_length=1, max_length=8)
-    target_words: list[str] | list[list[str]] = Field(
+    source_words: list[Word] = Field(min_length=1, max_length=8)
+    target_words: WordList | Annotated[list[WordList], Field(min_length=1, max_length=MAX_TARGETS)] = Field(
         description="words in the target prompt(s); one flat list applies to every target"
     )
     threshold: float = Field(0.3, gt=0.0, lt=1.0, allow_inf_nan=False)
     start_blend: Fraction = Field(0.0, description="no blending during this first fraction of steps")
-    substruct_words: list[str] | None = Field(None, description="source words whose region is excluded")
+    substruct_words: WordList | None = Field(None, description="source words whose region is excluded")
 
 
 class P2PEditRequest(_EditBase):
@@ -116,14 +125,14 @@ class P2PEditRequest(_EditBase):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_kind_required)
     kind: Literal["p2p"] = "p2p"
-    source_prompt: str = Field(min_length=1, max_length=1000)
-    target_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+    source_prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    target_prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] = Field(
         min_length=1, max_length=MAX_TARGETS
     )
     edit: Literal["replace", "refine", "reweight", "none"] = Field(
         "replace", description="replace = word swap; refine = added words; reweight alone; none = no injection"
     )
-    reweight: dict[str, float] | list[dict[str, float]] | None = Field(
+    reweight: WordWeights | Annotated[list[WordWeights], Field(min_length=1, max_length=MAX_TARGETS)] | None = Field(
         None, description="word → attention factor in [-10, 10]; composes with replace/refine; a list is per target"
     )
     local_blend: LocalBlend | None = None
@@ -135,7 +144,7 @@ class P2PEditRequest(_EditBase):
     guidance_scale: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False)
     height: int | None = Field(None, ge=64, le=2048, multiple_of=64)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=64)
-    attention_maps: bool | list[int] = Field(
+    attention_maps: bool | Annotated[list[int], Field(max_length=MAX_TARGETS + 1)] = Field(
         False, description="true: maps for every prompt; or prompt indices (0 = source)"
     )
 
@@ -147,6 +156,18 @@ class P2PEditRequest(_EditBase):
                 if not math.isfinite(factor) or not REWEIGHT_RANGE[0] <= factor <= REWEIGHT_RANGE[1]:
                     raise ValueError(f"reweight factor for {word!r} must be finite and within {REWEIGHT_RANGE}")
         return v
+
+    @model_validator(mode="after")
+    def _ordered_windows(self):
+        windows = [("self_replace_steps", self.self_replace_steps)]
+        if isinstance(self.cross_replace_steps, dict):
+            windows += [(f"cross_replace_steps.{w}", r) for w, r in self.cross_replace_steps.items()]
+        else:
+            windows.append(("cross_replace_steps", self.cross_replace_steps))
+        for field, window in windows:
+            if isinstance(window, tuple) and window[0] > window[1]:
+                raise ValueError(f"{field}: a [start, end] window needs start <= end, got [{window[0]}, {window[1]}]")
+        return self
 
     @model_validator(mode="after")
     def _per_target_lists(self):
@@ -166,9 +187,11 @@ class P2PEditRequest(_EditBase):
 class Sweep(_Strict):
     """A grid over image guidance × text guidance × seeds (IP2P paper Fig. 8); every cell is returned."""
 
-    image_guidance: list[Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]] | None = None
-    text_guidance: list[Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]] | None = None
-    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | None = None
+    image_guidance: list[Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]] | None = Field(
+        None, max_length=MAX_SWEEP_CELLS)
+    text_guidance: list[Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]] | None = Field(
+        None, max_length=MAX_SWEEP_CELLS)
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | None = Field(None, max_length=MAX_SWEEP_CELLS)
 
 
 class IP2PEditRequest(_EditBase):
@@ -176,7 +199,7 @@ class IP2PEditRequest(_EditBase):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_kind_required)
     kind: Literal["ip2p"] = "ip2p"
-    instruction: str = Field(max_length=1000, description="empty: the resized input comes back unchanged")
+    instruction: str = Field(max_length=MAX_PROMPT_CHARS, description="empty: the resized input comes back unchanged")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
     text_guidance: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_T; applied ungated")
     image_guidance: float = Field(1.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_I; applied ungated")
@@ -276,10 +299,12 @@ class ErrorType(str, Enum):
     tenant_queue_full = "tenant_queue_full"
     queue_full = "queue_full"
     service_unavailable = "service_unavailable"
+    decoder_busy = "decoder_busy"
     storage_unavailable = "storage_unavailable"
     queue_unavailable = "queue_unavailable"
     not_ready = "not_ready"
     internal_error = "internal_error"
+    client_disconnected = "client_disconnected"  # logged, never read: the client has gone
     error = "error"  # any other status
     # an edit that ran (or was to run) and failed: ``Edit.error.type``
     validation_error = "validation_error"

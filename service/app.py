@@ -56,7 +56,7 @@ from service.auth import (
 from service.config import Settings, get_settings
 from service.edit_validation import parse_request, prepare_submission
 from service.errors import ApiError, error_response, install_error_handlers, not_found
-from service.intake import max_body_bytes, parse_edit_body, read_body_limited
+from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
     LimitExceeded,
@@ -87,6 +87,7 @@ class Services:
     keys: KeyStore
     tokens: PromptTokenCounter
     rate_limiter: RateLimiter
+    decode_gate: DecodeGate | None = None
     sse_keepalive_seconds: float = SSE_KEEPALIVE_SECONDS
     _aio: dict[int, tuple[asyncio.AbstractEventLoop, aioredis.Redis]] = field(default_factory=dict, repr=False)
 
@@ -96,12 +97,17 @@ class Services:
 
     def aio_redis(self) -> aioredis.Redis:
         """The shared asyncio client of the running event loop (a client's pool is bound to the loop it first
-        ran on, and test clients run one loop each). The submit path uses it to stay on the event loop."""
+        ran on, and test clients run one loop each). The submit path uses it to stay on the event loop.
+
+        Its pool *waits* up to ``redis_pool_wait_seconds`` for a free connection: a burst of concurrent submits
+        queues briefly instead of failing at the pool's size (then 503 + Retry-After)."""
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:
-            entry = (loop, redisconn.async_client(self.settings.redis_url, socket_timeout=5,
-                                                  socket_connect_timeout=2, health_check_interval=30))
+            entry = (loop, redisconn.async_client(
+                self.settings.redis_url, pool_size=self.settings.redis_pool_size,
+                pool_wait_seconds=self.settings.redis_pool_wait_seconds, socket_timeout=5, socket_connect_timeout=2,
+                health_check_interval=30))
             self._aio[id(loop)] = entry
         return entry[1]
 
@@ -208,7 +214,8 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     """Validate, decode the image, store it, create the job: the thread-pool path for edits with an image
     (Pillow, boto3). JSON edits without an image take :func:`create_edit`'s one-round-trip path."""
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
-                                    tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
+                                    tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
+                                    decode_gate=svc.decode_gate)
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
@@ -415,7 +422,9 @@ ops_router = APIRouter(tags=["ops"])
 
 
 @ops_router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """On the event loop, not the thread pool: liveness must not wait behind blocking work (uploads, listings)
+    that has every pool thread busy; what it measures is whether the loop answers."""
     return {"status": "ok"}
 
 
@@ -554,7 +563,9 @@ def build_services(settings: Settings) -> Services:
     jobstore = JobStore(connection, settings, storage, listeners=[emit_webhook])  # the store tells, webhooks watch
     return Services(settings=settings, redis=connection, storage=storage, jobstore=jobstore,
                     keys=KeyStore(connection, settings), tokens=PromptTokenCounter(settings),
-                    rate_limiter=RateLimiter(connection, settings))
+                    rate_limiter=RateLimiter(connection, settings),
+                    decode_gate=DecodeGate(settings.limits.max_concurrent_decodes,
+                                           settings.limits.decode_wait_seconds))
 
 
 def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True) -> FastAPI:

@@ -75,6 +75,14 @@ class LimitsSettings(BaseModel):
     max_image_pixels: int = 40_000_000
     image_formats: list[str] = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
     max_prompt_tokens: int = 77
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a request's headers must arrive within this "
+                                          "(service.serving; slowloris)")
+    body_timeout_seconds: float = Field(60.0, gt=0, description="a request's body must arrive within this after "
+                                        "its headers (service.serving)")
+    max_concurrent_decodes: int = Field(2, ge=1, description="images decoded at once per gateway process; the "
+                                        "memory worst case is this many decodes of max_image_pixels")
+    decode_wait_seconds: float = Field(10.0, ge=0, description="how long an upload waits for a decode slot "
+                                       "before 503 + Retry-After")
     max_wait_seconds: int = 60
     max_queue_depth: int = Field(10_000, ge=0, description="queued edits of all tenants together; beyond it "
                                  "POST /v1/edits answers 503 + Retry-After")
@@ -112,6 +120,12 @@ class WorkerSettings(BaseModel):
                                           "between claim and start) goes back to its queue after this long")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for torch (0: torch's default); 1 avoids "
                                "oversubscription when CPU workers share cores")
+    result_upload_window_seconds: float = Field(600.0, ge=0, description="a finished result whose upload fails "
+                                                "(storage outage) is kept and retried this long: the edit stays "
+                                                "processing, heartbeats alive, and fails only after")
+    hung_batch_seconds: float = Field(1800.0, gt=0, description="a batch that makes no progress (no denoising "
+                                      "step ends, no job is settled, no upload is retried) for this long counts as "
+                                      "hung: its heartbeats stop and the reaper re-runs its jobs")
     debug_step_delay_seconds: float = Field(0.0, ge=0, description="fault-injection tests only: sleep per step")
     batching: Literal["request", "step"] = Field(
         "request", description="request: a gathered batch starts and ends together; step: jobs join and leave "
@@ -151,6 +165,9 @@ class Settings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS) or "
                            "redis+sentinel://host:26379[,host2:26379]/MASTER_NAME/DB (service/redisconn.py)")
+    redis_pool_size: int = Field(100, ge=1, description="the gateway's asyncio Redis connections per process")
+    redis_pool_wait_seconds: float = Field(5.0, ge=0, description="how long a request waits for a free pooled "
+                                           "connection before 503 + Retry-After")
     models_dir: Path = REPO_ROOT / ".models"
     models: list[ModelSpec] | None = Field(None, description="JSON list; default: default_models(models_dir)")
     enabled_models: list[str] | None = Field(None, description="names a worker loads; default: all local ones")

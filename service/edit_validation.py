@@ -10,10 +10,12 @@ size caps, the official IP2P resize. Then every default is resolved so the worke
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime
 
 from pydantic import TypeAdapter, ValidationError
@@ -31,13 +33,13 @@ from editserve.kinds import edit_kind
 from service import egress
 from service.config import ModelSpec, Settings
 from service.errors import from_pydantic, invalid
-from service.imaging import official_resize, official_resize_dims
-from service.intake import load_image, png_bytes
+from service.imaging import fitting_resolution, official_resize, official_resize_dims
+from service.intake import DecodeGate, load_image, png_bytes, probe_image
 from service.prompt_tokens import PromptTokenCounter
 from service.storage import input_key
 
 _EDIT_REQUEST = TypeAdapter(EditRequest)
-_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # CLIP's pre-tokenizer: BPE never merges across these pieces, so comparing piece sequences is exact.
 _PRE_TOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
@@ -54,8 +56,10 @@ class Submission:
 
 
 def parse_request(data: dict) -> EditRequest:
+    """The request model, strictly typed: ``"steps": "2"`` or ``true`` is refused, never coerced. Validated as
+    JSON (which ``data`` came from) because strict JSON reads an array as a ``[start, end]`` pair."""
     try:
-        return _EDIT_REQUEST.validate_python(data)
+        return _EDIT_REQUEST.validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         raise from_pydantic(exc)
 
@@ -83,8 +87,9 @@ def prompts_with_fields(request: EditRequest) -> list[tuple[str, str]]:
 
 def forbidden_prompt_character(text: str) -> str | None:
     """The first character a prompt may not hold: controls (C0/C1, incl. tab and newline), line/paragraph
-    separators, unpaired surrogates and bidi overrides (they make a prompt display differently from what the
-    tokenizer reads), or None."""
+    separators, unpaired surrogates, and every invisible format character (Unicode category Cf: bidi marks and
+    overrides, U+061C, zero-width space/joiners, BOM, U+2060, tag characters): they make a prompt display
+    differently from what the tokenizer reads, or hide text in it. None when the prompt is clean."""
     for ch in text:
         if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES or ch in _BIDI_CONTROLS:
             return ch
@@ -95,16 +100,18 @@ def check_prompts(request: EditRequest, spec: ModelSpec, counter: PromptTokenCou
     for field, text in prompts_with_fields(request):
         ch = forbidden_prompt_character(text)
         if ch is not None:
-            raise invalid(field, f"{field} contains the control character U+{ord(ch):04X}; "
-                                 "prompts must be plain text on one line")
+            raise invalid(field, f"{field} contains the control or invisible character U+{ord(ch):04X}; "
+                                 "prompts must be plain visible text on one line")
         count = counter.count(spec, text)
         if count.tokens > max_tokens:
             raise invalid(field, f"{field} has {count.tokens} CLIP tokens including start/end "
                                  f"(counted by {count.method}); the limit is {max_tokens}")
 
 
-def pre_tokens(text: str) -> list[str]:
-    return _PRE_TOKEN.findall(text.lower())
+@lru_cache(maxsize=256)
+def pre_tokens(text: str) -> tuple[str, ...]:
+    """CLIP's pre-tokenizer pieces, cached: every word of a per-word list is looked up in the same prompts."""
+    return tuple(_PRE_TOKEN.findall(text.lower()))
 
 
 def contains_word(prompt: str, word: str) -> bool:
@@ -165,6 +172,27 @@ def check_webhook(webhook: WebhookSpec | None, settings: Settings) -> None:
         raise invalid("webhook.url", f"webhook url refused: {exc}")
 
 
+def ip2p_resolution(size: tuple[int, int], requested: int, spec: ModelSpec) -> int:
+    """The resize resolution for an input of ``size``: the request's, capped by the model, lowered in steps of 64
+    until no side of the result exceeds the model's ``max_size`` (so its pixels stay within max_size²); an
+    aspect ratio that cannot fit is refused before anything is decoded."""
+    width, height = size
+    resolution = fitting_resolution(width, height, min(requested, spec.max_size), spec.max_size)
+    if resolution is None:
+        out_w, out_h = official_resize_dims(width, height, 64)
+        raise invalid("image", f"image: a {width}x{height} picture resizes to at least {out_w}x{out_h} (sides are "
+                               f"multiples of 64); model {spec.name!r} takes at most {spec.max_size} per side: "
+                               f"crop it to an aspect ratio of at most {spec.max_size // 64}:1")
+    return resolution
+
+
+def normalised_input(image_bytes: bytes, settings: Settings, resolution: int) -> tuple[int, int, bytes]:
+    """(width, height, PNG) of the upload after the official resize: the decoded picture lives only in here."""
+    image = load_image(image_bytes, settings.limits)
+    width, height = official_resize_dims(image.width, image.height, resolution)
+    return width, height, png_bytes(official_resize(image, resolution))
+
+
 def random_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
@@ -185,7 +213,8 @@ def ip2p_seeds(request: IP2PEditRequest) -> list[int]:
 
 
 def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, settings: Settings,
-                       counter: PromptTokenCounter, tenant: str, edit_id: str, now: datetime) -> Submission:
+                       counter: PromptTokenCounter, tenant: str, edit_id: str, now: datetime,
+                       decode_gate: DecodeGate | None = None) -> Submission:
     """Validate beyond pydantic, decode the image, resolve defaults; raises ApiError (4xx) on bad input."""
     spec = resolve_model(request, settings)
     check_prompts(request, spec, counter, settings.limits.max_prompt_tokens)
@@ -210,10 +239,9 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
         if image_bytes is None:
             raise invalid("image", "an IP2P edit needs an input image (multipart `image` part or base64 `image`)")
         image_digest = hashlib.sha256(image_bytes).hexdigest()
-        image = load_image(image_bytes, settings.limits)
-        resolution = min(request.resolution, spec.max_size)
-        width, height = official_resize_dims(image.width, image.height, resolution)
-        input_png = png_bytes(official_resize(image, resolution))
+        resolution = ip2p_resolution(probe_image(image_bytes, settings.limits), request.resolution, spec)
+        args = (image_bytes, settings, resolution)
+        width, height, input_png = decode_gate.run(normalised_input, *args) if decode_gate else normalised_input(*args)
         seeds = ip2p_seeds(request)
         resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
                                               "resolution": resolution, "image": None})

@@ -122,18 +122,20 @@ def parse_url(url: str) -> httpx.URL:
     """A URL we may send to: http(s), a host, no credentials. Raises :class:`DestinationRefused`."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        host = parsed.host  # decoded lazily: an invalid IDNA label (``xn--``) raises only here
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:  # idna.IDNAError is a UnicodeError: a ValueError
         raise DestinationRefused(f"invalid URL: {exc}") from None
     if parsed.scheme not in ALLOWED_SCHEMES:
         raise DestinationRefused(f"scheme {parsed.scheme!r} is not allowed (http or https only)")
-    if not parsed.host:
+    if not host:
         raise DestinationRefused("URL has no host")
     if parsed.userinfo:
         raise DestinationRefused("URL must not contain a user name or password")
-    if not (":" in parsed.host or _DNS_NAME.fullmatch(parsed.host)):
-        raise DestinationRefused(f"{parsed.host!r} is not a valid host name")
-    if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise DestinationRefused(f"port {parsed.port} is out of range")
+    if not (":" in host or _DNS_NAME.fullmatch(host)):
+        raise DestinationRefused(f"{host!r} is not a valid host name")
+    if port is not None and not 0 < port < 65536:
+        raise DestinationRefused(f"port {port} is out of range")
     return parsed
 
 

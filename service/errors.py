@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from editserve.contract import ErrorType
 from editserve.kinds import EDIT_KINDS
@@ -30,6 +31,9 @@ _UNION_TAGS = set(EDIT_KINDS)
 _UNION_MEMBER = re.compile(r"^(?:function-[a-z-]+|(?:constrained-)?(?:float|int|str|bool|list|dict|tuple|set|"
                            r"frozenset|none|literal|union|is-instance)(?:\[.*\])?)$")
 _FIELD_PREFIX = re.compile(r"^(?P<field>[a-z_][a-z0-9_.]*): (?P<rest>.+)$", re.DOTALL)
+
+UNAVAILABLE_RETRY_AFTER_SECONDS = 2
+"""Retry-After of a 503 that names no better delay (Redis or S3 down, every decoder busy): clients back off."""
 
 _TYPES_BY_STATUS = {
     400: ErrorType.bad_request, 401: ErrorType.unauthorized, 403: ErrorType.forbidden, 404: ErrorType.not_found,
@@ -108,11 +112,18 @@ def from_pydantic(exc: ValidationError, *, prefix: tuple = ()) -> ApiError:
     return from_validation_errors(exc.errors(include_url=False), prefix=prefix)
 
 
+def with_retry_after(response: JSONResponse) -> JSONResponse:
+    """Every 503 tells the client when to come back (RFC 9110 §10.2.3); one that already does is kept."""
+    if response.status_code == 503 and "retry-after" not in response.headers:
+        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+    return response
+
+
 def error_response(err: ApiError) -> JSONResponse:
     """The one mapper to HTTP: the standard body (plus ``extra``), the status and headers."""
     body = error_body(err.type, err.message, err.field)
     body.update(err.extra)
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return with_retry_after(JSONResponse(body, status_code=err.status, headers=err.headers))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -132,11 +143,18 @@ def install_error_handlers(app: FastAPI) -> None:
         err = ApiError(exc.status_code, message, type=error_type, headers=getattr(exc, "headers", None))
         return error_response(err)
 
+    async def on_client_disconnect(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        """The client left (or was cut off for reading too slowly) before its request was read: nothing to answer
+        and nothing broken on our side, so one line at INFO, no traceback."""
+        log.info("client disconnected before %s %s was read", request.method, request.url.path)
+        return error_response(ApiError(400, "client disconnected", type=ErrorType.client_disconnected))
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(ApiError(500, "internal error; it has been logged", type=ErrorType.internal_error))
 
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
     app.add_exception_handler(Exception, on_unexpected)

@@ -30,6 +30,20 @@ def official_resize_dims(width: int, height: int, resolution: int = 512) -> tupl
     return int((width * factor) // 64) * 64, int((height * factor) // 64) * 64
 
 
+def fitting_resolution(width: int, height: int, resolution: int, max_side: int) -> int | None:
+    """The largest resolution <= ``resolution`` (in steps of 64) whose official resize has no side above
+    ``max_side``, or None when none has (the aspect ratio is too extreme for the model).
+
+    Why: the official rule rounds the *short* side up to 64, so the long side is not bounded by ``resolution``:
+    a 1000x1 picture becomes 64000x64. Stepping down keeps ordinary pictures (300x200 at 512 -> 576x384 is
+    one step over a 512 limit) and refuses only what cannot fit.
+    """
+    for candidate in range(resolution, 63, -64):
+        if max(official_resize_dims(width, height, candidate)) <= max_side:
+            return candidate
+    return None
+
+
 def official_resize(img: Image.Image, resolution: int = 512) -> Image.Image:
     """Scale and center-crop to ``official_resize_dims`` with LANCZOS, as ``ImageOps.fit`` does officially."""
     size = official_resize_dims(img.width, img.height, resolution)
@@ -65,9 +79,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     with transparency are composited over white; CMYK/YCbCr/L/1 convert directly; 16/32-bit and float
     grayscale are rescaled to 8 bits.
     """
-    img = ImageOps.exif_transpose(img)
+    img = ImageOps.exif_transpose(img)  # always a new image: no second copy below (decode memory)
     if img.mode == "RGB":
-        return img.copy()
+        return img
     if img.mode == "P" and "transparency" in img.info:
         return _composite_on_white(img)
     if img.mode in _TRANSPARENT_MODES:

@@ -12,18 +12,28 @@ import binascii
 import io
 import json
 import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
+from editserve.contract import MAX_PROMPT_WORDS
 from service.config import LimitsSettings
 from editserve.contract import ErrorType
 from service.errors import ApiError, invalid
 from service.imaging import to_rgb
 
+T = TypeVar("T")
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # the JSON `request` part and multipart framing
+MAX_JSON_SEPARATORS = 50_000
+"""Commas and colons a request body may hold: a legal edit has a few thousand at most (prompts of at most 77
+tokens, per-word lists bounded by the contract); this bounds what ``json.loads`` builds before any check."""
+MAX_CONTAINER_ENTRIES = MAX_PROMPT_WORDS + 1
+"""No list or object of a legal request has more entries (the longest: per-word step ranges plus default_)."""
 _FORMAT_ALIASES = {"MPO": "JPEG"}  # phone cameras write multi-picture JPEGs; the first picture is a JPEG
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the only way JSON text can carry a lone surrogate
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -69,18 +79,46 @@ class EditBody:
 def parse_json_object(raw: bytes | str, what: str = "request body") -> dict[str, Any]:
     """A JSON object; NaN/Infinity literals parse (pydantic then refuses them naming the field), but text
     that cannot be stored as UTF-8 (a lone ``\\ud800`` escape) is refused here, naming where it is."""
+    separators = raw.count(b",") + raw.count(b":") if isinstance(raw, bytes) else raw.count(",") + raw.count(":")
+    if separators > MAX_JSON_SEPARATORS:  # counted at memory speed, before json.loads allocates every element
+        raise ApiError(413, f"{what} has {separators} JSON separators; at most {MAX_JSON_SEPARATORS} are accepted",
+                       type=ErrorType.payload_too_large)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, f"{what} is not valid JSON: {exc}", type=ErrorType.malformed_json)
     if not isinstance(data, dict):
         raise invalid(None, f"{what} must be a JSON object")
+    oversized = oversized_container(data)
+    if oversized is not None:
+        path, size = oversized
+        raise invalid(path or None, f"{path or what} has {size} entries; at most {MAX_CONTAINER_ENTRIES} are "
+                                    "accepted in any list or mapping of a request")
     suspect = isinstance(raw, str) or _SURROGATE_ESCAPE.search(raw)  # a str part may hold any code point
     where = unencodable_text(data) if suspect else None
     if where is not None:
         raise invalid(where or None, f"{where or what} holds an unpaired UTF-16 surrogate escape; "
                                      "text must be valid Unicode")
     return data
+
+
+def oversized_container(value: Any, limit: int = MAX_CONTAINER_ENTRIES) -> tuple[str, int] | None:
+    """(dotted path, size) of the first list or object with more than ``limit`` entries, else None.
+
+    Why before pydantic: pydantic validates every key of a mapping before it checks the mapping's length (a
+    690k-key ``reweight`` cost seconds of CPU on the event loop); ``len`` costs nothing. Iterative (deep
+    nesting) and never descends into an oversized container, so the cost is bounded by the request's size.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict | list):
+            if len(item) > limit:
+                return path, len(item)
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend((child, f"{path}.{key}" if path else str(key)) for key, child in children
+                         if isinstance(child, dict | list))
+    return None
 
 
 def unencodable_text(value: Any) -> str | None:
@@ -178,8 +216,36 @@ async def _parse_multipart(request: Request, body: bytes, limits: LimitsSettings
         await form.close()
 
 
-def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
-    """Validate and decode an upload: size, format allow-list, pixel count, full decode → upright RGB."""
+class DecodeGate:
+    """Image work (decode, convert, resize, encode) on ``slots`` dedicated threads; a request waits
+    ``wait_seconds`` for one, then gets 503 + Retry-After.
+
+    Why: a small file can hold a large picture (a one-colour PNG of 40 MP is a few kB and decodes to
+    ~120 MB, plus copies while it is converted); eight at once took the gateway past 3 GB. Why dedicated
+    threads and not just a semaphore: the allocator keeps freed pixel memory in per-thread arenas, so decodes
+    spread over the request thread pool left one picture's worth resident per thread. The worst case is
+    ``slots`` decodes of ``limits.max_image_pixels`` (README, "Limits and security").
+    """
+
+    def __init__(self, slots: int, wait_seconds: float):
+        self._slots = threading.BoundedSemaphore(slots)
+        self._threads = ThreadPoolExecutor(slots, thread_name_prefix="editserve-decode")
+        self.wait_seconds = wait_seconds
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a decode thread, blocking the caller (a request's worker thread) until it is done."""
+        if not self._slots.acquire(timeout=self.wait_seconds):
+            raise ApiError(503, "too many images are being decoded right now; retry shortly",
+                           type=ErrorType.decoder_busy, headers={"Retry-After": "1"})
+        try:
+            return self._threads.submit(fn, *args).result()
+        finally:
+            self._slots.release()
+
+
+def probe_image(data: bytes, limits: LimitsSettings) -> tuple[int, int]:
+    """(width, height) from the header after the cheap checks (size, format allow-list, pixel count): nothing
+    is decoded, so a refusal costs microseconds."""
     if len(data) > limits.max_image_bytes:
         raise too_large("image", limits.max_image_bytes, "image")
     if not data:
@@ -196,7 +262,23 @@ def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
         if width * height > limits.max_image_pixels:
             raise invalid("image", f"image has {width}x{height} = {width * height} pixels; "
                                    f"at most {limits.max_image_pixels} are accepted")
-        probe.verify()
+        return width, height
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's guard, at open
+        raise invalid("image", f"image exceeds {limits.max_image_pixels} pixels (decompression bomb guard: {exc})")
+    except UnidentifiedImageError:
+        raise invalid("image", "image is not a recognised image file")
+    except Exception as exc:  # noqa: BLE001 — malformed headers raise struct.error, IndexError, ... from Pillow
+        raise invalid("image", f"image could not be read: {type(exc).__name__}: {exc}"[:300])
+
+
+def load_image(data: bytes, limits: LimitsSettings) -> Image.Image:
+    """Validate and decode an upload: size, format allow-list, pixel count, full decode → upright RGB.
+    Callers decoding for a request run it, and what they derive from it, through a :class:`DecodeGate`."""
+    probe_image(data, limits)
+    try:
+        Image.open(io.BytesIO(data)).verify()
         image = Image.open(io.BytesIO(data))  # verify() leaves the file unusable: reopen to decode
         image.seek(0)  # animated formats: the first frame
         image.load()

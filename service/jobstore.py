@@ -62,7 +62,7 @@ from service.config import Settings
 from service.editview import EditView, load_record
 from service.keys import edit_key, events_channel, idem_key, stats_key
 from service.limits import Accounting
-from service.queues import queue_name, rq_queue_key, same_key_queues_ahead
+from service.queues import BATCH_TAG_FIELD, batch_tag, queue_name, rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class JobStore:
         lim = self.settings.limits
         return limits.AdmissionRequest(
             record=record, score_ms=int(created * 1000), priority=request.priority, job_key=job.key,
-            job_fields=job.to_dict(), queues_ahead=[rq_queue_key(q) for q in same_key_queues_ahead(name)],
+            job_fields={**job.to_dict(), BATCH_TAG_FIELD: batch_tag(payload.batch_key)}, queues_ahead=[rq_queue_key(q) for q in same_key_queues_ahead(name)],
             stats_keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
             rate=(payload.tenant, lim.tenant_rps, lim.tenant_burst) if rate_limit else None, claim=claim)
 
@@ -387,7 +387,10 @@ class JobStore:
         record = self._record(edit_id)
         if record is None or record["status"] != Q.value:
             return
-        self._enqueue(edit_id, record["queue"], record["payload"], unique=False, at_front=at_front)
+        payload = JobPayload.model_validate_json(record["payload"])
+        name = queue_name(payload.batch_key, payload.request.priority)  # today's layout, even for older records
+        self.redis.hset(Job.key_for(edit_id), BATCH_TAG_FIELD, batch_tag(payload.batch_key))
+        self._enqueue(edit_id, name, record["payload"], unique=False, at_front=at_front)
 
     def tenant_of(self, edit_id: str) -> str | None:
         raw = self.redis.hget(edit_key(edit_id), "tenant")
@@ -487,6 +490,7 @@ class JobStore:
             job = Job.fetch(edit_id, connection=self.redis)
             if not job.is_canceled:
                 job.cancel()
+            job.delete()  # never started: its hash and CanceledJobRegistry entry would otherwise stay forever
         except (NoSuchJobError, InvalidJobOperationError):
             pass
         except Exception:

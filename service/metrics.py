@@ -85,7 +85,7 @@ def queue_labels(queue: str) -> tuple[str, str] | None:
     """(model, priority) of an edit queue, None for other queues. Labels stay bounded by models x priorities
     however many batch keys (sizes, steps, schedulers) the queue names carry."""
     parsed = parse_queue_name(queue)
-    return None if parsed is None else (parsed[1].model, parsed[0])
+    return None if parsed is None else (parsed[1], parsed[0])
 
 
 class QueueDepthCollector:

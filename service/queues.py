@@ -1,10 +1,14 @@
-"""RQ queue naming and discovery: one queue per (priority, batch key).
+"""RQ queue naming and discovery: one queue per (priority, model), whatever the requests ask for.
 
-Why: a worker batches only jobs that can share one UNet call per step. Routing each job to a queue named
-by its ``BatchKey`` lets a worker block on one job and then drain more *compatible* jobs from the same
-queue without ever pushing anything back (docs/design-notes.md).
+Why not one queue per batch key: every height x width x steps x scheduler x priority a client sent became a
+queue kept forever and polled by every worker (one tenant made thousands in seconds, and an idle worker spent
+most of a core polling them). The set of queues is now fixed by the model catalog: three priorities per model.
+Jobs of different batch keys share their model's queue; each job's hash carries its ``batch_tag`` and the
+worker gathers compatible jobs (same tag) out of the queue without pushing anything back
+(``worker.runtime.batching``). What "compatible" means is :func:`batch_tag`, defined once here.
 
-Name layout: ``edits.{priority}.{model}:{kind}:{H}x{W}:s{steps}:{scheduler}``.
+Name layout: ``edits.{priority}.{model}`` (older ``edits.{priority}.{model}:{kind}:...`` names still parse,
+so jobs queued before an upgrade are served).
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import redis
 from rq import Queue
 
 from editserve.contract import BatchKey
-from editserve.kinds import EDIT_KINDS
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 """Served in this order: a worker always looks at higher priorities first."""
 
 QUEUE_PREFIX = "edits."
-_SUFFIX_RE = re.compile(
-    r"^(?P<model>.+):(?P<kind>" + "|".join(map(re.escape, EDIT_KINDS)) + r"):(?P<height>\d+)x(?P<width>\d+)"
-    r":s(?P<steps>\d+):(?P<scheduler>[^:]+)$"
-)
+BATCH_TAG_FIELD = "batch_tag"
+"""The field of an RQ job hash that holds its :func:`batch_tag` (read by the worker's claim script)."""
+_MODEL_RE = re.compile(r"^(?P<model>[^:]+)(?::.*)?$")
+
+
+def batch_tag(batch_key: BatchKey) -> str:
+    """Jobs with equal tags can share one batch: today the whole batch key (model, kind, size, steps, scheduler)."""
+    return batch_key.queue_suffix()
 
 
 def rq_queue_key(name: str) -> str:
@@ -37,28 +44,29 @@ def rq_queue_key(name: str) -> str:
 def queue_name(batch_key: BatchKey, priority: str = "normal") -> str:
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}; choose from {PRIORITIES}")
-    return f"{QUEUE_PREFIX}{priority}.{batch_key.queue_suffix()}"
+    return f"{QUEUE_PREFIX}{priority}.{batch_key.model}"
 
 
-def parse_queue_name(name: str) -> tuple[str, BatchKey] | None:
-    """(priority, batch key) of an edit queue name, or None for any other queue (e.g. ``webhooks``)."""
+def model_queue_name(model: str, priority: str) -> str:
+    return f"{QUEUE_PREFIX}{priority}.{model}"
+
+
+def parse_queue_name(name: str) -> tuple[str, str] | None:
+    """(priority, model) of an edit queue name, or None for any other queue (e.g. ``webhooks``)."""
     if not name.startswith(QUEUE_PREFIX):
         return None
-    priority, _, suffix = name[len(QUEUE_PREFIX):].partition(".")
-    match = _SUFFIX_RE.match(suffix)
+    priority, _, rest = name[len(QUEUE_PREFIX):].partition(".")
+    match = _MODEL_RE.match(rest)
     if priority not in PRIORITIES or match is None:
         return None
-    g = match.groupdict()
-    key = BatchKey(model=g["model"], kind=g["kind"], height=int(g["height"]), width=int(g["width"]),
-                   steps=int(g["steps"]), scheduler=g["scheduler"])
-    return priority, key
+    return priority, match.group("model")
 
 
 @dataclass
 class QueueGroup:
-    """The queues of one batch key, highest priority first (only those that exist in Redis)."""
+    """The queues of one model, highest priority first (only those that exist in Redis)."""
 
-    batch_key: BatchKey
+    model: str
     queue_names: list[str] = field(default_factory=list)
 
     @property
@@ -67,23 +75,23 @@ class QueueGroup:
 
 
 def discover(connection: redis.Redis, models: Iterable[str] | None = None) -> list[QueueGroup]:
-    """Existing edit queues grouped by batch key; groups with a higher-priority queue come first.
+    """Existing edit queues grouped by model; groups with a higher-priority queue come first.
 
-    ``models`` restricts the result to batch keys of those models (a worker serves only what it loaded).
-    Queues are registered in RQ's ``rq:queues`` set by their first enqueue and stay there.
+    ``models`` restricts the result to those models (a worker serves only what it loaded). Queues are
+    registered in RQ's ``rq:queues`` set by their first enqueue; there are at most 3 per model.
     """
     wanted = set(models) if models is not None else None
-    by_key: dict[BatchKey, list[tuple[int, str]]] = {}
+    by_model: dict[str, list[tuple[int, str]]] = {}
     for queue in Queue.all(connection=connection):
         parsed = parse_queue_name(queue.name)
         if parsed is None:
             continue
-        priority, key = parsed
-        if wanted is not None and key.model not in wanted:
+        priority, model = parsed
+        if wanted is not None and model not in wanted:
             continue
-        by_key.setdefault(key, []).append((PRIORITIES.index(priority), queue.name))
-    groups = [QueueGroup(key, [name for _, name in sorted(entries)]) for key, entries in by_key.items()]
-    groups.sort(key=lambda g: (g.best_priority, g.batch_key.queue_suffix()))
+        by_model.setdefault(model, []).append((PRIORITIES.index(priority), queue.name))
+    groups = [QueueGroup(model, [name for _, name in sorted(entries)]) for model, entries in by_model.items()]
+    groups.sort(key=lambda g: (g.best_priority, g.model))
     return groups
 
 
@@ -94,9 +102,9 @@ def queue_names_by_priority(groups: list[QueueGroup]) -> list[str]:
 
 
 def same_key_queues_ahead(name: str) -> list[str]:
-    """Queue names of the same batch key with a higher priority than ``name`` (served before it)."""
+    """Queue names of the same model with a higher priority than ``name`` (served before it)."""
     parsed = parse_queue_name(name)
     if parsed is None:
         return []
-    priority, key = parsed
-    return [queue_name(key, p) for p in PRIORITIES[: PRIORITIES.index(priority)]]
+    priority, model = parsed
+    return [model_queue_name(model, p) for p in PRIORITIES[: PRIORITIES.index(priority)]]

@@ -152,11 +152,22 @@ def sync_client(url: str, **kwargs) -> redis.Redis:
     return sentinel.master_for(target.service_name, redis_class=redis.Redis, **{**target.master_kwargs(), **kwargs})
 
 
-def async_client(url: str, **kwargs) -> aioredis.Redis:
-    """An asyncio client for ``url`` (bound to the event loop it first runs on, as any redis-py client)."""
+def async_client(url: str, *, pool_size: int | None = None, pool_wait_seconds: float | None = None,
+                 **kwargs) -> aioredis.Redis:
+    """An asyncio client for ``url`` (bound to the event loop it first runs on, as any redis-py client).
+
+    With ``pool_size``, at most that many connections, and a caller past it *waits* up to ``pool_wait_seconds``
+    for a free one (redis-py's default pool raises at once: a burst of submits became 503s). Through a Sentinel
+    the pool is capped the same way but does not wait (redis-py's sentinel pool cannot block)."""
     target = parse_sentinel_url(url)
     if target is None:
-        return aioredis.Redis.from_url(url, **kwargs)
+        if pool_size is None:
+            return aioredis.Redis.from_url(url, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=pool_size, timeout=pool_wait_seconds,
+                                                        **kwargs)
+        return aioredis.Redis(connection_pool=pool)
+    if pool_size is not None:
+        kwargs["max_connections"] = pool_size
     sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=target.sentinel_kwargs())
     return sentinel.master_for(target.service_name, redis_class=aioredis.Redis,
                                **{**target.master_kwargs(), **kwargs})

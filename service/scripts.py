@@ -329,16 +329,30 @@ return 0
 
 CLAIM = """
 -- A worker's atomic, priority-ordered claim: move up to ARGV[1] job ids into their queues' intermediate lists.
--- KEYS: [queue_1, intermediate_1, queue_2, intermediate_2, ...] in priority order.  ARGV: [1] how many.
+-- With a batch tag, only jobs of that tag (compatible with the batch being gathered) are taken, from anywhere in
+-- the first ARGV[3] ids of each queue (bounded cost); with '' the heads are taken.
+-- KEYS: [queue_1, intermediate_1, queue_2, intermediate_2, ...] in priority order.
+-- ARGV: [1] how many, [2] batch tag ('' = any), [3] scan window, [4] job hash prefix, [5] tag field.
 -- Returns {queue key, job id, ...}.
-local wanted = tonumber(ARGV[1])
+local wanted, tag, window = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local claimed = {}
 for i = 1, #KEYS, 2 do
-  while #claimed < wanted * 2 do
-    local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
-    if not id then break end
-    table.insert(claimed, KEYS[i])
-    table.insert(claimed, id)
+  if tag == '' then
+    while #claimed < wanted * 2 do
+      local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+      if not id then break end
+      table.insert(claimed, KEYS[i])
+      table.insert(claimed, id)
+    end
+  else
+    for _, id in ipairs(redis.call('LRANGE', KEYS[i], 0, window - 1)) do
+      if #claimed >= wanted * 2 then break end
+      if redis.call('HGET', ARGV[4] .. id, ARGV[5]) == tag and redis.call('LREM', KEYS[i], 1, id) == 1 then
+        redis.call('RPUSH', KEYS[i + 1], id)
+        table.insert(claimed, KEYS[i])
+        table.insert(claimed, id)
+      end
+    end
   end
   if #claimed >= wanted * 2 then break end
 end

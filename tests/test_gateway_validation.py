@@ -105,7 +105,7 @@ JSON_CASES = [
                                "image": base64.b64encode(b"hello world").decode()}, 422, "image",
      "not a recognised image"),
     ("sweep too large", {"kind": "ip2p", "instruction": "x", "image": base64.b64encode(png()).decode(),
-                         "sweep": {"seeds": list(range(17))}}, 422, "sweep", "17 cells"),
+                         "sweep": {"seeds": list(range(17))}}, 422, "sweep.seeds", "at most 16"),
 ]
 
 

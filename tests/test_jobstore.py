@@ -190,7 +190,7 @@ def test_cancel_queued_removes_the_rq_job(js, conn):
     canceled = js.request_cancel(edit.id, "default")
     assert canceled.status is EditStatus.canceled
     assert edit.id not in queue.get_job_ids() and queue.count == 0
-    assert Job.fetch(edit.id, connection=conn).get_status() == JobStatus.CANCELED
+    assert not conn.exists(Job.key_for(edit.id))  # never started: nothing of its RQ job is kept (issue 9, item 8)
 
 
 def test_cancel_processing_sets_the_flag_for_the_worker(js):
@@ -322,18 +322,20 @@ def test_list_newest_first_with_cursor_and_filters(js):
 
 def test_queue_names_parse_and_discover_by_priority(js, conn):
     key = BatchKey(model="tiny-sd", kind="p2p", height=128, width=128, steps=10, scheduler="ddim")
-    assert parse_queue_name(queue_name(key, "high")) == ("high", key)
+    assert parse_queue_name(queue_name(key, "high")) == ("high", "tiny-sd")
+    assert parse_queue_name("edits.low.tiny-sd:p2p:128x128:s10:ddim") == ("low", "tiny-sd")  # the older layout
     assert parse_queue_name("webhooks") is None
     with pytest.raises(ValueError):
         queue_name(key, "urgent")
     create(js, priority="low")
     create(js, priority="high")
-    create(js, steps=20)
+    create(js, steps=20)  # another batch key, the same model: the same queue
     create(js, model="sd14")
     groups = discover(conn)
-    assert groups[0].batch_key == key and groups[0].queue_names == [queue_name(key, "high"), queue_name(key, "low")]
-    assert {g.batch_key.steps for g in groups} == {10, 20}
-    assert [g.batch_key.model for g in discover(conn, models=["sd14"])] == ["sd14"]
+    assert groups[0].model == "tiny-sd"
+    assert groups[0].queue_names == [queue_name(key, "high"), queue_name(key, "normal"), queue_name(key, "low")]
+    assert {g.model for g in groups} == {"tiny-sd", "sd14"}
+    assert [g.model for g in discover(conn, models=["sd14"])] == ["sd14"]
     flat = queue_names_by_priority(groups)
     assert flat[0].startswith("edits.high.") and flat[-1].startswith("edits.low.")
 

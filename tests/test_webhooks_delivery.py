@@ -443,8 +443,7 @@ def test_https_pinned_ip_keeps_sni_and_certificate_name(redis, redis_url, tmp_pa
 def _tls_contexts(tmp_path, hostname):
     import ssl
 
-    pytest.importorskip("cryptography")
-    from cryptography import x509
+    from cryptography import x509  # a dev dependency (pyproject's `dev` extra): never skipped
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID

@@ -7,7 +7,10 @@ atomically and in priority order, so every id is always in a queue, an intermedi
 StartedJobRegistry — and the reaper can recover it from any of them. Redis cannot block on several lists
 with a move, so waiting is a short poll (``poll_interval_ms``).
 
-Nothing is ever pushed back: the first job fixes the batch key, then only that key's queues are drained.
+Nothing is ever pushed back: the first job (the head of the highest-priority non-empty queue) fixes the
+batch, then its model's queues are searched for jobs of the same ``batch_tag`` (``service.queues``), which
+are moved out of the middle of the list; the others keep their places. The search looks at the first
+``SCAN_WINDOW`` ids of each queue, so a claim costs O(window) whatever the queue holds.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from editserve.contract import BatchKey
+from editserve.contract import JobPayload
 from service import scripts
-from service.queues import PRIORITIES, discover, parse_queue_name, queue_name
+from service.queues import BATCH_TAG_FIELD, PRIORITIES, batch_tag, discover, parse_queue_name, queue_name
 
+SCAN_WINDOW = 256
+"""Ids looked at per queue when gathering compatible jobs: bounds the claim script's cost."""
 
 
 def queue_key(name: str) -> str:
@@ -80,21 +86,25 @@ class QueueClaimer:
                 ordered += same[shift:] + same[:shift]
         return ordered
 
-    def claim(self, names: list[str], count: int) -> list[ClaimedJob]:
-        """Move up to ``count`` ids out of ``names`` (in order) without blocking."""
+    def claim(self, names: list[str], count: int, key: BatchKey | None = None) -> list[ClaimedJob]:
+        """Move up to ``count`` ids out of ``names`` (in order) without blocking: the heads, or with ``key``
+        only jobs compatible with it (same batch tag), wherever they are in the first ``SCAN_WINDOW`` ids."""
         if not names or count <= 0:
             return []
         keys = [k for n in names for k in (queue_key(n), intermediate_key(n))]
-        flat = self._script(keys=keys, args=[count])
+        tag = batch_tag(key) if key is not None else ""
+        flat = self._script(keys=keys, args=[count, tag, SCAN_WINDOW, Job.redis_job_namespace_prefix,
+                                             BATCH_TAG_FIELD])
         claimed: list[ClaimedJob] = []
         for raw_key, raw_id in zip(flat[::2], flat[1::2]):
             name = raw_key.decode()[len("rq:queue:"):]
             job_id = raw_id.decode()
             job = self._fetch(name, job_id)
             if job is not None:
-                priority, key = parse_queue_name(name)  # type: ignore[misc]
+                priority, _model = parse_queue_name(name)  # type: ignore[misc]
                 queue = Queue(name, connection=self.connection)
-                claimed.append(ClaimedJob(job=job, queue=queue, batch_key=key, priority=priority))
+                claimed.append(ClaimedJob(job=job, queue=queue, batch_key=key or job_batch_key(job),
+                                          priority=priority))
         if claimed:
             self._rotation += 1
         return claimed
@@ -106,6 +116,11 @@ class QueueClaimer:
         except NoSuchJobError:
             self.connection.lrem(intermediate_key(name), 1, job_id)
             return None
+
+
+def job_batch_key(job: Job) -> BatchKey:
+    """The batch key a claimed job's payload names (its only argument is the payload JSON)."""
+    return JobPayload.model_validate_json(job.args[0]).batch_key
 
 
 @dataclass
@@ -142,15 +157,22 @@ class BatchGatherer:
         return []
 
     def drain(self, key: BatchKey, room: int) -> list[ClaimedJob]:
-        """Same-key jobs, high priority first, until ``room`` is filled or the admission window closes."""
-        names = [queue_name(key, p) for p in PRIORITIES]
-        deadline = time.monotonic() + self.policy.max_batch_wait_ms / 1000
-        poll = min(self.policy.poll_interval_ms / 1000, 0.005)
-        gathered: list[ClaimedJob] = []
-        while room - len(gathered) > 0:
-            gathered += self.claimer.claim(names, room - len(gathered))
-            remaining = deadline - time.monotonic()
-            if len(gathered) >= room or remaining <= 0:
-                break
-            time.sleep(min(poll, remaining))
-        return gathered
+        """Compatible jobs from the model's queues, high priority first, until ``room`` is filled or the admission
+        window closes (see :func:`compatible_jobs`)."""
+        return compatible_jobs(self.claimer, key, room, self.policy)
+
+
+def compatible_jobs(claimer: QueueClaimer, key: BatchKey, room: int, policy: GatherPolicy) -> list[ClaimedJob]:
+    """The gathering rule, in one place: jobs whose batch tag equals ``key``'s (``service.queues.batch_tag``),
+    taken from ``key.model``'s queues high → low, polled until ``room`` is filled or ``max_batch_wait_ms`` ends."""
+    names = [queue_name(key, p) for p in PRIORITIES]
+    deadline = time.monotonic() + policy.max_batch_wait_ms / 1000
+    poll = min(policy.poll_interval_ms / 1000, 0.005)
+    gathered: list[ClaimedJob] = []
+    while room - len(gathered) > 0:
+        gathered += claimer.claim(names, room - len(gathered), key)
+        remaining = deadline - time.monotonic()
+        if len(gathered) >= room or remaining <= 0:
+            break
+        time.sleep(min(poll, remaining))
+    return gathered

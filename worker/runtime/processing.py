@@ -47,9 +47,10 @@ from worker.editing.jobs import EditValidationError, JobResult, JobSpec
 from worker.models.registry import ModelRegistry
 from worker.runtime.batching import ClaimedJob
 from worker.runtime.execute import to_job_spec
+from worker.runtime.heartbeats import HeartbeatKeeper
 from worker.runtime.progress import StepReporter
 from worker.runtime.rqbridge import RqBridge, settle
-from worker.runtime.uploads import upload_outputs
+from worker.runtime.uploads import upload_outputs, upload_outputs_through_outage
 
 log = logging.getLogger("editserve.worker")
 
@@ -99,6 +100,7 @@ class ActiveBatch:
     gather_ms: float
     started_at: float  # monotonic
     run_started_at: float  # monotonic; set again when the run starts
+    keeper: HeartbeatKeeper | None = None  # renews ``live``'s heartbeats from start until finished (or crashed)
 
     @property
     def batch_id(self) -> str:
@@ -156,9 +158,17 @@ class BatchProcessor:
         batch_id = uuid.uuid4().hex[:16]
         jobs = [RunningJob(c, self.bridge.start(c.job, c.queue)) for c in claimed]
         live = list(jobs)  # heartbeats go to these only: a settled job's Execution must not be recreated
+        w = self.settings.worker
+
+        def renew() -> None:
+            self.bridge.renew([(j.claimed.job, j.execution) for j in list(live)])
+
+        keeper = HeartbeatKeeper(renew, interval=min(w.heartbeat_interval_seconds, w.heartbeat_ttl_seconds / 3),
+                                 stall_seconds=w.hung_batch_seconds).start()
         reporter = StepReporter(
             settings=self.settings.worker,
-            heartbeat=lambda: self.bridge.renew([(j.claimed.job, j.execution) for j in live]),
+            heartbeat=renew,
+            keeper=keeper,
             set_progress=self.store.set_progress,
             is_cancel_requested=self.store.is_cancel_requested,
             aborting=self.aborting,
@@ -168,15 +178,20 @@ class BatchProcessor:
         metrics.batch_size.labels(model=claimed[0].batch_key.model).observe(len(jobs))
 
         runnable = []
-        for job in jobs:
-            if self.store.mark_processing(job.id, batch_id=batch_id, batch_size=len(jobs), worker=self.worker_name):
-                runnable.append(job)
-            else:
-                live.remove(job)
-                report.outcomes[job.id] = self._skip(job)
-        for job in runnable:
-            self._prepare(job)
-        return ActiveBatch(report, runnable, live, reporter, gather_ms, t0, t0)
+        try:
+            for job in jobs:
+                if self.store.mark_processing(job.id, batch_id=batch_id, batch_size=len(jobs),
+                                              worker=self.worker_name):
+                    runnable.append(job)
+                else:
+                    live.remove(job)
+                    report.outcomes[job.id] = self._skip(job)
+            for job in runnable:
+                self._prepare(job)
+        except BaseException:
+            keeper.stop()  # the batch never started: the reaper recovers its jobs
+            raise
+        return ActiveBatch(report, runnable, live, reporter, gather_ms, t0, t0, keeper)
 
     def run(self, batch: ActiveBatch) -> ActiveBatch:
         """The denoising run, one group per batch key; the jobs stay processing until ``finish``."""
@@ -184,6 +199,10 @@ class BatchProcessor:
         try:
             for key, group in self._groups(batch.jobs).items():
                 self._run_group(key, group, batch.reporter)
+        except BaseException:
+            if batch.keeper is not None:  # the batch is lost: its heartbeats stop, the reaper re-runs its jobs
+                batch.keeper.stop()
+            raise
         finally:
             batch.reporter.close()
         return batch
@@ -191,6 +210,13 @@ class BatchProcessor:
 
     def finish(self, ran: ActiveBatch) -> BatchReport:
         """Settle each job in order (its uploads, the JobStore mark, RQ), renewing the rest's heartbeats."""
+        try:
+            return self._finish_batch(ran)
+        finally:
+            if ran.keeper is not None:
+                ran.keeper.stop()
+
+    def _finish_batch(self, ran: ActiveBatch) -> BatchReport:
         report, t_finish = ran.report, time.monotonic()
         self.start_uploads(ran)
         for job in ran.jobs:
@@ -331,7 +357,9 @@ class BatchProcessor:
                     and not result.canceled:
                 if self._upload_pool is None:
                     self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="editserve-upload")
-                job.upload = self._upload_pool.submit(upload_outputs, self.storage, job.spec, result)
+                job.upload = self._upload_pool.submit(
+                    upload_outputs_through_outage, self.storage, job.spec, result,
+                    window_seconds=self.settings.worker.result_upload_window_seconds)
 
     @staticmethod
     def _uploaded(job: RunningJob, reporter: StepReporter) -> tuple[list[dict], list[dict]]:

@@ -10,8 +10,9 @@ Why a helper thread (``background=True``, the worker's default): each progress w
 due, a read-render-publish of the edit, each cancel check a round trip; done inline they stalled the
 denoising loop for every job of the batch (bench/service_bench.py; figures in bench/results/). The
 loop now only records the latest step; the helper writes progress and reads cancel flags at the same
-throttled rates, and the loop picks a cancel up at its next step. Heartbeats stay on the loop's thread on
-purpose: they must stop when the loop stops making progress, so that the reaper recovers a hung batch.
+throttled rates, and the loop picks a cancel up at its next step. Heartbeats are renewed by the batch's
+``HeartbeatKeeper`` thread (a step may outlast the TTL); each call here touches it, so they stop when the
+loop stops making progress, and the reaper recovers a hung batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from service import metrics
 from service.config import WorkerSettings
+from worker.runtime.heartbeats import HeartbeatKeeper
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class StepReporter:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _to_mark: list[str] = field(default_factory=list)
+    keeper: HeartbeatKeeper | None = None  # renews from its own thread; every renewal point here touches it
 
     @property
     def heartbeat_interval(self) -> float:
@@ -152,6 +155,8 @@ class StepReporter:
         return job_id in self._jobs and self._jobs[job_id].canceled
 
     def renew_heartbeats(self, force: bool = False) -> None:
+        if self.keeper is not None:
+            self.keeper.touch()
         now = self.clock()
         if force or now - self._heartbeat_at >= self.heartbeat_interval:
             self._heartbeat_at = now

@@ -28,7 +28,7 @@ import redis
 from rq.exceptions import NoSuchJobError
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
 from editserve.contract import ErrorType, job_error
 from service import redisconn, scripts
@@ -110,6 +110,26 @@ class Reaper:
         self._return_stranded_claims(name, report)
         FinishedJobRegistry(name, connection=self.connection).cleanup()
         FailedJobRegistry(name, connection=self.connection).cleanup()
+        self._clean_canceled(name, now)
+
+    def _clean_canceled(self, name: str, now: float, batch: int = 1000) -> None:
+        """Drop expired CanceledJobRegistry entries (RQ never cleans that registry). Entries RQ itself scored
+        with the time they were added count as expired too: their job hashes get the result TTL if they have
+        none, so nothing a cancel left behind lives forever."""
+        key = CanceledJobRegistry(name, connection=self.connection).key
+        expired = self.connection.zrangebyscore(key, 0, now, start=0, num=batch)
+        if not expired:
+            return
+        ttl = self.settings.worker.result_ttl_seconds
+        with self.connection.pipeline() as pipe:
+            for raw in expired:
+                pipe.ttl(Job.key_for(raw.decode()))
+            ttls = pipe.execute()
+            for raw, job_ttl in zip(expired, ttls):
+                if job_ttl == -1:
+                    pipe.expire(Job.key_for(raw.decode()), ttl)
+            pipe.zrem(key, *expired)
+            pipe.execute()
 
     # ------------------------------------------------------------------ abandoned executions
     def recover(self, name: str, entry: str, report: ReapReport) -> None:

@@ -29,6 +29,7 @@ class RqBridge:
     def __init__(self, connection: redis.Redis, name: str, *, heartbeat_ttl: int, result_ttl: int):
         self.connection = connection
         self.heartbeat_ttl = heartbeat_ttl
+        self.result_ttl = result_ttl
         self.rq_worker = BatchRqWorker([], name=name, connection=connection, default_result_ttl=result_ttl)
 
     @property
@@ -92,7 +93,7 @@ class RqBridge:
             self.rq_worker.cleanup_execution(job, pipeline=pipe)
             job.ended_at = now()
             job.set_status(JobStatus.CANCELED, pipeline=pipe)
-            CanceledJobRegistry(job.origin, self.connection).add(job, pipeline=pipe)
+            expire_canceled(job, self.result_ttl, pipe)
             pipe.execute()
 
     def release(self, job: Job, execution: Execution) -> None:
@@ -112,6 +113,14 @@ def split_entry(entry: str) -> tuple[str, str]:
     return parse_composite_key(entry)
 
 
+def expire_canceled(job: Job, ttl: int, pipe) -> None:
+    """A canceled RQ job expires like a finished one: RQ gives its hash no TTL and scores its CanceledJobRegistry
+    entry with the time added, never cleaning it; here the entry's score is its expiry (the reaper removes it
+    then) and the hash expires at the same time."""
+    CanceledJobRegistry(job.origin, job.connection).add(job, ttl=ttl, pipeline=pipe)
+    pipe.expire(job.key, ttl)
+
+
 def settle(connection: redis.Redis, job: Job, edit_status: str, exc_string: str = "") -> None:
     """Put an RQ job whose edit is already terminal into the matching registry (no Result is written)."""
     if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED):
@@ -124,7 +133,7 @@ def settle(connection: redis.Redis, job: Job, edit_status: str, exc_string: str 
             queue.finished_job_registry.add(job, ttl=job.get_result_ttl(500), pipeline=pipe)
         elif edit_status == "canceled":
             job.set_status(JobStatus.CANCELED, pipeline=pipe)
-            CanceledJobRegistry(job.origin, connection).add(job, pipeline=pipe)
+            expire_canceled(job, job.get_result_ttl(500), pipe)
         else:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             queue.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=exc_string, pipeline=pipe)

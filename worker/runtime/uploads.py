@@ -8,15 +8,20 @@ never ends up with duplicate outputs. Seeds are fixed per job, so the bytes are 
 from __future__ import annotations
 
 import io
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from service.storage import Storage, attention_array_key, attention_grid_key, output_key
+from service.storage import Storage, StorageError, attention_array_key, attention_grid_key, output_key
 from worker.editing.jobs import AttentionMaps, JobResult, JobSpec
 
+log = logging.getLogger("editserve.worker")
+
 PNG = "image/png"
+OUTAGE_RETRY_SECONDS = 2.0  # between whole-upload attempts once the storage client's own retries ran out
 NPY = "application/x-npy"
 
 
@@ -52,6 +57,31 @@ def upload_outputs(storage: Storage, spec: JobSpec, result: JobResult,
         before_each()
         maps.append(upload_attention(storage, spec.job_id, attn))
     return results, maps
+
+
+def upload_outputs_through_outage(storage: Storage, spec: JobSpec, result: JobResult, *, window_seconds: float,
+                                  retry_seconds: float = OUTAGE_RETRY_SECONDS,
+                                  clock: Callable[[], float] = time.monotonic,
+                                  sleep: Callable[[float], None] = time.sleep) -> tuple[list[dict], list[dict]]:
+    """``upload_outputs``, tried again (every object: keys are fixed, so nothing is duplicated) until it works or
+    ``window_seconds`` have passed since the first failure; then the last StorageError is raised.
+
+    Why: a computed result is the expensive part. The storage client retries for seconds; an outage of minutes
+    used to fail edits whose images were already made. Meanwhile the result stays in memory, the edit stays
+    ``processing`` and its heartbeats are renewed (the finisher waits on this and touches the keeper).
+    """
+    deadline: float | None = None
+    while True:
+        try:
+            return upload_outputs(storage, spec, result)
+        except StorageError as exc:
+            now = clock()
+            deadline = deadline if deadline is not None else now + window_seconds
+            if now >= deadline:
+                raise
+            log.warning("edit %s: storing its result failed (%s); kept, retrying for %.0fs more",
+                        spec.job_id, exc, deadline - now)
+            sleep(min(retry_seconds, max(deadline - now, 0.0)))
 
 
 def upload_attention(storage: Storage, edit_id: str, attn: AttentionMaps) -> dict:

@@ -11,7 +11,11 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** The process is up */
+        /**
+         * The process is up
+         * @description On the event loop, not the thread pool: liveness must not wait behind blocking work (uploads, listings)
+         *     that has every pool thread busy; what it measures is whether the loop answers.
+         */
         get: operations["healthz_healthz_get"];
         put?: never;
         post?: never;
