@@ -6,8 +6,8 @@ and between any two denoising steps it (1) claims queued compatible jobs, (2) ad
 below, (3) runs one step, (4) retires finished, failed and canceled jobs to the finisher thread, which decodes
 and uploads them while the batch goes on without them.
 
-Compatible = same model, edit kind and latent size: the queues stay one per (priority, batch key), and a lane
-claims from every queue of its model whose key has its kind and size, whatever the steps and scheduler.
+Compatible = same model, edit kind and latent size: a lane claims from its model's queues the jobs whose batch
+tag matches ``service.queues.lane_tag`` (any steps and scheduler); an empty lane takes the heads.
 
 Admission (``choose``), counted in UNet rows, not jobs:
 - a lane holds at most ``row_budget`` rows; a high-priority job may exceed it by ``high_priority_overflow_rows``
@@ -31,10 +31,11 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.queues import PRIORITIES, parse_queue_name
+from service.queues import PRIORITIES, lane_tag, parse_queue_name
 from worker.editing.continuous import ContinuousBatch, Retired, finish_states, result_of
 from worker.editing.jobs import JobResult
 from worker.runtime.batching import ClaimedJob, QueueClaimer
+from worker.runtime.heartbeats import HeartbeatKeeper
 from worker.runtime.processing import ActiveBatch, BatchProcessor, BatchReport, RunningJob, error_info, log_event
 from worker.runtime.progress import StepReporter
 
@@ -99,6 +100,7 @@ class Lane:
     running: dict[int, tuple[Candidate, float]] = field(default_factory=dict)  # id(state) → (candidate, admitted)
     live: list[RunningJob] = field(default_factory=list)  # heartbeats: pending, running and finishing jobs
     reporter: LaneReporter | None = None
+    keeper: HeartbeatKeeper | None = None  # renews ``live`` from its own thread while the lane makes progress
 
     @property
     def rows(self) -> int:
@@ -167,6 +169,8 @@ class ContinuousLoop:
         for lane in self.lanes.values():
             if lane.reporter is not None:
                 lane.reporter.close()
+            if lane.keeper is not None:
+                lane.keeper.stop()
             if lane.batch is not None:
                 lane.batch.close()
 
@@ -177,27 +181,25 @@ class ContinuousLoop:
             room = self.settings.row_budget - lane.rows - sum(c.rows for c in lane.pending)
             if room <= 0 and not self._high_waiting(names, lane):
                 continue
-            ours = [n for n in names if self._compatible(n, lane)]
+            ours = [n for n in names if self._ours(n, lane)]
             if not ours:
                 continue
             count = max(1, room // 4)
-            for claimed in self.claimer.claim(ours, count):
+            pattern = lane_tag(lane.model, *lane.key) if lane.key is not None else None
+            for claimed in self.claimer.claim(ours, 1 if pattern is None else count, pattern=pattern):
                 self._start(lane, claimed)
 
     def _high_waiting(self, names: list[str], lane: Lane) -> bool:
         """A high-priority job may overflow the budget: peek whether one is queued for this lane."""
         conn = self.claimer.connection
-        return any(parse_queue_name(n)[0] == "high" and self._compatible(n, lane)  # type: ignore[index]
+        return any(parse_queue_name(n)[0] == "high" and self._ours(n, lane)  # type: ignore[index]
                    and conn.llen(f"rq:queue:{n}") for n in names) and not any(
             c.priority == "high" for c in lane.pending)
 
     @staticmethod
-    def _compatible(name: str, lane: Lane) -> bool:
+    def _ours(name: str, lane: Lane) -> bool:
         parsed = parse_queue_name(name)
-        if parsed is None or parsed[1].model != lane.model:
-            return False
-        key = parsed[1]
-        return lane.key is None or (key.kind, key.height, key.width) == lane.key
+        return parsed is not None and parsed[1] == lane.model
 
     def _start(self, lane: Lane, claimed: ClaimedJob) -> None:
         """RQ start, ``processing``, payload and state: the job becomes a candidate, or is settled at once."""
@@ -236,9 +238,16 @@ class ContinuousLoop:
         if lane.reporter is None:
             bridge = self.processor.bridge
             store = self.processor.store
+            w = self.settings
+
+            def renew() -> None:
+                bridge.renew([(j.claimed.job, j.execution) for j in list(lane.live)])
+
+            lane.keeper = HeartbeatKeeper(renew, interval=min(w.heartbeat_interval_seconds,
+                                                              w.heartbeat_ttl_seconds / 3),
+                                          stall_seconds=w.hung_batch_seconds).start()
             lane.reporter = LaneReporter(
-                settings=self.settings,
-                heartbeat=lambda: bridge.renew([(j.claimed.job, j.execution) for j in list(lane.live)]),
+                settings=self.settings, heartbeat=renew, keeper=lane.keeper,
                 set_progress=store.set_progress, is_cancel_requested=store.is_cancel_requested,
                 aborting=self.processor.aborting, mark_canceled=store.mark_canceled, background=True)
             lane.reporter.begin()
