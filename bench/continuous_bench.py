@@ -133,15 +133,6 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def wait_live(self, name: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.conn.exists(f"editserve:worker:{name}") or any(
-                    name in k.decode() for k in self.conn.scan_iter("editserve:*live*")):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"worker {name} not live")
-
     def stop_worker(self, proc: subprocess.Popen) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
