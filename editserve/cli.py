@@ -21,6 +21,7 @@ from editserve import errors
 from editserve.client import Client
 from editserve.contract import Edit, EditStatus, ErrorType, LocalBlend, Sweep
 from editserve.kinds import EDIT_KINDS
+from editserve.dataset_cli import add_dataset_parser, cmd_dataset
 from editserve.progress import ProgressLine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--model")
     listing.add_argument("--limit", type=int, default=20)
     commands.add_parser("models", help="list the servable models")
+    add_dataset_parser(commands)
     return parser
 
 
@@ -236,6 +238,7 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "edit": cmd_edit, "get": cmd_get, "cancel": cmd_cancel, "wait": cmd_wait, "list": cmd_list, "models": cmd_models,
+    "dataset": cmd_dataset,
 }
 
 
@@ -260,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except errors.APIConnectionError as exc:
         return _fail(f"cannot reach the server: {exc}")
+    except TimeoutError as exc:  # a dataset wait
+        return _fail(str(exc), EXIT_TIMEOUT)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except OSError as exc:
