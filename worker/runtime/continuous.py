@@ -36,7 +36,7 @@ from worker.editing.continuous import ContinuousBatch, Retired, finish_states, r
 from worker.editing.jobs import JobResult
 from worker.runtime.batching import ClaimedJob, QueueClaimer
 from worker.runtime.heartbeats import HeartbeatKeeper
-from worker.runtime.processing import ActiveBatch, BatchProcessor, BatchReport, RunningJob, error_info, log_event
+from worker.runtime.processing import ActiveBatch, BatchProcessor, BatchReport, RunningJob, error_info
 from worker.runtime.progress import StepReporter
 
 log = logging.getLogger("editserve.worker")
@@ -208,7 +208,7 @@ class ContinuousLoop:
         if lane.key is None:
             lane.key = (key.kind, key.height, key.width)
         job = RunningJob(claimed, processor.bridge.start(claimed.job, claimed.queue))
-        reporter = self._reporter(lane)
+        self._reporter(lane)  # heartbeats of the lane (from now on, this job among them)
         if lane.batch is None or not lane.batch_id:
             lane.batch_id = uuid.uuid4().hex[:16]
         lane.live.append(job)
@@ -320,6 +320,7 @@ class ContinuousLoop:
                 model, finished = decode
                 for (candidate, _), result in zip(finished, finish_states(model, [c.state for c, _ in finished])):
                     candidate.job.result = result
+                self.processor._score([c.job for c, _ in finished])  # CLIP scores, for the jobs that asked
             for candidate, admitted_at in entries:
                 self._finish_one(lane, candidate, admitted_at)
 
