@@ -7,6 +7,10 @@ of a single batch key (``batching``), start it, hand the batch that ran before t
 the next batch's run. A reaper thread recovers jobs of dead workers; a Prometheus endpoint serves this
 process's metrics.
 
+With ``worker.batching == "step"`` the loop instead drives ``continuous.ContinuousLoop``: one running batch
+per model that jobs join and leave between denoising steps (warm shutdown: no more claims, the running and
+already-claimed jobs finish).
+
 Signals: the first SIGTERM/SIGINT finishes the running batch and drains the finisher, then exits 0 (warm
 shutdown). A second one aborts: every job still running stops at its next denoising step and is requeued at
 the front of its queue (by the finisher, drained before exit like any batch).
