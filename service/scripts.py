@@ -48,12 +48,16 @@ def lua_config(settings: Settings) -> str:
 
 RATE_FN = """
 -- GCRA: true when the request may pass, else the ms to wait; the tenant hash may override rate and burst.
-local function rate_take(key, tkey, default_rate, default_burst)
+-- now_ms (optional) replaces Redis's clock: tests drive time through whole intervals without sleeping.
+local function rate_take(key, tkey, default_rate, default_burst, now_ms)
   local rate = tonumber(redis.call('HGET', tkey, 'limit_rps') or default_rate)
   local burst = tonumber(redis.call('HGET', tkey, 'limit_burst') or default_burst)
   if rate <= 0 then return {1, 0, '0', burst} end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local now = tonumber(now_ms)
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  end
   local interval = 1000 / rate
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
@@ -140,9 +144,9 @@ end
 # ------------------------------------------------------------------------------------------------ admission
 
 RATE = RATE_FN + """
--- KEYS: ratelimit:{t}, tenant:{t}.  ARGV: default rps, default burst.
+-- KEYS: ratelimit:{t}, tenant:{t}.  ARGV: default rps, default burst, [now ms: tests only].
 -- Returns {allowed 0|1, wait ms, rate, burst}.
-return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 """
 
 ADMIT = LIMITS_FN + RATE_FN + """
