@@ -138,6 +138,13 @@ class WorkerSettings(BaseModel):
                                       "step ends, no job is settled, no upload is retried) for this long counts as "
                                       "hung: its heartbeats stop and the reaper re-runs its jobs")
     debug_step_delay_seconds: float = Field(0.0, ge=0, description="fault-injection tests only: sleep per step")
+    batching: Literal["request", "step"] = Field(
+        "request", description="request: a gathered batch starts and ends together; step: jobs join and leave "
+        "one running batch per model between denoising steps (docs/continuous-batching.md)")
+    row_budget: int = Field(32, ge=1, description="step batching: UNet rows per model's running batch "
+                            "(P2P with n targets = 2(n+1) rows, IP2P = 3 per sweep cell)")
+    high_priority_overflow_rows: int = Field(16, ge=0, description="step batching: rows a high-priority job may "
+                                             "exceed row_budget by, so it joins at the next step even when full")
 
 
 class WebhookSettings(BaseModel):

@@ -55,6 +55,15 @@ batch_size = Histogram(
     PREFIX + "batch_size", "Edits per GPU batch", ["model"], buckets=BATCH_SIZE_BUCKETS)
 denoise_step_seconds = Histogram(
     PREFIX + "denoise_step_seconds", "Wall time of one batched denoising step", buckets=STEP_SECONDS_BUCKETS)
+running_rows = Histogram(
+    PREFIX + "running_rows", "UNet rows of one step of a running batch (step batching)", ["model"],
+    buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128))
+admissions_per_step = Histogram(
+    PREFIX + "admissions_per_step", "Edits admitted into a running batch before one step (step batching)",
+    ["model"], buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16))
+first_step_seconds = Histogram(
+    PREFIX + "first_step_seconds", "Time from enqueue to the end of an edit's first denoising step",
+    ["model", "kind"], buckets=SECONDS_BUCKETS)
 webhook_deliveries_total = Counter(
     PREFIX + "webhook_deliveries", "Webhook delivery attempts by outcome", ["outcome"])
 rejections_total = Counter(

@@ -36,6 +36,12 @@ def batch_tag(batch_key: BatchKey) -> str:
     return batch_key.queue_suffix()
 
 
+def lane_tag(model: str, kind: str, height: int, width: int) -> str:
+    """A claim pattern for step-level batching: every batch tag of this model, kind and size (any steps and
+    scheduler share a running batch). Must stay a prefix of :func:`batch_tag` of such keys."""
+    return f"{model}:{kind}:{height}x{width}:*"
+
+
 def rq_queue_key(name: str) -> str:
     """The Redis list RQ keeps a queue's waiting job ids in."""
     return f"{Queue.redis_queue_namespace_prefix}{name}"

@@ -334,12 +334,14 @@ return 0
 CLAIM = """
 -- A worker's atomic, priority-ordered claim: move up to ARGV[1] job ids into their queues' intermediate lists.
 -- With a batch tag, only jobs of that tag (compatible with the batch being gathered) are taken, from anywhere in
--- the first ARGV[3] ids of each queue (bounded cost); with '' the heads are taken.
+-- the first ARGV[3] ids of each queue (bounded cost); with '' the heads are taken. A tag ending in '*' matches
+-- every tag that starts with the rest (step-level batching: same model, kind and size, any steps/scheduler).
 -- KEYS: [queue_1, intermediate_1, queue_2, intermediate_2, ...] in priority order.
 -- ARGV: [1] how many, [2] batch tag ('' = any), [3] scan window, [4] job hash prefix, [5] tag field.
 -- Returns {queue key, job id, ...}.
 local wanted, tag, window = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local claimed = {}
+local stem = string.sub(tag, -1) == '*' and string.sub(tag, 1, -2) or nil
 for i = 1, #KEYS, 2 do
   if tag == '' then
     while #claimed < wanted * 2 do
@@ -351,7 +353,9 @@ for i = 1, #KEYS, 2 do
   else
     for _, id in ipairs(redis.call('LRANGE', KEYS[i], 0, window - 1)) do
       if #claimed >= wanted * 2 then break end
-      if redis.call('HGET', ARGV[4] .. id, ARGV[5]) == tag and redis.call('LREM', KEYS[i], 1, id) == 1 then
+      local t = redis.call('HGET', ARGV[4] .. id, ARGV[5])
+      if t and (t == tag or (stem and string.sub(t, 1, #stem) == stem))
+          and redis.call('LREM', KEYS[i], 1, id) == 1 then
         redis.call('RPUSH', KEYS[i + 1], id)
         table.insert(claimed, KEYS[i])
         table.insert(claimed, id)

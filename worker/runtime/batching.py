@@ -86,13 +86,15 @@ class QueueClaimer:
                 ordered += same[shift:] + same[:shift]
         return ordered
 
-    def claim(self, names: list[str], count: int, key: BatchKey | None = None) -> list[ClaimedJob]:
+    def claim(self, names: list[str], count: int, key: BatchKey | None = None,
+              pattern: str | None = None) -> list[ClaimedJob]:
         """Move up to ``count`` ids out of ``names`` (in order) without blocking: the heads, or with ``key``
-        only jobs compatible with it (same batch tag), wherever they are in the first ``SCAN_WINDOW`` ids."""
+        only jobs compatible with it (same batch tag), wherever they are in the first ``SCAN_WINDOW`` ids;
+        ``pattern`` instead of ``key``: a tag pattern (``service.queues.lane_tag``)."""
         if not names or count <= 0:
             return []
         keys = [k for n in names for k in (queue_key(n), intermediate_key(n))]
-        tag = batch_tag(key) if key is not None else ""
+        tag = batch_tag(key) if key is not None else (pattern or "")
         flat = self._script(keys=keys, args=[count, tag, SCAN_WINDOW, Job.redis_job_namespace_prefix,
                                              BATCH_TAG_FIELD])
         claimed: list[ClaimedJob] = []

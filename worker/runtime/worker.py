@@ -7,6 +7,10 @@ of a single batch key (``batching``), start it, hand the batch that ran before t
 the next batch's run. A reaper thread recovers jobs of dead workers; a Prometheus endpoint serves this
 process's metrics.
 
+With ``worker.batching == "step"`` the loop instead drives ``continuous.ContinuousLoop``: one running batch
+per model that jobs join and leave between denoising steps (warm shutdown: no more claims, the running and
+already-claimed jobs finish).
+
 Signals: the first SIGTERM/SIGINT finishes the running batch and drains the finisher, then exits 0 (warm
 shutdown). A second one aborts: every job still running stops at its next denoising step and is requeued at
 the front of its queue (by the finisher, drained before exit like any batch).
@@ -67,6 +71,12 @@ class EditWorker:
                                         storage=self.storage, bridge=self.bridge, worker_name=self.bridge.name,
                                         aborting=lambda: self.abort_requested)
         self.finisher = Finisher(self.processor.finish)
+        self.continuous = None  # step-level batching (worker.batching == "step"): one running batch per model
+        if w.batching == "step":
+            from worker.runtime.continuous import ContinuousLoop
+
+            self.continuous = ContinuousLoop(processor=self.processor, claimer=self.claimer, models=self.models,
+                                             stopping=self._stopping)
         self._ran: ActiveBatch | None = None  # ran, not handed to the finisher yet (see run_batch)
         self.reaper = Reaper(self.connection, settings, self.store)
         self.stop_requested = False
@@ -109,6 +119,13 @@ class EditWorker:
         self._ran = self.processor.run(batch)
         return self._ran
 
+    def run_turn(self, timeout: float = IDLE_WAIT_SECONDS) -> None:
+        """One step of every running batch (step-level batching), or one batch (request-level)."""
+        if self.continuous is not None:
+            self.continuous.turn(timeout)
+        else:
+            self.run_batch(timeout)  # the previous batch's finishing overlaps this batch's run
+
     def run_once(self, timeout: float = IDLE_WAIT_SECONDS) -> BatchReport | None:
         """``run_batch``, then hand that batch over and wait until its jobs are settled (tests and tools want
         them terminal when this returns)."""
@@ -119,6 +136,8 @@ class EditWorker:
     def drain(self) -> None:
         """Hand over the batch that ran last, if any, and wait until every batch is finished."""
         self._hand_over()
+        if self.continuous is not None:
+            self.continuous.wait_finished()
         self.finisher.wait()
 
     def _gather(self, timeout: float) -> list[ClaimedJob]:
@@ -156,9 +175,9 @@ class EditWorker:
         log_event("worker_started", worker=self.name, models=self.models, pid=os.getpid())
         last_heartbeat = time.monotonic()
         try:
-            while not self.stop_requested:
+            while not self.stop_requested or (self.continuous is not None and self.continuous.busy):
                 try:
-                    self.run_batch()  # the previous batch's finishing overlaps this batch's run
+                    self.run_turn()
                 except redis.RedisError as exc:
                     log.error("redis error in the worker loop: %s; retrying in 1s", exc)
                     time.sleep(1.0)
@@ -170,6 +189,8 @@ class EditWorker:
         finally:
             self.drain()  # warm shutdown finishes the last batch; after an abort this requeues its stopped jobs
             self.finisher.close()
+            if self.continuous is not None:
+                self.continuous.close()
             reaper_thread.stop()
             dataset_thread.stop()
             self.stop_metrics_server()
