@@ -84,6 +84,8 @@ class LimitsSettings(BaseModel):
     decode_wait_seconds: float = Field(10.0, ge=0, description="how long an upload waits for a decode slot "
                                        "before 503 + Retry-After")
     max_wait_seconds: int = 60
+    default_wait_seconds: int = Field(60, ge=0, description="how long a bare `Prefer: wait` (no number) holds "
+                                      "POST /v1/edits; capped by max_wait_seconds")
     max_queue_depth: int = Field(10_000, ge=0, description="queued edits of all tenants together; beyond it "
                                  "POST /v1/edits answers 503 + Retry-After")
     queue_full_retry_after_seconds: int = Field(30, ge=1, description="Retry-After of a 503/429 for a full queue")
