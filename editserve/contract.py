@@ -101,6 +101,9 @@ class _EditBase(_Strict):
     steps: int | None = Field(None, ge=1, le=200, description="denoising steps")
     scheduler: Literal["ddim", "pndm", "euler_a"] | None = Field(None, description="default per model")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when omitted; echoed in params")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to steer away from: replaces "
+                                 "the empty text of the unconditional branches (one per edit)",
+                                 examples=["blurry, low quality"])
     webhook: WebhookSpec | None = None
     priority: Literal["high", "normal", "low"] = "normal"
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(

@@ -49,6 +49,7 @@ class P2PJobSpec:
     self_replace_layers: Literal["low", "medium"] = "low"
     guidance_scale: float = 7.5
     attention_map_prompts: list[int] = field(default_factory=list)
+    negative_prompt: str = ""  # the unconditional branches' text, shared by every prompt of the job
 
     @property
     def prompts(self) -> list[str]:
@@ -74,6 +75,7 @@ class IP2PJobSpec:
     image: Any  # PIL.Image.Image, RGB, batch size
     instruction: str
     cells: list[IP2PCell]  # one output per cell (a plain edit has one cell; a sweep several)
+    negative_prompt: str = ""  # the text of the image-only and unconditional rows, as diffusers' pipeline
 
     def image_params(self, index: int) -> dict[str, Any]:
         """What a client needs to reproduce output ``index``: its cell's seed and guidance scales."""

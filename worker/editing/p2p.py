@@ -65,7 +65,8 @@ class P2PJobState(JobState):
         self.controller = build_job_controller(spec, ctx, self.total_steps)
         self.latents = x_t.repeat(n, 1, 1, 1) * self.scheduler.init_noise_sigma
         model = ctx.model
-        self._text_rows = torch.cat([ctx.null_text().expand(n, -1, -1), model.encode_text(prompts)])
+        self._text_rows = torch.cat([ctx.unconditional_text(spec.negative_prompt).expand(n, -1, -1),
+                                     model.encode_text(prompts)])
 
     @property
     def num_prompts(self) -> int:

@@ -44,6 +44,7 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         self_replace_layers=request.self_replace_layers,
         guidance_scale=request.guidance_scale,
         attention_map_prompts=attention_map_prompts(request.attention_maps, n),
+        negative_prompt=request.negative_prompt,
     )
 
 
@@ -85,7 +86,7 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes |
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
         raise EditValidationError("image", f"stored input {key} is not a readable image: {exc}") from exc
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
-                       cells=ip2p_cells(request, payload.seeds))
+                       cells=ip2p_cells(request, payload.seeds), negative_prompt=request.negative_prompt)
 
 
 def ip2p_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:
