@@ -23,6 +23,7 @@ import json
 import mimetypes
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -92,14 +93,33 @@ class _Call:
     timeout: float | None = None
 
 
-def _local_validation_error(exc: ValidationError) -> errors.InvalidRequestError:
+# How pydantic names the member of a union a value failed (``cross_replace_steps.constrained-float``): not a
+# field, so never shown to users.
+_UNION_MEMBER = re.compile(r"^(?:function-[a-z-]+|(?:constrained-)?(?:float|int|str|bool|list|dict|tuple|set|"
+                           r"frozenset|none|literal|union|is-instance)(?:\[.*\])?)$")
+
+
+def _local_validation_error(exc: ValidationError, prefix: str | None = None) -> errors.InvalidRequestError:
+    """The first error of a local validation, its field as a dotted path (``prefix`` when the model validated
+    is a part of the request, e.g. ``sweep``), and its message without a repeated field name."""
     first = exc.errors()[0]
     loc = list(first.get("loc", ()))
     if loc and loc[0] in _UNION_TAGS:
         loc = loc[1:]
-    path = ".".join(str(p) for p in loc if not str(p).startswith("function-")) or None
+    parts = [str(p) for p in loc if not _UNION_MEMBER.match(str(p))]
+    path = ".".join([prefix, *parts] if prefix else parts) or prefix
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if path and message.startswith(f"{parts[0] if parts else path}: "):  # our validators name their field
+        message = message.split(": ", 1)[1]
     return errors.InvalidRequestError(message, status=None, type=ErrorType.invalid_request.value, field=path)
+
+
+def server_root(url: str) -> str:
+    """The server's root URL: a trailing ``/`` or ``/v1`` (people paste the API's base URL) is dropped, since
+    every path the client sends already starts with ``/v1``."""
+    url = url.rstrip("/")
+    suffix = f"/{API_VERSION}"
+    return url[: -len(suffix)].rstrip("/") if url.endswith(suffix) else url
 
 
 def validate_request(request: EditRequest | Mapping[str, Any]) -> P2PEditRequest | IP2PEditRequest:
@@ -260,7 +280,7 @@ class _ClientCore:
 
     def __init__(self, base_url: str | None, api_key: str | None, timeout: float, retries: int,
                  headers: Mapping[str, str] | None):
-        self.base_url = (base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = server_root(base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
         self.api_key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
         self.timeout = timeout
         self.retries = max(0, retries)
