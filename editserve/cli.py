@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from editserve import errors
 from editserve.client import Client
 from editserve.client import _local_validation_error as local_validation_error
-from editserve.contract import Edit, EditStatus, ErrorType, LocalBlend, Sweep
+from editserve.contract import SCHEDULERS, Edit, EditStatus, ErrorType, LocalBlend, Sweep
 from editserve.kinds import EDIT_KINDS
 from editserve.progress import ProgressLine
 
@@ -70,6 +70,8 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default per model)")
     parser.add_argument("--model", help="model name (see `editserve models`)")
     parser.add_argument("--seed", type=int, help="random seed (echoed back in params)")
+    parser.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default per model)")
     parser.add_argument("--webhook", metavar="URL", help="POST signed events to this URL")
     parser.add_argument("--priority", choices=["high", "normal", "low"])
     parser.add_argument("--out", type=Path, help="folder for the images (required unless --no-wait)")
@@ -202,7 +204,10 @@ def _ip2p_fields(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_edit(client: Client, args: argparse.Namespace) -> int:
     if not args.no_wait and args.out is None:
         raise errors.InvalidRequestError("--out DIR is required (or pass --no-wait)", type=ErrorType.usage.value, field="--out")
-    common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority)
+    common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority,
+                  scheduler=args.scheduler)
+    if args.negative:
+        common["negative_prompt"] = args.negative
     if args.kind == "p2p":
         edit = client.submit_p2p(args.source, args.target, **common, **_p2p_fields(args))
     else:

@@ -39,6 +39,7 @@ from editserve.contract import (
     ErrorResponse,
     ErrorType,
     ModelInfo,
+    SCHEDULERS,
 )
 from editserve.kinds import edit_kinds_for_model
 from service import metrics, redisconn
@@ -351,7 +352,8 @@ class ModelList(BaseModel):
 def list_models(request: Request) -> ModelList:
     return ModelList(data=[
         ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
-                  max_size=spec.max_size, random_weights=spec.random_weights)
+                  max_size=spec.max_size, random_weights=spec.random_weights, scheduler=spec.scheduler,
+                  schedulers=list(SCHEDULERS))
         for spec in services(request).settings.model_catalog().values()
     ])
 

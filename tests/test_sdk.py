@@ -308,10 +308,11 @@ def test_cli_edit_get_cancel_models(gateway, services, tmp_path, capsys, monkeyp
     # Submit with --no-wait, then play the worker and `editserve wait` for the images.
     assert cli.main(["edit", "p2p", "--source", "a cat", "--target", "a dog", "--mode", "reweight",
                      "--reweight", "dog=2", "--cross", "0.7", "--self", "0.3", "--steps", "3", "--seed", "5",
-                     "--size", "128", "--maps", "--no-wait"]) == 0
+                     "--size", "128", "--maps", "--negative", "blurry", "--scheduler", "unipc", "--no-wait"]) == 0
     edit_id = capsys.readouterr().out.strip()
     request = services.jobstore.load_payload(edit_id).request
     assert request.reweight == {"dog": 2.0} and request.cross_replace_steps == 0.7 and request.height == 128
+    assert request.negative_prompt == "blurry" and request.scheduler == "unipc"
     worker = FakeWorker(services, edit_id, steps=3)
     worker.start()
     assert cli.main(["wait", edit_id, "--out", str(tmp_path)]) == 0
