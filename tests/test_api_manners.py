@@ -70,3 +70,15 @@ def test_operation_ids_read_well(live):
     assert ids[("/v1/models", "get")] == "listModels"
     assert len(set(ids.values())) == len(ids)
     assert all("_" not in op_id for op_id in ids.values())
+
+
+def test_models_list_their_schedulers_and_requests_may_name_them(live):
+    with live.client() as client:
+        models = {m["name"]: m for m in client.get("/v1/models").json()["data"]}
+        assert models["tiny-ip2p"]["scheduler"] == "euler_a" and models["tiny-sd"]["scheduler"] == "ddim"
+        assert {"dpmpp_2m", "dpmpp_2m_karras", "unipc", "euler", "euler_a", "ddim", "pndm"} <= set(
+            models["tiny-sd"]["schedulers"])
+        accepted = client.post("/v1/edits", json=dict(P2P, scheduler="dpmpp_2m_karras", negative_prompt="blurry"))
+        assert accepted.status_code == 202 and accepted.json()["params"]["scheduler"] == "dpmpp_2m_karras"
+        refused = client.post("/v1/edits", json=dict(P2P, scheduler="lms"))
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "scheduler"
