@@ -24,6 +24,7 @@ from editserve.client import Client
 from editserve.client import _local_validation_error as local_validation_error
 from editserve.contract import SCHEDULERS, Edit, EditStatus, ErrorType, LocalBlend, Sweep
 from editserve.kinds import EDIT_KINDS
+from editserve.dataset_cli import add_dataset_parser, cmd_dataset
 from editserve.progress import ProgressLine
 
 # One exit code per kind of failure, so scripts can tell them apart (README "CLI exit codes").
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--model")
     listing.add_argument("--limit", type=int, default=20)
     commands.add_parser("models", help="list the servable models")
+    add_dataset_parser(commands)
     _accept_quiet_anywhere(parser)
     return parser
 
@@ -278,6 +280,7 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "edit": cmd_edit, "get": cmd_get, "cancel": cmd_cancel, "wait": cmd_wait, "list": cmd_list, "models": cmd_models,
+    "dataset": cmd_dataset,
 }
 
 
@@ -310,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{exc.status or ''} {exc.type}: {_named_once(exc.field, exc.message)}".lstrip(), EXIT_REFUSED)
     except errors.APIConnectionError as exc:
         return _fail(f"cannot reach the server: {exc}", EXIT_UNREACHABLE)
+    except TimeoutError as exc:  # a dataset wait
+        return _fail(str(exc), EXIT_TIMEOUT)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except OSError as exc:

@@ -52,6 +52,7 @@ from editserve.contract import (
 )
 from editserve.kinds import EDIT_KINDS
 from editserve.progress import ProgressCallback, progress_callback
+from editserve.dataset_client import AsyncDatasetMethods, DatasetMethods
 from editserve.webhooks import verify as verify_webhook
 
 try:
@@ -360,7 +361,7 @@ def _edit_id(edit: str | Edit) -> str:
 
 # ------------------------------------------------------------------------------------------------ sync client
 
-class Client(_ClientCore):
+class Client(DatasetMethods, _ClientCore):
     """Synchronous client. ``base_url``/``api_key`` default to ``$EDITSERVE_URL``/``$EDITSERVE_API_KEY``."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
@@ -591,7 +592,7 @@ class Client(_ClientCore):
 
 # ------------------------------------------------------------------------------------------------ async client
 
-class AsyncClient(_ClientCore):
+class AsyncClient(AsyncDatasetMethods, _ClientCore):
     """The asyncio twin of :class:`Client`: same methods, awaited; ``stream`` is an async iterator."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,

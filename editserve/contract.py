@@ -112,6 +112,8 @@ class _EditBase(_Strict):
                                  examples=["blurry, low quality"])
     webhook: WebhookSpec | None = None
     priority: Literal["high", "normal", "low"] = "normal"
+    metrics: bool = Field(False, description="CLIP scores per output (IP2P paper metrics), computed on the worker "
+                                             "and returned in `results[].scores`")
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=16, description="echoed back, not used (16 keys of at most 64 characters, "
                                                          "values of at most 512)")
@@ -214,6 +216,9 @@ class IP2PEditRequest(_EditBase):
     image_guidance: float = Field(1.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_I; applied ungated")
     resolution: int = Field(512, ge=64, le=2048, description="long side R of the official resize (capped per model)")
     sweep: Sweep | None = None
+    input_caption: str | None = Field(None, max_length=1000, description="with `metrics` and `output_caption`: "
+                                                                         "directional CLIP similarity too")
+    output_caption: str | None = Field(None, max_length=1000, description="the edited image's caption (metrics)")
 
     @model_validator(mode="after")
     def _sweep_size(self):
@@ -265,6 +270,19 @@ class Progress(BaseModel):
         return self.step / self.total if self.total else 0.0
 
 
+class ClipScores(BaseModel):
+    """CLIP similarities of one output against its input (IP2P paper §3.1 filter, Fig. 8 metrics).
+
+    P2P: the input is the source image (index 0) and its prompt, the output a target and its prompt.
+    IP2P: the input image and output; caption scores only when the request gave both captions.
+    """
+
+    image_image: float = Field(description="cos(E(input image), E(output image))")
+    input_caption: float | None = Field(None, description="cos(E(input image), E(input caption))")
+    output_caption: float | None = Field(None, description="cos(E(output image), E(output caption))")
+    directional: float | None = Field(None, description="cos(E(out) - E(in), E(out caption) - E(in caption))")
+
+
 class ResultImage(BaseModel):
     index: int
     label: str = Field(description="P2P: the prompt; IP2P: the sweep cell")
@@ -275,6 +293,7 @@ class ResultImage(BaseModel):
     seed: int | None = None
     text_guidance: float | None = None
     image_guidance: float | None = None
+    scores: ClipScores | None = Field(None, description="with `metrics: true`: CLIP scores of this output")
 
 
 class AttentionMapResult(BaseModel):
@@ -306,6 +325,7 @@ class ErrorType(str, Enum):
     too_many_requests = "too_many_requests"
     rate_limited = "rate_limited"
     tenant_queue_full = "tenant_queue_full"
+    tenant_dataset_limit = "tenant_dataset_limit"
     queue_full = "queue_full"
     service_unavailable = "service_unavailable"
     decoder_busy = "decoder_busy"
@@ -410,3 +430,109 @@ class ModelInfo(BaseModel):
     random_weights: bool
     scheduler: SchedulerName = Field(description="the default sampler")
     schedulers: list[SchedulerName] = Field(description="samplers a request may name in `scheduler`")
+
+
+# ---------------------------------------------------------------------------------------------- dataset jobs
+
+MAX_SAMPLES_PER_TRIPLET = 200
+Guidance = Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]
+Similarity = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+
+
+class CaptionTriplet(_Strict):
+    """One line of the IP2P text dataset: input caption, instruction, edited caption."""
+
+    input: str = Field(min_length=1, max_length=1000, description="the input image's caption")
+    instruction: str = Field("", max_length=1000, description="the edit instruction (stored with each pair)")
+    output: str = Field(min_length=1, max_length=1000, description="the edited image's caption")
+
+
+class ClipThresholds(_Strict):
+    """The keep rule's thresholds; defaults are the reference script's (the paper states image_image 0.75)."""
+
+    image_image: Similarity = 0.70
+    image_caption: Similarity = Field(0.20, description="for both image–caption similarities")
+    directional: Similarity = 0.20
+
+
+class DatasetRequest(_Strict):
+    """An IP2P data-engine job: each triplet's caption pair → ``samples_per_triplet`` P2P pairs (random seed,
+    P2P fraction, guidance), CLIP-filtered, the best ``keep_best`` kept."""
+
+    triplets: list[CaptionTriplet] | None = Field(None, min_length=1, max_length=100_000,
+                                                  description="inline triplets; or give `triplets_key`")
+    triplets_key: str | None = Field(None, min_length=1, max_length=1024,
+                                     description="S3 key (in the service's bucket) of a JSONL object, one "
+                                                 "{input, instruction, output} per line (`caption` and `edit` "
+                                                 "are accepted for `input` and `instruction`)")
+    samples_per_triplet: int = Field(100, ge=1, le=MAX_SAMPLES_PER_TRIPLET)
+    p2p_fraction: tuple[Fraction, Fraction] = Field((0.1, 0.9), description="range of p ~ U(lo, hi): the "
+                                                    "fraction of steps whose self-attention is shared")
+    guidance: tuple[Guidance, Guidance] = Field((7.5, 15.0), description="range of the CFG scale ~ U(lo, hi)")
+    thresholds: ClipThresholds = Field(default_factory=ClipThresholds)
+    keep_best: int = Field(4, ge=1, le=MAX_SAMPLES_PER_TRIPLET, description="kept pairs per triplet, at most")
+    self_replace_layers: Literal["low", "medium"] = "medium"
+    model: str | None = Field(None, max_length=100, description="a text2image model; default per kind")
+    steps: int | None = Field(None, ge=1, le=200)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=64)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=64)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="fixes every sample's seed, p and guidance")
+    webhook: WebhookSpec | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_source_and_ordered_ranges(self):
+        if (self.triplets is None) == (self.triplets_key is None):
+            raise ValueError("triplets: give exactly one of `triplets` and `triplets_key`")
+        for name in ("p2p_fraction", "guidance"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: the range's low end {lo} is above its high end {hi}")
+        return self
+
+
+class DatasetProgress(BaseModel):
+    done: int = Field(description="triplets finished (generated, scored, filtered, written)")
+    total: int
+
+
+class DatasetCounts(BaseModel):
+    samples: int = Field(0, description="samples generated and scored (kept or rejected)")
+    kept: int = 0
+    failed: int = Field(0, description="samples whose edit failed (counted as rejected)")
+    triplets_with_pairs: int = 0
+
+
+class DatasetOutput(BaseModel):
+    prefix: str = Field(description="S3 key prefix of the output")
+    manifest_url: str
+    metadata_url: str
+    shard_urls: list[str]
+    expires_at: datetime
+
+
+class Dataset(BaseModel):
+    """The dataset job returned by GET /v1/datasets/{id}."""
+
+    id: str
+    object: Literal["dataset"] = "dataset"
+    status: EditStatus
+    model: str
+    created_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    progress: DatasetProgress
+    counts: DatasetCounts = Field(default_factory=DatasetCounts)
+    params: dict[str, Any] = Field(description="the parameters actually used (seed, size, steps included)")
+    output: DatasetOutput | None = None
+    error: ErrorInfo | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    random_weights: bool = False
+    cancel_requested: bool = False
+
+
+class DatasetWebhookEvent(BaseModel):
+    type: Literal["dataset.started", "dataset.progress", "dataset.completed"]
+    timestamp: datetime
+    data: Dataset

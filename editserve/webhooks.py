@@ -9,10 +9,13 @@ Interoperates with the reference library ``standardwebhooks`` (tested).
 
 from __future__ import annotations
 
+import json
+
 import base64
 import binascii
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -20,7 +23,7 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from editserve.contract import WebhookEvent
+from editserve.contract import DatasetWebhookEvent, WebhookEvent
 
 SECRET_PREFIX = "whsec_"
 SIGNATURE_VERSION = "v1"
@@ -169,15 +172,20 @@ def verify(
     *,
     tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS,
     now: float | None = None,
-) -> WebhookEvent:
-    """Verify a received webhook and parse it into a :class:`WebhookEvent` (type, timestamp, data=Edit).
+) -> WebhookEvent | DatasetWebhookEvent:
+    """Verify a received webhook and parse it into a :class:`WebhookEvent` (type, timestamp, data=Edit), or a
+    :class:`DatasetWebhookEvent` for ``dataset.*`` events (data=Dataset).
 
     Use ``headers["webhook-id"]`` as the idempotency key: retries of one event share it.
     """
     verify_signature(secret, headers, body, tolerance_seconds=tolerance_seconds, now=now)
     try:
-        return WebhookEvent.model_validate_json(_as_bytes(body))
-    except ValidationError as exc:
+        raw = _as_bytes(body)
+        kind = json.loads(raw).get("type", "") if raw.lstrip().startswith(b"{") else ""
+        if isinstance(kind, str) and kind.startswith("dataset."):
+            return DatasetWebhookEvent.model_validate_json(raw)
+        return WebhookEvent.model_validate_json(raw)
+    except (ValidationError, ValueError) as exc:
         raise WebhookVerificationError(f"signed body is not a webhook event: {exc}") from exc
 
 

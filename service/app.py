@@ -55,6 +55,8 @@ from service.auth import (
     constant_time_equal,
 )
 from service.config import Settings, get_settings
+from service.dataset_routes import DATASET_REQUEST_DEFS
+from service.dataset_routes import router as dataset_router
 from service.edit_validation import parse_request, prepare_submission
 from service.errors import ApiError, error_response, install_error_handlers, not_found
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
@@ -538,7 +540,7 @@ def install_openapi(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in _EDIT_REQUEST_DEFS.items():
+            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS}.items():
                 components.setdefault(name, definition)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -597,6 +599,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
     install_error_handlers(app)
     install_domain_error_handlers(app)
     app.include_router(router)
+    app.include_router(dataset_router)
     app.include_router(admin_router)
     app.include_router(ops_router)
     install_playground(app)

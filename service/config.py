@@ -49,6 +49,15 @@ def default_models(models_dir: Path) -> tuple[ModelSpec, ...]:
     )
 
 
+class ClipSettings(BaseModel):
+    """The CLIP model of the edit metrics and the dataset filter (IP2P used ViT-L/14)."""
+
+    source: str | None = Field(None, description="hub id (openai/clip-vit-large-patch14) or folder; "
+                                                 "default: the tiny random CLIP in models_dir")
+    device: str = "cuda"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+
 class S3Settings(BaseModel):
     """Results, attention maps and inputs live here (MinIO in docker-compose, SeaweedFS in tests)."""
 
@@ -147,6 +156,19 @@ class WebhookSettings(BaseModel):
     metrics_port: int = Field(9102, description="the delivery process's own /metrics; 0 disables")
 
 
+class DatasetSettings(BaseModel):
+    """Dataset jobs (IP2P data engine): per-tenant size limits and how the driver feeds the edit queues."""
+
+    max_triplets: int = Field(10_000, ge=1, description="caption triplets per dataset job")
+    max_samples: int = Field(200_000, ge=1, description="triplets × samples_per_triplet per dataset job")
+    max_active_per_tenant: int = Field(2, ge=1, description="queued or running dataset jobs per tenant")
+    max_triplets_object_bytes: int = Field(16 * 1024 * 1024, ge=1, description="size of a triplets JSONL object")
+    window_samples: int = Field(32, ge=1, description="a job's samples queued or running at once (at least one "
+                                "triplet's); bounds what an interactive edit can find ahead of it")
+    driver_interval_seconds: float = Field(0.5, gt=0, description="how often a worker's driver advances jobs")
+    lease_seconds: float = Field(30.0, gt=0, description="a driver's hold on one job; a dead driver's expires")
+
+
 class AuthSettings(BaseModel):
     """API keys (hashes stored) bound to tenants; the admin token guards key management."""
 
@@ -173,6 +195,11 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    clip: ClipSettings = Field(default_factory=ClipSettings)
+    datasets: DatasetSettings = Field(default_factory=DatasetSettings)
+
+    def clip_source(self) -> str:
+        return self.clip.source or str(self.models_dir / "tiny-clip")
 
     @field_validator("redis_url")
     @classmethod

@@ -26,6 +26,9 @@ Layout (all prefixed ``editserve:``)::
     webhook:{id}:done             hash: delivery job id -> JSON outcome of its attempt
     webhooks:failed               stream: deliveries given up on (replayable)
     reaper:lock                   string: one reaper pass at a time
+    dataset:{id}                  hash: a dataset job (+ :inflight, :done, :kept, :lease)
+    datasets:active               set: dataset jobs not yet terminal
+    tenant:{t}:datasets           set: the tenant's active dataset jobs
     workers:live                  sorted set: model|worker -> heartbeat expiry (live workers per model)
 """
 
@@ -120,3 +123,32 @@ def webhook_done_key(edit_id: str) -> str:
 
 REAPER_LOCK_KEY = f"{KEY_PREFIX}reaper:lock"
 LIVE_WORKERS_KEY = f"{KEY_PREFIX}workers:live"  # sorted set "model|worker" -> expiry (service.liveness)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+DATASETS_ACTIVE_KEY = f"{KEY_PREFIX}datasets:active"  # set: dataset jobs a driver must advance
+
+
+def dataset_key(dataset_id: str) -> str:
+    return f"{KEY_PREFIX}dataset:{dataset_id}"
+
+
+def inflight_key(dataset_id: str) -> str:
+    return f"{dataset_key(dataset_id)}:inflight"
+
+
+def done_key(dataset_id: str) -> str:
+    return f"{dataset_key(dataset_id)}:done"
+
+
+def kept_key(dataset_id: str) -> str:
+    return f"{dataset_key(dataset_id)}:kept"
+
+
+def lease_key(dataset_id: str) -> str:
+    return f"{dataset_key(dataset_id)}:lease"
+
+
+def tenant_active_key(tenant: str) -> str:
+    return f"{KEY_PREFIX}tenant:{tenant}:datasets"

@@ -186,9 +186,13 @@ class RateLimiter:
         self.settings = settings
         self._script: Script = connection.register_script(scripts.RATE)
 
-    def check(self, tenant: str) -> None:
-        """Count one request of ``tenant``; raise :class:`LimitExceeded` (429) when over its rate."""
-        self.judge(tenant, *self._script(keys=self.keys(tenant), args=self.args()))
+    def check(self, tenant: str, now: float | None = None) -> None:
+        """Count one request of ``tenant``; raise :class:`LimitExceeded` (429) when over its rate.
+
+        ``now`` (epoch seconds) replaces Redis's clock, for tests that step time instead of sleeping.
+        """
+        args = self.args() if now is None else [*self.args(), repr(now * 1000.0)]
+        self.judge(tenant, *self._script(keys=self.keys(tenant), args=args))
 
     async def check_async(self, connection, tenant: str) -> None:
         self.judge(tenant, *await eval_script_async(connection, self._script, self.keys(tenant), self.args()))

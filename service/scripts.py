@@ -48,12 +48,16 @@ def lua_config(settings: Settings) -> str:
 
 RATE_FN = """
 -- GCRA: true when the request may pass, else the ms to wait; the tenant hash may override rate and burst.
-local function rate_take(key, tkey, default_rate, default_burst)
+-- now_ms (optional) replaces Redis's clock: tests drive time through whole intervals without sleeping.
+local function rate_take(key, tkey, default_rate, default_burst, now_ms)
   local rate = tonumber(redis.call('HGET', tkey, 'limit_rps') or default_rate)
   local burst = tonumber(redis.call('HGET', tkey, 'limit_burst') or default_burst)
   if rate <= 0 then return {1, 0, '0', burst} end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  local now = tonumber(now_ms)
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  end
   local interval = 1000 / rate
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
@@ -140,9 +144,9 @@ end
 # ------------------------------------------------------------------------------------------------ admission
 
 RATE = RATE_FN + """
--- KEYS: ratelimit:{t}, tenant:{t}.  ARGV: default rps, default burst.
+-- KEYS: ratelimit:{t}, tenant:{t}.  ARGV: default rps, default burst, [now ms: tests only].
 -- Returns {allowed 0|1, wait ms, rate, burst}.
-return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+return rate_take(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 """
 
 ADMIT = LIMITS_FN + RATE_FN + """
@@ -387,5 +391,60 @@ local claimed = redis.call('LREM', KEYS[2], 0, ARGV[1])
 for i = 2, #ARGV do claimed = claimed + redis.call('ZREM', KEYS[3], ARGV[i]) end
 if claimed == 0 or redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+DATASET_TRANSITION = """
+-- A dataset job's guarded status change. KEYS: [1] record. ARGV: [1] JSON allowed from-statuses, [2] new status,
+-- [3] JSON fields to set. Returns the new revision, or 0.
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 0 end
+local allowed = cjson.decode(ARGV[1])
+local ok = false
+for _, s in ipairs(allowed) do if s == cur then ok = true end end
+if not ok then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+local fields = cjson.decode(ARGV[3])
+for f, v in pairs(fields) do redis.call('HSET', KEYS[1], f, v) end
+return redis.call('HINCRBY', KEYS[1], 'revision', 1)
+"""
+
+DATASET_COLLECT = """
+-- Count one finished triplet once. KEYS: [1] record, [2] inflight, [3] done set, [4] kept hash.
+-- ARGV: [1] triplet, [2] samples, [3] kept, [4] failed. Returns 1, or 0 when it was already counted.
+if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'done', 1)
+redis.call('HINCRBY', KEYS[1], 'c_samples', tonumber(ARGV[2]))
+redis.call('HINCRBY', KEYS[1], 'c_kept', tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[1], 'c_failed', tonumber(ARGV[4]))
+if tonumber(ARGV[3]) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'c_with_pairs', 1)
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+end
+redis.call('HINCRBY', KEYS[1], 'revision', 1)
+return 1
+"""
+
+DATASET_PLAN = """
+-- Fan triplet ARGV[1] out only if it is still `next`. KEYS: [1] record, [2] inflight. ARGV: [1] triplet, [2] JSON ids.
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'next')) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], 'next', tonumber(ARGV[1]) + 1)
+return 1
+"""
+
+DATASET_LEASE = """
+-- Take a free lease or renew our own. KEYS: [1] lease. ARGV: [1] owner, [2] ttl ms. Returns 1 if held.
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 return 1
 """

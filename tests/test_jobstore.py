@@ -217,9 +217,10 @@ def test_cancel_terminal_conflicts_and_foreign_is_not_found(js):
 
 def test_every_change_is_published_in_order(js, conn):
     edit = create(js)
-    pubsub = conn.pubsub(ignore_subscribe_messages=True)
+    pubsub = conn.pubsub()
     pubsub.subscribe(events_channel(edit.id))
-    time.sleep(0.05)
+    confirmed = pubsub.get_message(timeout=10)  # subscribed for sure, instead of sleeping and hoping
+    assert confirmed is not None and confirmed["type"] == "subscribe"
     js.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")
     for step in range(1, 4):
         js.set_progress(edit.id, step, 3)

@@ -4,7 +4,6 @@ release on every terminal transition, held edits, the repair sweep, overrides by
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import redis
@@ -78,13 +77,14 @@ def key_for(app, tenant: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- rate limit
 
 def test_rate_limit_is_429_with_retry_after_naming_the_limit(redis_url, s3):
-    app, client = gateway(redis_url, s3, tenant_rps=0.2, tenant_burst=3)  # slow refill: a loaded box stays refused
+    # 100 s per request: no refill can happen while the test runs, however loaded the box
+    app, client = gateway(redis_url, s3, tenant_rps=0.01, tenant_burst=3)
     acme, globex = key_for(app, "acme"), key_for(app, "globex")
     before = rejections("rate_limited")
     assert [client.get("/v1/edits", headers=acme).status_code for _ in range(3)] == [200, 200, 200]
     refused = client.get("/v1/edits", headers=acme)
     assert refused.status_code == 429
-    assert 1 <= int(refused.headers["retry-after"]) <= 5  # one request per 5 s
+    assert 1 <= int(refused.headers["retry-after"]) <= 100  # one request per 100 s
     error = refused.json()["error"]
     assert error["type"] == "rate_limited" and "tenant_rps" in error["message"] and "acme" in error["message"]
     assert client.post("/v1/edits", json=P2P, headers=acme).status_code == 429  # every /v1 route counts
@@ -94,12 +94,7 @@ def test_rate_limit_is_429_with_retry_after_naming_the_limit(redis_url, s3):
     assert 'editserve_rejections_total{reason="rate_limited"}' in client.get("/metrics").text
 
 
-def test_rate_limit_refills_at_the_configured_rate(redis_url, s3):
-    _, client = gateway(redis_url, s3, tenant_rps=20, tenant_burst=1)
-    assert client.get("/v1/edits").status_code == 200
-    assert client.get("/v1/edits").status_code == 429
-    time.sleep(0.06)
-    assert client.get("/v1/edits").status_code == 200
+# Refill over time: tests/test_rate_limit_clock.py drives the limiter's clock instead of sleeping.
 
 
 def test_overrides_by_admin_api_change_a_single_tenant(redis_url, s3):

@@ -82,3 +82,32 @@ def test_prompt_length_limit_counts_start_and_end(tok):
     with pytest.raises(EditValidationError) as err:
         check_prompt_length(" ".join(["cat"] * 76), tok, "target_prompts")
     assert err.value.field == "target_prompts" and "78" in err.value.message
+
+
+def test_refusals_say_exactly_what_is_wrong(tok):
+    cases = [("  ", "expected a non-empty word, got '  '"), (5, "expected a non-empty word, got 5"),
+             ("tiger", f"'tiger' is not a word of the prompt {SQUIRREL!r}")]
+    for word, message in cases:
+        with pytest.raises(EditValidationError) as err:
+            token_indices(SQUIRREL, word, tok, field="local_blend.source_words")
+        assert err.value.field == "local_blend.source_words" and err.value.message == message
+    with pytest.raises(EditValidationError) as err:
+        check_prompt_length(" ".join(["cat"] * 76), tok, "source_prompt")
+    assert err.value.message == "prompt has 78 tokens including start/end; the limit is 77: shorten it"
+
+
+def test_max_tokens_reads_the_tokenizer_and_defaults_to_77(tok):
+    from types import SimpleNamespace
+
+    from worker.editing.words import max_tokens
+
+    assert max_tokens(tok) == 77
+    assert max_tokens(SimpleNamespace(model_max_length=64)) == 64
+    assert max_tokens(SimpleNamespace(model_max_length=None)) == 77
+    assert max_tokens(SimpleNamespace()) == 77
+
+
+def test_the_last_word_and_repeated_phrases_are_found(tok):
+    assert token_indices(SQUIRREL, "burger", tok) == [8]
+    assert token_indices("a red car and a red car", "red car", tok) == [2, 3, 6, 7]
+    assert check_prompt_length("a cat", tok, "source_prompt") == prompt_token_ids("a cat", tok)

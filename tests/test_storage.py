@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -29,18 +29,31 @@ def test_put_get_roundtrip_and_key_layout(storage, s3):
     assert attention_array_key("e1", 0) == "edits/e1/attn-0.npy"
 
 
-def test_presigned_url_works_then_expires(storage, s3):
+def signed_seconds_ago(monkeypatch, seconds: float) -> None:
+    """Presign as if the signer's clock were ``seconds`` behind: a URL that expired already, without sleeping
+    (the S3 server's real clock judges it, as it would a URL handed out earlier)."""
+    import botocore.auth
+
+    real = botocore.auth.get_current_datetime
+    monkeypatch.setattr(botocore.auth, "get_current_datetime",
+                        lambda *a, **kw: real(*a, **kw) - timedelta(seconds=seconds))
+
+
+def test_presigned_url_works_then_expires(storage, s3, monkeypatch):
     key = f"{s3.test_prefix}edits/abc/input.png"
     storage.put_bytes(key, b"hello", "image/png")
-    url, expires_at = storage.presign_get(key, expires=2)
-    assert 0 < (expires_at - datetime.now(UTC)).total_seconds() <= 2
-    assert "X-Amz-Signature" in url
+    url, expires_at = storage.presign_get(key, expires=60)
+    assert 59 <= (expires_at - datetime.now(UTC)).total_seconds() <= 60
+    assert "X-Amz-Signature" in url and "X-Amz-Expires=60" in url
     response = httpx.get(url)
     assert response.status_code == 200 and response.content == b"hello"
     tampered = url.replace("X-Amz-Signature=", "X-Amz-Signature=0")
     assert httpx.get(tampered).status_code == 403  # SigV4 is enforced
-    time.sleep(3.1)
-    assert httpx.get(url).status_code == 403  # and so is expiry
+    signed_seconds_ago(monkeypatch, 120)
+    stale, _ = storage.presign_get(key, expires=60)  # signed two minutes ago, valid for one
+    assert httpx.get(stale).status_code == 403  # and so is expiry
+    still_valid, _ = storage.presign_get(key, expires=300)  # signed two minutes ago, valid for five
+    assert httpx.get(still_valid).status_code == 200
 
 
 def test_presign_uses_the_public_endpoint(s3):

@@ -143,6 +143,7 @@ def test_non_event_body_is_rejected_by_verify_but_not_by_verify_signature():
 
 def test_interop_with_the_reference_library():
     import standardwebhooks  # a dev dependency (pyproject's `dev` extra): never skipped
+
     secret = generate_secret()
     reference = standardwebhooks.Webhook(secret)
     body = _event_body()

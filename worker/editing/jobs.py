@@ -50,6 +50,7 @@ class P2PJobSpec:
     guidance_scale: float = 7.5
     attention_map_prompts: list[int] = field(default_factory=list)
     negative_prompt: str = ""  # the unconditional branches' text, shared by every prompt of the job
+    score: bool = False  # CLIP scores of every target against the source (worker.scoring)
 
     @property
     def prompts(self) -> list[str]:
@@ -76,6 +77,8 @@ class IP2PJobSpec:
     instruction: str
     cells: list[IP2PCell]  # one output per cell (a plain edit has one cell; a sweep several)
     negative_prompt: str = ""  # the text of the image-only and unconditional rows, as diffusers' pipeline
+    score: bool = False  # CLIP scores of every output against the input (worker.scoring)
+    captions: tuple[str, str] | None = None  # (input, output) captions for the caption and directional scores
 
     def image_params(self, index: int) -> dict[str, Any]:
         """What a client needs to reproduce output ``index``: its cell's seed and guidance scales."""
@@ -110,6 +113,7 @@ class JobResult:
     params: dict[str, Any] = field(default_factory=dict)  # what was actually used (seeds, sizes)
     error: EditValidationError | Exception | None = None
     canceled: bool = False
+    scores: list[dict[str, float] | None] = field(default_factory=list)  # per image, when the job asked for them
 
     @property
     def ok(self) -> bool:

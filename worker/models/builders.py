@@ -133,16 +133,58 @@ def build_model(folder: Path, kind: Kind = "text2image", shape: Shape = "tiny", 
 
 
 TINY_MODELS: dict[str, Kind] = {"tiny-sd": "text2image", "tiny-ip2p": "instruct"}
+TINY_CLIP = "tiny-clip"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP (ViT image tower at 224 px, the real tokenizer), saved like
+    ``openai/clip-vit-large-patch14``: ``CLIPModel``/``CLIPTokenizer.from_pretrained`` load either.
+
+    Its scores are numbers from random weights: they exercise the code, not image quality.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer = build_clip_tokenizer(folder / "_tokenizer_build")
+    tokenizer.save_pretrained(str(folder))
+    for leftover in (folder / "_tokenizer_build").glob("*"):
+        leftover.unlink()
+    (folder / "_tokenizer_build").rmdir()
+    (folder / "preprocessor_config.json").write_text(json.dumps({  # CLIPImageProcessor's fields, ViT-L/14 values
+        "image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 224, "width": 224},
+        "size": {"shortest_edge": 224}, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "resample": 3, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
+    (folder / "editserve_model.json").write_text(json.dumps(
+        {"kind": "clip", "shape": "tiny", "seed": seed, "random_weights": True,
+         "note": "randomly initialised: CLIP scores are meaningless numbers by design"}))
+    return folder
 
 
 def ensure_tiny_models(root: Path) -> dict[str, Path]:
-    """Build the tiny models under ``root`` unless a complete build is already there."""
+    """Build the tiny models (and the tiny CLIP) under ``root`` unless a complete build is already there."""
     out = {}
     for name, kind in TINY_MODELS.items():
         folder = Path(root) / name
         if not (folder / "editserve_model.json").exists():
             build_model(folder, kind=kind, shape="tiny")
         out[name] = folder
+    clip_folder = Path(root) / TINY_CLIP
+    if not (clip_folder / "editserve_model.json").exists():
+        build_clip(clip_folder)
+    out[TINY_CLIP] = clip_folder
     return out
 
 

@@ -114,6 +114,7 @@ class ModelRegistry:
         self.catalog = self.settings.model_catalog()
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        self._clip = None
 
     def spec(self, name: str) -> ModelSpec:
         if name not in self.catalog:
@@ -129,3 +130,14 @@ class ModelRegistry:
 
     def loaded(self) -> list[str]:
         return list(self._loaded)
+
+    def clip_scorer(self):
+        """The CLIP of ``metrics`` and the dataset filter, loaded on first use (``settings.clip``)."""
+        from worker.scoring.clip import ClipScorer
+
+        with self._lock:
+            if self._clip is None:
+                clip = self.settings.clip
+                self._clip = ClipScorer(self.settings.clip_source(), device=clip.device,
+                                        dtype=getattr(torch, clip.dtype))
+            return self._clip

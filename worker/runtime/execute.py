@@ -45,6 +45,7 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         guidance_scale=request.guidance_scale,
         attention_map_prompts=attention_map_prompts(request.attention_maps, n),
         negative_prompt=request.negative_prompt,
+        score=request.metrics,
     )
 
 
@@ -85,8 +86,11 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes |
         image.load()
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
         raise EditValidationError("image", f"stored input {key} is not a readable image: {exc}") from exc
+    captions = (request.input_caption, request.output_caption) \
+        if request.input_caption is not None and request.output_caption is not None else None
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
                        cells=ip2p_cells(request, payload.seeds), negative_prompt=request.negative_prompt)
+                       cells=ip2p_cells(request, payload.seeds), score=request.metrics, captions=captions)
 
 
 def ip2p_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:

@@ -51,6 +51,7 @@ from worker.runtime.heartbeats import HeartbeatKeeper
 from worker.runtime.progress import StepReporter
 from worker.runtime.rqbridge import RqBridge, settle
 from worker.runtime.uploads import upload_outputs, upload_outputs_through_outage
+from worker.scoring.attach import attach_scores
 
 log = logging.getLogger("editserve.worker")
 
@@ -276,6 +277,19 @@ class BatchProcessor:
         results = run_with_split(runner, [j.spec for j in group], reporter)  # type: ignore[misc]
         for job in group:
             job.result = results[job.id]
+        self._score(group)
+
+    def _score(self, group: list[RunningJob]) -> None:
+        """CLIP scores for the jobs that asked (``metrics``), all of the group's in one scoring pass."""
+        asked = [j for j in group if getattr(j.spec, "score", False) and j.result is not None and j.result.ok]
+        if not asked:
+            return
+        try:
+            attach_scores(self.registry.clip_scorer(), [(j.spec, j.result) for j in asked])  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 — the scores were asked for: those jobs fail, the others go on
+            log.exception("CLIP scoring failed for %d jobs", len(asked))
+            for job in asked:
+                job.error = ErrorInfo(type="scoring_error", message=f"{type(exc).__name__}: {exc}", field="metrics")
 
     # ------------------------------------------------------------------ per job, after the run
     def _finish(self, job: RunningJob, batch_id: str, *, run_started: float, reporter: StepReporter) -> str:

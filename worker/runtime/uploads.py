@@ -52,6 +52,8 @@ def upload_outputs(storage: Storage, spec: JobSpec, result: JobResult,
         label = result.labels[index] if index < len(result.labels) else str(index)
         results.append({"index": index, "label": label, "key": key, "width": image.width, "height": image.height,
                         **spec.image_params(index)})
+        if index < len(result.scores) and result.scores[index] is not None:
+            results[-1]["scores"] = result.scores[index]
     maps = []
     for attn in result.attention_maps:
         before_each()

@@ -29,6 +29,7 @@ from service.jobstore import JobStore
 from service.webhooks.emit import emit as emit_webhook
 from service.storage import Storage
 from worker.models.registry import ModelRegistry
+from worker.runtime.datasets import DatasetDriver, DatasetDriverThread
 from worker.runtime.batching import BatchGatherer, ClaimedJob, GatherPolicy, QueueClaimer
 from worker.runtime.finishing import Finisher, FinishingBatch
 from worker.runtime.processing import ActiveBatch, BatchProcessor, BatchReport, log_event
@@ -147,6 +148,10 @@ class EditWorker:
         self.processor.worker_name = self.name
         reaper_thread = ReaperThread(self.reaper, self.settings.worker.reaper_interval_seconds)
         reaper_thread.start()
+        dataset_thread = DatasetDriverThread(  # fans dataset jobs out into low-priority edits (datasets.py)
+            DatasetDriver(self.connection, self.settings, store=self.store, storage=self.storage, owner=self.name),
+            self.settings.datasets.driver_interval_seconds)
+        dataset_thread.start()
         self.start_metrics_server()
         log_event("worker_started", worker=self.name, models=self.models, pid=os.getpid())
         last_heartbeat = time.monotonic()
@@ -166,6 +171,7 @@ class EditWorker:
             self.drain()  # warm shutdown finishes the last batch; after an abort this requeues its stopped jobs
             self.finisher.close()
             reaper_thread.stop()
+            dataset_thread.stop()
             self.stop_metrics_server()
             beacon.stop()
             self.bridge.unregister()

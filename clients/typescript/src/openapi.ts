@@ -146,6 +146,57 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/datasets": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Start a dataset job (IP2P data engine: P2P pairs from caption triplets, CLIP-filtered) */
+        post: operations["createDataset"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/datasets/{dataset_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A dataset job: status, progress, output */
+        get: operations["getDataset"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/datasets/{dataset_id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Cancel a dataset job */
+        post: operations["cancelDataset"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/edits": {
         parameters: {
             query?: never;
@@ -284,6 +335,79 @@ export interface components {
             /** Tokens */
             tokens: string[];
         };
+        /**
+         * CaptionTriplet
+         * @description One line of the IP2P text dataset: input caption, instruction, edited caption.
+         */
+        CaptionTriplet: {
+            /**
+             * Input
+             * @description the input image's caption
+             */
+            input: string;
+            /**
+             * Instruction
+             * @description the edit instruction (stored with each pair)
+             * @default
+             */
+            instruction?: string;
+            /**
+             * Output
+             * @description the edited image's caption
+             */
+            output: string;
+        };
+        /**
+         * ClipScores
+         * @description CLIP similarities of one output against its input (IP2P paper §3.1 filter, Fig. 8 metrics).
+         *
+         *     P2P: the input is the source image (index 0) and its prompt, the output a target and its prompt.
+         *     IP2P: the input image and output; caption scores only when the request gave both captions.
+         */
+        ClipScores: {
+            /**
+             * Directional
+             * @description cos(E(out) - E(in), E(out caption) - E(in caption))
+             */
+            directional?: number | null;
+            /**
+             * Image Image
+             * @description cos(E(input image), E(output image))
+             */
+            image_image: number;
+            /**
+             * Input Caption
+             * @description cos(E(input image), E(input caption))
+             */
+            input_caption?: number | null;
+            /**
+             * Output Caption
+             * @description cos(E(output image), E(output caption))
+             */
+            output_caption?: number | null;
+        };
+        /**
+         * ClipThresholds
+         * @description The keep rule's thresholds; defaults are the reference script's (the paper states image_image 0.75).
+         */
+        ClipThresholds: {
+            /**
+             * Directional
+             * @default 0.2
+             */
+            directional?: number;
+            /**
+             * Image Caption
+             * @description for both image–caption similarities
+             * @default 0.2
+             */
+            image_caption?: number;
+            /**
+             * Image Image
+             * @default 0.7
+             */
+            image_image?: number;
+        };
         /** CreateKeyRequest */
         CreateKeyRequest: {
             /** Label */
@@ -317,6 +441,205 @@ export interface components {
              * @description the tenant's Standard Webhooks signing secret (whsec_...)
              */
             webhook_secret: string;
+        };
+        /**
+         * Dataset
+         * @description The dataset job returned by GET /v1/datasets/{id}.
+         */
+        Dataset: {
+            /**
+             * Cancel Requested
+             * @default false
+             */
+            cancel_requested?: boolean;
+            /** Completed At */
+            completed_at?: string | null;
+            counts?: components["schemas"]["DatasetCounts"];
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            error?: components["schemas"]["ErrorInfo"] | null;
+            /** Id */
+            id: string;
+            /** Metadata */
+            metadata?: {
+                [key: string]: string;
+            };
+            /** Model */
+            model: string;
+            /**
+             * Object
+             * @default dataset
+             * @constant
+             */
+            object?: "dataset";
+            output?: components["schemas"]["DatasetOutput"] | null;
+            /**
+             * Params
+             * @description the parameters actually used (seed, size, steps included)
+             */
+            params: {
+                [key: string]: unknown;
+            };
+            progress: components["schemas"]["DatasetProgress"];
+            /**
+             * Random Weights
+             * @default false
+             */
+            random_weights?: boolean;
+            /** Started At */
+            started_at?: string | null;
+            status: components["schemas"]["EditStatus"];
+        };
+        /** DatasetCounts */
+        DatasetCounts: {
+            /**
+             * Failed
+             * @description samples whose edit failed (counted as rejected)
+             * @default 0
+             */
+            failed?: number;
+            /**
+             * Kept
+             * @default 0
+             */
+            kept?: number;
+            /**
+             * Samples
+             * @description samples generated and scored (kept or rejected)
+             * @default 0
+             */
+            samples?: number;
+            /**
+             * Triplets With Pairs
+             * @default 0
+             */
+            triplets_with_pairs?: number;
+        };
+        /** DatasetOutput */
+        DatasetOutput: {
+            /**
+             * Expires At
+             * Format: date-time
+             */
+            expires_at: string;
+            /** Manifest Url */
+            manifest_url: string;
+            /** Metadata Url */
+            metadata_url: string;
+            /**
+             * Prefix
+             * @description S3 key prefix of the output
+             */
+            prefix: string;
+            /** Shard Urls */
+            shard_urls: string[];
+        };
+        /** DatasetProgress */
+        DatasetProgress: {
+            /**
+             * Done
+             * @description triplets finished (generated, scored, filtered, written)
+             */
+            done: number;
+            /** Total */
+            total: number;
+        };
+        /**
+         * DatasetRequest
+         * @description An IP2P data-engine job: each triplet's caption pair → ``samples_per_triplet`` P2P pairs (random seed,
+         *     P2P fraction, guidance), CLIP-filtered, the best ``keep_best`` kept.
+         */
+        DatasetRequest: {
+            /**
+             * Guidance
+             * @description range of the CFG scale ~ U(lo, hi)
+             * @default [
+             *       7.5,
+             *       15
+             *     ]
+             */
+            guidance?: [
+                number,
+                number
+            ];
+            /**
+             * Height
+             * @default null
+             */
+            height?: number | null;
+            /**
+             * Keep Best
+             * @description kept pairs per triplet, at most
+             * @default 4
+             */
+            keep_best?: number;
+            /** Metadata */
+            metadata?: {
+                [key: string]: string;
+            };
+            /**
+             * Model
+             * @description a text2image model; default per kind
+             * @default null
+             */
+            model?: string | null;
+            /**
+             * P2P Fraction
+             * @description range of p ~ U(lo, hi): the fraction of steps whose self-attention is shared
+             * @default [
+             *       0.1,
+             *       0.9
+             *     ]
+             */
+            p2p_fraction?: [
+                number,
+                number
+            ];
+            /**
+             * Samples Per Triplet
+             * @default 100
+             */
+            samples_per_triplet?: number;
+            /**
+             * Seed
+             * @description fixes every sample's seed, p and guidance
+             * @default null
+             */
+            seed?: number | null;
+            /**
+             * Self Replace Layers
+             * @default medium
+             * @enum {string}
+             */
+            self_replace_layers?: "low" | "medium";
+            /**
+             * Steps
+             * @default null
+             */
+            steps?: number | null;
+            thresholds?: components["schemas"]["ClipThresholds"];
+            /**
+             * Triplets
+             * @description inline triplets; or give `triplets_key`
+             * @default null
+             */
+            triplets?: components["schemas"]["CaptionTriplet"][] | null;
+            /**
+             * Triplets Key
+             * @description S3 key (in the service's bucket) of a JSONL object, one {input, instruction, output} per line (`caption` and `edit` are accepted for `input` and `instruction`)
+             * @default null
+             */
+            triplets_key?: string | null;
+            /** @default null */
+            webhook?: components["schemas"]["WebhookSpec"] | null;
+            /**
+             * Width
+             * @default null
+             */
+            width?: number | null;
         };
         /**
          * Edit
@@ -467,6 +790,11 @@ export interface components {
             /** Data */
             data: components["schemas"]["FailedWebhook"][];
         };
+        /** HTTPValidationError */
+        HTTPValidationError: {
+            /** Detail */
+            detail?: components["schemas"]["ValidationError"][];
+        };
         /**
          * IP2PEditRequest
          * @description InstructPix2Pix: an input image and a written instruction.
@@ -485,6 +813,12 @@ export interface components {
              */
             image_guidance?: number;
             /**
+             * Input Caption
+             * @description with `metrics` and `output_caption`: directional CLIP similarity too
+             * @default null
+             */
+            input_caption?: string | null;
+            /**
              * Instruction
              * @description empty: the resized input comes back unchanged
              */
@@ -502,6 +836,12 @@ export interface components {
                 [key: string]: string;
             };
             /**
+             * Metrics
+             * @description CLIP scores per output (IP2P paper metrics), computed on the worker and returned in `results[].scores`
+             * @default false
+             */
+            metrics?: boolean;
+            /**
              * Model
              * @description model name from GET /v1/models; default per kind
              * @default null
@@ -514,6 +854,12 @@ export interface components {
              * @example blurry, low quality
              */
             negative_prompt?: string;
+            /**
+             * Output Caption
+             * @description the edited image's caption (metrics)
+             * @default null
+             */
+            output_caption?: string | null;
             /**
              * Priority
              * @default normal
@@ -682,6 +1028,12 @@ export interface components {
                 [key: string]: string;
             };
             /**
+             * Metrics
+             * @description CLIP scores per output (IP2P paper metrics), computed on the worker and returned in `results[].scores`
+             * @default false
+             */
+            metrics?: boolean;
+            /**
              * Model
              * @description model name from GET /v1/models; default per kind
              * @default null
@@ -781,6 +1133,8 @@ export interface components {
              * @description P2P: the prompt; IP2P: the sweep cell
              */
             label: string;
+            /** @description with `metrics: true`: CLIP scores of this output */
+            scores?: components["schemas"]["ClipScores"] | null;
             /** Seed */
             seed?: number | null;
             /** Text Guidance */
@@ -875,6 +1229,19 @@ export interface components {
             rps: number;
             /** Tenant */
             tenant: string;
+        };
+        /** ValidationError */
+        ValidationError: {
+            /** Context */
+            ctx?: Record<string, never>;
+            /** Input */
+            input?: unknown;
+            /** Location */
+            loc: (string | number)[];
+            /** Message */
+            msg: string;
+            /** Error Type */
+            type: string;
         };
         /** WebhookDeliveryState */
         WebhookDeliveryState: {
@@ -1716,6 +2083,92 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    createDataset: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DatasetRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Dataset"];
+                };
+            };
+        };
+    };
+    getDataset: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                dataset_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Dataset"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    cancelDataset: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                dataset_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Dataset"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
         };
