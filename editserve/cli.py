@@ -17,14 +17,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from editserve import errors
 from editserve.client import Client
-from editserve.contract import Edit, EditStatus, ErrorType, LocalBlend, Sweep
+from editserve.client import _local_validation_error as local_validation_error
+from editserve.contract import SCHEDULERS, Edit, EditStatus, ErrorType, LocalBlend, Sweep
 from editserve.kinds import EDIT_KINDS
 from editserve.dataset_cli import add_dataset_parser, cmd_dataset
 from editserve.progress import ProgressLine
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# One exit code per kind of failure, so scripts can tell them apart (README "CLI exit codes").
+EXIT_OK = 0
+EXIT_FAILED = 1  # the edit ran and failed (edit.error says why)
+EXIT_USAGE = 2  # invalid arguments or request, found before anything was sent (argparse uses 2 as well)
+EXIT_TIMEOUT = 3  # --wait-timeout passed; the edit keeps running
+EXIT_CANCELED = 4  # the edit was canceled
+EXIT_REFUSED = 5  # the server answered an error status (4xx/5xx after retries): invalid, not found, limits
+EXIT_UNREACHABLE = 6  # the server could not be reached
+EXIT_LOCAL_IO = 7  # a local file could not be read or written
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_CODES_HELP = ("exit codes: 0 ok, 1 edit failed, 2 usage or invalid request, 3 wait timed out, 4 edit canceled, "
+                   "5 server refused the request, 6 server unreachable, 7 local file error, 130 interrupted")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -57,6 +71,8 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default per model)")
     parser.add_argument("--model", help="model name (see `editserve models`)")
     parser.add_argument("--seed", type=int, help="random seed (echoed back in params)")
+    parser.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default per model)")
     parser.add_argument("--webhook", metavar="URL", help="POST signed events to this URL")
     parser.add_argument("--priority", choices=["high", "normal", "low"])
     parser.add_argument("--out", type=Path, help="folder for the images (required unless --no-wait)")
@@ -66,8 +82,9 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editserve", description="Edit images with Prompt-to-Prompt and "
-                                     "InstructPix2Pix on an editserve server.")
-    parser.add_argument("--url", help="server URL (default $EDITSERVE_URL or http://127.0.0.1:8000)")
+                                     "InstructPix2Pix on an editserve server.", epilog=EXIT_CODES_HELP)
+    parser.add_argument("--url", help="server URL, with or without /v1 (default $EDITSERVE_URL or "
+                        "http://127.0.0.1:8000)")
     parser.add_argument("--api-key", help="API key (default $EDITSERVE_API_KEY)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
     parser.add_argument("--retries", type=int, default=2, help="retries on connection errors, 429 and 503")
@@ -120,7 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20)
     commands.add_parser("models", help="list the servable models")
     add_dataset_parser(commands)
+    _accept_quiet_anywhere(parser)
     return parser
+
+
+def _accept_quiet_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``-q`` also after the (sub)command: ``editserve edit p2p ... -q``. SUPPRESS keeps the top-level value
+    when the subcommand's flag is absent."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("-q" in a.option_strings for a in sub._actions):
+                    sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                                     help="no progress output")
+                _accept_quiet_anywhere(sub)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -149,17 +179,26 @@ def _p2p_fields(args: argparse.Namespace) -> dict[str, Any]:
                                          type=ErrorType.invalid_request.value, field="local_blend")
     blend = None
     if args.blend_source:
-        blend = LocalBlend.model_validate({"source_words": args.blend_source, "target_words": args.blend_target,
-                                           **({"threshold": args.blend_threshold} if args.blend_threshold else {})})
+        blend = _part(LocalBlend, "local_blend", source_words=args.blend_source, target_words=args.blend_target,
+                      **({"threshold": args.blend_threshold} if args.blend_threshold else {}))
     return dict(edit=args.mode, reweight=dict(args.reweight) if args.reweight else None, local_blend=blend,
                 cross_replace_steps=args.cross, self_replace_steps=args.self_replace,
                 attention_maps=True if args.maps else None, size=args.size, guidance_scale=args.guidance)
 
 
+def _part(model: type[BaseModel], field: str, **values: Any) -> Any:
+    """A part of the request validated here, its errors named by their place in the request."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise local_validation_error(exc, prefix=field) from None
+
+
 def _ip2p_fields(args: argparse.Namespace) -> dict[str, Any]:
     sweep = None
     if args.sweep_image or args.sweep_text or args.sweep_seeds:
-        sweep = Sweep(image_guidance=args.sweep_image, text_guidance=args.sweep_text, seeds=args.sweep_seeds)
+        sweep = _part(Sweep, "sweep", image_guidance=args.sweep_image, text_guidance=args.sweep_text,
+                      seeds=args.sweep_seeds)
     return dict(text_guidance=args.text_guidance, image_guidance=args.image_guidance, resolution=args.resolution,
                 sweep=sweep)
 
@@ -167,7 +206,10 @@ def _ip2p_fields(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_edit(client: Client, args: argparse.Namespace) -> int:
     if not args.no_wait and args.out is None:
         raise errors.InvalidRequestError("--out DIR is required (or pass --no-wait)", type=ErrorType.usage.value, field="--out")
-    common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority)
+    common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority,
+                  scheduler=args.scheduler)
+    if args.negative:
+        common["negative_prompt"] = args.negative
     if args.kind == "p2p":
         edit = client.submit_p2p(args.source, args.target, **common, **_p2p_fields(args))
     else:
@@ -247,28 +289,36 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def _named_once(field: str | None, message: str) -> str:
+    """``field: message`` unless the message already starts with the field's name."""
+    if not field or message.startswith(f"{field}:") or message.startswith(f"{field} "):
+        return message
+    return f"{field}: {message}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with Client(args.url, args.api_key, timeout=args.timeout, retries=args.retries) as client:
             return COMMANDS[args.command](client, args)
     except errors.InvalidRequestError as exc:
-        where = f"{exc.field}: " if exc.field else ""
-        return _fail(f"{where}{exc.message}", EXIT_USAGE if exc.status is None else EXIT_FAILED)
-    except (errors.EditFailed, errors.EditCanceled) as exc:
-        return _fail(str(exc))
+        return _fail(_named_once(exc.field, exc.message), EXIT_USAGE if exc.status is None else EXIT_REFUSED)
+    except errors.EditFailed as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except errors.EditCanceled as exc:
+        return _fail(str(exc), EXIT_CANCELED)
     except errors.WaitTimeout as exc:
         return _fail(f"{exc}; it keeps running (editserve wait {exc.edit.id if exc.edit else ''})", EXIT_TIMEOUT)
     except errors.APIError as exc:
-        return _fail(str(exc))
+        return _fail(f"{exc.status or ''} {exc.type}: {_named_once(exc.field, exc.message)}".lstrip(), EXIT_REFUSED)
     except errors.APIConnectionError as exc:
-        return _fail(f"cannot reach the server: {exc}")
+        return _fail(f"cannot reach the server: {exc}", EXIT_UNREACHABLE)
     except TimeoutError as exc:  # a dataset wait
         return _fail(str(exc), EXIT_TIMEOUT)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except OSError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), EXIT_LOCAL_IO)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,14 @@ _UNION_TAGS = tuple(EDIT_KINDS)
 
 # ------------------------------------------------------------------------------------------------ helpers
 
+def server_root(url: str) -> str:
+    """The server's root URL: a trailing ``/`` or ``/v1`` (people paste the API's base URL) is dropped, since
+    every path the client sends already starts with ``/v1``."""
+    url = url.rstrip("/")
+    suffix = f"/{API_VERSION}"
+    return url[: -len(suffix)].rstrip("/") if url.endswith(suffix) else url
+
+
 def validate_request(request: EditRequest | Mapping[str, Any]) -> P2PEditRequest | IP2PEditRequest:
     """A request dict or model, validated with the shared contract (raises InvalidRequestError)."""
     try:
@@ -231,7 +239,7 @@ class _ClientCore:
 
     def __init__(self, base_url: str | None, api_key: str | None, timeout: float, retries: int,
                  headers: Mapping[str, str] | None):
-        self.base_url = (base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = server_root(base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
         self.api_key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
         self.timeout = timeout
         self.retries = max(0, retries)

@@ -47,6 +47,11 @@ def _kind_required(schema: dict[str, Any]) -> None:
 EditKind = Literal["p2p", "ip2p"]
 """Every edit method; what each needs (model kind, default steps, ...) is ``editserve.kinds.EDIT_KINDS``."""
 ModelKind = Literal["text2image", "instruct"]
+# Samplers by the names people know them by (AUTOMATIC1111 / ComfyUI): DDIM (P2P's null-text notebook), PNDM
+# (SD-1.4's own, T + 1 UNet calls), Euler-a (IP2P's official sigma schedule), Euler, DPM-Solver++ 2M with and
+# without Karras sigmas, UniPC. Every model runs every one of them.
+SchedulerName = Literal["ddim", "pndm", "euler_a", "euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+SCHEDULERS: tuple[str, ...] = SchedulerName.__args__
 
 
 class EditStatus(str, Enum):
@@ -99,8 +104,12 @@ class WebhookSpec(_Strict):
 class _EditBase(_Strict):
     model: str | None = Field(None, max_length=100, description="model name from GET /v1/models; default per kind")
     steps: int | None = Field(None, ge=1, le=200, description="denoising steps")
-    scheduler: Literal["ddim", "pndm", "euler_a"] | None = Field(None, description="default per model")
+    scheduler: SchedulerName | None = Field(None, description="sampler; default per model (GET /v1/models)",
+                                            examples=["dpmpp_2m_karras"])
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when omitted; echoed in params")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to steer away from: replaces "
+                                 "the empty text of the unconditional branches (one per edit)",
+                                 examples=["blurry, low quality"])
     webhook: WebhookSpec | None = None
     priority: Literal["high", "normal", "low"] = "normal"
     metrics: bool = Field(False, description="CLIP scores per output (IP2P paper metrics), computed on the worker "
@@ -419,6 +428,8 @@ class ModelInfo(BaseModel):
     default_size: int
     max_size: int
     random_weights: bool
+    scheduler: SchedulerName = Field(description="the default sampler")
+    schedulers: list[SchedulerName] = Field(description="samplers a request may name in `scheduler`")
 
 
 # ---------------------------------------------------------------------------------------------- dataset jobs

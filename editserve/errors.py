@@ -7,6 +7,7 @@ server's ``{"error": {"type", "message", "field"}}``; an edit that ran and faile
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -158,13 +159,23 @@ __all__ = [
 ]
 
 
-def local_validation_error(exc: ValidationError) -> InvalidRequestError:
-    """A request the SDK refused before sending, as the server's 422 would have said it (field path without the
-    union tag or pydantic's function names)."""
+# How pydantic names the member of a union a value failed (``cross_replace_steps.constrained-float``): not a
+# field, so never shown to users.
+_UNION_MEMBER = re.compile(r"^(?:function-[a-z-]+|(?:constrained-)?(?:float|int|str|bool|list|dict|tuple|set|"
+                           r"frozenset|none|literal|union|is-instance)(?:\[.*\])?)$")
+
+
+def local_validation_error(exc: ValidationError, prefix: str | None = None) -> InvalidRequestError:
+    """A request the SDK refused before sending, as the server's 422 would have said it: the first error, its
+    field as a dotted path (``prefix`` when the model validated is a part of the request, e.g. ``sweep``) without
+    the union tag or pydantic's member names, and its message without a repeated field name."""
     first = exc.errors()[0]
     loc = list(first.get("loc", ()))
     if loc and loc[0] in EDIT_KINDS:
         loc = loc[1:]
-    path = ".".join(str(p) for p in loc if not str(p).startswith("function-")) or None
+    parts = [str(p) for p in loc if not _UNION_MEMBER.match(str(p))]
+    path = ".".join([prefix, *parts] if prefix else parts) or prefix
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if path and message.startswith(f"{parts[0] if parts else path}: "):  # our validators name their field
+        message = message.split(": ", 1)[1]
     return InvalidRequestError(message, status=None, type=ErrorType.invalid_request.value, field=path)

@@ -9,8 +9,6 @@ Interoperates with the reference library ``standardwebhooks`` (tested).
 
 from __future__ import annotations
 
-import json
-
 import base64
 import binascii
 import hashlib

@@ -85,12 +85,14 @@ def main() -> None:
         edits = {
             "p2p-word-swap": client.submit_p2p(
                 source_prompt="a photo of a cat riding a bicycle", target_prompts=["a photo of a dog riding a bicycle"],
-                edit="replace", cross_replace_steps=0.8, self_replace_steps=0.4, attention_maps=True, **common),
+                edit="replace", cross_replace_steps=0.8, self_replace_steps=0.4, attention_maps=True,
+                negative_prompt="blurry, low quality", scheduler="dpmpp_2m_karras", **common),
             "p2p-reweight": client.submit_p2p(
                 source_prompt="a photo of a fluffy cat", target_prompts=["a photo of a fluffy cat"],
                 edit="reweight", reweight={"fluffy": 4.0}, attention_maps=[0, 1], **common),
             "ip2p": client.submit_ip2p(image=sample_image(), instruction="make it a snowy winter day",
-                                        text_guidance=7.5, image_guidance=1.5, **common),
+                                        text_guidance=7.5, image_guidance=1.5, negative_prompt="blurry",
+                                        scheduler="euler", **common),
         }
         args.out.mkdir(parents=True, exist_ok=True)
         for name, edit in edits.items():

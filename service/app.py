@@ -39,6 +39,7 @@ from editserve.contract import (
     ErrorResponse,
     ErrorType,
     ModelInfo,
+    SCHEDULERS,
 )
 from editserve.kinds import edit_kinds_for_model
 from service import metrics, redisconn
@@ -71,6 +72,7 @@ from service.limits import (
 from service.playground import install_playground
 from service.prompt_tokens import PromptTokenCounter
 from service.storage import Storage, StorageError
+from service.openapi_ids import operation_id
 from service.streams import edit_events, wait_for_terminal, wait_seconds
 
 log = logging.getLogger(__name__)
@@ -249,7 +251,8 @@ async def create_edit(
     tenant: str = Depends(submitting_tenant),
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255,
                                          description="same key + same body → the same edit, run once"),
-    prefer: str | None = Header(None, description="RFC 7240; `wait=N` holds the response up to N seconds"),
+    prefer: str | None = Header(None, description="RFC 7240; `wait=N` holds the response up to N seconds, a bare "
+                         "`wait` up to the default (60 s); answered by `Preference-Applied`"),
 ) -> Response:
     svc = services(request)
     limits = svc.settings.limits
@@ -276,7 +279,8 @@ async def create_edit(
     headers: dict[str, str] = {}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    wait = wait_seconds(request.headers.getlist("prefer"), limits.max_wait_seconds)
+    wait = wait_seconds(request.headers.getlist("prefer"), limits.max_wait_seconds,
+                        limits.default_wait_seconds)
     if wait is not None:
         headers["Preference-Applied"] = f"wait={wait}"
         if wait > 0 and not edit.status.terminal:
@@ -350,7 +354,8 @@ class ModelList(BaseModel):
 def list_models(request: Request) -> ModelList:
     return ModelList(data=[
         ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
-                  max_size=spec.max_size, random_weights=spec.random_weights)
+                  max_size=spec.max_size, random_weights=spec.random_weights, scheduler=spec.scheduler,
+                  schedulers=list(SCHEDULERS))
         for spec in services(request).settings.model_catalog().values()
     ])
 
@@ -588,6 +593,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
         description="Asynchronous image editing with Prompt-to-Prompt and InstructPix2Pix. "
                     "Errors are always `{\"error\": {\"type\", \"message\", \"field\"}}`.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.services = svc
     app.state.current_tenant = current_tenant  # handed to routers below the app (dataset_routes)

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from editserve.contract import ModelKind
+from editserve.contract import ModelKind, SchedulerName
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,7 +27,7 @@ class ModelSpec(BaseModel):
     source: str = Field(description="Hub id (e.g. CompVis/stable-diffusion-v1-4) or local diffusers folder")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
-    scheduler: Literal["ddim", "euler_a", "pndm"] = "ddim"
+    scheduler: SchedulerName = "ddim"
     default_size: int = Field(512, description="default height/width in pixels for this model")
     max_size: int = Field(768, description="largest height/width in pixels a request may ask for")
     random_weights: bool = Field(False, description="True for the tiny test models: outputs are noise")
@@ -95,6 +95,8 @@ class LimitsSettings(BaseModel):
     decode_wait_seconds: float = Field(10.0, ge=0, description="how long an upload waits for a decode slot "
                                        "before 503 + Retry-After")
     max_wait_seconds: int = 60
+    default_wait_seconds: int = Field(60, ge=0, description="how long a bare `Prefer: wait` (no number) holds "
+                                      "POST /v1/edits; capped by max_wait_seconds")
     max_queue_depth: int = Field(10_000, ge=0, description="queued edits of all tenants together; beyond it "
                                  "POST /v1/edits answers 503 + Retry-After")
     queue_full_retry_after_seconds: int = Field(30, ge=1, description="Retry-After of a 503/429 for a full queue")

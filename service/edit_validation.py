@@ -81,8 +81,13 @@ def resolve_model(request: EditRequest, settings: Settings) -> ModelSpec:
 def prompts_with_fields(request: EditRequest) -> list[tuple[str, str]]:
     if isinstance(request, P2PEditRequest):
         return [("source_prompt", request.source_prompt)] + [
-            (f"target_prompts.{i}", p) for i, p in enumerate(request.target_prompts)]
-    return [("instruction", request.instruction)]
+            (f"target_prompts.{i}", p) for i, p in enumerate(request.target_prompts)] + negative_prompt_field(request)
+    return [("instruction", request.instruction)] + negative_prompt_field(request)
+
+
+def negative_prompt_field(request: EditRequest) -> list[tuple[str, str]]:
+    """The negative prompt obeys the same character and token rules as the prompts (it is encoded alike)."""
+    return [("negative_prompt", request.negative_prompt)] if request.negative_prompt else []
 
 
 def forbidden_prompt_character(text: str) -> str | None:

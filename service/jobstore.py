@@ -280,12 +280,15 @@ class JobStore:
         )
 
     def request_cancel(self, edit_id: str, tenant: str) -> Edit:
-        """Queued: canceled now and removed from RQ. Processing: flag for the worker. Terminal: EditConflict."""
+        """Queued: canceled now and removed from RQ. Processing: flag for the worker. Canceled already: the edit
+        (a repeated cancel is idempotent). Succeeded or failed: EditConflict."""
         record = self._record(edit_id)
         if record is None or record.get("tenant") != tenant:
             raise EditNotFound(edit_id)
         for _ in range(3):
             status = EditStatus(record["status"])
+            if status is C:
+                break
             if status.terminal:
                 raise EditConflict(f"edit {edit_id} is already {status.value}; only queued or processing "
                                    "edits can be canceled")

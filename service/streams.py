@@ -45,10 +45,16 @@ def parse_prefer(values: list[str]) -> dict[str, str | None]:
     return prefs
 
 
-def wait_seconds(values: list[str], cap: int) -> int | None:
-    """The ``wait`` preference in seconds, capped; None when absent or malformed (preferences are optional)."""
-    raw = parse_prefer(values).get("wait")
-    if raw is None or not raw.isdigit():
+def wait_seconds(values: list[str], cap: int, default: int | None = None) -> int | None:
+    """The ``wait`` preference in seconds, capped; None when absent or malformed (preferences are optional).
+    A bare ``Prefer: wait`` (Replicate's form) waits ``default`` seconds (``cap`` when no default is given)."""
+    prefs = parse_prefer(values)
+    if "wait" not in prefs:
+        return None
+    raw = prefs["wait"]
+    if raw is None or raw == "":
+        return min(cap if default is None else default, cap)
+    if not raw.isdigit():
         return None
     return min(int(raw), cap)
 

@@ -104,6 +104,11 @@ JSON_CASES = [
     ("base64 of a non-image", {"kind": "ip2p", "instruction": "x",
                                "image": base64.b64encode(b"hello world").decode()}, 422, "image",
      "not a recognised image"),
+    ("negative prompt over 77 tokens", p2p(negative_prompt=LONG), 422, "negative_prompt", "limit is 77"),
+    ("negative prompt with a newline", p2p(negative_prompt="blurry\nugly"), 422, "negative_prompt", None),
+    ("ip2p negative prompt over 77 tokens", {"kind": "ip2p", "instruction": "x", "negative_prompt": LONG,
+                                             "image": base64.b64encode(png()).decode()}, 422, "negative_prompt",
+     None),
     ("sweep too large", {"kind": "ip2p", "instruction": "x", "image": base64.b64encode(png()).decode(),
                          "sweep": {"seeds": list(range(17))}}, 422, "sweep.seeds", "at most 16"),
 ]

@@ -179,9 +179,8 @@ def test_failed_and_canceled_edits_raise_with_the_server_error(client, services)
     assert canceled.status is EditStatus.canceled
     with pytest.raises(errors.EditCanceled):
         client.wait(queued.id, timeout=5, progress=False)
-    with pytest.raises(errors.ConflictError) as conflict:
-        client.cancel(queued.id)
-    assert conflict.value.status == 409
+    again = client.cancel(queued.id)  # idempotent: the canceled edit, not a 409
+    assert again.id == queued.id and again.status is EditStatus.canceled
 
 
 def test_wait_timeout_carries_the_last_state(client):
@@ -308,10 +307,11 @@ def test_cli_edit_get_cancel_models(gateway, services, tmp_path, capsys, monkeyp
     # Submit with --no-wait, then play the worker and `editserve wait` for the images.
     assert cli.main(["edit", "p2p", "--source", "a cat", "--target", "a dog", "--mode", "reweight",
                      "--reweight", "dog=2", "--cross", "0.7", "--self", "0.3", "--steps", "3", "--seed", "5",
-                     "--size", "128", "--maps", "--no-wait"]) == 0
+                     "--size", "128", "--maps", "--negative", "blurry", "--scheduler", "unipc", "--no-wait"]) == 0
     edit_id = capsys.readouterr().out.strip()
     request = services.jobstore.load_payload(edit_id).request
     assert request.reweight == {"dog": 2.0} and request.cross_replace_steps == 0.7 and request.height == 128
+    assert request.negative_prompt == "blurry" and request.scheduler == "unipc"
     worker = FakeWorker(services, edit_id, steps=3)
     worker.start()
     assert cli.main(["wait", edit_id, "--out", str(tmp_path)]) == 0
@@ -336,6 +336,10 @@ def test_cli_edit_get_cancel_models(gateway, services, tmp_path, capsys, monkeyp
     queued = capsys.readouterr().out.strip()
     assert cli.main(["cancel", queued]) == 0 and f"{queued} canceled" in capsys.readouterr().out
     assert cli.main(["models"]) == 0 and "tiny-sd" in capsys.readouterr().out
+    # the API's base URL (ending in /v1) works too, and -q may follow the subcommand
+    assert cli.main(["--url", gateway.url + "/v1/", "models", "-q"]) == 0 and "tiny-sd" in capsys.readouterr().out
+    assert cli.main(["edit", "p2p", "--source", "a", "--target", "b", "--no-wait", "-q"]) == 0
+    capsys.readouterr()
     assert cli.main(["list", "--status", "canceled"]) == 0 and queued in capsys.readouterr().out
 
 
@@ -352,20 +356,32 @@ def _play_next_queued(services):
 def test_cli_errors_name_the_field_and_exit_non_zero(gateway, tmp_path, capsys):
     url = ["--url", gateway.url]
     assert cli.main(url + ["edit", "p2p", "--source", "a", "--target", "b", "--model", "nope", "--out",
-                           str(tmp_path)]) == 1
+                           str(tmp_path)]) == cli.EXIT_REFUSED
     assert "model" in capsys.readouterr().err
     assert cli.main(url + ["edit", "p2p", "--source", "a", "--target", "b", "--cross", "2", "--out",
                            str(tmp_path)]) == 2  # caught locally
-    assert "cross_replace_steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("cross_replace_steps") == 1 and "constrained" not in err and "float" not in err
+    assert cli.main(url + ["edit", "p2p", "--source", "a", "--target", "b", "--reweight", "b=99", "--out",
+                           str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("reweight") == 1
+    image = tmp_path / "in.png"
+    image.write_bytes(png())
+    assert cli.main(url + ["edit", "ip2p", "--image", str(image), "--instruction", "x", "--sweep-image", "1,99",
+                           "--out", str(tmp_path)]) == 2  # a part of the request validated alone: no traceback
+    assert "sweep.image_guidance.1:" in capsys.readouterr().err
     assert cli.main(url + ["edit", "p2p", "--source", "a", "--target", "b"]) == 2
     assert "--out" in capsys.readouterr().err
     assert cli.main(url + ["edit", "ip2p", "--image", str(tmp_path / "missing.png"), "--instruction", "x",
                            "--out", str(tmp_path)]) == 2
     assert "missing.png" in capsys.readouterr().err
-    assert cli.main(url + ["get", "0000000000000000000000000z"]) == 1
+    assert cli.main(url + ["get", "0000000000000000000000000z"]) == cli.EXIT_REFUSED
     assert "not_found" in capsys.readouterr().err
-    assert cli.main(["--url", "http://127.0.0.1:9", "--retries", "0", "models"]) == 1
+    assert cli.main(["--url", "http://127.0.0.1:9", "--retries", "0", "models"]) == cli.EXIT_UNREACHABLE
     assert "cannot reach the server" in capsys.readouterr().err
+    codes = [cli.EXIT_OK, cli.EXIT_FAILED, cli.EXIT_USAGE, cli.EXIT_TIMEOUT, cli.EXIT_CANCELED, cli.EXIT_REFUSED,
+             cli.EXIT_UNREACHABLE, cli.EXIT_LOCAL_IO, cli.EXIT_INTERRUPTED]
+    assert len(set(codes)) == len(codes) and all(f"{code} " in cli.EXIT_CODES_HELP for code in codes)
     with pytest.raises(SystemExit) as usage:
         cli.main(["edit", "p2p", "--source", "a", "--target", "b", "--reweight", "oops"])
     assert usage.value.code == 2

@@ -85,3 +85,18 @@ def test_unreadable_input_names_the_image_field():
 def test_run_single_refuses_to_run_outside_the_batching_worker():
     with pytest.raises(RuntimeError, match="worker.runtime.worker"):
         run_single("{}")
+
+
+def test_negative_prompt_reaches_both_core_specs():
+    from worker_support import ip2p_payload
+
+    class FakeStorage:
+        def put_bytes(self, *a):
+            pass
+
+    p2p = to_job_spec(p2p_payload(negative_prompt="blurry, watermark"))
+    assert p2p.negative_prompt == "blurry, watermark"
+    assert to_job_spec(p2p_payload()).negative_prompt == ""
+    payload = ip2p_payload(FakeStorage())
+    payload = payload.model_copy(update={"request": payload.request.model_copy(update={"negative_prompt": "dark"})})
+    assert to_job_spec(payload, fetch=lambda key: _png()).negative_prompt == "dark"

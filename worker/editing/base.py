@@ -41,6 +41,7 @@ class SamplingContext:
     steps: int
     scheduler: str
     _null_text: torch.Tensor | None = field(default=None, repr=False)
+    _negative_texts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         # read once: diffusers' ``ModelMixin.device``/``.dtype`` walk every submodule on each access
@@ -61,6 +62,15 @@ class SamplingContext:
         if self._null_text is None:
             self._null_text = self.model.encode_text([""])
         return self._null_text
+
+    def unconditional_text(self, negative_prompt: str = "") -> torch.Tensor:
+        """The unconditional text embedding (1, 77, D): "" unless a negative prompt replaces it; cached, since
+        jobs of one batch often share theirs."""
+        if not negative_prompt:
+            return self.null_text()
+        if negative_prompt not in self._negative_texts:
+            self._negative_texts[negative_prompt] = self.model.encode_text([negative_prompt])
+        return self._negative_texts[negative_prompt]
 
     def new_scheduler(self):
         """A scheduler instance of this job alone, with timesteps set: Euler-a keeps a step index inside."""

@@ -103,7 +103,8 @@ class IP2PJobState(JobState):
         image_latent = encode_image_latents(model, spec.image, ctx.device, ctx.dtype)
         self._image_rows = torch.cat([image_latent, image_latent, torch.zeros_like(image_latent)]).repeat(k, 1, 1, 1)
         text = model.encode_text([spec.instruction])
-        self._text_rows = torch.cat([text, ctx.null_text(), ctx.null_text()]).repeat(k, 1, 1)
+        negative = ctx.unconditional_text(spec.negative_prompt)
+        self._text_rows = torch.cat([text, negative, negative]).repeat(k, 1, 1)
         shape = (k, ctx.latent_channels, *ctx.latent_size)
         self.latents = randn_tensor(shape, generator=self.generators,
                                     device=ctx.device, dtype=ctx.dtype) * self.scheduler.init_noise_sigma

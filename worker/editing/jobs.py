@@ -49,6 +49,7 @@ class P2PJobSpec:
     self_replace_layers: Literal["low", "medium"] = "low"
     guidance_scale: float = 7.5
     attention_map_prompts: list[int] = field(default_factory=list)
+    negative_prompt: str = ""  # the unconditional branches' text, shared by every prompt of the job
     score: bool = False  # CLIP scores of every target against the source (worker.scoring)
     # a real photo: start from its inversion's x_T with its per-step unconditional embeddings and guidance
     # (``worker.editing.inversion.Inversion``); the seed is then unused
@@ -78,6 +79,7 @@ class IP2PJobSpec:
     image: Any  # PIL.Image.Image, RGB, batch size
     instruction: str
     cells: list[IP2PCell]  # one output per cell (a plain edit has one cell; a sweep several)
+    negative_prompt: str = ""  # the text of the image-only and unconditional rows, as diffusers' pipeline
     score: bool = False  # CLIP scores of every output against the input (worker.scoring)
     captions: tuple[str, str] | None = None  # (input, output) captions for the caption and directional scores
 

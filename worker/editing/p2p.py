@@ -85,7 +85,7 @@ class P2PJobState(JobState):
         model = ctx.model
         self.guidance_scale = spec.guidance_scale if inversion is None else inversion.guidance_scale
         self._cond_rows = model.encode_text(prompts)
-        self._text_rows = torch.cat([ctx.null_text().expand(n, -1, -1), self._cond_rows])
+        self._text_rows = torch.cat([ctx.unconditional_text(spec.negative_prompt).expand(n, -1, -1), self._cond_rows])
         self._uncond_per_step = None
         if inversion is not None:  # one more per-row input: step i's unconditional embedding replaces ""
             self.per_step_text = True

@@ -15,7 +15,9 @@ import torch
 
 from service.config import ModelSpec, Settings, get_settings
 
-_SCHEDULERS = {"ddim": "DDIMScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler"}
+_SCHEDULERS = {"ddim": "DDIMScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler",
+               "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+               "dpmpp_2m_karras": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]):
@@ -32,6 +34,9 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
         overrides = {"timestep_spacing": "linspace"}
     if name == "pndm":  # SD-1.4's own PNDM, the P2P stable notebook's: PLMS only, T + 1 UNet calls for T steps
         overrides = {"skip_prk_steps": True}
+    if name.startswith("dpmpp_2m"):  # DPM-Solver++(2M): second order, one UNet call per step
+        overrides = {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                     "use_karras_sigmas": name.endswith("_karras")}
     return cls.from_config(base_config, **overrides)
 
 

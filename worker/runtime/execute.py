@@ -44,6 +44,7 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         self_replace_layers=request.self_replace_layers,
         guidance_scale=request.guidance_scale,
         attention_map_prompts=attention_map_prompts(request.attention_maps, n),
+        negative_prompt=request.negative_prompt,
         score=request.metrics,
     )
 
@@ -88,7 +89,8 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes |
     captions = (request.input_caption, request.output_caption) \
         if request.input_caption is not None and request.output_caption is not None else None
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
-                       cells=ip2p_cells(request, payload.seeds), score=request.metrics, captions=captions)
+                       cells=ip2p_cells(request, payload.seeds), score=request.metrics, captions=captions,
+                       negative_prompt=request.negative_prompt)
 
 
 def ip2p_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:

@@ -11,7 +11,6 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 

@@ -15,7 +15,7 @@ export interface paths {
          * @description On the event loop, not the thread pool: liveness must not wait behind blocking work (uploads, listings)
          *     that has every pool thread busy; what it measures is whether the loop answers.
          */
-        get: operations["healthz_healthz_get"];
+        get: operations["getHealth"];
         put?: never;
         post?: never;
         delete?: never;
@@ -32,7 +32,7 @@ export interface paths {
             cookie?: never;
         };
         /** Prometheus metrics */
-        get: operations["prometheus_metrics_metrics_get"];
+        get: operations["getMetrics"];
         put?: never;
         post?: never;
         delete?: never;
@@ -49,7 +49,7 @@ export interface paths {
             cookie?: never;
         };
         /** Redis and S3 answer */
-        get: operations["readyz_readyz_get"];
+        get: operations["getReadiness"];
         put?: never;
         post?: never;
         delete?: never;
@@ -66,10 +66,10 @@ export interface paths {
             cookie?: never;
         };
         /** List API keys (ids, never the keys) */
-        get: operations["list_keys_v1_admin_keys_get"];
+        get: operations["listKeys"];
         put?: never;
         /** Create an API key */
-        post: operations["create_key_v1_admin_keys_post"];
+        post: operations["createKey"];
         delete?: never;
         options?: never;
         head?: never;
@@ -87,7 +87,7 @@ export interface paths {
         put?: never;
         post?: never;
         /** Revoke an API key */
-        delete: operations["revoke_key_v1_admin_keys__key_id__delete"];
+        delete: operations["revokeKey"];
         options?: never;
         head?: never;
         patch?: never;
@@ -101,9 +101,9 @@ export interface paths {
             cookie?: never;
         };
         /** A tenant's effective limits, overrides and current usage */
-        get: operations["get_tenant_limits_v1_admin_tenants__tenant__limits_get"];
+        get: operations["getTenantLimits"];
         /** Replace a tenant's limit overrides (null or absent: the default) */
-        put: operations["put_tenant_limits_v1_admin_tenants__tenant__limits_put"];
+        put: operations["setTenantLimits"];
         post?: never;
         delete?: never;
         options?: never;
@@ -119,7 +119,7 @@ export interface paths {
             cookie?: never;
         };
         /** Webhook deliveries given up on (attempts exhausted or destination refused), newest first */
-        get: operations["list_failed_webhooks_v1_admin_webhooks_failed_get"];
+        get: operations["listFailedWebhooks"];
         put?: never;
         post?: never;
         delete?: never;
@@ -138,7 +138,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Send a failed delivery again: same webhook-id and body, attempts start over */
-        post: operations["replay_failed_webhook_v1_admin_webhooks_failed__ident__replay_post"];
+        post: operations["replayFailedWebhook"];
         delete?: never;
         options?: never;
         head?: never;
@@ -155,7 +155,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Start a dataset job (IP2P data engine: P2P pairs from caption triplets, CLIP-filtered) */
-        post: operations["create_dataset_v1_datasets_post"];
+        post: operations["createDataset"];
         delete?: never;
         options?: never;
         head?: never;
@@ -170,7 +170,7 @@ export interface paths {
             cookie?: never;
         };
         /** A dataset job: status, progress, output */
-        get: operations["get_dataset_v1_datasets__dataset_id__get"];
+        get: operations["getDataset"];
         put?: never;
         post?: never;
         delete?: never;
@@ -189,7 +189,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Cancel a dataset job */
-        post: operations["cancel_dataset_v1_datasets__dataset_id__cancel_post"];
+        post: operations["cancelDataset"];
         delete?: never;
         options?: never;
         head?: never;
@@ -204,10 +204,10 @@ export interface paths {
             cookie?: never;
         };
         /** The caller's edits, newest first */
-        get: operations["list_edits_v1_edits_get"];
+        get: operations["listEdits"];
         put?: never;
         /** Submit an edit (JSON, or multipart with an image file) */
-        post: operations["create_edit_v1_edits_post"];
+        post: operations["createEdit"];
         delete?: never;
         options?: never;
         head?: never;
@@ -222,7 +222,7 @@ export interface paths {
             cookie?: never;
         };
         /** An edit: status, progress, results */
-        get: operations["get_edit_v1_edits__edit_id__get"];
+        get: operations["getEdit"];
         put?: never;
         post?: never;
         delete?: never;
@@ -241,7 +241,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Cancel: queued → canceled now; processing → stopped between steps */
-        post: operations["cancel_edit_v1_edits__edit_id__cancel_post"];
+        post: operations["cancelEdit"];
         delete?: never;
         options?: never;
         head?: never;
@@ -256,7 +256,7 @@ export interface paths {
             cookie?: never;
         };
         /** Server-Sent Events of status and progress changes */
-        get: operations["edit_event_stream_v1_edits__edit_id__events_get"];
+        get: operations["streamEditEvents"];
         put?: never;
         post?: never;
         delete?: never;
@@ -273,7 +273,7 @@ export interface paths {
             cookie?: never;
         };
         /** Servable models */
-        get: operations["list_models_v1_models_get"];
+        get: operations["listModels"];
         put?: never;
         post?: never;
         delete?: never;
@@ -847,6 +847,13 @@ export interface components {
              */
             model?: string | null;
             /**
+             * Negative Prompt
+             * @description what to steer away from: replaces the empty text of the unconditional branches (one per edit)
+             * @default
+             * @example blurry, low quality
+             */
+            negative_prompt?: string;
+            /**
              * Output Caption
              * @description the edited image's caption (metrics)
              * @default null
@@ -866,10 +873,11 @@ export interface components {
             resolution?: number;
             /**
              * Scheduler
-             * @description default per model
+             * @description sampler; default per model (GET /v1/models)
              * @default null
+             * @example dpmpp_2m_karras
              */
-            scheduler?: ("ddim" | "pndm" | "euler_a") | null;
+            scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
              * @description random when omitted; echoed in params
@@ -940,6 +948,17 @@ export interface components {
             name: string;
             /** Random Weights */
             random_weights: boolean;
+            /**
+             * Scheduler
+             * @description the default sampler
+             * @enum {string}
+             */
+            scheduler: "ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc";
+            /**
+             * Schedulers
+             * @description samplers a request may name in `scheduler`
+             */
+            schedulers: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc")[];
         };
         /** ModelList */
         ModelList: {
@@ -1020,6 +1039,13 @@ export interface components {
              */
             model?: string | null;
             /**
+             * Negative Prompt
+             * @description what to steer away from: replaces the empty text of the unconditional branches (one per edit)
+             * @default
+             * @example blurry, low quality
+             */
+            negative_prompt?: string;
+            /**
              * Priority
              * @default normal
              * @enum {string}
@@ -1037,10 +1063,11 @@ export interface components {
             }[] | null;
             /**
              * Scheduler
-             * @description default per model
+             * @description sampler; default per model (GET /v1/models)
              * @default null
+             * @example dpmpp_2m_karras
              */
-            scheduler?: ("ddim" | "pndm" | "euler_a") | null;
+            scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
              * @description random when omitted; echoed in params
@@ -1261,7 +1288,7 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
-    healthz_healthz_get: {
+    getHealth: {
         parameters: {
             query?: never;
             header?: never;
@@ -1283,7 +1310,7 @@ export interface operations {
             };
         };
     };
-    prometheus_metrics_metrics_get: {
+    getMetrics: {
         parameters: {
             query?: never;
             header?: never;
@@ -1301,7 +1328,7 @@ export interface operations {
             };
         };
     };
-    readyz_readyz_get: {
+    getReadiness: {
         parameters: {
             query?: never;
             header?: never;
@@ -1330,7 +1357,7 @@ export interface operations {
             };
         };
     };
-    list_keys_v1_admin_keys_get: {
+    listKeys: {
         parameters: {
             query?: {
                 tenant?: string | null;
@@ -1433,7 +1460,7 @@ export interface operations {
             };
         };
     };
-    create_key_v1_admin_keys_post: {
+    createKey: {
         parameters: {
             query?: never;
             header?: never;
@@ -1538,7 +1565,7 @@ export interface operations {
             };
         };
     };
-    revoke_key_v1_admin_keys__key_id__delete: {
+    revokeKey: {
         parameters: {
             query?: never;
             header?: never;
@@ -1639,7 +1666,7 @@ export interface operations {
             };
         };
     };
-    get_tenant_limits_v1_admin_tenants__tenant__limits_get: {
+    getTenantLimits: {
         parameters: {
             query?: never;
             header?: never;
@@ -1743,7 +1770,7 @@ export interface operations {
             };
         };
     };
-    put_tenant_limits_v1_admin_tenants__tenant__limits_put: {
+    setTenantLimits: {
         parameters: {
             query?: never;
             header?: never;
@@ -1851,7 +1878,7 @@ export interface operations {
             };
         };
     };
-    list_failed_webhooks_v1_admin_webhooks_failed_get: {
+    listFailedWebhooks: {
         parameters: {
             query?: {
                 limit?: number;
@@ -1955,7 +1982,7 @@ export interface operations {
             };
         };
     };
-    replay_failed_webhook_v1_admin_webhooks_failed__ident__replay_post: {
+    replayFailedWebhook: {
         parameters: {
             query?: never;
             header?: never;
@@ -2059,7 +2086,7 @@ export interface operations {
             };
         };
     };
-    create_dataset_v1_datasets_post: {
+    createDataset: {
         parameters: {
             query?: never;
             header?: never;
@@ -2083,7 +2110,7 @@ export interface operations {
             };
         };
     };
-    get_dataset_v1_datasets__dataset_id__get: {
+    getDataset: {
         parameters: {
             query?: never;
             header?: never;
@@ -2114,7 +2141,7 @@ export interface operations {
             };
         };
     };
-    cancel_dataset_v1_datasets__dataset_id__cancel_post: {
+    cancelDataset: {
         parameters: {
             query?: never;
             header?: never;
@@ -2145,7 +2172,7 @@ export interface operations {
             };
         };
     };
-    list_edits_v1_edits_get: {
+    listEdits: {
         parameters: {
             query?: {
                 status?: components["schemas"]["EditStatus"] | null;
@@ -2253,13 +2280,13 @@ export interface operations {
             };
         };
     };
-    create_edit_v1_edits_post: {
+    createEdit: {
         parameters: {
             query?: never;
             header?: {
                 /** @description same key + same body → the same edit, run once */
                 "Idempotency-Key"?: string | null;
-                /** @description RFC 7240; `wait=N` holds the response up to N seconds */
+                /** @description RFC 7240; `wait=N` holds the response up to N seconds, a bare `wait` up to the default (60 s); answered by `Preference-Applied` */
                 prefer?: string | null;
             };
             path?: never;
@@ -2381,7 +2408,7 @@ export interface operations {
             };
         };
     };
-    get_edit_v1_edits__edit_id__get: {
+    getEdit: {
         parameters: {
             query?: never;
             header?: never;
@@ -2484,7 +2511,7 @@ export interface operations {
             };
         };
     };
-    cancel_edit_v1_edits__edit_id__cancel_post: {
+    cancelEdit: {
         parameters: {
             query?: never;
             header?: never;
@@ -2587,7 +2614,7 @@ export interface operations {
             };
         };
     };
-    edit_event_stream_v1_edits__edit_id__events_get: {
+    streamEditEvents: {
         parameters: {
             query?: never;
             header?: never;
@@ -2690,7 +2717,7 @@ export interface operations {
             };
         };
     };
-    list_models_v1_models_get: {
+    listModels: {
         parameters: {
             query?: never;
             header?: never;

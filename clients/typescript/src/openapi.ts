@@ -16,7 +16,7 @@ export interface paths {
          * @description On the event loop, not the thread pool: liveness must not wait behind blocking work (uploads, listings)
          *     that has every pool thread busy; what it measures is whether the loop answers.
          */
-        get: operations["healthz_healthz_get"];
+        get: operations["getHealth"];
         put?: never;
         post?: never;
         delete?: never;
@@ -33,7 +33,7 @@ export interface paths {
             cookie?: never;
         };
         /** Prometheus metrics */
-        get: operations["prometheus_metrics_metrics_get"];
+        get: operations["getMetrics"];
         put?: never;
         post?: never;
         delete?: never;
@@ -50,7 +50,7 @@ export interface paths {
             cookie?: never;
         };
         /** Redis and S3 answer */
-        get: operations["readyz_readyz_get"];
+        get: operations["getReadiness"];
         put?: never;
         post?: never;
         delete?: never;
@@ -67,10 +67,10 @@ export interface paths {
             cookie?: never;
         };
         /** List API keys (ids, never the keys) */
-        get: operations["list_keys_v1_admin_keys_get"];
+        get: operations["listKeys"];
         put?: never;
         /** Create an API key */
-        post: operations["create_key_v1_admin_keys_post"];
+        post: operations["createKey"];
         delete?: never;
         options?: never;
         head?: never;
@@ -88,7 +88,7 @@ export interface paths {
         put?: never;
         post?: never;
         /** Revoke an API key */
-        delete: operations["revoke_key_v1_admin_keys__key_id__delete"];
+        delete: operations["revokeKey"];
         options?: never;
         head?: never;
         patch?: never;
@@ -102,9 +102,9 @@ export interface paths {
             cookie?: never;
         };
         /** A tenant's effective limits, overrides and current usage */
-        get: operations["get_tenant_limits_v1_admin_tenants__tenant__limits_get"];
+        get: operations["getTenantLimits"];
         /** Replace a tenant's limit overrides (null or absent: the default) */
-        put: operations["put_tenant_limits_v1_admin_tenants__tenant__limits_put"];
+        put: operations["setTenantLimits"];
         post?: never;
         delete?: never;
         options?: never;
@@ -120,7 +120,7 @@ export interface paths {
             cookie?: never;
         };
         /** Webhook deliveries given up on (attempts exhausted or destination refused), newest first */
-        get: operations["list_failed_webhooks_v1_admin_webhooks_failed_get"];
+        get: operations["listFailedWebhooks"];
         put?: never;
         post?: never;
         delete?: never;
@@ -139,7 +139,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Send a failed delivery again: same webhook-id and body, attempts start over */
-        post: operations["replay_failed_webhook_v1_admin_webhooks_failed__ident__replay_post"];
+        post: operations["replayFailedWebhook"];
         delete?: never;
         options?: never;
         head?: never;
@@ -156,7 +156,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Start a dataset job (IP2P data engine: P2P pairs from caption triplets, CLIP-filtered) */
-        post: operations["create_dataset_v1_datasets_post"];
+        post: operations["createDataset"];
         delete?: never;
         options?: never;
         head?: never;
@@ -171,7 +171,7 @@ export interface paths {
             cookie?: never;
         };
         /** A dataset job: status, progress, output */
-        get: operations["get_dataset_v1_datasets__dataset_id__get"];
+        get: operations["getDataset"];
         put?: never;
         post?: never;
         delete?: never;
@@ -190,7 +190,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Cancel a dataset job */
-        post: operations["cancel_dataset_v1_datasets__dataset_id__cancel_post"];
+        post: operations["cancelDataset"];
         delete?: never;
         options?: never;
         head?: never;
@@ -205,10 +205,10 @@ export interface paths {
             cookie?: never;
         };
         /** The caller's edits, newest first */
-        get: operations["list_edits_v1_edits_get"];
+        get: operations["listEdits"];
         put?: never;
         /** Submit an edit (JSON, or multipart with an image file) */
-        post: operations["create_edit_v1_edits_post"];
+        post: operations["createEdit"];
         delete?: never;
         options?: never;
         head?: never;
@@ -223,7 +223,7 @@ export interface paths {
             cookie?: never;
         };
         /** An edit: status, progress, results */
-        get: operations["get_edit_v1_edits__edit_id__get"];
+        get: operations["getEdit"];
         put?: never;
         post?: never;
         delete?: never;
@@ -242,7 +242,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Cancel: queued → canceled now; processing → stopped between steps */
-        post: operations["cancel_edit_v1_edits__edit_id__cancel_post"];
+        post: operations["cancelEdit"];
         delete?: never;
         options?: never;
         head?: never;
@@ -257,7 +257,7 @@ export interface paths {
             cookie?: never;
         };
         /** Server-Sent Events of status and progress changes */
-        get: operations["edit_event_stream_v1_edits__edit_id__events_get"];
+        get: operations["streamEditEvents"];
         put?: never;
         post?: never;
         delete?: never;
@@ -274,7 +274,7 @@ export interface paths {
             cookie?: never;
         };
         /** Servable models */
-        get: operations["list_models_v1_models_get"];
+        get: operations["listModels"];
         put?: never;
         post?: never;
         delete?: never;
@@ -848,6 +848,13 @@ export interface components {
              */
             model?: string | null;
             /**
+             * Negative Prompt
+             * @description what to steer away from: replaces the empty text of the unconditional branches (one per edit)
+             * @default
+             * @example blurry, low quality
+             */
+            negative_prompt?: string;
+            /**
              * Output Caption
              * @description the edited image's caption (metrics)
              * @default null
@@ -867,10 +874,11 @@ export interface components {
             resolution?: number;
             /**
              * Scheduler
-             * @description default per model
+             * @description sampler; default per model (GET /v1/models)
              * @default null
+             * @example dpmpp_2m_karras
              */
-            scheduler?: ("ddim" | "pndm" | "euler_a") | null;
+            scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
              * @description random when omitted; echoed in params
@@ -941,6 +949,17 @@ export interface components {
             name: string;
             /** Random Weights */
             random_weights: boolean;
+            /**
+             * Scheduler
+             * @description the default sampler
+             * @enum {string}
+             */
+            scheduler: "ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc";
+            /**
+             * Schedulers
+             * @description samplers a request may name in `scheduler`
+             */
+            schedulers: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc")[];
         };
         /** ModelList */
         ModelList: {
@@ -1021,6 +1040,13 @@ export interface components {
              */
             model?: string | null;
             /**
+             * Negative Prompt
+             * @description what to steer away from: replaces the empty text of the unconditional branches (one per edit)
+             * @default
+             * @example blurry, low quality
+             */
+            negative_prompt?: string;
+            /**
              * Priority
              * @default normal
              * @enum {string}
@@ -1038,10 +1064,11 @@ export interface components {
             }[] | null;
             /**
              * Scheduler
-             * @description default per model
+             * @description sampler; default per model (GET /v1/models)
              * @default null
+             * @example dpmpp_2m_karras
              */
-            scheduler?: ("ddim" | "pndm" | "euler_a") | null;
+            scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
              * @description random when omitted; echoed in params
@@ -1262,7 +1289,7 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
-    healthz_healthz_get: {
+    getHealth: {
         parameters: {
             query?: never;
             header?: never;
@@ -1284,7 +1311,7 @@ export interface operations {
             };
         };
     };
-    prometheus_metrics_metrics_get: {
+    getMetrics: {
         parameters: {
             query?: never;
             header?: never;
@@ -1302,7 +1329,7 @@ export interface operations {
             };
         };
     };
-    readyz_readyz_get: {
+    getReadiness: {
         parameters: {
             query?: never;
             header?: never;
@@ -1331,7 +1358,7 @@ export interface operations {
             };
         };
     };
-    list_keys_v1_admin_keys_get: {
+    listKeys: {
         parameters: {
             query?: {
                 tenant?: string | null;
@@ -1434,7 +1461,7 @@ export interface operations {
             };
         };
     };
-    create_key_v1_admin_keys_post: {
+    createKey: {
         parameters: {
             query?: never;
             header?: never;
@@ -1539,7 +1566,7 @@ export interface operations {
             };
         };
     };
-    revoke_key_v1_admin_keys__key_id__delete: {
+    revokeKey: {
         parameters: {
             query?: never;
             header?: never;
@@ -1640,7 +1667,7 @@ export interface operations {
             };
         };
     };
-    get_tenant_limits_v1_admin_tenants__tenant__limits_get: {
+    getTenantLimits: {
         parameters: {
             query?: never;
             header?: never;
@@ -1744,7 +1771,7 @@ export interface operations {
             };
         };
     };
-    put_tenant_limits_v1_admin_tenants__tenant__limits_put: {
+    setTenantLimits: {
         parameters: {
             query?: never;
             header?: never;
@@ -1852,7 +1879,7 @@ export interface operations {
             };
         };
     };
-    list_failed_webhooks_v1_admin_webhooks_failed_get: {
+    listFailedWebhooks: {
         parameters: {
             query?: {
                 limit?: number;
@@ -1956,7 +1983,7 @@ export interface operations {
             };
         };
     };
-    replay_failed_webhook_v1_admin_webhooks_failed__ident__replay_post: {
+    replayFailedWebhook: {
         parameters: {
             query?: never;
             header?: never;
@@ -2060,7 +2087,7 @@ export interface operations {
             };
         };
     };
-    create_dataset_v1_datasets_post: {
+    createDataset: {
         parameters: {
             query?: never;
             header?: never;
@@ -2084,7 +2111,7 @@ export interface operations {
             };
         };
     };
-    get_dataset_v1_datasets__dataset_id__get: {
+    getDataset: {
         parameters: {
             query?: never;
             header?: never;
@@ -2115,7 +2142,7 @@ export interface operations {
             };
         };
     };
-    cancel_dataset_v1_datasets__dataset_id__cancel_post: {
+    cancelDataset: {
         parameters: {
             query?: never;
             header?: never;
@@ -2146,7 +2173,7 @@ export interface operations {
             };
         };
     };
-    list_edits_v1_edits_get: {
+    listEdits: {
         parameters: {
             query?: {
                 status?: components["schemas"]["EditStatus"] | null;
@@ -2254,13 +2281,13 @@ export interface operations {
             };
         };
     };
-    create_edit_v1_edits_post: {
+    createEdit: {
         parameters: {
             query?: never;
             header?: {
                 /** @description same key + same body → the same edit, run once */
                 "Idempotency-Key"?: string | null;
-                /** @description RFC 7240; `wait=N` holds the response up to N seconds */
+                /** @description RFC 7240; `wait=N` holds the response up to N seconds, a bare `wait` up to the default (60 s); answered by `Preference-Applied` */
                 prefer?: string | null;
             };
             path?: never;
@@ -2382,7 +2409,7 @@ export interface operations {
             };
         };
     };
-    get_edit_v1_edits__edit_id__get: {
+    getEdit: {
         parameters: {
             query?: never;
             header?: never;
@@ -2485,7 +2512,7 @@ export interface operations {
             };
         };
     };
-    cancel_edit_v1_edits__edit_id__cancel_post: {
+    cancelEdit: {
         parameters: {
             query?: never;
             header?: never;
@@ -2588,7 +2615,7 @@ export interface operations {
             };
         };
     };
-    edit_event_stream_v1_edits__edit_id__events_get: {
+    streamEditEvents: {
         parameters: {
             query?: never;
             header?: never;
@@ -2691,7 +2718,7 @@ export interface operations {
             };
         };
     };
-    list_models_v1_models_get: {
+    listModels: {
         parameters: {
             query?: never;
             header?: never;
