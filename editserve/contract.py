@@ -258,6 +258,8 @@ class JobPayload(BaseModel):
     batch_key: BatchKey
     seeds: list[int] = Field(description="P2P: one seed; IP2P: one per sweep cell")
     input_image_key: str | None = Field(None, description="S3 key of the normalised input PNG (IP2P)")
+    inversion_id: str | None = Field(None, description="P2P from a real photo: the finished inversion (checked for "
+                                                       "tenancy by the gateway) whose x_T and embeddings it starts from")
     created_at: datetime
 
 
