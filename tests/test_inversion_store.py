@@ -151,3 +151,43 @@ def test_edit_naming_an_unreadable_inversion_fails_on_its_field(storage):
     with pytest.raises(EditValidationError) as err:
         to_job_spec(p2p_payload(inversion_id), storage.get_bytes)
     assert err.value.field == "inversion_id"
+
+
+# ---------------------------------------------------------------------------------------------- reuse key
+
+
+def digest_for(request: InversionRequest, image_sha: str, **over) -> str:
+    from service.inversion_cache import inversion_digest
+
+    fields = dict(model=MODEL, image_sha256=image_sha, caption=request.caption, method=request.method,
+                  steps=STEPS, guidance_scale=request.guidance_scale, scheduler=request.scheduler, size=SIZE)
+    return inversion_digest(**{**fields, **over})
+
+
+def test_a_finished_inversion_is_found_again_by_its_key_for_its_tenant_only(redis_url, storage, inverted, photo):
+    import hashlib
+
+    import redis
+
+    from service.inversion_cache import find_inversion, forget_inversion, remember_inversion
+    from service.keys import inversion_cache_key
+
+    connection = redis.Redis.from_url(redis_url)
+    request = InversionRequest(caption=CAPTION, method="ddim")
+    image_sha = hashlib.sha256(photo.tobytes()).hexdigest()
+    digest = digest_for(request, image_sha)
+    result = inverted["ddim"]
+    store_inversion(storage, result)
+    remember_inversion(connection, "alice", digest, result.job_id, ttl_seconds=3600)
+
+    assert find_inversion(connection, "alice", digest) == result.job_id
+    assert 0 < connection.ttl(inversion_cache_key("alice", digest)) <= 3600
+    assert find_inversion(connection, "bob", digest) is None  # another tenant never reuses it
+    for changed in (dict(guidance_scale=1.0), dict(method="null-text"), dict(steps=STEPS + 1), dict(size=128),
+                    dict(caption="a cat"), dict(model="tiny-sd"), dict(image_sha256="0" * 64)):
+        assert digest_for(request, image_sha, **changed) != digest, changed
+    # the hit is loadable as the edit's starting point
+    spec = to_job_spec(p2p_payload(find_inversion(connection, "alice", digest)), storage.get_bytes)
+    assert torch.equal(spec.inversion.x_t, result.inversion.x_t.float())
+    forget_inversion(connection, "alice", digest)
+    assert find_inversion(connection, "alice", digest) is None
