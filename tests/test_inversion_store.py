@@ -191,3 +191,20 @@ def test_a_finished_inversion_is_found_again_by_its_key_for_its_tenant_only(redi
     assert torch.equal(spec.inversion.x_t, result.inversion.x_t.float())
     forget_inversion(connection, "alice", digest)
     assert find_inversion(connection, "alice", digest) is None
+
+
+def test_progress_reports_ddim_steps_then_inner_iterations(smooth_model, photo):
+    from worker.runtime.inversions import progress_view
+
+    seen: list = []
+    request = InversionRequest(caption=CAPTION, method="null-text", num_inner_steps=3, early_stop_epsilon=0.0)
+    [result] = run_inversions(smooth_model, [inversion_spec("p", request, photo)], size=SIZE, steps=STEPS,
+                              on_progress=lambda p: seen.append((p.phase, p.done, progress_view(p))))
+    assert result.ok, result.error
+    ddim = [view for phase, _, view in seen if phase == "ddim"]
+    assert [v.step for v in ddim] == list(range(1, STEPS + 1)) and all(v.total == STEPS for v in ddim)
+    inner = [view for phase, _, view in seen if phase == "null-text"]
+    assert inner and all(v.inner_total == 3 and 0 <= v.inner_iterations <= 3 for v in inner)
+    assert max(v.inner_iterations for v in inner) >= 1
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done)  # the bar never moves back

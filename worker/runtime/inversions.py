@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from editserve.contract import InversionProgress as InversionResourceProgress
 from editserve.contract import InversionRequest
 from service.storage import Storage, inversion_arrays_key, inversion_reconstruction_key
 from worker.editing.inversion import Inversion, InversionResult, InversionRunner, InversionSpec, OnProgress
@@ -89,3 +90,10 @@ def run_inversions(model, specs: Sequence[InversionSpec], *, size: int, steps: i
     """Compatible inversions (same model, size, steps) share every UNet call (the core's batched runner)."""
     return InversionRunner(model, height=size, width=size, steps=steps, scheduler="ddim").run(
         specs, on_progress=on_progress)
+
+
+def progress_view(progress) -> InversionResourceProgress:
+    """The core's per-job progress as the resource shows it: DDIM steps walked, and null-text's inner
+    iterations at the current step (a job that stops early reports fewer than ``inner_total``)."""
+    return InversionResourceProgress(step=progress.step, total=progress.steps, inner_iterations=progress.inner,
+                                     inner_total=progress.inner_total)
