@@ -258,6 +258,8 @@ class JobPayload(BaseModel):
     batch_key: BatchKey
     seeds: list[int] = Field(description="P2P: one seed; IP2P: one per sweep cell")
     input_image_key: str | None = Field(None, description="S3 key of the normalised input PNG (IP2P)")
+    inversion_id: str | None = Field(None, description="P2P from a real photo: the finished inversion (checked for "
+                                                       "tenancy by the gateway) whose x_T and embeddings it starts from")
     created_at: datetime
 
 
@@ -536,3 +538,66 @@ class DatasetWebhookEvent(BaseModel):
     type: Literal["dataset.started", "dataset.progress", "dataset.completed"]
     timestamp: datetime
     data: Dataset
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inversions (issue 11): a photo + its caption turned into x_T and per-step unconditional embeddings, a
+# resource that P2P edits start from. Defaults are the null-text reference's.
+
+InversionMethod = Literal["null-text", "ddim", "negative-prompt"]
+INVERSION_METHODS: tuple[str, ...] = InversionMethod.__args__
+MAX_INVERSION_INNER_STEPS = 50
+
+
+class InversionRequest(_Strict):
+    """``POST /v1/inversions``: the photo (base64 / data: URL here, or a multipart file) and its caption.
+
+    Inversion walks the deterministic DDIM trajectory, so the scheduler is fixed to ``ddim``; edits from it
+    must use the same model, size and step count.
+    """
+
+    caption: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the photo's source caption")
+    model: str | None = Field(None, max_length=100, description="a text2image model; default: the P2P default")
+    method: InversionMethod = Field("null-text", description="null-text (reference), ddim (inversion only), or "
+                                                             "negative-prompt (the caption as the unconditional "
+                                                             "embedding, no optimisation)")
+    steps: int | None = Field(None, ge=1, le=200, description="DDIM steps; an edit from it must use the same count")
+    scheduler: Literal["ddim"] = "ddim"
+    guidance_scale: float = Field(7.5, ge=1.0, le=30.0, allow_inf_nan=False,
+                                  description="the guidance the stored embeddings are optimised for")
+    num_inner_steps: int = Field(10, ge=1, le=MAX_INVERSION_INNER_STEPS,
+                                 description="null-text: optimiser iterations per step at most")
+    early_stop_epsilon: float = Field(1e-5, ge=0.0, le=1.0, allow_inf_nan=False,
+                                      description="null-text: stop a step's optimisation below this loss")
+    resolution: int = Field(512, ge=64, le=2048, description="side of the centre-cropped square (capped per model)")
+    image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
+    webhook: WebhookSpec | None = None
+
+
+class InversionProgress(_Strict):
+    """DDIM steps walked and, for null-text, inner optimiser iterations run out of the most possible."""
+
+    step: int
+    total: int
+    inner_iterations: int = 0
+    inner_total: int = 0
+
+
+class InversionResultUrls(BaseModel):
+    reconstruction_url: str = Field(description="PNG decoded from the inversion (random tiny models: noise)")
+    arrays_url: str = Field(description="safetensors with `x_t` (1, 4, h, w) and `uncond_embeddings` (steps, 77, D)")
+    expires_at: datetime
+
+
+class Inversion(BaseModel):
+    """An inversion resource; ``id`` goes into a P2P edit's ``inversion_id``."""
+
+    id: str
+    status: EditStatus
+    created_at: datetime
+    updated_at: datetime | None = None
+    request: dict[str, Any] = Field(description="the request with defaults resolved, image omitted")
+    progress: InversionProgress | None = None
+    result: InversionResultUrls | None = None
+    reconstruction_error: float | None = Field(None, description="latent MSE of the reconstruction vs the photo")
+    error: ErrorInfo | None = None

@@ -30,6 +30,7 @@ Layout (all prefixed ``editserve:``)::
     datasets:active               set: dataset jobs not yet terminal
     tenant:{t}:datasets           set: the tenant's active dataset jobs
     workers:live                  sorted set: model|worker -> heartbeat expiry (live workers per model)
+    tenant:{t}:inversion:{digest} string: the id of the tenant's finished inversion with that key (reuse)
 """
 
 from __future__ import annotations
@@ -152,3 +153,11 @@ def lease_key(dataset_id: str) -> str:
 
 def tenant_active_key(tenant: str) -> str:
     return f"{KEY_PREFIX}tenant:{tenant}:datasets"
+
+
+# ---------------------------------------------------------------------------------------------- inversions
+
+
+def inversion_cache_key(tenant: str, digest: str) -> str:
+    """Per tenant: one tenant's photo never resolves to another tenant's inversion."""
+    return f"{KEY_PREFIX}tenant:{tenant}:inversion:{digest}"

@@ -45,6 +45,15 @@ def attention_array_key(edit_id: str, prompt_index: int) -> str:
     return f"{EDITS_PREFIX}{edit_id}/attn-{prompt_index}.npy"
 
 
+def inversion_arrays_key(inversion_id: str) -> str:
+    """An inversion is an edit-like record: its objects live under ``edits/`` and share the edits' retention."""
+    return f"{EDITS_PREFIX}{inversion_id}/inversion.safetensors"
+
+
+def inversion_reconstruction_key(inversion_id: str) -> str:
+    return f"{EDITS_PREFIX}{inversion_id}/reconstruction.png"
+
+
 class Storage:
     def __init__(self, settings: S3Settings):
         self.settings = settings

@@ -46,7 +46,22 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         attention_map_prompts=attention_map_prompts(request.attention_maps, n),
         negative_prompt=request.negative_prompt,
         score=request.metrics,
+        inversion=stored_inversion(payload, fetch),
     )
+
+
+def stored_inversion(payload: JobPayload, fetch: FetchBytes | None):
+    """The finished inversion a P2P payload names, loaded from S3 (no inversion work runs for the edit)."""
+    if payload.inversion_id is None:
+        return None
+    if fetch is None:
+        raise ValueError("a P2P payload naming an inversion needs a fetch function")
+    from worker.runtime.inversions import load_inversion
+
+    try:
+        return load_inversion(fetch, payload.inversion_id)
+    except ValueError as exc:
+        raise EditValidationError("inversion_id", f"inversion {payload.inversion_id} is unreadable: {exc}") from exc
 
 
 def per_target_reweight(reweight: dict[str, float] | list[dict[str, float]] | None, n: int):
