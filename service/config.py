@@ -113,6 +113,16 @@ class WorkerSettings(BaseModel):
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for torch (0: torch's default); 1 avoids "
                                "oversubscription when CPU workers share cores")
     debug_step_delay_seconds: float = Field(0.0, ge=0, description="fault-injection tests only: sleep per step")
+    row_buckets: str = Field("auto", description="UNet row counts a step is padded up to, e.g. '1,2,4,8,16,32'; "
+                             "'auto': powers of two up to 128 when compiling, none when eager; '' never pads")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the UNet step; auto: on "
+                                                  "CUDA devices only (CPU stays eager)")
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode without CUDA graphs")
+    cuda_graphs: bool = Field(True, description="with compile on a CUDA device: capture steps as CUDA graphs "
+                              "(mode reduce-overhead)")
+    inductor_cache_dir: str = Field(str(REPO_ROOT / ".cache" / "inductor"), description="compiled kernels cached "
+                                    "on disk, so a restarted worker warms up fast")
+    warmup: bool = Field(True, description="compile every row bucket of every loaded model at worker start")
 
 
 class WebhookSettings(BaseModel):
