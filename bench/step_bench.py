@@ -230,7 +230,8 @@ def stage_throughput(model, args, acceleration) -> dict[str, Any]:
     runner = runner_for(model, args, acceleration)
     ours, ours_runs, ours_peak = median_run(lambda: check_ok(runner.run(jobs)), args)
     rows = sum(2 * len(j.prompts) for j in jobs)
-    unet = accelerated_unet(model, acceleration) or model.unet
+    unet = accelerated_unet(model, acceleration)
+    unet = model.unet if unet is None else unet
     f = model.vae_scale_factor
     sample = torch.randn(rows, model.unet.config.in_channels, args.size // f, args.size // f,
                          device=model.device, dtype=model.dtype)

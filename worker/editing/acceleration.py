@@ -140,7 +140,8 @@ def warm_up(model, acceleration: StepAcceleration, *, height: int, width: int,
     not in a user's first step. Inputs are zeros: only the shapes matter. A text-to-image model is warmed
     with the UNet's own processors and again with the P2P hook installed (P2P jobs run that graph).
     Returns seconds per bucket, both passes together."""
-    unet = accelerated_unet(model, acceleration) or model.unet
+    unet = accelerated_unet(model, acceleration)
+    unet = model.unet if unet is None else unet
     hooked = (False, True) if getattr(model.spec, "kind", None) == "text2image" else (False,)
     rows_list = list(buckets if buckets is not None else acceleration.row_buckets) or [1]
     f = model.vae_scale_factor

@@ -116,7 +116,7 @@ class BatchState:
     def __init__(self, model, *, row_buckets: Sequence[int] = (), unet: Callable[..., Any] | None = None):
         self.model = model
         self.row_buckets = tuple(row_buckets)  # pad each call's rows up to its bucket (buckets.bucket_for)
-        self.unet = unet or model.unet  # a compiled UNet may stand in (acceleration.accelerated_unet)
+        self.unet = model.unet if unet is None else unet  # a compiled UNet may stand in (acceleration)
         self._padding_text: torch.Tensor | None = None
         self.jobs: list[JobState] = []
         self._router = None
