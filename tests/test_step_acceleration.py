@@ -94,28 +94,32 @@ def test_padding_under_tensor_controllers_never_changes_a_job_result(sd_model, e
         assert_same(result, eager_alone[spec.job_id])
 
 
-def test_a_compiled_step_equals_the_eager_one(sd_model):
-    """inductor on the CPU (tiny model, 64 px, 3 steps): a plain and a word-swap job, batched and padded."""
+@pytest.mark.timeout(1200)  # two traces of the UNet: about a minute each on a loaded 2-core box
+def test_a_compiled_step_equals_the_eager_one_and_warm_up_covers_every_later_batch(sd_model):
+    """torch.compile of the tiny model (64 px, 3 steps), a plain and a word-swap job, batched and padded.
+
+    The backend is ``aot_eager``: the same dynamo graphs, graph breaks and guards as inductor, without its C++
+    code generation, which takes minutes more on a 2-core box (``bench/step_bench.py`` runs inductor on a GPU).
+    After the warm-up no batch compiles anything: not the first, not one of other jobs."""
+    from torch._dynamo.utils import counters
+
     size, steps = 64, 3
     jobs = [P2PJobSpec("swap", "a cat riding a bicycle", ["a dog riding a bicycle"], seed=1),
             P2PJobSpec("plain", "a house", ["a castle"], seed=3, edit="none")]
     eager = BatchRunner(sd_model, height=size, width=size, steps=steps, scheduler="ddim", tensor_controllers=True)
     expected = [eager.run([spec])[0] for spec in jobs]
-    acceleration = StepAcceleration(compile="on", compile_mode="default", row_buckets=(8,))
+    acceleration = StepAcceleration(compile="on", compile_mode="default", row_buckets=(8,), backend="aot_eager")
     compiled = BatchRunner(sd_model, height=size, width=size, steps=steps, scheduler="ddim",
                            acceleration=acceleration)
     assert compiled.unet is accelerated_unet(sd_model, acceleration) is not None
     assert compiled.ctx.tensor_controllers
     warmed = warm_up(sd_model, acceleration, height=size, width=size, calls=1)
     assert set(warmed.seconds) == {8} and warmed.total_seconds > 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
     for result, reference in zip(compiled.run(jobs), expected):
-        assert_same(result, reference, tol=1e-3)
-
-    # other jobs, same shapes: the compiled graphs hold (no recompilation per job or per batch)
-    from torch._dynamo.utils import counters
-
-    graphs = dict(counters["stats"])
+        assert_same(result, reference)
     others = [P2PJobSpec("swap2", "a house by the lake", ["a castle by the lake"], seed=7, cross_replace_steps=0.5),
               P2PJobSpec("plain2", "a cup of coffee", ["a cup of tea"], seed=8, edit="none")]
     assert all(r.ok for r in compiled.run(others))
-    assert dict(counters["stats"]).get("unique_graphs") == graphs.get("unique_graphs")
+    assert counters["stats"]["unique_graphs"] == graphs

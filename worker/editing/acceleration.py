@@ -42,6 +42,7 @@ class StepAcceleration:
     cuda_graphs: bool = False  # compiling on a CUDA device: capture the step as CUDA graphs ("reduce-overhead")
     row_buckets: tuple[int, ...] = ()  # pad each UNet call up to a bucket (buckets.bucket_for)
     cache_dir: str | None = None  # inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR)
+    backend: str = "inductor"  # torch.compile backend; tests use "aot_eager" (same graphs and guards, no codegen)
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_CHOICES:
@@ -91,15 +92,16 @@ def use_compile_cache(cache_dir: str | os.PathLike | None) -> None:
         pass
 
 
-_COMPILED: dict[tuple[int, str], Callable[..., Any]] = {}
+_COMPILED: dict[tuple[int, str, str], Callable[..., Any]] = {}
 
 
-def compiled_unet(unet: torch.nn.Module, mode: str) -> Callable[..., Any]:
-    """``torch.compile(unet, mode=mode)``, made once per (UNet, mode) and reused by every batch."""
-    key = (id(unet), mode)
+def compiled_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor") -> Callable[..., Any]:
+    """``torch.compile(unet, mode=mode)``, made once per (UNet, mode, backend) and reused by every batch."""
+    key = (id(unet), mode, backend)
     if key not in _COMPILED:
         _exclude_p2p_hook_from_graphs()
-        _COMPILED[key] = torch.compile(unet, mode=mode, dynamic=False)
+        options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+        _COMPILED[key] = torch.compile(unet, backend=backend, dynamic=False, **options)
     return _COMPILED[key]
 
 
@@ -118,7 +120,7 @@ def accelerated_unet(model, acceleration: StepAcceleration | None) -> Callable[.
     if acceleration is None or not acceleration.compiles_on(model.device):
         return None
     use_compile_cache(acceleration.cache_dir)
-    return compiled_unet(model.unet, acceleration.mode_on(model.device))
+    return compiled_unet(model.unet, acceleration.mode_on(model.device), acceleration.backend)
 
 
 @dataclass
