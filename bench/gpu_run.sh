@@ -10,6 +10,10 @@
 # --max-seconds (it skips what would not fit) under a hard `timeout`, and rewrites its results after every
 # benchmark, so a cut-short run still returns figures. Files in $OUT: gpu_run.log, core-<gpu>.txt, core-<gpu>.json.
 # GPU_RUN_PROFILE=1: build only the P2P model and run bench/gpu_profile.py instead (gpu-profile.json).
+# GPU_RUN_STEP=1: build only the P2P model and run bench/step_bench.py instead (issue 17's figures: GPU-busy
+# share per step, P2P pair vs diffusers, plain vs diffusers eager and compiled, 16-job batch vs a bare compiled
+# UNet loop, warm-up cold and after a restart, peak memory): step-<gpu>.txt/.json. In a dry run it compiles
+# on the CPU (tiny model, 64 px, 3 steps), so every path runs end to end.
 set -uo pipefail
 : "${OUT:?set OUT to the folder for results}"
 mkdir -p "$OUT"
@@ -61,7 +65,8 @@ for mod in (torch, transformers, numpy, diffusers, pydantic):
     print(f"  {mod.__name__:<13} {os.path.dirname(mod.__file__)}")
 sys.path.insert(0, os.getcwd())
 for name in ("service.config", "worker.models.registry", "worker.models.builders", "worker.editing.batch",
-             "worker.editing.p2p", "worker.editing.ip2p", "worker.editing.processor"):
+             "worker.editing.p2p", "worker.editing.ip2p", "worker.editing.processor",
+             "worker.editing.acceleration", "worker.editing.tensor_controller"):
     importlib.import_module(name)
 from worker.models.tokenizer import _bpe_path
 assert _bpe_path().exists(), _bpe_path()
@@ -69,12 +74,18 @@ print("  editing core imports OK; CLIP BPE merges:", _bpe_path())
 if os.environ["GPU_RUN_DRY"] != "1":
     assert torch.cuda.is_available(), "CUDA is not available"
     print("  cuda:", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+    try:  # torch.compile on CUDA needs triton (shipped with torch's CUDA wheels); bench/step_bench.py uses it
+        import triton
+        print("  triton", triton.__version__)
+    except ImportError:
+        print("  triton missing: compiled figures in step_bench will fail")
 EOF
 
   stage "build random-weight models ($shape, $build_dtype) into $models (both at once)"
   rm -rf "$models" && mkdir -p "$models"
   local pids=() kind kinds="text2image instruct"
   [ "${GPU_RUN_PROFILE:-0}" = 1 ] && kinds=text2image  # the profile needs only the P2P model
+  [ "${GPU_RUN_STEP:-0}" = 1 ] && kinds=text2image  # so does the step bench
   for kind in $kinds; do
     OMP_NUM_THREADS=$(( $(nproc) > 2 ? $(nproc) / 2 : 1 )) timeout 240 \
       python3 -m worker.models.builders --out "$models/$kind" --shape "$shape" --kind "$kind" --dtype "$build_dtype" \
@@ -98,6 +109,23 @@ EOF
     local prc=$?
     [ "$dry" = 1 ] || rm -rf "$models"
     return $prc
+  fi
+
+  if [ "${GPU_RUN_STEP:-0}" = 1 ]; then
+    local shard=$(( $(left) - 10 ))
+    local sdev=(--device cuda --dtype float16 --size 512 --steps 50 --repeats "${GPU_RUN_REPEATS:-3}" --jobs 16)
+    [ "$dry" = 1 ] && sdev=(--tiny --jobs 4)
+    [ -n "${GPU_RUN_MACHINE:-}" ] && sdev+=(--machine "$GPU_RUN_MACHINE")
+    [ "$dry" = 1 ] && [ -z "${GPU_RUN_MACHINE:-}" ] && sdev+=(--machine dry-cpu)
+    stage "step_bench: ${sdev[*]} (soft budget $((shard - 25))s, killed at ${shard}s)"
+    timeout -k 10 "$shard" python3 bench/step_bench.py --model "$models/text2image" "${sdev[@]}" --out "$OUT" \
+      --max-seconds $((shard - 25))
+    local src=$?
+    [ $src = 124 ] || [ $src = 137 ] && echo "step_bench hit the hard timeout: partial results only"
+    stage "done (step_bench exit status $src); files in \$OUT:"
+    ls -la "$OUT"
+    [ "$dry" = 1 ] || rm -rf "$models"
+    return $src
   fi
 
   local hard=$(( $(left) - 10 ))

@@ -147,6 +147,16 @@ class WorkerSettings(BaseModel):
                             "(P2P with n targets = 2(n+1) rows, IP2P = 3 per sweep cell)")
     high_priority_overflow_rows: int = Field(16, ge=0, description="step batching: rows a high-priority job may "
                                              "exceed row_budget by, so it joins at the next step even when full")
+    row_buckets: str = Field("auto", description="UNet row counts a step is padded up to, e.g. '1,2,4,8,16,32'; "
+                             "'auto': powers of two up to 128 when compiling, none when eager; '' never pads")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the UNet step; auto: on "
+                                                  "CUDA devices only (CPU stays eager)")
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode without CUDA graphs")
+    cuda_graphs: bool = Field(True, description="with compile on a CUDA device: capture steps as CUDA graphs "
+                              "(mode reduce-overhead)")
+    inductor_cache_dir: str = Field(str(REPO_ROOT / ".cache" / "inductor"), description="compiled kernels cached "
+                                    "on disk, so a restarted worker warms up fast")
+    warmup: bool = Field(True, description="compile every row bucket of every loaded model at worker start")
 
 
 class WebhookSettings(BaseModel):

@@ -134,8 +134,8 @@ def test_deferred_finite_checks_fail_the_same_job_at_the_step_it_broke(runner, a
 
     original_init, original_after = BatchState.__init__, P2PJobState.after_step
 
-    def init(self, model):
-        original_init(self, model)
+    def init(self, model, **kwargs):
+        original_init(self, model, **kwargs)
         self.finite_check_lag = 2
 
     def after_step(self, latents):

@@ -40,6 +40,7 @@ class SamplingContext:
     width: int
     steps: int
     scheduler: str
+    tensor_controllers: bool = False  # P2P decisions as step-indexed device tensors (captured/compiled steps)
     _null_text: torch.Tensor | None = field(default=None, repr=False)
     _negative_texts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 

@@ -22,6 +22,7 @@ from typing import Any, Self
 
 import torch
 
+from worker.editing.acceleration import StepAcceleration, accelerated_unet
 from worker.editing.base import (
     BatchForwardError,
     JobState,
@@ -29,6 +30,7 @@ from worker.editing.base import (
     SamplingContext,
     decode_many,
 )
+from worker.editing.buckets import padding_for
 from worker.editing.jobs import JobCanceled, JobResult, JobSpec
 from worker.editing.methods import method_for
 
@@ -68,7 +70,7 @@ class PerJobRowVectors:
     def __init__(self, unet):
         self.segments: list[int] | None = None
         self._patched: list[tuple[torch.nn.Module, Any]] = []
-        for module in _row_vector_linears(unet):
+        for module in _row_vector_linears(unet) if unet is not None else ():
             own = module.__dict__.get("forward")  # an accelerate hook may already have replaced it
             module.forward = self._per_job(module.forward)
             self._patched.append((module, own))
@@ -111,13 +113,17 @@ class BatchState:
     attention processors are installed on the UNet while any job has a controller, restored on exit.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, row_buckets: Sequence[int] = (), unet: Callable[..., Any] | None = None):
         self.model = model
+        self.row_buckets = tuple(row_buckets)  # pad each call's rows up to its bucket (buckets.bucket_for)
+        self.unet = model.unet if unet is None else unet  # a compiled UNet may stand in (acceleration)
+        self._padding_text: torch.Tensor | None = None
         self.jobs: list[JobState] = []
         self._router = None
         self._previous_processors: dict | None = None
         self._text_cache: tuple[tuple[JobState, ...], torch.Tensor] | None = None
-        self._row_vectors = PerJobRowVectors(model.unet)
+        # a compiled UNet would guard on the per-job segments (a recompile per membership): eager only
+        self._row_vectors = PerJobRowVectors(model.unet if unet is None else None)
         self._finite_checks: deque[FiniteCheck] = deque()
         self.finite_check_lag = 0  # steps a check may stay pending on CPU (tests exercise the GPU bookkeeping)
 
@@ -136,7 +142,7 @@ class BatchState:
             self._router = None
 
     def admit(self, job: JobState) -> None:
-        if job.controller is not None and self._router is None:
+        if job.controller is not None and self._router is None and getattr(job.controller, "needs_hook", True):
             self._install_router()
         self.jobs.append(job)
 
@@ -147,10 +153,9 @@ class BatchState:
         return len(self.jobs)
 
     def _install_router(self) -> None:
-        from worker.editing.processor import BatchAttentionRouter, install_p2p_processors
+        from worker.editing.processor import install_shared_p2p_processors
 
-        self._router = BatchAttentionRouter()
-        self._previous_processors = install_p2p_processors(self.model.unet, self._router)
+        self._router, self._previous_processors = install_shared_p2p_processors(self.model.unet)
 
     def _route(self, jobs: list[JobState]) -> None:
         if self._router is None:
@@ -175,9 +180,23 @@ class BatchState:
     def _forward(self, jobs: list[JobState], inputs: list[torch.Tensor]) -> torch.Tensor:
         timesteps = torch.cat([j.row_timesteps() for j in jobs])
         self._route(jobs)
-        self._row_vectors.segments = [n for j in jobs for n in j.row_groups]
-        return self.model.unet(torch.cat(inputs), timesteps, encoder_hidden_states=self._text(jobs),
-                               return_dict=False)[0]
+        groups = [n for j in jobs for n in j.row_groups]
+        sample, text = torch.cat(inputs), self._text(jobs)
+        rows = sample.shape[0]
+        pad = padding_for(rows, self.row_buckets)
+        if pad:  # padding rows: their own row-vector group, outside every attention segment, dropped below
+            sample = torch.cat([sample, sample.new_zeros((pad, *sample.shape[1:]))])
+            timesteps = torch.cat([timesteps, timesteps[-1:].expand(pad)])
+            text = torch.cat([text, self._pad_text(text, pad)])
+            groups.append(pad)
+        self._row_vectors.segments = groups
+        return self.unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)[0][:rows]
+
+    def _pad_text(self, text: torch.Tensor, pad: int) -> torch.Tensor:
+        cached = self._padding_text
+        if cached is None or cached.shape[0] < pad or cached.shape[1:] != text.shape[1:]:
+            cached = self._padding_text = text.new_zeros((max(self.row_buckets), *text.shape[1:]))
+        return cached[:pad]
 
     @torch.no_grad()
     def step(self) -> StepReport:
@@ -296,7 +315,8 @@ class BatchRunner:
     """
 
     def __init__(self, model, *, height: int, width: int, steps: int, scheduler: str | None = None,
-                 decode_batch: int = 8):
+                 decode_batch: int = 8, tensor_controllers: bool = False,
+                 acceleration: StepAcceleration | None = None):
         factor = model.vae_scale_factor
         if height % factor or width % factor or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
@@ -304,11 +324,20 @@ class BatchRunner:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.model = model
         self.decode_batch = max(1, decode_batch)  # images per VAE call when jobs finish together
-        self.ctx = SamplingContext(model, height, width, steps, scheduler or model.spec.scheduler)
+        self.acceleration = acceleration
+        self.unet = accelerated_unet(model, acceleration)  # None: the model's own eager UNet
+        tensor_controllers = tensor_controllers or self.unet is not None
+        self.ctx = SamplingContext(model, height, width, steps, scheduler or model.spec.scheduler,
+                                   tensor_controllers=tensor_controllers)
 
     @property
     def kind(self) -> str:
         return self.model.spec.kind
+
+    def new_batch(self) -> BatchState:
+        """A ``BatchState`` with this runner's row buckets and (compiled) UNet."""
+        buckets = self.acceleration.row_buckets if self.acceleration is not None else ()
+        return BatchState(self.model, row_buckets=buckets, unet=self.unet)
 
     def prepare(self, spec: JobSpec) -> JobState:
         """Validate a job and build its initial state (text encoding, x_T, image latents, controller)."""
@@ -321,7 +350,7 @@ class BatchRunner:
         cancel that job (return True or raise ``JobCanceled``). Results come back in the jobs' order."""
         results: list[JobResult | None] = [None] * len(jobs)
         slot: dict[JobState, int] = {}  # by identity: JobState keeps object hashing
-        with self.model.lock, BatchState(self.model) as batch:
+        with self.model.lock, self.new_batch() as batch:
             for i, spec in enumerate(jobs):
                 try:
                     job = self.prepare(spec)

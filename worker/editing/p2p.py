@@ -44,7 +44,12 @@ def build_job_controller(spec: P2PJobSpec, ctx: SamplingContext, num_steps: int)
     """The job's controller over ``num_steps`` UNet calls, its windows fractions of the requested steps."""
     from worker.editing.controllers import build_controller
 
-    return build_controller(spec, ctx.model.tokenizer, num_steps, ctx.latent_size, schedule_steps=ctx.steps)
+    controller = build_controller(spec, ctx.model.tokenizer, num_steps, ctx.latent_size, schedule_steps=ctx.steps)
+    if ctx.tensor_controllers:
+        from worker.editing.tensor_controller import TensorController
+
+        return TensorController(controller)
+    return controller
 
 
 def check_inversion_fits(inversion, ctx: SamplingContext) -> None:

@@ -12,6 +12,7 @@ method its own controller asks for, so a job's result does not depend on its bat
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -197,3 +198,24 @@ def install_p2p_processors(unet, router: BatchAttentionRouter) -> dict:
         processors[name] = old if place is None else P2PAttnProcessor(router, place)
     unet.set_attn_processor(processors)
     return previous
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unet -> (router, its P2P processors)
+
+
+def install_shared_p2p_processors(unet) -> tuple[BatchAttentionRouter, dict]:
+    """Install this UNet's one set of P2P processors (made on first use) and return (router, previous).
+
+    Why one set per UNet: a compiled UNet guards on its processors; fresh ones per batch would recompile it
+    per batch. The router's segments are cleared: the caller routes its own jobs.
+    """
+    cached = _SHARED.get(unet)
+    if cached is None:
+        router = BatchAttentionRouter()
+        previous = install_p2p_processors(unet, router)
+        _SHARED[unet] = cached = (router, dict(unet.attn_processors))
+    else:
+        previous = dict(unet.attn_processors)
+        unet.set_attn_processor(dict(cached[1]))
+    cached[0].segments = []
+    return cached[0], previous

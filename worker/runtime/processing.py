@@ -42,6 +42,7 @@ from service.config import Settings
 from service.jobstore import EditNotFound, JobStore
 from service.keys import edit_key
 from service.storage import Storage, StorageError
+from worker.editing.acceleration import StepAcceleration
 from worker.editing.batch import BatchForwardError, BatchRunner, NonFiniteLatentsError
 from worker.editing.jobs import EditValidationError, JobResult, JobSpec
 from worker.models.registry import ModelRegistry
@@ -146,6 +147,10 @@ class BatchProcessor:
         self.worker_name = worker_name
         self.aborting = aborting
         self._upload_pool: ThreadPoolExecutor | None = None
+
+    def acceleration(self, model) -> StepAcceleration:
+        """Compilation, CUDA graphs and row buckets for ``model``'s device, from ``settings.worker``."""
+        return StepAcceleration.from_settings(self.settings.worker, model.device)
 
     # ------------------------------------------------------------------ the batch
     def process(self, claimed: list[ClaimedJob]) -> BatchReport:
@@ -267,8 +272,9 @@ class BatchProcessor:
                                       f"model {key.model!r} is not served by worker {self.worker_name}", field="model")
             return
         try:
-            runner = BatchRunner(self.registry.get(key.model), height=key.height, width=key.width,
-                                 steps=key.steps, scheduler=key.scheduler)
+            model = self.registry.get(key.model)
+            runner = BatchRunner(model, height=key.height, width=key.width, steps=key.steps,
+                                 scheduler=key.scheduler, acceleration=self.acceleration(model))
         except ValueError as exc:
             for job in group:
                 job.error = job_error(ErrorType.validation_error, str(exc))

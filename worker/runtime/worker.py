@@ -95,8 +95,28 @@ class EditWorker:
             torch.set_num_threads(self.settings.worker.torch_threads)
         for name in self.models:
             t0 = time.monotonic()
-            self.registry.get(name)
+            model = self.registry.get(name)
             log_event("model_loaded", model=name, seconds=round(time.monotonic() - t0, 2))
+            self.warm_up(model)
+
+    def warm_up(self, model) -> None:
+        """Compile (and capture) the UNet step for every row bucket now, not in a user's first step; logged
+        as ``warm_up`` with its seconds. Nothing to do when the step runs eager. A failing compilation turns
+        it off for this worker (logged) rather than failing every batch."""
+        from worker.editing.acceleration import warm_up
+
+        acceleration = self.processor.acceleration(model)
+        if not self.settings.worker.warmup or not acceleration.compiles_on(model.device):
+            return
+        size = model.spec.default_size
+        try:
+            result = warm_up(model, acceleration, height=size, width=size)
+        except Exception as exc:  # noqa: BLE001 — an eager worker beats a dead one
+            log_event("warm_up_failed", model=model.spec.name, error=f"{type(exc).__name__}: {exc}")
+            self.settings.worker.compile = "off"
+            return
+        log_event("warm_up", model=model.spec.name, seconds=round(result.total_seconds, 2),
+                  buckets={str(k): round(v, 2) for k, v in result.seconds.items()})
 
     def run_batch(self, timeout: float = IDLE_WAIT_SECONDS) -> ActiveBatch | None:
         """One turn of the loop: gather and start a batch, hand the batch that ran last turn to the finisher,
