@@ -8,10 +8,10 @@ bucket (size-capped) and validated line by line; both sources are stored as one 
 
 from __future__ import annotations
 
-import json
 from functools import partial
 
 from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from editserve.contract import API_VERSION, CaptionTriplet, Dataset, DatasetRequest, ErrorType
@@ -20,7 +20,7 @@ from service.datasets import DatasetConflict, DatasetNotFound, DatasetStore, par
 from service.datasets import triplets_object as triplets_object_key
 from service.edit_validation import check_webhook, forbidden_prompt_character, random_seed
 from service.errors import ApiError, from_pydantic, invalid, not_found
-from service.intake import max_body_bytes, read_body_limited
+from service.intake import max_body_bytes, parse_json_object, read_body_limited
 from service.jobstore import new_edit_id
 from service.storage import StorageError
 from service.webhooks.emit import emit_dataset as emit_dataset_webhook
@@ -124,18 +124,11 @@ def check_triplets(svc, triplets: list[CaptionTriplet], params: dict, source: st
 async def create_dataset(request: Request, tenant: str = Depends(tenant_dependency)) -> Response:
     svc = request.app.state.services
     body = await read_body_limited(request, max_body_bytes(svc.settings.limits))
-    try:
-        data = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise invalid(None, "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise invalid(None, "the body must be a JSON object")
+    data = parse_json_object(body)  # the edit route's checks: 400 malformed_json, size-bounded containers
     try:
         dataset_request = DatasetRequest.model_validate(data)
     except ValidationError as exc:
         raise from_pydantic(exc) from None
-    from starlette.concurrency import run_in_threadpool
-
     dataset = await run_in_threadpool(_create, svc, dataset_store(request), dataset_request, tenant)
     return Response(dataset.model_dump_json(), status_code=202, media_type="application/json",
                     headers={"Location": f"/{API_VERSION}/datasets/{dataset.id}"})
