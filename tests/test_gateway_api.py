@@ -302,7 +302,7 @@ def test_metrics_use_route_templates_and_report_queue_depth(live):
     assert edit["id"] not in text
     assert 'editserve_jobs_submitted_total{kind="p2p",model="tiny-sd"}' in text
     depth = [line for line in text.splitlines() if line.startswith("editserve_queue_depth{")]
-    assert depth and depth[0].endswith(" 1.0") and "edits.normal.tiny-sd:p2p:128x128:s4:ddim" in depth[0]
+    assert depth and depth[0].endswith(" 1.0") and 'queue="edits.normal.tiny-sd"' in depth[0]  # one queue per (priority, model)
     for name in ("editserve_batch_size_bucket", "editserve_queue_wait_seconds_bucket",
                  "editserve_job_duration_seconds_bucket", "editserve_denoise_step_seconds_bucket",
                  "editserve_jobs_in_progress", "editserve_http_request_duration_seconds_bucket"):
