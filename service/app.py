@@ -430,8 +430,8 @@ ops_router = APIRouter(tags=["ops"])
 
 @ops_router.get("/healthz", summary="The process is up")
 async def healthz() -> dict[str, str]:
-    """On the event loop, not the thread pool: liveness must not wait behind blocking work (uploads, listings)
-    that has every pool thread busy; what it measures is whether the loop answers."""
+    # async, so on the event loop rather than the thread pool: liveness must not wait behind blocking work
+    # (uploads, listings) holding every pool thread; what it measures is whether the loop answers.
     return {"status": "ok"}
 
 
