@@ -120,7 +120,7 @@ class _EditBase(_Strict):
 
 
 class LocalBlend(_Strict):
-    """Edit only where the given words attend (local blending, from the Prompt-to-Prompt paper)."""
+    """Edit only where the given words attend (P2P §local blending)."""
 
     source_words: list[Word] = Field(min_length=1, max_length=8)
     target_words: WordList | Annotated[list[WordList], Field(min_length=1, max_length=MAX_TARGETS)] = Field(

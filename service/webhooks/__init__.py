@@ -5,7 +5,8 @@ Why split in two: status changes happen inside the GPU loop, which must never wa
 ``python -m service.webhooks`` (``Sender``: RQ's job bookkeeping and retry scheduler driven by a loop of its
 own, which outlasts Redis outages) does the HTTP.
 
-Emission, called by JobStore on every status change: ``emit(redis, edit, "started"|"progress"|"completed",
+Emission, a JobStore listener (the gateway's and the worker's mains hand it to their store), told of every
+status change: ``emit(redis, edit, "started"|"progress"|"completed",
 tenant)``. Events the edit did not subscribe to (``edit.webhook.events``) are dropped; ``progress`` is
 throttled per edit to ``settings.webhooks.progress_min_interval_seconds``; each event gets a stable
 ``webhook-id`` (``msg_{edit_id}_{started|completed|progress_<step>}``), reused by its retries and emitted at
