@@ -8,7 +8,6 @@ bucket (size-capped) and validated line by line; both sources are stored as one 
 
 from __future__ import annotations
 
-import json
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
@@ -17,7 +16,7 @@ from service.datasets import DatasetConflict, DatasetNotFound, DatasetStore, par
 from service.datasets import triplets_object as triplets_object_key
 from service.edit_validation import DEFAULT_STEPS, check_webhook, forbidden_prompt_character, random_seed
 from service.errors import ApiError, from_pydantic, invalid, not_found
-from service.intake import max_body_bytes, read_body_limited
+from service.intake import max_body_bytes, parse_json_object, read_body_limited
 from service.jobstore import new_edit_id
 from service.storage import StorageError
 
@@ -124,12 +123,7 @@ def check_triplets(svc, triplets: list[CaptionTriplet], params: dict, source: st
 async def create_dataset(request: Request, tenant: str = Depends(tenant_dependency)) -> Response:
     svc = _app().services(request)
     body = await read_body_limited(request, max_body_bytes(svc.settings.limits))
-    try:
-        data = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise invalid(None, "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise invalid(None, "the body must be a JSON object")
+    data = parse_json_object(body)  # 400 malformed_json, or 422 naming where text is not valid Unicode
     try:
         dataset_request = DatasetRequest.model_validate(data)
     except ValidationError as exc:
