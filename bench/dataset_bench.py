@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2, help="(a) interleaved service/loop pairs")
-    p.add_argument("--metrics-repeats", type=int, default=5, help="(b) interleaved with/without pairs")
+    p.add_argument("--metrics-repeats", type=int, default=3, help="(b) interleaved with/without pairs")
+    p.add_argument("--metrics-size", type=int, default=128, help="(b) size (tiny-sd's default)")
+    p.add_argument("--metrics-steps", type=int, default=20, help="(b) steps")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=1500.0)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -106,10 +108,13 @@ class Loop:
         self.args = args
         registry = ModelRegistry(Settings(models_dir=REPO / ".models"))
         self.scorer = registry.clip_scorer()
-        self.runner = BatchRunner(registry.get("tiny-sd"), height=args.size, width=args.size, steps=args.steps,
-                                  scheduler="ddim")
+        self.model = registry.get("tiny-sd")
+        self.runner = BatchRunner(self.model, height=args.size, width=args.size, steps=args.steps, scheduler="ddim")
 
-    def run(self, seed: int, n_triplets: int | None = None, per_triplet: int | None = None) -> dict[str, Any]:
+    def run(self, seed: int, n_triplets: int | None = None, per_triplet: int | None = None,
+            batch: int = 1) -> dict[str, Any]:
+        """``batch`` 1: the reference's shape. ``batch`` > 1: the same samples through the core in batches (no
+        service around it): the ceiling the service's batching can reach on this machine."""
         from service.datasets import sample_payload, triplet_plan
         from worker.runtime.execute import p2p_spec
         from worker.scoring.attach import attach_scores
@@ -122,18 +127,23 @@ class Loop:
         out = Path(tempfile.mkdtemp(prefix="editserve-loop-"))
         t0 = time.perf_counter()
         samples = kept = 0
+        work = []
         for index, raw in enumerate(triplets(n_triplets or args.triplets)):
             triplet = CaptionTriplet(**raw)
-            scored = []
             for plan in triplet_plan(seed, index, per_triplet or args.samples, (0.1, 0.9), (7.5, 15.0)):
                 payload = sample_payload("loop", "bench", params, index, triplet, plan, f"loop-{index}-{plan.sample}")
-                spec = p2p_spec(payload, payload.request)
-                result = self.runner.run([spec])[0]
-                attach_scores(self.scorer, [(spec, result)])
+                work.append((index, plan, p2p_spec(payload, payload.request)))
+        scored: dict[int, list] = {}
+        for start in range(0, len(work), batch):
+            chunk = work[start:start + batch]
+            results = self.runner.run([spec for _, _, spec in chunk])
+            attach_scores(self.scorer, [(spec, result) for (_, _, spec), result in zip(chunk, results)])
+            for (index, plan, _), result in zip(chunk, results):
                 samples += 1
                 if result.ok and result.scores and result.scores[1]:
-                    scored.append(((plan, result), PairScores(**result.scores[1])))
-            for plan, result in keep_and_rank(scored, CODE_THRESHOLDS, 4):
+                    scored.setdefault(index, []).append(((plan, result), PairScores(**result.scores[1])))
+        for index, pairs in scored.items():
+            for plan, result in keep_and_rank(pairs, CODE_THRESHOLDS, 4):
                 result.images[0].save(out / f"{index}_{plan.seed}_0.png")
                 result.images[1].save(out / f"{index}_{plan.seed}_1.png")
                 kept += 1
@@ -145,8 +155,12 @@ class Loop:
 # --- (b) metrics overhead ------------------------------------------------------------------------------
 
 def metrics_overhead(loop: Loop, args) -> dict[str, Any]:
+    from worker.editing.batch import BatchRunner
     from worker.editing.jobs import P2PJobSpec
     from worker.scoring.attach import attach_scores
+
+    runner = BatchRunner(loop.model, height=args.metrics_size, width=args.metrics_size, steps=args.metrics_steps,
+                         scheduler="ddim")
 
     def specs(score: bool) -> list[P2PJobSpec]:
         return [P2PJobSpec(job_id=f"m{i}", source_prompt="a photo of a cat riding a bicycle",
@@ -156,7 +170,7 @@ def metrics_overhead(loop: Loop, args) -> dict[str, Any]:
     def once(score: bool) -> float:
         jobs = specs(score)
         t0 = time.perf_counter()
-        results = loop.runner.run(jobs)
+        results = runner.run(jobs)
         if score:
             attach_scores(loop.scorer, list(zip(jobs, results)))
             assert all(r.scores and r.scores[1] for r in results)
@@ -168,7 +182,7 @@ def metrics_overhead(loop: Loop, args) -> dict[str, Any]:
         plain.append(once(False))
         scored.append(once(True))
     p, s = statistics.median(plain), statistics.median(scored)
-    return {"batch": args.batch, "plain_s": round(p, 4), "with_metrics_s": round(s, 4),
+    return {"batch": args.batch, "size": args.metrics_size, "steps": args.metrics_steps, "plain_s": round(p, 4), "with_metrics_s": round(s, 4),
             "extra_per_edit_ms": round((s - p) / args.batch * 1000, 2), "extra_fraction": round(s / p - 1, 4),
             "plain_runs": [round(x, 4) for x in plain], "metrics_runs": [round(x, 4) for x in scored]}
 
@@ -183,10 +197,13 @@ def render(info: dict[str, Any], a: dict[str, Any], b: dict[str, Any], args) -> 
         f"(a) dataset job, {args.triplets} triplets x {args.samples} samples, worker batch {args.batch}:",
         f"    service runs (samples/s): {[r['samples_per_s'] for r in a['service']]}",
         f"    reference-shaped loop   : {[r['samples_per_s'] for r in a['loop']]}",
+        f"    bare core in batches of {args.batch}: {[r['samples_per_s'] for r in a['bare']]}",
         f"    median service {a['service_median']} / loop {a['loop_median']} samples/s = {ratio:.2f}x "
         f"(goal >= {GOALS['a']}x: {'met' if ratio >= GOALS['a'] else 'missed'})",
+        f"    ceiling: the bare batched core / loop = {a['ceiling']:.2f}x; service / bare batched core = "
+        f"{a['service_median'] / a['bare_median']:.2f}x",
         "",
-        f"(b) metrics: true, batch of {b['batch']} P2P jobs: {b['plain_s']} s without, {b['with_metrics_s']} s with "
+        f"(b) metrics: true, batch of {b['batch']} P2P jobs at {b['size']} px, {b['steps']} steps: {b['plain_s']} s without, {b['with_metrics_s']} s with "
         f"= +{b['extra_per_edit_ms']} ms per edit, +{b['extra_fraction'] * 100:.1f} % "
         f"(goal <= {GOALS['b'] * 100:.0f} %: {'met' if b['extra_fraction'] <= GOALS['b'] else 'missed'})",
     ]
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info.get('loadavg_at_start')}", flush=True)
     bench = Bench(args)
-    a: dict[str, Any] = {"service": [], "loop": []}
+    a: dict[str, Any] = {"service": [], "loop": [], "bare": []}
     with signals_interrupt():
         try:
             bench.start_backing()
@@ -227,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     deadline.check("the loop run")
                     a["loop"].append(loop.run(10 + r))
                     print(f"loop run {r + 1}: {a['loop'][-1]}", flush=True)
+                    deadline.check("the bare batched run")
+                    a["bare"].append(loop.run(10 + r, batch=args.batch))
+                    print(f"bare batched run {r + 1}: {a['bare'][-1]}", flush=True)
             stack.stop()
             b = metrics_overhead(loop, args)
             print(f"metrics: {b}", flush=True)
@@ -235,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a["service_median"] = round(statistics.median(r["samples_per_s"] for r in a["service"]), 3)
     a["loop_median"] = round(statistics.median(r["samples_per_s"] for r in a["loop"]), 3)
     a["ratio"] = round(a["service_median"] / a["loop_median"], 3)
+    a["bare_median"] = round(statistics.median(r["samples_per_s"] for r in a["bare"]), 3)
+    a["ceiling"] = round(a["bare_median"] / a["loop_median"], 3)
     table = render(info, a, b, args)
     print("\n" + table)
     slug = args.machine or machine_slug(info)
