@@ -110,6 +110,10 @@ class _EditBase(_Strict):
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to steer away from: replaces "
                                  "the empty text of the unconditional branches (one per edit)",
                                  examples=["blurry, low quality"])
+    output_format: Literal["png", "webp", "jpeg"] = Field(
+        "png", description="file type of every result; each file carries the generation parameters (PNG text "
+                           "chunk `parameters`, EXIF UserComment for webp and jpeg)", examples=["webp"])
+    output_quality: int = Field(90, ge=1, le=100, description="webp and jpeg quality (png is lossless)")
     webhook: WebhookSpec | None = None
     priority: Literal["high", "normal", "low"] = "normal"
     metrics: bool = Field(False, description="CLIP scores per output (IP2P paper metrics), computed on the worker "
