@@ -861,6 +861,20 @@ export interface components {
              */
             output_caption?: string | null;
             /**
+             * Output Format
+             * @description file type of every result; each file carries the generation parameters (PNG text chunk `parameters`, EXIF UserComment for webp and jpeg)
+             * @default png
+             * @example webp
+             * @enum {string}
+             */
+            output_format?: "png" | "webp" | "jpeg";
+            /**
+             * Output Quality
+             * @description webp and jpeg quality (png is lossless)
+             * @default 90
+             */
+            output_quality?: number;
+            /**
              * Priority
              * @default normal
              * @enum {string}
@@ -1046,6 +1060,20 @@ export interface components {
              * @example blurry, low quality
              */
             negative_prompt?: string;
+            /**
+             * Output Format
+             * @description file type of every result; each file carries the generation parameters (PNG text chunk `parameters`, EXIF UserComment for webp and jpeg)
+             * @default png
+             * @example webp
+             * @enum {string}
+             */
+            output_format?: "png" | "webp" | "jpeg";
+            /**
+             * Output Quality
+             * @description webp and jpeg quality (png is lossless)
+             * @default 90
+             */
+            output_quality?: number;
             /**
              * Priority
              * @default normal
