@@ -86,3 +86,19 @@ def test_quality_changes_lossy_bytes_and_bad_formats_are_refused_by_field(live):
             response = client.post("/v1/edits", json=dict(P2P, **{field: value}))
             assert response.status_code == 422, response.text
             assert response.json()["error"]["field"] == field
+
+
+def test_cli_format_flags_reach_the_worker_and_downloads_keep_the_names(live, make_worker, tmp_path, capsys,
+                                                                        monkeypatch):
+    from editserve import cli
+
+    monkeypatch.setenv("EDITSERVE_URL", live.url)
+    assert cli.main(["edit", "p2p", "--source", "a cat", "--target", "a dog", "--steps", "2", "--seed", "3",
+                     "--size", "64", "--format", "jpeg", "--quality", "60", "--no-wait"]) == 0
+    edit_id = capsys.readouterr().out.strip()
+    assert make_worker().run_once(5.0) is not None
+    assert cli.main(["wait", edit_id, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [str(tmp_path / f"{edit_id}-output-0-source.jpg"), str(tmp_path / f"{edit_id}-output-1-target-1.jpg")]
+    data = (tmp_path / f"{edit_id}-output-1-target-1.jpg").read_bytes()
+    assert Image.open(io.BytesIO(data)).format == "JPEG" and read_parameters(data).startswith("a dog\n")
