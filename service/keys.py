@@ -30,6 +30,7 @@ Layout (all prefixed ``editserve:``)::
     datasets:active               set: dataset jobs not yet terminal
     tenant:{t}:datasets           set: the tenant's active dataset jobs
     workers:live                  sorted set: model|worker -> heartbeat expiry (live workers per model)
+    cancel:scheduled              sorted set: edit id -> Cancel-After deadline (epoch s), swept by the reaper
 """
 
 from __future__ import annotations
@@ -152,3 +153,8 @@ def lease_key(dataset_id: str) -> str:
 
 def tenant_active_key(tenant: str) -> str:
     return f"{KEY_PREFIX}tenant:{tenant}:datasets"
+
+
+# ------------------------------------------------------------------------------------------- cancel-after
+
+CANCEL_AFTER_KEY = f"{KEY_PREFIX}cancel:scheduled"

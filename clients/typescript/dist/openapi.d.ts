@@ -2316,6 +2316,8 @@ export interface operations {
                 "Idempotency-Key"?: string | null;
                 /** @description RFC 7240; `wait=N` holds the response up to N seconds, a bare `wait` up to the default (60 s); answered by `Preference-Applied` */
                 prefer?: string | null;
+                /** @description cancel the edit once this much time has passed: seconds (`30`) or a duration (`90s`, `1m30s`, `500ms`) */
+                "Cancel-After"?: string | null;
             };
             path?: never;
             cookie?: never;
