@@ -230,7 +230,8 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
         stack, s3_server, s3_proxy, conn, client):
     events = EventCounter(redis.Redis.from_url(stack.redis_url))
     start_worker(stack, "uploader", EDITSERVE_S3__ENDPOINT_URL=s3_proxy.url, EDITSERVE_S3__UPLOAD_ATTEMPTS="3",
-                 EDITSERVE_S3__UPLOAD_BACKOFF_SECONDS="0.2")
+                 EDITSERVE_S3__UPLOAD_BACKOFF_SECONDS="0.2",
+                 EDITSERVE_WORKER__RESULT_UPLOAD_WINDOW_SECONDS="0")  # the client's retries only, no outage window
     wait_started(stack, "uploader")
 
     # 1. S3 unreachable for longer than the retry window: output-1 never gets through
