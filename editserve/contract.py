@@ -394,7 +394,9 @@ class Edit(BaseModel):
     completed_at: datetime | None = None
     progress: Progress | None = None
     queue_position: int | None = None
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(None, description="null when unknown (e.g. no live worker serves the model)")
+    workers: int | None = Field(None, description="queued edits: live workers serving its model now; 0 means it "
+                                "waits for one (an autoscaler may start one) and its ETA is unknown")
     params: dict[str, Any] = Field(description="the parameters actually used, seeds included")
     results: list[ResultImage] = Field(default_factory=list)
     attention_maps: list[AttentionMapResult] = Field(default_factory=list)
@@ -434,6 +436,8 @@ class ModelInfo(BaseModel):
     random_weights: bool
     scheduler: SchedulerName = Field(description="the default sampler")
     schedulers: list[SchedulerName] = Field(description="samplers a request may name in `scheduler`")
+    workers: int = Field(0, description="live workers serving the model now (from their heartbeats)")
+    queued: int = Field(0, description="edits waiting in the model's worker queues")
 
 
 # ---------------------------------------------------------------------------------------------- dataset jobs

@@ -54,6 +54,7 @@ from service.auth import (
     bearer_token,
     constant_time_equal,
 )
+from service.availability import model_availability
 from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
@@ -365,11 +366,14 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList, summary="Servable models")
 def list_models(request: Request) -> ModelList:
+    svc = services(request)
+    catalog = svc.settings.model_catalog()
+    workers, queued = model_availability(svc.redis, catalog)
     return ModelList(data=[
         ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
                   max_size=spec.max_size, random_weights=spec.random_weights, scheduler=spec.scheduler,
-                  schedulers=list(SCHEDULERS))
-        for spec in services(request).settings.model_catalog().values()
+                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0))
+        for spec in catalog.values()
     ])
 
 
