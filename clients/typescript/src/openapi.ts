@@ -662,7 +662,10 @@ export interface components {
              */
             created_at: string;
             error?: components["schemas"]["ErrorInfo"] | null;
-            /** Eta Seconds */
+            /**
+             * Eta Seconds
+             * @description null when unknown (e.g. no live worker serves the model)
+             */
             eta_seconds?: number | null;
             /** Id */
             id: string;
@@ -712,6 +715,11 @@ export interface components {
             started_at?: string | null;
             status: components["schemas"]["EditStatus"];
             webhook?: components["schemas"]["WebhookDeliveryState"] | null;
+            /**
+             * Workers
+             * @description queued edits: live workers serving its model now; 0 means it waits for one (an autoscaler may start one) and its ETA is unknown
+             */
+            workers?: number | null;
         };
         /** EditList */
         EditList: {
@@ -961,6 +969,12 @@ export interface components {
             max_size: number;
             /** Name */
             name: string;
+            /**
+             * Queued
+             * @description edits waiting in the model's worker queues
+             * @default 0
+             */
+            queued?: number;
             /** Random Weights */
             random_weights: boolean;
             /**
@@ -974,6 +988,12 @@ export interface components {
              * @description samplers a request may name in `scheduler`
              */
             schedulers: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc")[];
+            /**
+             * Workers
+             * @description live workers serving the model now (from their heartbeats)
+             * @default 0
+             */
+            workers?: number;
         };
         /** ModelList */
         ModelList: {
