@@ -73,6 +73,9 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (echoed back in params)")
     parser.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default per model)")
+    parser.add_argument("--format", dest="output_format", choices=["png", "webp", "jpeg"],
+                        help="file type of the results (default png); each file carries its parameters")
+    parser.add_argument("--quality", dest="output_quality", type=int, metavar="Q", help="webp/jpeg quality 1-100")
     parser.add_argument("--webhook", metavar="URL", help="POST signed events to this URL")
     parser.add_argument("--priority", choices=["high", "normal", "low"])
     parser.add_argument("--out", type=Path, help="folder for the images (required unless --no-wait)")
@@ -210,6 +213,7 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
                   scheduler=args.scheduler)
     if args.negative:
         common["negative_prompt"] = args.negative
+    common.update({k: v for k in ("output_format", "output_quality") if (v := getattr(args, k)) is not None})
     if args.kind == "p2p":
         edit = client.submit_p2p(args.source, args.target, **common, **_p2p_fields(args))
     else:

@@ -224,7 +224,12 @@ def _download_plan(edit: Edit, folder: Path, attention_maps: bool) -> list[_Down
         ext = Path(httpx.URL(url).path).suffix
         return ext if ext else default
 
-    plan = [_Download(r.url, folder / f"{edit.id}-output-{r.index}{suffix(r.url, '.png')}") for r in edit.results]
+    def result_name(url: str, index: int) -> str:
+        """The object's own name (``output-1-target-1.webp``) when it says which output it is; else by index."""
+        name = Path(httpx.URL(url).path).name
+        return name if name.startswith(f"output-{index}-") else f"output-{index}{suffix(url, '.png')}"
+
+    plan = [_Download(r.url, folder / f"{edit.id}-{result_name(r.url, r.index)}") for r in edit.results]
     if attention_maps:
         for m in edit.attention_maps:
             plan.append(_Download(m.grid_url, folder / f"{edit.id}-attn-{m.prompt_index}{suffix(m.grid_url, '.png')}"))

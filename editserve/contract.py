@@ -110,6 +110,10 @@ class _EditBase(_Strict):
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to steer away from: replaces "
                                  "the empty text of the unconditional branches (one per edit)",
                                  examples=["blurry, low quality"])
+    output_format: Literal["png", "webp", "jpeg"] = Field(
+        "png", description="file type of every result; each file carries the generation parameters (PNG text "
+                           "chunk `parameters`, EXIF UserComment for webp and jpeg)", examples=["webp"])
+    output_quality: int = Field(90, ge=1, le=100, description="webp and jpeg quality (png is lossless)")
     webhook: WebhookSpec | None = None
     priority: Literal["high", "normal", "low"] = "normal"
     metrics: bool = Field(False, description="CLIP scores per output (IP2P paper metrics), computed on the worker "
@@ -392,7 +396,9 @@ class Edit(BaseModel):
     completed_at: datetime | None = None
     progress: Progress | None = None
     queue_position: int | None = None
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(None, description="null when unknown (e.g. no live worker serves the model)")
+    workers: int | None = Field(None, description="queued edits: live workers serving its model now; 0 means it "
+                                "waits for one (an autoscaler may start one) and its ETA is unknown")
     params: dict[str, Any] = Field(description="the parameters actually used, seeds included")
     results: list[ResultImage] = Field(default_factory=list)
     attention_maps: list[AttentionMapResult] = Field(default_factory=list)
@@ -432,6 +438,8 @@ class ModelInfo(BaseModel):
     random_weights: bool
     scheduler: SchedulerName = Field(description="the default sampler")
     schedulers: list[SchedulerName] = Field(description="samplers a request may name in `scheduler`")
+    workers: int = Field(0, description="live workers serving the model now (from their heartbeats)")
+    queued: int = Field(0, description="edits waiting in the model's worker queues")
 
 
 # ---------------------------------------------------------------------------------------------- dataset jobs

@@ -86,13 +86,14 @@ def main() -> None:
             "p2p-word-swap": client.submit_p2p(
                 source_prompt="a photo of a cat riding a bicycle", target_prompts=["a photo of a dog riding a bicycle"],
                 edit="replace", cross_replace_steps=0.8, self_replace_steps=0.4, attention_maps=True,
-                negative_prompt="blurry, low quality", scheduler="dpmpp_2m_karras", **common),
+                negative_prompt="blurry, low quality", scheduler="dpmpp_2m_karras", output_format="webp",
+                **common),
             "p2p-reweight": client.submit_p2p(
                 source_prompt="a photo of a fluffy cat", target_prompts=["a photo of a fluffy cat"],
                 edit="reweight", reweight={"fluffy": 4.0}, attention_maps=[0, 1], **common),
             "ip2p": client.submit_ip2p(image=sample_image(), instruction="make it a snowy winter day",
                                         text_guidance=7.5, image_guidance=1.5, negative_prompt="blurry",
-                                        scheduler="euler", **common),
+                                        scheduler="euler", output_format="webp", output_quality=85, **common),
         }
         args.out.mkdir(parents=True, exist_ok=True)
         for name, edit in edits.items():

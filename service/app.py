@@ -54,11 +54,13 @@ from service.auth import (
     bearer_token,
     constant_time_equal,
 )
+from service.availability import model_availability
+from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
 from service.edit_validation import parse_request, prepare_submission
-from service.errors import ApiError, error_response, install_error_handlers, not_found
+from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
@@ -243,6 +245,13 @@ def edit_response(edit: Edit, status: int, **headers: str) -> Response:
                     headers={"Location": f"/{API_VERSION}/edits/{edit.id}", **headers})
 
 
+def parse_cancel_after_header(value: str) -> float:
+    try:
+        return parse_cancel_after(value)
+    except ValueError as exc:
+        raise invalid("Cancel-After", f"Cancel-After: {exc}") from None
+
+
 @router.post("/edits", status_code=202, response_model=Edit, openapi_extra=EDIT_REQUEST_BODY,
              summary="Submit an edit (JSON, or multipart with an image file)",
              responses={200: {"model": Edit, "description": "Terminal already (Prefer: wait, or a replay)"}})
@@ -253,11 +262,14 @@ async def create_edit(
                                          description="same key + same body → the same edit, run once"),
     prefer: str | None = Header(None, description="RFC 7240; `wait=N` holds the response up to N seconds, a bare "
                          "`wait` up to the default (60 s); answered by `Preference-Applied`"),
+    cancel_after: str | None = Header(None, alias="Cancel-After", description="cancel the edit once this much time "
+                                      "has passed: seconds (`30`) or a duration (`90s`, `1m30s`, `500ms`)"),
 ) -> Response:
     svc = services(request)
     limits = svc.settings.limits
     aio = svc.aio_redis()
     try:
+        cancel_seconds = None if cancel_after is None else parse_cancel_after_header(cancel_after)
         body = await read_body_limited(request, max_body_bytes(limits))
         parsed = await parse_edit_body(request, body, limits)
         edit_request = parse_request(parsed.data)
@@ -279,6 +291,8 @@ async def create_edit(
     headers: dict[str, str] = {}
     if not created:
         headers["Idempotent-Replayed"] = "true"
+    elif cancel_seconds is not None and not edit.status.terminal:
+        await schedule_cancel_async(aio, edit.id, cancel_seconds)
     wait = wait_seconds(request.headers.getlist("prefer"), limits.max_wait_seconds,
                         limits.default_wait_seconds)
     if wait is not None:
@@ -352,11 +366,14 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList, summary="Servable models")
 def list_models(request: Request) -> ModelList:
+    svc = services(request)
+    catalog = svc.settings.model_catalog()
+    workers, queued = model_availability(svc.redis, catalog)
     return ModelList(data=[
         ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
                   max_size=spec.max_size, random_weights=spec.random_weights, scheduler=spec.scheduler,
-                  schedulers=list(SCHEDULERS))
-        for spec in services(request).settings.model_catalog().values()
+                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0))
+        for spec in catalog.values()
     ])
 
 

@@ -31,6 +31,7 @@ from editserve.contract import (
 from service import limits
 from service.config import Settings
 from service.keys import edit_key, stats_key, tenant_index_key
+from service.liveness import live_workers
 from service.queues import rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
 
@@ -168,6 +169,10 @@ class EditView:
                                            last_error=r.get("webhook_last_error"))
         queue_position, eta = self._position_and_eta(r, status, progress, payload_raw, queue_state)
         model = r["model"]
+        workers = None
+        if status is EditStatus.queued:  # honest availability: no live worker, no borrowed ETA
+            workers = live_workers(self.redis).get(model, 0)
+            eta = eta if workers else None
         spec_catalog = self.settings.model_catalog()
         return Edit(
             id=r["id"],
@@ -180,6 +185,7 @@ class EditView:
             progress=progress,
             queue_position=queue_position,
             eta_seconds=eta,
+            workers=workers,
             params=json.loads(r["params"]),
             results=self._results(r) if status is S else [],
             attention_maps=self._attention_maps(r) if status is S else [],

@@ -31,6 +31,7 @@ Layout (all prefixed ``editserve:``)::
     tenant:{t}:datasets           set: the tenant's active dataset jobs
     workers:live                  sorted set: model|worker -> heartbeat expiry (live workers per model)
     tenant:{t}:inversion:{digest} string: the id of the tenant's finished inversion with that key (reuse)
+    cancel:scheduled              sorted set: edit id -> Cancel-After deadline (epoch s), swept by the reaper
 """
 
 from __future__ import annotations
@@ -161,3 +162,8 @@ def tenant_active_key(tenant: str) -> str:
 def inversion_cache_key(tenant: str, digest: str) -> str:
     """Per tenant: one tenant's photo never resolves to another tenant's inversion."""
     return f"{KEY_PREFIX}tenant:{tenant}:inversion:{digest}"
+
+
+# ------------------------------------------------------------------------------------------- cancel-after
+
+CANCEL_AFTER_KEY = f"{KEY_PREFIX}cancel:scheduled"

@@ -235,20 +235,21 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
     wait_started(stack, "uploader")
 
     # 1. S3 unreachable for longer than the retry window: output-1 never gets through
-    s3_proxy.drop = lambda method, path, n: method == "PUT" and path.split("?")[0].endswith("/output-1.png")
+    s3_proxy.drop = lambda method, path, n: (method == "PUT"
+                                             and path.split("?")[0].endswith("/output-1-target-1.png"))
     doomed = submit(client, seed=1)
     final = wait_until(lambda: (e := client.get(doomed.id)).status.terminal and e, 90, what="the doomed edit to end")
     assert final.status is EditStatus.failed
     assert final.error.type == "storage_error"
-    assert "output-1.png" in final.error.message and "after 3 attempt" in final.error.message
+    assert "output-1-target-1.png" in final.error.message and "after 3 attempt" in final.error.message
     assert final.results == [] and final.attention_maps == []  # no result URLs, partial or not
-    attempts = s3_proxy.requests("PUT", f"{doomed.id}/output-1.png")
+    attempts = s3_proxy.requests("PUT", f"{doomed.id}/output-1-target-1.png")
     assert [outcome for _, outcome in attempts] == ["dropped"] * 3
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.18 and gaps[1] >= 0.36 and gaps[1] > gaps[0], gaps  # exponential backoff 0.2, 0.4
     # what did reach S3 (output-0) is referenced nowhere: the record holds no results at all
     assert json.loads(field(conn, doomed.id, "results") or "[]") == []
-    assert set(object_keys(s3_server, doomed.id)) <= {f"edits/{doomed.id}/output-0.png"}
+    assert set(object_keys(s3_server, doomed.id)) <= {f"edits/{doomed.id}/output-0-source.png"}
     rq_settles(conn, doomed.id, JobStatus.FAILED)
 
     # 2. an outage shorter than the retry window: the first two PUTs die, the third goes through
@@ -257,11 +258,12 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
     lucky = submit(client, seed=2)
     done = client.wait(lucky.id, timeout=90, progress=False)
     assert done.status is EditStatus.succeeded and len(done.results) == 2
-    assert [o for _, o in s3_proxy.requests("PUT", f"{lucky.id}/output-0.png")] == ["dropped", "dropped", "200"]
+    assert [o for _, o in s3_proxy.requests("PUT", f"{lucky.id}/output-0-source.png")] == ["dropped", "dropped", "200"]
     for result in done.results:
         image = httpx.get(result.url, timeout=10)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
-    assert object_keys(s3_server, lucky.id) == [f"edits/{lucky.id}/output-0.png", f"edits/{lucky.id}/output-1.png"]
+    assert object_keys(s3_server, lucky.id) == [f"edits/{lucky.id}/output-0-source.png",
+                                                f"edits/{lucky.id}/output-1-target-1.png"]
 
     events.close()
     assert events.of(doomed.id) == ["failed"] and events.of(lucky.id) == ["succeeded"]

@@ -6,6 +6,7 @@ outlasts a storage outage longer than the storage client's retries (item 10)."""
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from urllib.parse import urlsplit
@@ -16,7 +17,7 @@ from devtools.faultproxy import TcpProxy
 from worker_support import EventCounter, edit_field, make_settings, p2p_payload, started_entries, submit, wait_until
 
 from service.jobstore import JobStore
-from service.storage import Storage, output_key
+from service.storage import Storage
 from worker.runtime.batching import QueueClaimer
 from worker.runtime.reaper import Reaper
 from worker.runtime.worker import EditWorker
@@ -127,7 +128,8 @@ def test_a_finished_result_outlasts_a_storage_outage_longer_than_the_retry_budge
     assert reports and reports[0] is not None and reports[0].outcomes == {edit_id: "succeeded"}, reports
     assert edit_field(conn, edit_id, "status") == "succeeded"
     assert started_entries(conn) == []
-    data = Storage(make_settings(redis_url, s3_server).s3).get_bytes(output_key(edit_id, 0))
+    key = json.loads(edit_field(conn, edit_id, "results"))[0]["key"]
+    data = Storage(make_settings(redis_url, s3_server).s3).get_bytes(key)
     assert data.startswith(b"\x89PNG")
 
 

@@ -16,6 +16,7 @@ from rq.job import Job, JobStatus
 from editserve.contract import BatchKey, EditStatus, ErrorInfo, WebhookSpec
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.keys import edit_key, events_channel
+from service.liveness import beat
 from service.queues import discover, parse_queue_name, queue_name, queue_names_by_priority
 
 
@@ -115,7 +116,9 @@ def test_full_lifecycle_and_metrics(js, conn):
     assert done.attention_maps[0].grid_url != done.attention_maps[0].array_url
     assert done.metrics.run_seconds == 2.0 and done.progress.step == done.progress.total
     assert conn.ttl(edit_key(edit.id)) > 0  # terminal records expire with the S3 retention
-    # rolling stats now give queued edits an ETA
+    # rolling stats now give queued edits an ETA, once a live worker serves the model
+    assert create(js).eta_seconds is None
+    beat(conn, "w1", ["tiny-sd"], ttl=60)
     assert create(js).eta_seconds is not None
 
 

@@ -13,6 +13,7 @@ from rq.job import Job
 
 from editserve.contract import EditStatus, ErrorInfo, JobPayload
 from service import metrics
+from service.liveness import beat
 from service.app import create_app
 from service.jobstore import JobStore, new_edit_id
 from service.keys import GLOBAL_QUEUED_KEY, edit_key, held_key, queued_key, released_key
@@ -241,6 +242,7 @@ def test_the_edit_a_submit_returns_matches_a_fresh_read(redis_url, conn):
     assert take_one(conn) == first
     js.mark_processing(first, batch_id="b", batch_size=1, worker="w")
     js.mark_succeeded(first, results=[], attention_maps=[], run_seconds=0.4)  # gives the ETA statistics
+    beat(conn, "w1", ["tiny-sd"], ttl=60)  # and a live worker serves the model
     made = []
     for priority in ("low", "normal", "high", "normal", "low", "high"):
         edit, created = js.create(p2p_payload(new_edit_id(), "default", priority=priority), webhook=None,

@@ -231,6 +231,6 @@ def test_a_worker_killed_between_its_uploads_and_its_marks_reruns_the_job_with_o
         assert edit_field(conn, edit_id, "worker") == rescuer.name
         keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket,
                                                            Prefix=f"edits/{edit_id}/").get("Contents", []))
-        assert keys == [f"edits/{edit_id}/output-0.png", f"edits/{edit_id}/output-1.png"]
+        assert keys == [f"edits/{edit_id}/output-0-source.png", f"edits/{edit_id}/output-1-target-1.png"]
         assert Job.fetch(edit_id, connection=conn).get_status() == JobStatus.FINISHED
     assert_rq_clean(conn)

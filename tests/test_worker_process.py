@@ -78,7 +78,7 @@ def test_sigkill_mid_batch_every_job_succeeds_exactly_once_on_another_worker(env
         assert "victim" in (edit_field(conn, edit_id, "requeue_reason") or "")
         keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket,
                                                            Prefix=f"edits/{edit_id}/").get("Contents", []))
-        assert keys == [f"edits/{edit_id}/output-0.png", f"edits/{edit_id}/output-1.png"]
+        assert keys == [f"edits/{edit_id}/output-0-source.png", f"edits/{edit_id}/output-1-target-1.png"]
         assert Job.fetch(edit_id, connection=conn).get_status() == JobStatus.FINISHED
     time.sleep(0.3)
     events.close()

@@ -51,6 +51,7 @@ from worker.runtime.execute import to_job_spec
 from worker.runtime.heartbeats import HeartbeatKeeper
 from worker.runtime.progress import StepReporter
 from worker.runtime.rqbridge import RqBridge, settle
+from worker.runtime.outputs import OutputPlan
 from worker.runtime.uploads import upload_outputs, upload_outputs_through_outage
 from worker.scoring.attach import attach_scores
 
@@ -379,7 +380,7 @@ class BatchProcessor:
                     self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="editserve-upload")
                 job.upload = self._upload_pool.submit(
                     upload_outputs_through_outage, self.storage, job.spec, result,
-                    window_seconds=self.settings.worker.result_upload_window_seconds)
+                    window_seconds=self.settings.worker.result_upload_window_seconds, plan=OutputPlan(job.payload))
 
     @staticmethod
     def _uploaded(job: RunningJob, reporter: StepReporter) -> tuple[list[dict], list[dict]]:
@@ -395,7 +396,7 @@ class BatchProcessor:
                 results, maps = self._uploaded(job, reporter)
             else:
                 results, maps = upload_outputs(self.storage, job.spec, job.result,  # type: ignore[arg-type]
-                                               before_each=reporter.renew_heartbeats)
+                                               before_each=reporter.renew_heartbeats, plan=OutputPlan(job.payload))
         except StorageError as exc:
             return error_info(exc)
         except Exception as exc:  # noqa: BLE001 — encoding one job's outputs must not sink the batch

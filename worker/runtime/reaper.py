@@ -32,6 +32,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 
 from editserve.contract import ErrorType, job_error
 from service import redisconn, scripts
+from service.cancel_after import cancel_due
 from service.config import Settings, get_settings
 from service.jobstore import JobStore
 from service.keys import REAPER_LOCK_KEY, edit_key
@@ -55,6 +56,7 @@ class ReapReport:
     tidied: list[str] = field(default_factory=list)  # stale entries of edits that are terminal or running elsewhere
     stranded: list[str] = field(default_factory=list)
     released_held: int = 0  # fair-share held edits released by the admission repair pass
+    canceled_after: list[str] = field(default_factory=list)  # edits canceled at their Cancel-After deadline
     skipped_locked: bool = False
 
 
@@ -84,12 +86,21 @@ class Reaper:
                 for name in group.queue_names:
                     self.reap_queue(name, report)
             report.released_held = self._repair_admission()
+            report.canceled_after = self._cancel_due()
         finally:
             self._release_lock(keys=[LOCK_KEY], args=[token])
         for what in ("requeued", "failed", "tidied", "stranded"):
             if getattr(report, what):
                 log.warning("reaper %s: %s", what, getattr(report, what))
         return report
+
+    def _cancel_due(self) -> list[str]:
+        """Edits whose ``Cancel-After`` deadline passed are canceled (``service.cancel_after``)."""
+        try:
+            return cancel_due(self.connection, self.store)
+        except Exception:  # best-effort like the repair sweep: recovering crashed jobs comes first
+            log.exception("cancel-after sweep failed")
+            return []
 
     def _repair_admission(self) -> int:
         """``JobStore.release_held``: the gateway's fair-share bookkeeping asks the reaper to run its

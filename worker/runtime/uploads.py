@@ -1,6 +1,6 @@
 """Store a finished job's outputs in S3 under ``edits/{id}/`` and describe them for ``JobStore.mark_succeeded``.
 
-Why fixed keys (``output-{i}.png``, ``attn-{p}.png``, ``attn-{p}.npy``): a retried attempt (after a crash or
+Why fixed keys (``output-{i}-{name}.{ext}``, ``attn-{p}.png``, ``attn-{p}.npy``): a retried attempt (after a crash or
 a presumed-dead worker coming back) overwrites the same objects instead of adding new ones, so an edit
 never ends up with duplicate outputs. Seeds are fixed per job, so the bytes are the same too.
 """
@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.storage import Storage, StorageError, attention_array_key, attention_grid_key, output_key
+from service.storage import Storage, StorageError, attention_array_key, attention_grid_key
 from worker.editing.jobs import AttentionMaps, JobResult, JobSpec
+from worker.runtime.outputs import OutputPlan
 
 log = logging.getLogger("editserve.worker")
 
@@ -37,17 +38,21 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def upload_outputs(storage: Storage, spec: JobSpec, result: JobResult,
-                   before_each: Callable[[], None] = lambda: None) -> tuple[list[dict], list[dict]]:
+                   before_each: Callable[[], None] = lambda: None,
+                   plan: OutputPlan = OutputPlan()) -> tuple[list[dict], list[dict]]:
     """Upload images and attention maps; return (results, attention_maps) dicts for the JobStore.
+
+    ``plan`` (from the job's payload) says the file format and the parameters embedded in each image.
 
     ``before_each`` runs before every object (the worker renews heartbeats there: uploads retry with
     backoff and may take longer than a denoising step).
     """
     results = []
     for index, image in enumerate(result.images):
-        key = output_key(spec.job_id, index)
+        encoded = plan.encode(spec, index, image)
+        key = encoded.key
         before_each()
-        storage.put_bytes(key, png_bytes(image), PNG)
+        storage.put_bytes(key, encoded.data, encoded.content_type)
         label = result.labels[index] if index < len(result.labels) else str(index)
         results.append({"index": index, "label": label, "key": key, "width": image.width, "height": image.height,
                         **spec.image_params(index)})
@@ -63,7 +68,8 @@ def upload_outputs(storage: Storage, spec: JobSpec, result: JobResult,
 def upload_outputs_through_outage(storage: Storage, spec: JobSpec, result: JobResult, *, window_seconds: float,
                                   retry_seconds: float = OUTAGE_RETRY_SECONDS,
                                   clock: Callable[[], float] = time.monotonic,
-                                  sleep: Callable[[float], None] = time.sleep) -> tuple[list[dict], list[dict]]:
+                                  sleep: Callable[[float], None] = time.sleep,
+                                  plan: OutputPlan = OutputPlan()) -> tuple[list[dict], list[dict]]:
     """``upload_outputs``, tried again (every object: keys are fixed, so nothing is duplicated) until it works or
     ``window_seconds`` have passed since the first failure; then the last StorageError is raised.
 
@@ -74,7 +80,7 @@ def upload_outputs_through_outage(storage: Storage, spec: JobSpec, result: JobRe
     deadline: float | None = None
     while True:
         try:
-            return upload_outputs(storage, spec, result)
+            return upload_outputs(storage, spec, result, plan=plan)
         except StorageError as exc:
             now = clock()
             deadline = deadline if deadline is not None else now + window_seconds

@@ -661,7 +661,10 @@ export interface components {
              */
             created_at: string;
             error?: components["schemas"]["ErrorInfo"] | null;
-            /** Eta Seconds */
+            /**
+             * Eta Seconds
+             * @description null when unknown (e.g. no live worker serves the model)
+             */
             eta_seconds?: number | null;
             /** Id */
             id: string;
@@ -711,6 +714,11 @@ export interface components {
             started_at?: string | null;
             status: components["schemas"]["EditStatus"];
             webhook?: components["schemas"]["WebhookDeliveryState"] | null;
+            /**
+             * Workers
+             * @description queued edits: live workers serving its model now; 0 means it waits for one (an autoscaler may start one) and its ETA is unknown
+             */
+            workers?: number | null;
         };
         /** EditList */
         EditList: {
@@ -860,6 +868,20 @@ export interface components {
              */
             output_caption?: string | null;
             /**
+             * Output Format
+             * @description file type of every result; each file carries the generation parameters (PNG text chunk `parameters`, EXIF UserComment for webp and jpeg)
+             * @default png
+             * @example webp
+             * @enum {string}
+             */
+            output_format?: "png" | "webp" | "jpeg";
+            /**
+             * Output Quality
+             * @description webp and jpeg quality (png is lossless)
+             * @default 90
+             */
+            output_quality?: number;
+            /**
              * Priority
              * @default normal
              * @enum {string}
@@ -946,6 +968,12 @@ export interface components {
             max_size: number;
             /** Name */
             name: string;
+            /**
+             * Queued
+             * @description edits waiting in the model's worker queues
+             * @default 0
+             */
+            queued?: number;
             /** Random Weights */
             random_weights: boolean;
             /**
@@ -959,6 +987,12 @@ export interface components {
              * @description samplers a request may name in `scheduler`
              */
             schedulers: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc")[];
+            /**
+             * Workers
+             * @description live workers serving the model now (from their heartbeats)
+             * @default 0
+             */
+            workers?: number;
         };
         /** ModelList */
         ModelList: {
@@ -1045,6 +1079,20 @@ export interface components {
              * @example blurry, low quality
              */
             negative_prompt?: string;
+            /**
+             * Output Format
+             * @description file type of every result; each file carries the generation parameters (PNG text chunk `parameters`, EXIF UserComment for webp and jpeg)
+             * @default png
+             * @example webp
+             * @enum {string}
+             */
+            output_format?: "png" | "webp" | "jpeg";
+            /**
+             * Output Quality
+             * @description webp and jpeg quality (png is lossless)
+             * @default 90
+             */
+            output_quality?: number;
             /**
              * Priority
              * @default normal
@@ -2288,6 +2336,8 @@ export interface operations {
                 "Idempotency-Key"?: string | null;
                 /** @description RFC 7240; `wait=N` holds the response up to N seconds, a bare `wait` up to the default (60 s); answered by `Preference-Applied` */
                 prefer?: string | null;
+                /** @description cancel the edit once this much time has passed: seconds (`30`) or a duration (`90s`, `1m30s`, `500ms`) */
+                "Cancel-After"?: string | null;
             };
             path?: never;
             cookie?: never;

@@ -407,7 +407,7 @@ function renderResults(edit, request, results, maps) {
       el("div", { class: "frame" }, el("img", { src: result.url, alt: caption, width: result.width, height: result.height }), overlay),
       el("figcaption", {}, el("span", { text: caption }), " ",
         el("button", { type: "button", class: "download", text: "Download",
-                       onclick: () => download(result.url, `${edit.id}-${result.index}.png`) })));
+                       onclick: () => download(result.url, `${edit.id}-${new URL(result.url).pathname.split("/").pop()}`) })));
     return figure;
   });
   const input = edit.kind === "ip2p" && request.inputUrl
