@@ -1,0 +1,80 @@
+"""The retention sweep: what a workload leaves in Redis that no TTL covers, cleaned in bounded passes.
+
+Why a sweep at all: most keys expire by themselves (edit records, RQ job hashes and results, idempotency
+claims, webhook state, ETA statistics: README "Retention"), but sorted sets and sets indexed by many edits
+cannot carry one TTL per member. Those are trimmed here:
+
+- ``tenant:{t}:edits``: members older than the record TTL whose record has expired (a member whose record
+  still exists stays: it is still listed);
+- every RQ queue's Finished/Failed registries (the ``webhooks`` queue's too), whose entries carry
+  their expiry as score and which RQ's own maintenance only trims every ten minutes, if at all;
+- RQ's worker sets (``rq:workers``, ``rq:workers:{queue}``): names of workers whose key expired (killed).
+
+Each pass SCANs at most ``retention.sweep_batch`` keys, resuming where the last one stopped, and looks at most
+``sweep_batch`` members of each key, so a pass costs the same however large Redis grows. The reaper runs
+one pass each time it runs (``worker.runtime.reaper``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+from rq import Queue
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.worker_registration import clean_worker_registry
+
+from service.config import Settings
+from service.keys import KEY_PREFIX, edit_key
+
+TENANT_INDEX_PATTERN = f"{KEY_PREFIX}tenant:*:edits"
+
+
+@dataclass
+class SweepReport:
+    index_members_dropped: int = 0
+    cycle_done: bool = False  # the key SCAN wrapped: every tenant index was looked at since the last wrap
+
+
+class RetentionSweep:
+    def __init__(self, connection: redis.Redis, settings: Settings):
+        self.connection = connection
+        self.settings = settings
+        self._cursor = 0
+
+    @property
+    def record_ttl_seconds(self) -> int:
+        return self.settings.retention.record_ttl_seconds or self.settings.s3.retention_days * 24 * 3600
+
+    def run_once(self) -> SweepReport:
+        report = SweepReport()
+        batch = self.settings.retention.sweep_batch
+        self._cursor, keys = self.connection.scan(self._cursor, match=TENANT_INDEX_PATTERN, count=batch)
+        report.cycle_done = self._cursor == 0
+        cutoff_ms = (time.time() - self.record_ttl_seconds) * 1000
+        for key in keys:
+            report.index_members_dropped += self.trim_index(key, cutoff_ms, batch)
+        self.clean_rq(time.time())
+        return report
+
+    def trim_index(self, key: bytes | str, cutoff_ms: float, batch: int) -> int:
+        """Drop up to ``batch`` old members of one tenant index whose edit record no longer exists."""
+        old = self.connection.zrangebyscore(key, 0, cutoff_ms, start=0, num=batch)
+        if not old:
+            return 0
+        with self.connection.pipeline(transaction=False) as pipe:
+            for member in old:
+                pipe.exists(edit_key(member.decode()))
+            gone = [member for member, exists in zip(old, pipe.execute()) if not exists]
+        if gone:
+            self.connection.zrem(key, *gone)
+        return len(gone)
+
+    def clean_rq(self, now: float) -> None:
+        """Expired registry entries of every RQ queue, and dead workers' names (``rq:queues`` itself is
+        bounded: a few queues per model plus the webhook queue)."""
+        for queue in Queue.all(connection=self.connection):
+            for registry in (FinishedJobRegistry, FailedJobRegistry):
+                registry(queue.name, connection=self.connection).cleanup(now)
+            clean_worker_registry(queue)
