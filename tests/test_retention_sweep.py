@@ -51,3 +51,16 @@ def test_dead_workers_names_leave_rq_worker_sets(redis_url):
     RetentionSweep(conn, _settings(redis_url, batch=100)).run_once()
     assert conn.smembers(REDIS_WORKER_KEYS) == {live.encode()}
     assert conn.smembers(WORKERS_BY_QUEUE_KEY % queue.name) == {live.encode()}
+
+
+def test_first_seen_marks_of_claims_that_left_the_intermediate_list_are_dropped(redis_url):
+    conn = redis.Redis.from_url(redis_url)
+    intermediate = "rq:queue:edits.normal.tiny-sd:intermediate"
+    conn.rpush(intermediate, "still-claimed")
+    for job_id in ("still-claimed", "started-long-ago"):
+        conn.set(f"{intermediate}:first_seen:{job_id}", time.time(), ex=24 * 3600)  # as RQ writes them
+    sweep = RetentionSweep(conn, _settings(redis_url, batch=100))
+    for _ in range(5):
+        sweep.run_once()
+    assert conn.exists(f"{intermediate}:first_seen:still-claimed")
+    assert not conn.exists(f"{intermediate}:first_seen:started-long-ago")

@@ -8,7 +8,9 @@ cannot carry one TTL per member. Those are trimmed here:
   still exists stays: it is still listed);
 - every RQ queue's Finished/Failed registries (the ``webhooks`` queue's too), whose entries carry
   their expiry as score and which RQ's own maintenance only trims every ten minutes, if at all;
-- RQ's worker sets (``rq:workers``, ``rq:workers:{queue}``): names of workers whose key expired (killed).
+- RQ's worker sets (``rq:workers``, ``rq:workers:{queue}``): names of workers whose key expired (killed);
+- ``rq:queue:{q}:intermediate:first_seen:{id}``: the stranded-claim clock the reaper starts for a claimed id,
+  which RQ keeps 24 h after the id has left the intermediate list (started): dropped once it has left.
 
 Each pass SCANs at most ``retention.sweep_batch`` keys, resuming where the last one stopped, and looks at most
 ``sweep_batch`` members of each key, so a pass costs the same however large Redis grows. The reaper runs
@@ -29,6 +31,8 @@ from service.config import Settings
 from service.keys import KEY_PREFIX, edit_key
 
 TENANT_INDEX_PATTERN = f"{KEY_PREFIX}tenant:*:edits"
+FIRST_SEEN_PATTERN = "rq:queue:*:intermediate:first_seen:*"
+FIRST_SEEN_MARK = ":first_seen:"
 
 
 @dataclass
@@ -42,6 +46,7 @@ class RetentionSweep:
         self.connection = connection
         self.settings = settings
         self._cursor = 0
+        self._first_seen_cursor = 0
 
     @property
     def record_ttl_seconds(self) -> int:
@@ -56,7 +61,22 @@ class RetentionSweep:
         for key in keys:
             report.index_members_dropped += self.trim_index(key, cutoff_ms, batch)
         self.clean_rq(time.time())
+        self._first_seen_cursor, marks = self.connection.scan(self._first_seen_cursor, match=FIRST_SEEN_PATTERN,
+                                                              count=batch)
+        self.drop_first_seen_of_departed(marks)
         return report
+
+    def drop_first_seen_of_departed(self, marks: list[bytes]) -> None:
+        """Delete first-seen marks whose id is no longer in its queue's intermediate list."""
+        if not marks:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for mark in marks:
+                intermediate, _, job_id = mark.decode().partition(FIRST_SEEN_MARK)
+                pipe.lpos(intermediate, job_id)
+            departed = [mark for mark, pos in zip(marks, pipe.execute()) if pos is None]
+        if departed:
+            self.connection.delete(*departed)
 
     def trim_index(self, key: bytes | str, cutoff_ms: float, batch: int) -> int:
         """Drop up to ``batch`` old members of one tenant index whose edit record no longer exists."""
