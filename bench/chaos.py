@@ -59,6 +59,11 @@ DECODE_BYTES_PER_PIXEL = 20  # one decode at its worst (RGBA): five 4-byte-per-p
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
+RETENTION_VARIABLES = ("EDITSERVE_RETENTION__RECORD_TTL_SECONDS", "EDITSERVE_RETENTION__IDEMPOTENCY_TTL_SECONDS",
+                       "EDITSERVE_RETENTION__STATS_TTL_SECONDS", "EDITSERVE_WORKER__RESULT_TTL_SECONDS",
+                       "EDITSERVE_WEBHOOKS__STATE_TTL_SECONDS")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=300)
@@ -74,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s3-outage", type=float, default=20.0, help="seconds the workers' S3 is unreachable (0: none)")
     p.add_argument("--long-step", type=float, default=7.0, help="step time of the extra slow worker (0: none)")
     p.add_argument("--hostile-rounds", type=int, default=4, help="rounds of the attacker (0: none)")
+    p.add_argument("--retention", type=int, default=0, help="Redis retention TTLs in seconds (records, results, "
+                   "idempotency, stats, webhook state); then wait for the workload to age out (0: days, no wait)")
     return p.parse_args(argv)
 
 
@@ -213,6 +220,8 @@ class Chaos:
             "EDITSERVE_LIMITS__TENANT_RPS": "1000000", "EDITSERVE_LIMITS__TENANT_BURST": "1000000",
             "EDITSERVE_LIMITS__TENANT_MAX_QUEUED": "1000000", "EDITSERVE_LIMITS__TENANT_MAX_CONCURRENT": "1000000",
         }
+        if self.args.retention:
+            env.update({name: str(self.args.retention) for name in RETENTION_VARIABLES})
         self.stack = LocalStack(redis_url=self.redis.url, s3=self.s3, models_dir=REPO / ".models", extra_env=env)
         self.stack.start_gateway()
         self.stack.start_webhook_sender()
@@ -543,11 +552,31 @@ class Chaos:
 
         self.redis_keys["after settling"] = redis.Redis.from_url(self.redis.url).dbsize()
         result = self.verify(finals)
+        if args.retention:
+            self.age_out(redis.Redis.from_url(self.redis.url), args.retention)
         self.stop_event.set()
         elapsed = time.monotonic() - t_start
         text = self.render(result, elapsed)
         ok = not result["lost"] and not result["duplicated"]
         return text, ok
+
+    def age_out(self, conn, retention: int) -> None:
+        """Wait past the retention TTLs, driving the reaper's pass (and its retention sweep) every second,
+        until the key count stops falling; records the count and what is left beyond the baseline."""
+        from service.config import Settings
+        from worker.runtime.reaper import Reaper
+
+        settings = Settings(redis_url=self.redis.url, **{"retention": {"record_ttl_seconds": retention,
+                            "idempotency_ttl_seconds": retention, "stats_ttl_seconds": retention},
+                            "worker": {"result_ttl_seconds": retention}, "webhooks": {"state_ttl_seconds": retention}})
+        reaper = Reaper(conn, settings)
+        log(f"aging out: retention {retention} s ...")
+        end = time.monotonic() + retention + 60
+        while time.monotonic() < end and conn.dbsize() > self.redis_keys["baseline"]:
+            reaper.run_once()
+            time.sleep(1.0)
+        self.redis_keys["after aging out"] = conn.dbsize()
+        self.redis_keys_left = sorted(k.decode() for k in conn.keys("*"))
 
     @staticmethod
     def max_image_pixels() -> int:
@@ -572,8 +601,14 @@ class Chaos:
         lines.append(f"  gateway peak RSS         {peak:.0f} MB; stated bound {bound:.0f} MB: "
                      f"{'held' if peak <= bound else 'EXCEEDED'}" if peak else "  gateway peak RSS         ?")
         keys = self.redis_keys
-        lines.append(f"  Redis keys               baseline {keys.get('baseline')}, after settling "
-                     f"{keys.get('after settling')} (retention TTLs are days: aging out is not run here)")
+        if "after aging out" in keys:
+            lines.append(f"  Redis keys               baseline {keys.get('baseline')}, after settling "
+                         f"{keys.get('after settling')}, after aging out {keys['after aging out']} "
+                         f"(retention {self.args.retention} s; goal: baseline plus the bounded rq:queues registry)")
+            lines.append(f"    keys left: {', '.join(getattr(self, 'redis_keys_left', []))}")
+        else:
+            lines.append(f"  Redis keys               baseline {keys.get('baseline')}, after settling "
+                         f"{keys.get('after settling')} (retention TTLs are days: --retention N ages out)")
         if self.hostile is not None:
             lines.append(f"  attacker answers (5xx other than 503: {self.hostile.five_xx()}); its accepted "
                          f"large-picture edits: {dict(r['hostile_states'])}")

@@ -171,7 +171,7 @@ class WebhookSettings(BaseModel):
     progress_min_interval_seconds: float = 0.5
     jitter_ratio: float = Field(0.2, ge=0.0, le=1.0, description="each retry delay is scaled by 1 ± this, at random")
     max_retry_after_seconds: float = Field(3600.0, ge=0.0, description="cap on a receiver's Retry-After")
-    state_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="lifetime of editserve:webhook:{id} keys")
+    state_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="lifetime of editserve:webhook:{id} keys")
     metrics_port: int = Field(9102, description="the delivery process's own /metrics; 0 disables")
 
 
@@ -186,6 +186,17 @@ class DatasetSettings(BaseModel):
                                 "triplet's); bounds what an interactive edit can find ahead of it")
     driver_interval_seconds: float = Field(0.5, gt=0, description="how often a worker's driver advances jobs")
     lease_seconds: float = Field(30.0, gt=0, description="a driver's hold on one job; a dead driver's expires")
+
+
+class RetentionSettings(BaseModel):
+    """How long what a workload writes to Redis lives (README "Retention"): every key expires or is swept."""
+
+    record_ttl_seconds: int | None = Field(None, ge=1, description="terminal edit records (and their RQ jobs' "
+                                           "lifetime floor); default: s3.retention_days, like the images")
+    idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, description="an Idempotency-Key's claim")
+    stats_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="ETA statistics of a batch shape unused "
+                                   "this long are dropped")
+    sweep_batch: int = Field(1000, ge=1, description="entries one sweep pass examines per key (bounded work)")
 
 
 class AuthSettings(BaseModel):
@@ -214,6 +225,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)
     datasets: DatasetSettings = Field(default_factory=DatasetSettings)
 

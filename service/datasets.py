@@ -253,10 +253,16 @@ class DatasetStore:
         return sorted(v.decode() for v in self.redis.smembers(ACTIVE_KEY))
 
     def retire(self, dataset_id: str, tenant: str | None) -> None:
+        """A terminal (or vanished) job leaves the active sets; its keys expire with the edit records'
+        retention (README "Retention") instead of living forever."""
+        ttl = self.settings.retention.record_ttl_seconds or self.settings.s3.retention_days * 24 * 3600
         with self.redis.pipeline() as pipe:
             pipe.srem(ACTIVE_KEY, dataset_id)
             if tenant:
                 pipe.srem(tenant_active_key(tenant), dataset_id)
+            for key in (dataset_key(dataset_id), inflight_key(dataset_id), done_key(dataset_id),
+                        kept_key(dataset_id)):
+                pipe.expire(key, ttl)
             pipe.execute()
 
     def take_lease(self, dataset_id: str, owner: str) -> bool:

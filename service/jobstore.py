@@ -68,7 +68,6 @@ from service.storage import Storage
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "worker.runtime.execute.run_single"
-IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 IDEMPOTENCY_WAIT_SECONDS = 5.0
 STATS_EWMA_ALPHA = 0.2
 
@@ -160,7 +159,7 @@ class JobStore:
 
     @property
     def retention_seconds(self) -> int:
-        return self.settings.s3.retention_days * 24 * 3600
+        return self.settings.retention.record_ttl_seconds or self.settings.s3.retention_days * 24 * 3600
 
     # ------------------------------------------------------------------ gateway side
 
@@ -239,7 +238,8 @@ class JobStore:
         if idempotency_key:
             fingerprint = fingerprint or request_fingerprint(payload)
             claim = (idem_key(payload.tenant, idempotency_key),
-                     json.dumps({"edit_id": payload.id, "fingerprint": fingerprint}), IDEMPOTENCY_TTL_SECONDS)
+                     json.dumps({"edit_id": payload.id, "fingerprint": fingerprint}),
+                     self.settings.retention.idempotency_ttl_seconds)
         worker = self.settings.worker
         job = Queue(name, connection=self.redis).create_job(
             JOB_FUNCTION, args=(record["payload"],), job_id=payload.id, timeout=worker.job_timeout_seconds,
@@ -507,7 +507,8 @@ class JobStore:
         steps = max(1, payload.batch_key.steps)
         per_job = run_seconds / max(1, int(record.get("batch_size") or 1))
         self._ewma_script(keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
-                          args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA])
+                          args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA,
+                                self.settings.retention.stats_ttl_seconds])
 
     def _publish_current(self, edit_id: str, *, event: str | None) -> None:
         record = self._record(edit_id)

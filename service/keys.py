@@ -8,8 +8,8 @@ Layout (all prefixed ``editserve:``)::
 
     edit:{id}                     hash: the edit record (status, tenant, kind, payload, params, results, ...)
     tenant:{t}:edits              sorted set of the tenant's edit ids by creation time (ms): listing
-    idem:{t}:{key}                JSON {edit_id, fingerprint}: an Idempotency-Key's claim (24 h)
-    stats:{batch key}|all         hash: EWMA seconds per step and per job (ETA)
+    idem:{t}:{key}                JSON {edit_id, fingerprint}: an Idempotency-Key's claim (retention.idempotency_ttl_seconds)
+    stats:{batch key}|all         hash: EWMA seconds per step and per job (ETA; expires unused)
     events:{id}                   pub/sub channel: the Edit JSON after every change
     tenant:{t}                    hash: webhook secret, created_at, limit overrides
     tenant:{t}:queued             set: the tenant's queued edits (held or released)
@@ -26,7 +26,7 @@ Layout (all prefixed ``editserve:``)::
     webhook:{id}:done             hash: delivery job id -> JSON outcome of its attempt
     webhooks:failed               stream: deliveries given up on (replayable)
     reaper:lock                   string: one reaper pass at a time
-    dataset:{id}                  hash: a dataset job (+ :inflight, :done, :kept, :lease)
+    dataset:{id}                  hash: a dataset job (+ :inflight, :done, :kept, :lease; expire once retired)
     datasets:active               set: dataset jobs not yet terminal
     tenant:{t}:datasets           set: the tenant's active dataset jobs
     workers:live                  sorted set: model|worker -> heartbeat expiry (live workers per model)

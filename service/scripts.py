@@ -309,7 +309,8 @@ return redis.call('HINCRBY', KEYS[1], 'revision', 1)
 """
 
 EWMA = """
--- KEYS: stats hashes to update.  ARGV: [1] seconds per step, [2] seconds per job, [3] alpha.
+-- KEYS: stats hashes to update.  ARGV: [1] seconds per step, [2] seconds per job, [3] alpha, [4] TTL (s):
+-- statistics of a batch shape nobody runs any more expire.
 local alpha = tonumber(ARGV[3])
 for _, k in ipairs(KEYS) do
   for j, f in ipairs({'step_seconds', 'job_seconds'}) do
@@ -318,6 +319,7 @@ for _, k in ipairs(KEYS) do
     if old then v = alpha * v + (1 - alpha) * tonumber(old) end
     redis.call('HSET', k, f, tostring(v))
   end
+  if ARGV[4] then redis.call('EXPIRE', k, ARGV[4]) end
 end
 return 1
 """

@@ -286,4 +286,7 @@ def test_cancel_stops_the_jobs_queued_samples(gateway, redis_url, s3_server):
     driver.tick()
     assert {conn.hget(edit_key(i), "status") for i in ids} == {b"canceled"}
     assert not conn.sismember(ACTIVE_KEY, dataset_id)
+    retention = gateway.settings.s3.retention_days * 24 * 3600
+    dataset_keys = conn.keys(f"editserve:dataset:{dataset_id}*")
+    assert dataset_keys and all(0 < conn.ttl(k) <= retention for k in dataset_keys)  # a retired job's keys expire
     assert gateway.post("/v1/datasets", json=job_body()).status_code == 202  # the tenant's slot is free again

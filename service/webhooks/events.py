@@ -104,7 +104,7 @@ def enqueue_delivery(redis: redis_lib.Redis, delivery: Delivery, config: Webhook
     queue = Queue(QUEUE_NAME, connection=redis)
     options: dict[str, Any] = dict(
         job_timeout=int(config.timeout_seconds * 3 + 30),
-        result_ttl=600,  # the body holds presigned URLs: do not keep it around
+        result_ttl=min(600, config.state_ttl_seconds),  # the body holds presigned URLs: do not keep it around
         failure_ttl=config.state_ttl_seconds,
         description=f"webhook {delivery.event} for edit {delivery.edit_id} (attempt {delivery.attempt})",
     )

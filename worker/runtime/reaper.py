@@ -39,6 +39,7 @@ from service.keys import REAPER_LOCK_KEY, edit_key
 from service.queues import discover
 from service.webhooks.emit import emit as emit_webhook
 from worker.runtime.batching import intermediate_key, queue_key
+from worker.runtime.retention import RetentionSweep
 from worker.runtime.rqbridge import execution_from_entry, settle, split_entry
 
 log = logging.getLogger("editserve.reaper")
@@ -68,6 +69,7 @@ class Reaper:
         self._lease = connection.register_script(scripts.REAPER_LEASE)
         self._release_lock = connection.register_script(scripts.COMPARE_AND_DELETE)
         self._return_stranded = connection.register_script(scripts.RETURN_STRANDED)
+        self.retention = RetentionSweep(connection, settings)
 
     @property
     def max_attempts(self) -> int:
@@ -87,6 +89,7 @@ class Reaper:
                     self.reap_queue(name, report)
             report.released_held = self._repair_admission()
             report.canceled_after = self._cancel_due()
+            self._sweep_retention()
         finally:
             self._release_lock(keys=[LOCK_KEY], args=[token])
         for what in ("requeued", "failed", "tidied", "stranded"):
@@ -110,6 +113,13 @@ class Reaper:
         except Exception:  # the repair is best-effort; recovering crashed jobs must not depend on it
             log.exception("admission repair sweep failed")
             return 0
+
+    def _sweep_retention(self) -> None:
+        """One bounded pass of ``RetentionSweep``: keys no TTL covers (tenant indexes, registries)."""
+        try:
+            self.retention.run_once()
+        except Exception:  # best-effort like the repair sweep: recovery must not depend on it
+            log.exception("retention sweep failed")
 
     def reap_queue(self, name: str, report: ReapReport) -> None:
         started = StartedJobRegistry(name, connection=self.connection)
