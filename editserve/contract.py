@@ -33,6 +33,8 @@ WordList = Annotated[list[Word], Field(min_length=1, max_length=MAX_PROMPT_WORDS
 CrossReplaceSteps = Union[StepRange, Annotated[dict[Word, StepRange], Field(max_length=MAX_PROMPT_WORDS + 1)]]
 """Either one StepRange, or per-word ranges with the key ``default_`` for all other tokens."""
 WordWeights = Annotated[dict[Word, float], Field(min_length=1, max_length=MAX_PROMPT_WORDS)]
+TargetWordWeights = Annotated[dict[Word, float], Field(max_length=MAX_PROMPT_WORDS)]
+"""One target's faders in the per-target list form: ``{}`` leaves that target unweighted."""
 
 
 class _Strict(BaseModel):
@@ -147,7 +149,8 @@ class P2PEditRequest(_EditBase):
     edit: Literal["replace", "refine", "reweight", "none"] = Field(
         "replace", description="replace = word swap; refine = added words; reweight alone; none = no injection"
     )
-    reweight: WordWeights | Annotated[list[WordWeights], Field(min_length=1, max_length=MAX_TARGETS)] | None = Field(
+    reweight: (WordWeights | Annotated[list[TargetWordWeights], Field(min_length=1, max_length=MAX_TARGETS)]
+               | None) = Field(
         None, description="word → attention factor in [-10, 10]; composes with replace/refine; a list is per target"
     )
     local_blend: LocalBlend | None = None
@@ -189,7 +192,7 @@ class P2PEditRequest(_EditBase):
         n = len(self.target_prompts)
         if isinstance(self.reweight, list) and len(self.reweight) != n:
             raise ValueError(f"reweight: a list needs one mapping per target prompt ({n}), got {len(self.reweight)}")
-        if self.edit == "reweight" and not self.reweight:
+        if self.edit == "reweight" and not (any(self.reweight) if isinstance(self.reweight, list) else self.reweight):
             raise ValueError("reweight: edit='reweight' needs at least one word and factor")
         lb = self.local_blend
         if lb and lb.target_words and isinstance(lb.target_words[0], list) and len(lb.target_words) != n:

@@ -11,11 +11,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /**
-         * The process is up
-         * @description On the event loop, not the thread pool: liveness must not wait behind blocking work (uploads, listings)
-         *     that has every pool thread busy; what it measures is whether the loop answers.
-         */
+        /** The process is up */
         get: operations["getHealth"];
         put?: never;
         post?: never;
@@ -926,7 +922,7 @@ export interface components {
         };
         /**
          * LocalBlend
-         * @description Edit only where the given words attend (local blending, from the Prompt-to-Prompt paper).
+         * @description Edit only where the given words attend (P2P §local blending).
          */
         LocalBlend: {
             /** Source Words */
