@@ -261,3 +261,20 @@ def decode(model, latents: torch.Tensor) -> tuple[np.ndarray, list]:
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
+
+
+def finish_states(model, jobs: list[JobState], decode_batch: int = 8) -> list[JobResult]:
+    """Decode finished jobs (shared VAE calls) and build their results; a failure is its own job's only."""
+    diffused = [job for job in jobs if job.latents is not None]
+    outcomes = dict(zip(map(id, diffused), decode_many(model, [j.latents for j in diffused], decode_batch)))
+    results = []
+    for job in jobs:
+        try:
+            outcome = outcomes[id(job)] if id(job) in outcomes else job.final_images()
+            if isinstance(outcome, Exception):
+                raise outcome
+            with torch.no_grad():
+                results.append(job.result(*outcome))
+        except Exception as exc:  # noqa: BLE001
+            results.append(JobResult(job_id=job.job_id, error=exc, params=job.params()))
+    return results

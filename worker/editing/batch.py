@@ -28,7 +28,7 @@ from worker.editing.base import (
     JobState,
     NonFiniteLatentsError,
     SamplingContext,
-    decode_many,
+    finish_states,
 )
 from worker.editing.buckets import padding_for
 from worker.editing.jobs import JobCanceled, JobResult, JobSpec
@@ -396,20 +396,7 @@ class BatchRunner:
     def finish(self, jobs: list[JobState]) -> list[JobResult]:
         """Decode jobs that finished together (shared VAE calls) and build their results; a decode or
         result failure fails only its own job."""
-        diffused = [job for job in jobs if job.latents is not None]
-        outcomes = dict(zip(map(id, diffused), decode_many(self.model, [j.latents for j in diffused],
-                                                           self.decode_batch)))
-        results = []
-        for job in jobs:
-            try:
-                outcome = outcomes[id(job)] if id(job) in outcomes else job.final_images()
-                if isinstance(outcome, Exception):
-                    raise outcome
-                with torch.no_grad():
-                    results.append(job.result(*outcome))
-            except Exception as exc:  # noqa: BLE001
-                results.append(self.failed(job, exc))
-        return results
+        return finish_states(self.model, jobs, self.decode_batch)
 
     @staticmethod
     def failed(job: JobState, exc: Exception) -> JobResult:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from worker.editing.base import JobState, SamplingContext, decode_many
+from worker.editing.base import JobState, SamplingContext, finish_states
 from worker.editing.batch import BatchState
 from worker.editing.jobs import JobCanceled, JobResult, JobSpec
 from worker.editing.methods import method_for
@@ -153,20 +153,3 @@ def result_of(retired: Retired) -> JobResult | None:
     if retired.how == "failed":
         return JobResult(job_id=job.job_id, error=retired.error, params=job.params())
     return None
-
-
-def finish_states(model, jobs: list[JobState], decode_batch: int = 8) -> list[JobResult]:
-    """Decode finished jobs (shared VAE calls) and build their results; a failure is its own job's only."""
-    diffused = [job for job in jobs if job.latents is not None]
-    outcomes = dict(zip(map(id, diffused), decode_many(model, [j.latents for j in diffused], decode_batch)))
-    results = []
-    for job in jobs:
-        try:
-            outcome = outcomes[id(job)] if id(job) in outcomes else job.final_images()
-            if isinstance(outcome, Exception):
-                raise outcome
-            with torch.no_grad():
-                results.append(job.result(*outcome))
-        except Exception as exc:  # noqa: BLE001
-            results.append(JobResult(job_id=job.job_id, error=exc, params=job.params()))
-    return results
