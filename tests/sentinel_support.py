@@ -81,12 +81,24 @@ class SentinelGroup:
               "sentinel to discover the replica")
         return self
 
+    def _request_failover(self) -> bool:
+        """SENTINEL FAILOVER; False while Sentinel has not yet judged the in-sync replica promotable (it reads a
+        replica's state every few seconds, so a failover asked right after the sync answers NOGOODSLAVE)."""
+        try:
+            self.sentinel().execute_command("SENTINEL", "FAILOVER", SERVICE_NAME)
+        except redis.ResponseError as exc:
+            if "NOGOODSLAVE" in str(exc):
+                time.sleep(0.5)
+                return False
+            raise
+        return True
+
     def failover(self, timeout: float = 60.0) -> int:
         """Promote the replica (as Sentinel does when the master dies) and wait until both nodes agree."""
         old = self.master_port()
         new_name = "b" if old == self.ports["a"] else "a"
         _wait(lambda: self.node(new_name).info("replication").get("master_link_status") == "up", 30, "sync")
-        self.sentinel().execute_command("SENTINEL", "FAILOVER", SERVICE_NAME)
+        _wait(self._request_failover, 30, "sentinel to accept the failover")
         old_name = "a" if new_name == "b" else "b"
         _wait(lambda: self.master_port() == self.ports[new_name]
               and self.node(new_name).info("replication")["role"] == "master"

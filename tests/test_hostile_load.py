@@ -239,7 +239,9 @@ def test_200_concurrent_submits_wait_for_a_pooled_redis_connection_instead_of_50
     pool's 100 connections. The old pool failed the excess with 503 at once; this one makes them wait."""
     target = urlsplit(redis_url)
     proxy = TcpProxy(target.hostname, target.port, latency=0.1)
-    settings = make_settings(f"redis://{proxy.address}{target.path}", s3, limits=NO_RATE_LIMIT)
+    # the wait is what is tested, not its deadline: a loaded CI box may need more than the default 5 s
+    settings = make_settings(f"redis://{proxy.address}{target.path}", s3, limits=NO_RATE_LIMIT,
+                             redis_pool_wait_seconds=60)
     server = start_live_server(create_app(settings, prepare_bucket=False))
 
     async def burst():
