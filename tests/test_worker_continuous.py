@@ -60,7 +60,8 @@ def test_a_blocked_job_blocks_lower_priorities_and_tenants_share_fairly():
 
 @pytest.fixture
 def step_worker(make_worker):
-    worker = make_worker(batching="step", row_budget=24, poll_interval_ms=5)
+    # a slowed step leaves the late job time to be claimed while the batch runs (a fast box finishes first)
+    worker = make_worker(batching="step", row_budget=24, poll_interval_ms=5, debug_step_delay_seconds=0.3)
     yield worker
     worker.continuous.close()
 
