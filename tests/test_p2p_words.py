@@ -111,3 +111,39 @@ def test_the_last_word_and_repeated_phrases_are_found(tok):
     assert token_indices(SQUIRREL, "burger", tok) == [8]
     assert token_indices("a red car and a red car", "red car", tok) == [2, 3, 6, 7]
     assert check_prompt_length("a cat", tok, "source_prompt") == prompt_token_ids("a cat", tok)
+
+
+def test_a_match_cannot_start_inside_the_first_word(tok):
+    # "lasagne" is 'lasag' + 'ne</w>' and "ne" alone is that same 'ne</w>' id: its only candidate sits at
+    # position 2, right after an unfinished pre-token, so it is no word of the prompt
+    assert prompt_token_ids("ne", tok)[1:-1] == prompt_token_ids("lasagne", tok)[2:-1]
+    with pytest.raises(EditValidationError):
+        token_indices("lasagne", "ne", tok)
+    assert token_indices("ne lasagne", "ne", tok) == [1]
+
+
+def test_the_default_field_is_word(tok):
+    with pytest.raises(EditValidationError) as err:
+        token_indices(SQUIRREL, "tiger", tok)
+    assert err.value.field == "word"
+
+
+def test_a_word_without_tokens_is_refused_with_the_field_name(tok):
+    class NoTokensFor:
+        """The real tokenizer, except that one word tokenizes to nothing (the defensive branch)."""
+
+        def __init__(self, word):
+            self.word = word
+
+        def __call__(self, text, **kw):
+            out = tok(text, **kw)
+            if text == self.word:
+                out["input_ids"] = []
+            return out
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    with pytest.raises(EditValidationError) as err:
+        token_indices(SQUIRREL, " squirrel ", NoTokensFor("squirrel"), field="reweight")
+    assert err.value.field == "reweight" and err.value.message == "' squirrel ' has no tokens"
