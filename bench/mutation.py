@@ -57,6 +57,8 @@ MODULES: dict[str, list[str]] = {
     "service/storage.py": ["tests/test_storage.py"],
     "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py"],
 }
+# modules whose tests load the tiny models per test module: the fork server loads them once (mutation_plugin.py)
+PRELOAD: dict[str, list[str]] = {}
 DEFAULT_BUDGET_S = {path: 900 for path in MODULES} | {"worker/editing/batch.py": 1800,
                                                       "worker/editing/controllers.py": 1800}
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
@@ -83,7 +85,7 @@ def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
         'source_paths = ["editserve", "service", "worker"]',
         f"only_mutate = {json.dumps([module])}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]',
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:unraisableexception", "-q"]',
         'process_isolation = "forkserver"',  # torch is not fork-safe once used
         "use_setproctitle = false",
         # generous CPU limits: a per-test estimate misses fixture setup (tokenizer, models), and a mutant
@@ -93,6 +95,10 @@ def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
         "use_git_change_detection = false",
         "",
     ])
+    # the speed-ups of bench/mutation_plugin.py (one tokenizer, frozen heap, optionally preloaded models)
+    shutil.copy(REPO / "bench" / "mutation_plugin.py", work / "tests" / "mutation_plugin.py")
+    with (work / "tests" / "conftest.py").open("a") as conftest:
+        conftest.write("\nfrom mutation_plugin import pytest_sessionstart  # noqa: E402,F401  (bench/mutation.py)\n")
     (work / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + config)
     return work
 
@@ -100,7 +106,8 @@ def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
 def run_module(module: str, tests: list[str], budget_s: float, root: Path, children: int) -> dict:
     work = scratch_tree(module, tests, root)
     env = dict(os.environ, EDITSERVE_MODELS_DIR=str(REPO / ".models"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               EDITSERVE_WORKER__TORCH_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+               EDITSERVE_WORKER__TORCH_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               EDITSERVE_MUTATION_PRELOAD=",".join(PRELOAD.get(module, [])))
     log_path = work / "mutmut.log"
     started = time.monotonic()
     with log_path.open("wb") as log:
