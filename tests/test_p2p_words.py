@@ -147,3 +147,45 @@ def test_a_word_without_tokens_is_refused_with_the_field_name(tok):
     with pytest.raises(EditValidationError) as err:
         token_indices(SQUIRREL, " squirrel ", NoTokensFor("squirrel"), field="reweight")
     assert err.value.field == "reweight" and err.value.message == "' squirrel ' has no tokens"
+
+
+class Tweaked:
+    """The real tokenizer with one thing changed: its length limit, or the ids of one whole prompt."""
+
+    def __init__(self, tok, model_max_length=77, whole=None, extra_id=None):
+        self.tok, self.model_max_length, self.whole, self.extra_id = tok, model_max_length, whole, extra_id
+
+    def __call__(self, text, **kw):
+        out = self.tok(text, **kw)
+        if text == self.whole and kw.get("add_special_tokens"):
+            out["input_ids"] = [*out["input_ids"][:-1], self.extra_id, out["input_ids"][-1]]
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_the_start_and_end_tokens_are_never_words(tok):
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        with pytest.raises(EditValidationError):
+            token_indices("a cat", special, tok)
+
+
+def test_a_word_longer_than_the_encoder_is_searched_whole(tok):
+    phrase = " ".join(["cat dog"] * 39)  # 78 tokens: cut to 77, it would still match, one token short
+    assert token_indices(phrase, phrase, tok) == list(range(1, 79))
+
+
+def test_the_prompt_limit_is_the_tokenizers_own(tok):
+    short = Tweaked(tok, model_max_length=5)
+    assert check_prompt_length("a b c", short, "source_prompt") == prompt_token_ids("a b c", tok)
+    with pytest.raises(EditValidationError) as err:
+        check_prompt_length("a b c d", short, "source_prompt")
+    assert err.value.message == "prompt has 6 tokens including start/end; the limit is 5: shorten it"
+
+
+def test_word_spans_refuse_a_prompt_that_tokenizes_differently_whole(tok):
+    odd = Tweaked(tok, whole="a cat", extra_id=320)
+    with pytest.raises(RuntimeError) as err:
+        word_token_spans("a cat", odd)
+    assert str(err.value) == "tokenizing 'a cat' word by word differs from tokenizing it whole"
