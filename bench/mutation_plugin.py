@@ -65,3 +65,30 @@ if _preload:
 def pytest_sessionstart(session):
     gc.collect()
     gc.freeze()
+
+
+# --- one Redis and one S3 endpoint per module run (started by bench/mutation.py), not one per mutant --------
+# Each mutant's pytest session would otherwise start its own redis-server (and weed mini, ~5-10 s). Children
+# run at the same time and tests flush their database, so each session takes the next of 31 databases.
+
+if os.environ.get("EDITSERVE_MUTATION_REDIS"):
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def redis_server():
+        import redis
+
+        from devtools.devstack import RedisServer
+
+        base = os.environ["EDITSERVE_MUTATION_REDIS"].rstrip("/")
+        db = 1 + (redis.Redis.from_url(base + "/0").incr("mutation:session") % 31)
+        return RedisServer(url=f"{base}/{db}")  # no process: stop() leaves the shared server running
+
+if os.environ.get("EDITSERVE_MUTATION_S3"):
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def s3_server():
+        from devtools.devstack import S3Server
+
+        return S3Server(**__import__("json").loads(os.environ["EDITSERVE_MUTATION_S3"]))
