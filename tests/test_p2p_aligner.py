@@ -161,3 +161,9 @@ def test_self_range_vectors():
     with pytest.raises(EditValidationError) as err:
         self_range((0.7, 0.3), 50)
     assert err.value.field == "self_replace_steps"
+
+
+def test_alignment_edges_an_empty_source_and_a_new_first_token():
+    assert align_target_to_source([], [7, 8]) == [-1, -1]  # nothing to inherit: every token is new
+    assert align_target_to_source([1], [2, 1]) == [-1, 0]  # a new token before the first match
+    assert align_target_to_source([3, 1], [1]) == [1]  # a dropped first source token
