@@ -43,7 +43,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/schedules.py": ["tests/test_p2p_conventions.py", "tests/test_p2p_controllers.py"],
     "worker/editing/words.py": ["tests/test_p2p_words.py", "tests/test_p2p_controllers.py"],
     "worker/editing/seq_aligner.py": ["tests/test_p2p_aligner.py", "tests/test_p2p_controllers.py"],
-    "worker/editing/attention_maps.py": ["tests/test_p2p_controllers.py"],
+    "worker/editing/attention_maps.py": ["tests/test_attention_maps.py", "tests/test_p2p_controllers.py"],
     "worker/editing/controllers.py": ["tests/test_p2p_controllers.py", "tests/test_p2p_conventions.py",
                                       "tests/test_p2p_processor.py"],
     "worker/editing/processor.py": ["tests/test_p2p_processor.py"],
