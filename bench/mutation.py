@@ -47,7 +47,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/controllers.py": ["tests/test_p2p_controllers.py", "tests/test_p2p_conventions.py",
                                       "tests/test_p2p_processor.py"],
     "worker/editing/processor.py": ["tests/test_p2p_processor.py"],
-    "worker/editing/jobs.py": ["tests/test_p2p_controllers.py", "tests/test_batch.py"],
+    "worker/editing/jobs.py": ["tests/test_editing_jobs.py", "tests/test_p2p_controllers.py"],
     "worker/editing/base.py": ["tests/test_editing_layers.py", "tests/test_p2p_schedule_steps.py",
                                "tests/test_non_square.py"],
     "worker/editing/p2p.py": ["tests/test_p2p_properties.py", "tests/test_p2p_samplers.py"],
@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
 }
 # modules whose tests load the tiny models per test module: the fork server loads them once (mutation_plugin.py)
 PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
-    "worker/editing/processor.py", "worker/editing/jobs.py", "worker/editing/base.py", "worker/editing/p2p.py",
+    "worker/editing/processor.py", "worker/editing/base.py", "worker/editing/p2p.py",
     "worker/editing/batch.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
 SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis"], "service/limits.py": ["redis"],
