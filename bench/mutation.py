@@ -65,7 +65,7 @@ PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
     "worker/editing/processor.py", "worker/editing/base.py", "worker/editing/p2p.py",
     "worker/editing/batch.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
-SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis"], "service/limits.py": ["redis"],
+SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
                                   "service/egress.py": ["redis"], "service/storage.py": ["s3"]}
 DEFAULT_BUDGET_S = {path: 900 for path in MODULES} | {"worker/editing/batch.py": 1800,
                                                       "worker/editing/controllers.py": 1800}
