@@ -80,3 +80,29 @@ def test_captions_are_drawn_and_long_ones_are_cut_with_an_ellipsis():
     assert _fit("cat", draw, font, exact) == "cat"  # a caption exactly as wide as its tile fits
     picture = grid(["cat"], np.zeros((1, 4, 4)))
     assert (picture[66:86, 2:66] < 128).any()  # the caption is drawn in black under the tile
+
+
+def test_a_very_thin_map_keeps_a_one_pixel_tile():
+    assert grid(["a"], np.ones((1, 256, 1))).shape == (256 + 18 + 4, 1 + 4, 3)
+    assert grid(["a"], np.ones((1, 1, 256))).shape == (1 + 18 + 4, 256 + 4, 3)
+
+
+def test_cut_captions_keep_the_longest_prefix_that_fits_at_every_width():
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    long = "a-very-long-token-caption"
+    for width in range(10, 120, 3):
+        cut = _fit(long, draw, font, width)
+        if cut == long:
+            continue
+        prefix = cut[:-3]
+        assert draw.textlength(cut, font=font) <= width or prefix == ""
+        assert draw.textlength(long[: len(prefix) + 1] + "...", font=font) > width
+
+
+def test_the_caption_sits_two_pixels_under_its_tile():
+    picture = grid(["cat"], np.zeros((1, 4, 4)))
+    expected = Image.new("RGB", (64 + 4, 64 + 18 + 4), "white")
+    draw = ImageDraw.Draw(expected)
+    draw.text((2, 2 + 64 + 2), "cat", fill="black", font=ImageFont.load_default())
+    assert (picture[66:] == np.asarray(expected)[66:]).all()
