@@ -106,3 +106,17 @@ def test_the_caption_sits_two_pixels_under_its_tile():
     draw = ImageDraw.Draw(expected)
     draw.text((2, 2 + 64 + 2), "cat", fill="black", font=ImageFont.load_default())
     assert (picture[66:] == np.asarray(expected)[66:]).all()
+
+
+def test_grey_is_computed_in_float64_whatever_the_map_dtype():
+    # float32 maps (what the controllers store): in float32 this value lands on the other side of .5
+    m = np.array([[401.89252, 694.79724]], dtype=np.float32)
+    assert to_grey(m).tolist() == [[147, 255]]
+
+
+def test_a_zero_map_is_black_without_dividing_by_zero():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not to_grey(np.zeros((2, 2))).any()
