@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(1, str(REPO))  # devtools/ (not installed) starts the shared Redis / S3 endpoint
 
 from machine import cpu_model  # noqa: E402  (bench/ is the script's folder)
 
