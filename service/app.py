@@ -39,6 +39,7 @@ from editserve.contract import (
     ErrorResponse,
     ErrorType,
     ModelInfo,
+    ModelThroughput,
     SCHEDULERS,
 )
 from editserve.kinds import edit_kinds_for_model
@@ -54,12 +55,13 @@ from service.auth import (
     bearer_token,
     constant_time_equal,
 )
-from service.availability import model_availability
+from service import throughput
+from service.availability import model_availability, require_live_worker_async
 from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
-from service.edit_validation import parse_request, prepare_submission
+from service.edit_validation import parse_request, prepare_submission, resolve_model
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
@@ -280,6 +282,8 @@ async def create_edit(
     except ApiError:
         await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
         raise
+    await require_live_worker_async(aio, svc.settings, submission.payload.batch_key.model if submission is not None
+                                    else resolve_model(edit_request, svc.settings).name)
     if submission is not None:
         edit, created = await svc.jobstore.create_async(
             aio, submission.payload, webhook=submission.webhook, idempotency_key=idempotency_key,
@@ -369,10 +373,13 @@ def list_models(request: Request) -> ModelList:
     svc = services(request)
     catalog = svc.settings.model_catalog()
     workers, queued = model_availability(svc.redis, catalog)
+    recent = throughput.recent(svc.redis, catalog, svc.settings.throughput_window_seconds)
     return ModelList(data=[
         ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
                   max_size=spec.max_size, random_weights=spec.random_weights, scheduler=spec.scheduler,
-                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0))
+                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0),
+                  throughput=ModelThroughput(**recent[spec.name].fields()),
+                  require_live_worker=svc.settings.requires_live_worker(spec.name))
         for spec in catalog.values()
     ])
 
