@@ -61,6 +61,7 @@ from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
+from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
 from service.edit_validation import parse_request, prepare_submission, resolve_model
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
@@ -192,7 +193,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
                        (422, "Invalid request; `error.field` names the input"),
                        (429, "A tenant limit: `rate_limited` or `tenant_queue_full`; see Retry-After"),
-                       (503, "`queue_full` (the service's queue limit; see Retry-After) or a dependency is down")]
+                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has "
+                        "none) or a dependency is down; see Retry-After")]
 }
 
 _EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")
@@ -279,11 +281,11 @@ async def create_edit(
         if parsed.image_bytes is None:  # no Pillow, no S3: microseconds of CPU, done on the event loop
             submission = prepare_submission(edit_request, None, settings=svc.settings, counter=svc.tokens,
                                             tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
+        await require_live_worker_async(aio, svc.settings, submission.payload.batch_key.model
+                                        if submission is not None else resolve_model(edit_request, svc.settings).name)
     except ApiError:
         await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
         raise
-    await require_live_worker_async(aio, svc.settings, submission.payload.batch_key.model if submission is not None
-                                    else resolve_model(edit_request, svc.settings).name)
     if submission is not None:
         edit, created = await svc.jobstore.create_async(
             aio, submission.payload, webhook=submission.webhook, idempotency_key=idempotency_key,
@@ -557,15 +559,19 @@ def _error(status: int, type: ErrorType, message: str, field: str | None = None)
 
 
 def install_openapi(app: FastAPI) -> None:
-    """FastAPI's schema plus the EditRequest models, which the manual-body route references."""
+    """FastAPI's schema plus the EditRequest models, which the manual-body route references, the webhook
+    events and an example on every request body (``service.openapi_docs``)."""
+    install_webhooks(app)
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+                                 routes=app.routes, webhooks=app.webhooks.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS}.items():
                 components.setdefault(name, definition)
+            add_request_examples(schema)
+            tidy_webhooks(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -279,7 +279,128 @@ export interface paths {
         trace?: never;
     };
 }
-export type webhooks = Record<string, never>;
+export interface webhooks {
+    "dataset.completed": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * dataset.completed: a dataset job completed
+         * @description Sent for a dataset job when it ends: `succeeded`, `failed` or `canceled` (see `data.status`), if its `webhook.events` include `completed`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["datasetCompletedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "dataset.progress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * dataset.progress: a dataset job progress
+         * @description Sent for a dataset job as denoising steps finish (throttled; never retried), if its `webhook.events` include `progress`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["datasetProgressWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "dataset.started": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * dataset.started: a dataset job started
+         * @description Sent for a dataset job when a worker starts it (status `processing`), if its `webhook.events` include `started`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["datasetStartedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "edit.completed": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * edit.completed: an edit completed
+         * @description Sent for an edit when it ends: `succeeded`, `failed` or `canceled` (see `data.status`), if its `webhook.events` include `completed`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["editCompletedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "edit.progress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * edit.progress: an edit progress
+         * @description Sent for an edit as denoising steps finish (throttled; never retried), if its `webhook.events` include `progress`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["editProgressWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "edit.started": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * edit.started: an edit started
+         * @description Sent for an edit when a worker starts it (status `processing`), if its `webhook.events` include `started`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["editStartedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+}
 export interface components {
     schemas: {
         /** ApiKeyInfo */
@@ -636,6 +757,20 @@ export interface components {
              */
             width?: number | null;
         };
+        /** DatasetWebhookEvent */
+        DatasetWebhookEvent: {
+            data: components["schemas"]["Dataset"];
+            /**
+             * Timestamp
+             * Format: date-time
+             */
+            timestamp: string;
+            /**
+             * Type
+             * @enum {string}
+             */
+            type: "dataset.started" | "dataset.progress" | "dataset.completed";
+        };
         /**
          * Edit
          * @description The edit resource returned by GET /v1/edits/{id}.
@@ -973,6 +1108,12 @@ export interface components {
             /** Random Weights */
             random_weights: boolean;
             /**
+             * Require Live Worker
+             * @description true: an edit is refused (503 `no_live_worker`) while `workers` is 0; false: it is accepted and waits (autoscaling from zero)
+             * @default false
+             */
+            require_live_worker?: boolean;
+            /**
              * Scheduler
              * @description the default sampler
              * @enum {string}
@@ -983,6 +1124,8 @@ export interface components {
              * @description samplers a request may name in `scheduler`
              */
             schedulers: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc")[];
+            /** @description recent work finished for the model */
+            throughput?: components["schemas"]["ModelThroughput"] | null;
             /**
              * Workers
              * @description live workers serving the model now (from their heartbeats)
@@ -1000,6 +1143,50 @@ export interface components {
              * @constant
              */
             object?: "list";
+        };
+        /**
+         * ModelThroughput
+         * @description What the model's workers finished recently (from the workers' reports in Redis).
+         */
+        ModelThroughput: {
+            /**
+             * Edits
+             * @description edits that succeeded in the window
+             * @default 0
+             */
+            edits?: number;
+            /**
+             * Edits Per Minute
+             * @default 0
+             */
+            edits_per_minute?: number;
+            /**
+             * Images
+             * @description result images of those edits
+             * @default 0
+             */
+            images?: number;
+            /**
+             * Images Per Minute
+             * @default 0
+             */
+            images_per_minute?: number;
+            /**
+             * Steps
+             * @description denoising steps of those edits
+             * @default 0
+             */
+            steps?: number;
+            /**
+             * Steps Per Second
+             * @default 0
+             */
+            steps_per_second?: number;
+            /**
+             * Window Seconds
+             * @description the time the figures cover (the configured window, whole minutes)
+             */
+            window_seconds: number;
         };
         /**
          * P2PEditRequest
@@ -1306,6 +1493,23 @@ export interface components {
             url: string;
         };
         /**
+         * WebhookEvent
+         * @description Body of a webhook POST (Standard Webhooks: `type`, `timestamp`, `data`).
+         */
+        WebhookEvent: {
+            data: components["schemas"]["Edit"];
+            /**
+             * Timestamp
+             * Format: date-time
+             */
+            timestamp: string;
+            /**
+             * Type
+             * @enum {string}
+             */
+            type: "edit.started" | "edit.progress" | "edit.completed";
+        };
+        /**
          * WebhookEventType
          * @enum {string}
          */
@@ -1493,7 +1697,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1598,7 +1802,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1699,7 +1903,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1803,7 +2007,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1911,7 +2115,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2015,7 +2219,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2119,7 +2323,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2313,7 +2517,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2443,7 +2647,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2546,7 +2750,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2649,7 +2853,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2752,7 +2956,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2853,7 +3057,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2861,6 +3065,138 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
+            };
+        };
+    };
+    datasetCompletedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DatasetWebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    datasetProgressWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DatasetWebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    datasetStartedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DatasetWebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    editCompletedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["WebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    editProgressWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["WebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    editStartedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["WebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
         };
     };
