@@ -12,6 +12,7 @@ import redis
 from gateway_support import gateway_app, live, make_settings, png, rconn, store  # noqa: F401  (fixtures)
 from worker_support import wait_until
 
+from editserve import cli
 from service.keys import eta_stats_keys
 from service.liveness import beat, leave
 
@@ -80,7 +81,7 @@ def stats(connection: redis.Redis, key: str) -> dict[str, float]:
     return {k.decode(): float(v) for k, v in connection.hgetall(key).items()}
 
 
-def test_etas_come_from_the_same_kind_of_work_and_models_report_throughput(live, rconn, make_worker):
+def test_etas_come_from_the_same_kind_of_work_and_models_report_throughput(live, rconn, make_worker, capsys):
     worker = make_worker()
     beat(rconn, "gpu-1", ["tiny-sd", "tiny-ip2p"], ttl=600)  # the in-process worker runs no beacon
     with live.client() as client:
@@ -95,6 +96,9 @@ def test_etas_come_from_the_same_kind_of_work_and_models_report_throughput(live,
         assert made["images"] == sum(len(e["results"]) for e in ip2p) >= 2
         assert made["edits_per_minute"] > 0 and made["images_per_minute"] > 0 and made["steps_per_second"] > 0
         assert listed["tiny-sd"]["throughput"]["edits"] == 0  # nothing borrowed across models either
+        assert cli.main(["--url", live.url, "models"]) == 0  # the CLI's table shows the same figures
+        row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny-ip2p "))
+        assert row[5:7] == ["1", "0"] and float(row[7]) > 0 and "refused without a worker" in " ".join(row)
 
         # IP2P statistics exist now; a P2P edit, queued with a live worker, has none of its own: no ETA
         p2p = client.post("/v1/edits", json=P2P64).json()
