@@ -510,7 +510,9 @@ class JobStore:
         self._ewma_script(keys=eta_stats_keys(**payload.batch_key.model_dump()),
                           args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA,
                                 self.settings.retention.stats_ttl_seconds, per_job / steps])
-        throughput.record(self.redis, payload.batch_key.model, images=images, steps=payload.batch_key.steps)
+        throughput.record(self.redis, payload.batch_key.model, images=images, steps=payload.batch_key.steps,
+                          ttl=throughput.throughput_ttl(self.settings.throughput_window_seconds,
+                                                        self.settings.retention.stats_ttl_seconds))
 
     def _publish_current(self, edit_id: str, *, event: str | None) -> None:
         record = self._record(edit_id)

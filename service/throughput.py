@@ -2,7 +2,8 @@
 
 Why per-minute hashes: each finished edit adds to its model's bucket of the current minute (one pipelined
 round trip, from the worker that finished it); a reader sums the buckets of the window. Memory is bounded
-(at most ``MAX_WINDOW_SECONDS / 60 + 1`` small hashes per model) and every bucket expires by itself.
+(about ``throughput_window_seconds / 60 + 1`` small hashes per model) and every bucket expires by itself
+(``throughput_ttl``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from service.keys import throughput_key
 
 MAX_WINDOW_SECONDS = 3600
 """The longest window a reader may ask for; buckets live this long (plus one minute)."""
+
+
+def throughput_ttl(window_seconds: int, stats_ttl_seconds: int) -> int:
+    """A bucket lives as long as readers look back, and never longer than the ETA statistics' retention."""
+    return max(1, min(int(window_seconds) + 60, int(stats_ttl_seconds)))
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,16 @@ class Throughput:
                 "images_per_minute": self.images_per_minute, "steps_per_second": self.steps_per_second}
 
 
-def record(connection: redis.Redis, model: str, *, images: int, steps: int, now: float | None = None) -> None:
-    """Count one finished edit (``images`` result images, ``steps`` denoising steps) for ``model``."""
+def record(connection: redis.Redis, model: str, *, images: int, steps: int, ttl: int = MAX_WINDOW_SECONDS + 60,
+           now: float | None = None) -> None:
+    """Count one finished edit (``images`` result images, ``steps`` denoising steps) for ``model``; its minute's
+    bucket lives ``ttl`` seconds after the last count (the readers' window and a minute)."""
     key = throughput_key(model, int((time.time() if now is None else now) // 60))
     with connection.pipeline(transaction=True) as pipe:
         pipe.hincrby(key, "edits", 1)
         pipe.hincrby(key, "images", int(images))
         pipe.hincrby(key, "steps", int(steps))
-        pipe.expire(key, MAX_WINDOW_SECONDS + 60)
+        pipe.expire(key, max(1, int(ttl)))
         pipe.execute()
 
 
