@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from editserve.contract import (
+    InversionRequest,
     CaptionTriplet,
     Dataset,
     DatasetCounts,
@@ -73,6 +74,9 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
                            seed=7, negative_prompt="watermark", output_format="png")
     ip2p_file = IP2PEditRequest(kind="ip2p", instruction="turn it into a watercolor painting",
                                 image_guidance=1.5, text_guidance=7.5)
+    inversion = InversionRequest(caption="a photo of a cat sitting on a sofa", image=_tiny_png_base64(),
+                                 method="null-text", steps=50, guidance_scale=7.5, webhook=_HOOK)
+    inversion_file = InversionRequest(caption="a red car parked on a street", method="negative-prompt")
     dataset = DatasetRequest(
         triplets=[CaptionTriplet(input="a photo of a cat", instruction="make it a dog", output="a photo of a dog")],
         samples_per_triplet=4, seed=1, webhook=_HOOK)
@@ -86,6 +90,16 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
             "multipart/form-data": {
                 "ip2p_file": _example("InstructPix2Pix with the image as a file part (`image`)",
                                       {"request": json.dumps(_json(ip2p_file)), "image": "<binary PNG/JPEG/WebP>"}),
+            },
+        },
+        "createInversion": {
+            "application/json": {
+                "null_text": _example("Null-text inversion (the reference) of an inline photo", _json(inversion)),
+            },
+            "multipart/form-data": {
+                "negative_prompt": _example("Negative-prompt inversion, the photo as a file part (`image`)",
+                                            {"request": json.dumps(_json(inversion_file)),
+                                             "image": "<binary PNG/JPEG/WebP>"}),
             },
         },
         "createDataset": {"application/json": {
