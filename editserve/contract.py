@@ -139,6 +139,21 @@ class LocalBlend(_Strict):
     substruct_words: WordList | None = Field(None, description="source words whose region is excluded")
 
 
+InversionMethod = Literal["null-text", "ddim", "negative-prompt"]
+INVERSION_METHODS: tuple[str, ...] = InversionMethod.__args__
+MAX_INVERSION_INNER_STEPS = 50
+
+
+class InversionOptions(_Strict):
+    """How a P2P edit that sends a photo (``image``) inverts it when no equal finished inversion exists."""
+
+    method: InversionMethod = Field("null-text", description="null-text (reference), ddim, or negative-prompt")
+    num_inner_steps: int = Field(10, ge=1, le=MAX_INVERSION_INNER_STEPS,
+                                 description="null-text: optimiser iterations per step at most")
+    early_stop_epsilon: float = Field(1e-5, ge=0.0, le=1.0, allow_inf_nan=False,
+                                      description="null-text: stop a step's optimisation below this loss")
+
+
 class P2PEditRequest(_EditBase):
     """Prompt-to-Prompt: a source prompt and target prompts, generated from one shared initial latent."""
 
@@ -172,6 +187,11 @@ class P2PEditRequest(_EditBase):
         description="edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step "
                     "unconditional embeddings the source branch starts from; model, size and steps must match it, "
                     "the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)")
+    image: str | None = Field(
+        None, description="edit a real photo whose caption is `source_prompt`: base64 (or data: URL), or a multipart "
+                          "file. A finished inversion of yours with the same key (model, photo, caption, method, "
+                          "steps, guidance, size) is reused; otherwise the worker inverts it first (`inversion`)")
+    inversion: InversionOptions | None = Field(None, description="with `image`: how to invert it (default null-text)")
 
     @field_validator("reweight")
     @classmethod
@@ -192,6 +212,12 @@ class P2PEditRequest(_EditBase):
         for field, window in windows:
             if isinstance(window, tuple) and window[0] > window[1]:
                 raise ValueError(f"{field}: a [start, end] window needs start <= end, got [{window[0]}, {window[1]}]")
+        return self
+
+    @model_validator(mode="after")
+    def _one_photo_source(self):
+        if self.image is not None and self.inversion_id is not None:
+            raise ValueError("image: give either a photo (`image`) or `inversion_id`, not both")
         return self
 
     @model_validator(mode="after")
@@ -580,9 +606,6 @@ class DatasetWebhookEvent(BaseModel):
 # Inversions (issue 11): a photo + its caption turned into x_T and per-step unconditional embeddings, a
 # resource that P2P edits start from. Defaults are the null-text reference's.
 
-InversionMethod = Literal["null-text", "ddim", "negative-prompt"]
-INVERSION_METHODS: tuple[str, ...] = InversionMethod.__args__
-MAX_INVERSION_INNER_STEPS = 50
 
 
 class InversionRequest(_Strict):

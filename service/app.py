@@ -66,6 +66,7 @@ from service.inversion_routes import router as inversion_router
 from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
 from service.edit_validation import parse_request, prepare_submission, resolve_model
 from service.editview import load_record
+from service.inversion_cache import usable_inversion
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
@@ -229,7 +230,8 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
                                     tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
                                     decode_gate=svc.decode_gate,
-                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id))
+                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id),
+                                    inversion_finder=lambda owner, digest: usable_inversion(svc.redis, owner, digest))
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)

@@ -25,6 +25,7 @@ from editserve.contract import (
     SEED_MAX,
     BatchKey,
     EditRequest,
+    InversionOptions,
     IP2PEditRequest,
     JobPayload,
     P2PEditRequest,
@@ -229,7 +230,8 @@ def from_inversion(request: P2PEditRequest, tenant: str, lookup: InversionLookup
     if lookup is None:
         raise invalid("inversion_id", "this path cannot look inversions up")
     record = lookup(request.inversion_id, tenant)
-    if record is None or record.get("kind") != "inversion" or record.get("tenant") != tenant:
+    holds_one = record is not None and (record.get("kind") == "inversion" or bool(record.get("inversion")))
+    if record is None or not holds_one or record.get("tenant") != tenant:
         raise ApiError(404, f"inversion_id: no inversion {request.inversion_id} of yours", type=ErrorType.not_found,
                        field="inversion_id")
     if record.get("status") != "succeeded":
@@ -248,10 +250,44 @@ def from_inversion(request: P2PEditRequest, tenant: str, lookup: InversionLookup
     return request.model_copy(update=own)
 
 
+InversionFinder = Callable[[str, str], "str | None"]
+"""``(tenant, reuse digest)`` → the id of a usable stored inversion (``service.inversion_cache.usable_inversion``)."""
+
+
+def photo_edit(request: P2PEditRequest, image_bytes: bytes, spec: ModelSpec, steps: int, *, settings: Settings,
+               tenant: str, finder: InversionFinder | None, decode_gate: DecodeGate | None):
+    """A P2P edit of a photo: (size, the reused inversion's id or None, the reuse digest, the square photo PNG to
+    store or None). Inversion is square and DDIM; a finished equal inversion is reused instead of the photo."""
+    from service.imaging import square_photo
+    from service.inversion_cache import inversion_digest
+
+    if request.scheduler not in (None, "ddim"):
+        raise invalid("scheduler", f"scheduler: a photo edit runs its inversion's ddim, not {request.scheduler!r}")
+    if request.height is not None and request.width is not None and request.height != request.width:
+        raise invalid("width", "width: a photo edit is square (the photo is centre-cropped); give one size")
+    size = request.height or request.width or spec.default_size
+    if size > spec.max_size:
+        raise invalid("height", f"height {size} is above model {spec.name!r}'s maximum of {spec.max_size}")
+    options = request.inversion or InversionOptions()
+    digest = inversion_digest(model=spec.name, image_sha256=hashlib.sha256(image_bytes).hexdigest(),
+                              caption=request.source_prompt, method=options.method, steps=steps,
+                              guidance_scale=request.guidance_scale, scheduler="ddim", size=size)
+    found = finder(tenant, digest) if finder is not None else None
+    if found is not None:
+        return size, found, digest, None
+    probe_image(image_bytes, settings.limits)
+
+    def normalise() -> bytes:
+        return png_bytes(square_photo(load_image(image_bytes, settings.limits), size))
+
+    return size, None, digest, decode_gate.run(normalise) if decode_gate else normalise()
+
+
 def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, settings: Settings,
                        counter: PromptTokenCounter, tenant: str, edit_id: str, now: datetime,
                        decode_gate: DecodeGate | None = None,
-                       inversion_lookup: InversionLookup | None = None) -> Submission:
+                       inversion_lookup: InversionLookup | None = None,
+                       inversion_finder: InversionFinder | None = None) -> Submission:
     """Validate beyond pydantic, decode the image, resolve defaults; raises ApiError (4xx) on bad input."""
     if isinstance(request, P2PEditRequest) and request.inversion_id is not None:
         request = from_inversion(request, tenant, inversion_lookup)
@@ -262,18 +298,33 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
     scheduler = request.scheduler or spec.scheduler
     input_png: bytes | None = None
     image_digest = ""
+    inversion_id = getattr(request, "inversion_id", None)
+    inversion_digest = None
     if isinstance(request, P2PEditRequest):
-        if image_bytes is not None:
-            raise invalid("image", "P2P edits generate from the source prompt and take no image")
+        if image_bytes is not None and inversion_id is not None:
+            raise invalid("image", "image: give either a photo (`image`) or `inversion_id`, not both")
+        if request.inversion is not None and image_bytes is None:
+            raise invalid("inversion", "inversion: options for inverting a photo need the photo (`image`)")
         check_p2p_words(request)
         for field in ("height", "width"):
             value = getattr(request, field)
             if value is not None and value > spec.max_size:
                 raise invalid(field, f"{field} {value} is above model {spec.name!r}'s maximum of {spec.max_size}")
         height, width = request.height or spec.default_size, request.width or spec.default_size
+        update: dict = {}
+        if image_bytes is not None:
+            image_digest = hashlib.sha256(image_bytes).hexdigest()
+            size, inversion_id, inversion_digest, input_png = photo_edit(
+                request, image_bytes, spec, steps, settings=settings, tenant=tenant, finder=inversion_finder,
+                decode_gate=decode_gate)
+            height = width = size
+            scheduler = "ddim"
+            update = {"image": None, "inversion": request.inversion or InversionOptions()}
+            if inversion_id is not None:
+                inversion_digest = None  # reused: nothing to remember
         seeds = [request.seed if request.seed is not None else random_seed()]
         resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
-                                              "height": height, "width": width})
+                                              "height": height, "width": width, **update})
     else:
         if image_bytes is None:
             raise invalid("image", "an IP2P edit needs an input image (multipart `image` part or base64 `image`)")
@@ -288,7 +339,7 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
                          scheduler=scheduler)
     payload = JobPayload(id=edit_id, tenant=tenant, request=resolved, batch_key=batch_key, seeds=seeds,
                          input_image_key=input_key(edit_id) if input_png is not None else None, created_at=now,
-                         inversion_id=getattr(request, "inversion_id", None))
+                         inversion_id=inversion_id, inversion_digest=inversion_digest)
     fingerprint_source = request.model_dump_json(exclude={"image"}) + "|" + image_digest
     return Submission(payload=payload, webhook=request.webhook,
                       fingerprint=hashlib.sha256(fingerprint_source.encode()).hexdigest(), input_png=input_png)

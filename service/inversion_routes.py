@@ -20,7 +20,6 @@ import json
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +36,7 @@ from editserve.contract import (
 from editserve.kinds import edit_kind
 from service.edit_validation import check_webhook, forbidden_prompt_character
 from service.errors import ApiError, from_pydantic, invalid, not_found
+from service.imaging import square_photo
 from service.intake import load_image, max_body_bytes, parse_edit_body, png_bytes, probe_image, read_body_limited
 from service.inversion_cache import find_inversion, forget_inversion, inversion_digest
 from service.jobstore import EditConflict, EditNotFound, new_edit_id
@@ -69,17 +69,6 @@ def parse_inversion_request(data: dict) -> InversionRequest:
         return _REQUEST.validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         raise from_pydantic(exc) from None
-
-
-def square_photo(image: Image.Image, size: int) -> Image.Image:
-    """Centre crop to a square, resize to ``size`` (the null-text reference's ``load_512``, as the worker's
-    ``photo_tensor`` does it for a square: on this output that is the identity)."""
-    w, h = image.size
-    if w > h:
-        box = ((w - h) // 2, 0, (w - h) // 2 + h, h)
-    else:
-        box = (0, (h - w) // 2, w, (h - w) // 2 + w)
-    return image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
 
 
 def resolve(svc, request: InversionRequest) -> dict:

@@ -1183,6 +1183,31 @@ export interface components {
             object?: "list";
         };
         /**
+         * InversionOptions
+         * @description How a P2P edit that sends a photo (``image``) inverts it when no equal finished inversion exists.
+         */
+        InversionOptions: {
+            /**
+             * Early Stop Epsilon
+             * @description null-text: stop a step's optimisation below this loss
+             * @default 0.00001
+             */
+            early_stop_epsilon?: number;
+            /**
+             * Method
+             * @description null-text (reference), ddim, or negative-prompt
+             * @default null-text
+             * @enum {string}
+             */
+            method?: "null-text" | "ddim" | "negative-prompt";
+            /**
+             * Num Inner Steps
+             * @description null-text: optimiser iterations per step at most
+             * @default 10
+             */
+            num_inner_steps?: number;
+        };
+        /**
          * InversionProgress
          * @description DDIM steps walked (phase ``ddim``), then for null-text the optimised steps (phase ``null-text``) with the
          *     inner optimiser iterations run at the latest step out of the most possible (early stop runs fewer).
@@ -1492,6 +1517,17 @@ export interface components {
              * @default null
              */
             height?: number | null;
+            /**
+             * Image
+             * @description edit a real photo whose caption is `source_prompt`: base64 (or data: URL), or a multipart file. A finished inversion of yours with the same key (model, photo, caption, method, steps, guidance, size) is reused; otherwise the worker inverts it first (`inversion`)
+             * @default null
+             */
+            image?: string | null;
+            /**
+             * @description with `image`: how to invert it (default null-text)
+             * @default null
+             */
+            inversion?: components["schemas"]["InversionOptions"] | null;
             /**
              * Inversion Id
              * @description edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step unconditional embeddings the source branch starts from; model, size and steps must match it, the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)
