@@ -27,6 +27,7 @@ from editserve.contract import (
     DatasetWebhookEvent,
     Edit,
     EditStatus,
+    InversionRequest,
     IP2PEditRequest,
     P2PEditRequest,
     Progress,
@@ -93,6 +94,19 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
             "from_s3": _example("Caption triplets from a JSONL object already in the bucket",
                                 _json(DatasetRequest(triplets_key="datasets/captions.jsonl", samples_per_triplet=2))),
         }},
+        "createInversion": {
+            "application/json": {
+                "null_text": _example("Null-text inversion of a photo (base64), for P2P edits from it",
+                                      _json(InversionRequest(caption="a cat sitting next to a mirror",
+                                                             image=_tiny_png_base64(), steps=50, resolution=512))),
+            },
+            "multipart/form-data": {
+                "ddim_file": _example("Plain DDIM inversion, the photo as a file part (`image`)",
+                                      {"request": json.dumps(_json(InversionRequest(
+                                          caption="a cat sitting next to a mirror", method="ddim"))),
+                                       "image": "<binary PNG/JPEG/WebP>"}),
+            },
+        },
         "createKey": {"application/json": {
             "key": _example("A key for tenant acme", _json(CreateKeyRequest(tenant="acme", label="ci pipeline"))),
         }},

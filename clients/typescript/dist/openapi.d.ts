@@ -261,6 +261,58 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/inversions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's inversions, newest first */
+        get: operations["listInversions"];
+        put?: never;
+        /** Invert a photo and its caption for P2P edits (JSON with base64 image, or multipart) */
+        post: operations["createInversion"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/inversions/{inversion_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** An inversion: status, progress (steps and inner iterations), result URLs */
+        get: operations["getInversion"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/inversions/{inversion_id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Cancel: queued → canceled now; processing → stopped at its next step */
+        post: operations["cancelInversion"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/models": {
         parameters: {
             query?: never;
@@ -803,7 +855,7 @@ export interface components {
              * Kind
              * @enum {string}
              */
-            kind: "p2p" | "ip2p";
+            kind: "p2p" | "ip2p" | "inversion";
             /** Metadata */
             metadata?: {
                 [key: string]: string;
@@ -1055,6 +1107,216 @@ export interface components {
             webhook?: components["schemas"]["WebhookSpec"] | null;
         };
         /**
+         * Inversion
+         * @description An inversion resource; ``id`` goes into a P2P edit's ``inversion_id``.
+         */
+        Inversion: {
+            /**
+             * Cancel Requested
+             * @default false
+             */
+            cancel_requested?: boolean;
+            /** Completed At */
+            completed_at?: string | null;
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            error?: components["schemas"]["ErrorInfo"] | null;
+            /** Id */
+            id: string;
+            /** Metadata */
+            metadata?: {
+                [key: string]: string;
+            };
+            metrics?: components["schemas"]["RunMetrics"];
+            /** Model */
+            model: string;
+            /**
+             * Object
+             * @default inversion
+             * @constant
+             */
+            object?: "inversion";
+            progress?: components["schemas"]["InversionProgress"] | null;
+            /**
+             * Random Weights
+             * @default false
+             */
+            random_weights?: boolean;
+            /**
+             * Reconstruction Error
+             * @description latent MSE of the reconstruction vs the photo
+             */
+            reconstruction_error?: number | null;
+            /**
+             * Request
+             * @description the request with defaults resolved (model, steps, size), image omitted
+             */
+            request: {
+                [key: string]: unknown;
+            };
+            result?: components["schemas"]["InversionResultUrls"] | null;
+            /**
+             * Reused
+             * @description POST answered with an equal finished inversion of yours (same model, photo, caption, method, steps, guidance, size): nothing was rerun
+             * @default false
+             */
+            reused?: boolean;
+            /** Started At */
+            started_at?: string | null;
+            status: components["schemas"]["EditStatus"];
+        };
+        /** InversionList */
+        InversionList: {
+            /** Data */
+            data: components["schemas"]["Inversion"][];
+            /** Next Cursor */
+            next_cursor?: string | null;
+            /**
+             * Object
+             * @default list
+             * @constant
+             */
+            object?: "list";
+        };
+        /**
+         * InversionProgress
+         * @description DDIM steps walked (phase ``ddim``), then for null-text the optimised steps (phase ``null-text``) with the
+         *     inner optimiser iterations run at the latest step out of the most possible (early stop runs fewer).
+         */
+        InversionProgress: {
+            /**
+             * Inner Iterations
+             * @default 0
+             */
+            inner_iterations?: number;
+            /**
+             * Inner Total
+             * @default 0
+             */
+            inner_total?: number;
+            /** Phase */
+            phase?: ("ddim" | "null-text") | null;
+            /** Step */
+            step: number;
+            /** Total */
+            total: number;
+        };
+        /**
+         * InversionRequest
+         * @description ``POST /v1/inversions``: the photo (base64 / data: URL here, or a multipart file) and its caption.
+         *
+         *     Inversion walks the deterministic DDIM trajectory, so the scheduler is fixed to ``ddim``; edits from it
+         *     must use the same model, size and step count.
+         */
+        InversionRequest: {
+            /**
+             * Caption
+             * @description the photo's source caption
+             */
+            caption: string;
+            /**
+             * Early Stop Epsilon
+             * @description null-text: stop a step's optimisation below this loss
+             * @default 0.00001
+             */
+            early_stop_epsilon?: number;
+            /**
+             * Guidance Scale
+             * @description the guidance the stored embeddings are optimised for
+             * @default 7.5
+             */
+            guidance_scale?: number;
+            /**
+             * Image
+             * @description base64 (or data: URL) image; or send it as a multipart file
+             * @default null
+             */
+            image?: string | null;
+            /**
+             * Kind
+             * @description optional; always `inversion`
+             * @default inversion
+             * @constant
+             */
+            kind?: "inversion";
+            /**
+             * Metadata
+             * @description echoed back, not used
+             */
+            metadata?: {
+                [key: string]: string;
+            };
+            /**
+             * Method
+             * @description null-text (reference), ddim (inversion only), or negative-prompt (the caption as the unconditional embedding, no optimisation)
+             * @default null-text
+             * @enum {string}
+             */
+            method?: "null-text" | "ddim" | "negative-prompt";
+            /**
+             * Model
+             * @description a text2image model; default: the P2P default
+             * @default null
+             */
+            model?: string | null;
+            /**
+             * Num Inner Steps
+             * @description null-text: optimiser iterations per step at most
+             * @default 10
+             */
+            num_inner_steps?: number;
+            /**
+             * Priority
+             * @default normal
+             * @enum {string}
+             */
+            priority?: "high" | "normal" | "low";
+            /**
+             * Resolution
+             * @description side of the centre-cropped square (capped per model)
+             * @default 512
+             */
+            resolution?: number;
+            /**
+             * Scheduler
+             * @default ddim
+             * @constant
+             */
+            scheduler?: "ddim";
+            /**
+             * Steps
+             * @description DDIM steps; an edit from it must use the same count
+             * @default null
+             */
+            steps?: number | null;
+            /**
+             * @description edit.started / edit.progress / edit.completed events whose `data` is the record's Edit view (kind inversion)
+             * @default null
+             */
+            webhook?: components["schemas"]["WebhookSpec"] | null;
+        };
+        /** InversionResultUrls */
+        InversionResultUrls: {
+            /**
+             * Arrays Url
+             * @description safetensors with `x_t` (1, 4, h, w) and `uncond_embeddings` (steps, 77, D)
+             */
+            arrays_url: string;
+            /**
+             * Expires At
+             * Format: date-time
+             */
+            expires_at: string;
+            /**
+             * Reconstruction Url
+             * @description PNG decoded from the inversion (random tiny models: noise)
+             */
+            reconstruction_url: string;
+        };
+        /**
          * LocalBlend
          * @description Edit only where the given words attend (P2P §local blending).
          */
@@ -1089,7 +1351,7 @@ export interface components {
             /** Default Size */
             default_size: number;
             /** Edit Kinds */
-            edit_kinds: ("p2p" | "ip2p")[];
+            edit_kinds: ("p2p" | "ip2p" | "inversion")[];
             /**
              * Kind
              * @enum {string}
@@ -1229,6 +1491,12 @@ export interface components {
              * @default null
              */
             height?: number | null;
+            /**
+             * Inversion Id
+             * @description edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step unconditional embeddings the source branch starts from; model, size and steps must match it, the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)
+             * @default null
+             */
+            inversion_id?: string | null;
             /**
              * @description discriminator enum property added by openapi-typescript
              * @enum {string}
@@ -2424,7 +2692,7 @@ export interface operations {
         parameters: {
             query?: {
                 status?: components["schemas"]["EditStatus"] | null;
-                kind?: ("p2p" | "ip2p") | null;
+                kind?: ("p2p" | "ip2p" | "inversion") | null;
                 model?: string | null;
                 limit?: number;
                 /** @description next_cursor of the previous page */
@@ -2963,6 +3231,156 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    listInversions: {
+        parameters: {
+            query?: {
+                status?: components["schemas"]["EditStatus"] | null;
+                limit?: number;
+                /** @description next_cursor of the previous page */
+                cursor?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InversionList"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    createInversion: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description same key + same body → the same inversion, run once */
+                "Idempotency-Key"?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["InversionRequest"];
+                "multipart/form-data": {
+                    /**
+                     * Format: binary
+                     * @description the photo
+                     */
+                    image: string;
+                    /** @description the InversionRequest as JSON */
+                    request: string;
+                };
+            };
+        };
+        responses: {
+            /** @description An equal finished inversion reused, or a replay */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Successful Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    getInversion: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                inversion_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    cancelInversion: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                inversion_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
         };
