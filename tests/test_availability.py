@@ -136,6 +136,9 @@ def test_a_model_set_to_require_a_live_worker_refuses_edits_while_none_serves_it
         refused(client.post("/v1/edits", files={"image": ("in.png", png(64, 64), "image/png")},
                             data={"request": '{"kind": "ip2p", "instruction": "make it snowy", "resolution": 64}'}),
                 "tiny-ip2p")
+        photo = base64.b64encode(png(64, 64)).decode()
+        inversion = {"caption": "a cat", "model": "tiny-sd-smooth", "image": photo, "resolution": 64, "steps": 4}
+        refused(client.post("/v1/inversions", json=inversion), "tiny-sd-smooth")  # inversions run on workers too
         assert len(list(rconn.scan_iter("editserve:edit:*"))) == records  # nothing was queued
 
         default = client.post("/v1/edits", json=P2P64)  # tiny-sd keeps the default: accepted, waits for a worker
@@ -144,5 +147,6 @@ def test_a_model_set_to_require_a_live_worker_refuses_edits_while_none_serves_it
         beat(rconn, "gpu-9", ["tiny-sd-smooth"], ttl=60)
         served = client.post("/v1/edits", json={**P2P64, "model": "tiny-sd-smooth"})
         assert served.status_code == 202 and served.json()["workers"] == 1
+        assert client.post("/v1/inversions", json=inversion).status_code == 202
         leave(rconn, "gpu-9", ["tiny-sd-smooth"])
         refused(client.post("/v1/edits", json={**P2P64, "model": "tiny-sd-smooth"}), "tiny-sd-smooth")
