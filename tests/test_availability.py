@@ -111,7 +111,8 @@ def test_etas_come_from_the_same_kind_of_work_and_models_report_throughput(live,
         # P2P ran at 4 steps: a 4-step P2P edit uses that batch shape, a 6-step one the per-step cost
         same = client.post("/v1/edits", json=P2P64).json()
         exact = stats(rconn, eta_stats_keys("tiny-sd", "p2p", 64, 64, 4, "ddim")[0])
-        assert same["eta_seconds"] == round(4 * exact["step_seconds"] + same["queue_position"] * exact["job_seconds"], 2)
+        assert same["eta_seconds"] == round(
+            4 * exact["step_seconds"] + same["queue_position"] * exact["job_seconds"], 2)
         longer = client.post("/v1/edits", json={**P2P64, "steps": 6}).json()
         shape = stats(rconn, eta_stats_keys("tiny-sd", "p2p", 64, 64, 6, "ddim")[1])
         assert "job_seconds" not in shape  # a per-job time means nothing at another step count
