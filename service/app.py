@@ -61,9 +61,9 @@ from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
-from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
 from service.inversion_routes import INVERSION_REQUEST_DEFS
 from service.inversion_routes import router as inversion_router
+from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
 from service.edit_validation import parse_request, prepare_submission, resolve_model
 from service.editview import load_record
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from editserve.contract import (
+    InversionRequest,
     CaptionTriplet,
     Dataset,
     DatasetCounts,
@@ -27,7 +28,6 @@ from editserve.contract import (
     DatasetWebhookEvent,
     Edit,
     EditStatus,
-    InversionRequest,
     IP2PEditRequest,
     P2PEditRequest,
     Progress,
@@ -74,6 +74,9 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
                            seed=7, negative_prompt="watermark", output_format="png")
     ip2p_file = IP2PEditRequest(kind="ip2p", instruction="turn it into a watercolor painting",
                                 image_guidance=1.5, text_guidance=7.5)
+    inversion = InversionRequest(caption="a photo of a cat sitting on a sofa", image=_tiny_png_base64(),
+                                 method="null-text", steps=50, guidance_scale=7.5, webhook=_HOOK)
+    inversion_file = InversionRequest(caption="a red car parked on a street", method="negative-prompt")
     dataset = DatasetRequest(
         triplets=[CaptionTriplet(input="a photo of a cat", instruction="make it a dog", output="a photo of a dog")],
         samples_per_triplet=4, seed=1, webhook=_HOOK)
@@ -89,24 +92,21 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
                                       {"request": json.dumps(_json(ip2p_file)), "image": "<binary PNG/JPEG/WebP>"}),
             },
         },
+        "createInversion": {
+            "application/json": {
+                "null_text": _example("Null-text inversion (the reference) of an inline photo", _json(inversion)),
+            },
+            "multipart/form-data": {
+                "negative_prompt": _example("Negative-prompt inversion, the photo as a file part (`image`)",
+                                            {"request": json.dumps(_json(inversion_file)),
+                                             "image": "<binary PNG/JPEG/WebP>"}),
+            },
+        },
         "createDataset": {"application/json": {
             "inline": _example("Caption triplets inline", _json(dataset)),
             "from_s3": _example("Caption triplets from a JSONL object already in the bucket",
                                 _json(DatasetRequest(triplets_key="datasets/captions.jsonl", samples_per_triplet=2))),
         }},
-        "createInversion": {
-            "application/json": {
-                "null_text": _example("Null-text inversion of a photo (base64), for P2P edits from it",
-                                      _json(InversionRequest(caption="a cat sitting next to a mirror",
-                                                             image=_tiny_png_base64(), steps=50, resolution=512))),
-            },
-            "multipart/form-data": {
-                "ddim_file": _example("Plain DDIM inversion, the photo as a file part (`image`)",
-                                      {"request": json.dumps(_json(InversionRequest(
-                                          caption="a cat sitting next to a mirror", method="ddim"))),
-                                       "image": "<binary PNG/JPEG/WebP>"}),
-            },
-        },
         "createKey": {"application/json": {
             "key": _example("A key for tenant acme", _json(CreateKeyRequest(tenant="acme", label="ci pipeline"))),
         }},
