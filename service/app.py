@@ -197,8 +197,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
                        (422, "Invalid request; `error.field` names the input"),
                        (429, "A tenant limit: `rate_limited` or `tenant_queue_full`; see Retry-After"),
-                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has "
-                        "none) or a dependency is down; see Retry-After")]
+                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a "
+                        "live worker has none) or a dependency is down; see Retry-After")]
 }
 
 _EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")

@@ -34,6 +34,7 @@ from editserve.contract import (
     JobPayload,
 )
 from editserve.kinds import edit_kind
+from service.availability import require_live_worker
 from service.edit_validation import check_webhook, forbidden_prompt_character
 from service.errors import ApiError, from_pydantic, invalid, not_found
 from service.imaging import square_photo
@@ -126,6 +127,7 @@ def create(svc, request: InversionRequest, image_bytes: bytes | None, tenant: st
     cached = reusable(svc, tenant, digest)
     if cached is not None:
         return cached.model_copy(update={"reused": True}), False
+    require_live_worker(svc.redis, svc.settings, resolved["model"])  # a reused result needs no worker
     probe_image(image_bytes, svc.settings.limits)
 
     def normalise() -> bytes:

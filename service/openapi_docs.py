@@ -137,8 +137,8 @@ def _dataset(status: EditStatus, done: int, **fields: Any) -> Dataset:
 
 def webhook_payloads() -> dict[str, BaseModel]:
     """Every event type the emitters send (``service.webhooks.emit``), with an example payload."""
-    result = ResultImage(index=0, label="a dog riding a bike", url="https://s3.example.com/edits/ed_01J9Z8Q4K7M2/0.webp",
-                         expires_at=_AT, width=512, height=512, seed=42)
+    result = ResultImage(index=0, label="a dog riding a bike", expires_at=_AT, width=512, height=512, seed=42,
+                         url="https://s3.example.com/edits/ed_01J9Z8Q4K7M2/0.webp")
     edits = {
         WebhookEventType.started: _edit(EditStatus.processing, started_at=_AT, progress=Progress(step=0, total=30)),
         WebhookEventType.progress: _edit(EditStatus.processing, started_at=_AT, progress=Progress(step=12, total=30),
@@ -151,7 +151,8 @@ def webhook_payloads() -> dict[str, BaseModel]:
         WebhookEventType.started: _dataset(EditStatus.processing, 0),
         WebhookEventType.progress: _dataset(EditStatus.processing, 4, counts=DatasetCounts(samples=16, kept=9)),
         WebhookEventType.completed: _dataset(
-            EditStatus.succeeded, 10, completed_at=_AT, counts=DatasetCounts(samples=40, kept=23, triplets_with_pairs=9),
+            EditStatus.succeeded, 10, completed_at=_AT,
+            counts=DatasetCounts(samples=40, kept=23, triplets_with_pairs=9),
             output=DatasetOutput(prefix="datasets/ds_01J9Z8R2B5T/", manifest_url="https://s3.example.com/m.json",
                                  metadata_url="https://s3.example.com/meta.jsonl", shard_urls=[], expires_at=_AT)),
     }
