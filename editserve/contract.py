@@ -46,8 +46,10 @@ def _kind_required(schema: dict[str, Any]) -> None:
     schema["required"] = ["kind", *[name for name in schema.get("required", []) if name != "kind"]]
 
 
-EditKind = Literal["p2p", "ip2p"]
-"""Every edit method; what each needs (model kind, default steps, ...) is ``editserve.kinds.EDIT_KINDS``."""
+EditKind = Literal["p2p", "ip2p", "inversion"]
+"""Every kind of job record: the edit methods, and ``inversion`` (a photo inverted for P2P, ``POST
+/v1/inversions``, an edit-like record in the same store); what each needs (model kind, default steps, ...) is
+``editserve.kinds.EDIT_KINDS``."""
 ModelKind = Literal["text2image", "instruct"]
 # Samplers by the names people know them by (AUTOMATIC1111 / ComfyUI): DDIM (P2P's null-text notebook), PNDM
 # (SD-1.4's own, T + 1 UNet calls), Euler-a (IP2P's official sigma schedule), Euler, DPM-Solver++ 2M with and
@@ -165,6 +167,11 @@ class P2PEditRequest(_EditBase):
     attention_maps: bool | Annotated[list[int], Field(max_length=MAX_TARGETS + 1)] = Field(
         False, description="true: maps for every prompt; or prompt indices (0 = source)"
     )
+    inversion_id: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[0-9a-z]+$",
+        description="edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step "
+                    "unconditional embeddings the source branch starts from; model, size and steps must match it, "
+                    "the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)")
 
     @field_validator("reweight")
     @classmethod
@@ -261,12 +268,14 @@ class JobPayload(BaseModel):
 
     id: str
     tenant: str
-    request: EditRequest
+    request: JobRequest
     batch_key: BatchKey
     seeds: list[int] = Field(description="P2P: one seed; IP2P: one per sweep cell")
     input_image_key: str | None = Field(None, description="S3 key of the normalised input PNG (IP2P)")
     inversion_id: str | None = Field(None, description="P2P from a real photo: the finished inversion (checked for "
                                                        "tenancy by the gateway) whose x_T and embeddings it starts from")
+    inversion_digest: str | None = Field(None, description="an inversion job: its reuse key "
+                                                           "(``service.inversion_cache.inversion_digest``)")
     created_at: datetime
 
 
@@ -567,6 +576,7 @@ class InversionRequest(_Strict):
     must use the same model, size and step count.
     """
 
+    kind: Literal["inversion"] = Field("inversion", description="optional; always `inversion`")
     caption: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the photo's source caption")
     model: str | None = Field(None, max_length=100, description="a text2image model; default: the P2P default")
     method: InversionMethod = Field("null-text", description="null-text (reference), ddim (inversion only), or "
@@ -582,12 +592,22 @@ class InversionRequest(_Strict):
                                       description="null-text: stop a step's optimisation below this loss")
     resolution: int = Field(512, ge=64, le=2048, description="side of the centre-cropped square (capped per model)")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
-    webhook: WebhookSpec | None = None
+    webhook: WebhookSpec | None = Field(None, description="edit.started / edit.progress / edit.completed events "
+                                                          "whose `data` is the record's Edit view (kind inversion)")
+    priority: Literal["high", "normal", "low"] = "normal"
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=16, description="echoed back, not used")
+
+
+JobRequest = Annotated[Union[P2PEditRequest, IP2PEditRequest, InversionRequest], Field(discriminator="kind")]
+"""What a queued job runs: an edit, or an inversion."""
 
 
 class InversionProgress(_Strict):
-    """DDIM steps walked and, for null-text, inner optimiser iterations run out of the most possible."""
+    """DDIM steps walked (phase ``ddim``), then for null-text the optimised steps (phase ``null-text``) with the
+    inner optimiser iterations run at the latest step out of the most possible (early stop runs fewer)."""
 
+    phase: Literal["ddim", "null-text"] | None = None
     step: int
     total: int
     inner_iterations: int = 0
@@ -604,11 +624,30 @@ class Inversion(BaseModel):
     """An inversion resource; ``id`` goes into a P2P edit's ``inversion_id``."""
 
     id: str
+    object: Literal["inversion"] = "inversion"
     status: EditStatus
+    model: str
     created_at: datetime
-    updated_at: datetime | None = None
-    request: dict[str, Any] = Field(description="the request with defaults resolved, image omitted")
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    request: dict[str, Any] = Field(description="the request with defaults resolved (model, steps, size), image "
+                                                "omitted")
     progress: InversionProgress | None = None
     result: InversionResultUrls | None = None
     reconstruction_error: float | None = Field(None, description="latent MSE of the reconstruction vs the photo")
     error: ErrorInfo | None = None
+    metrics: RunMetrics = Field(default_factory=RunMetrics)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    random_weights: bool = False
+    cancel_requested: bool = False
+    reused: bool = Field(False, description="POST answered with an equal finished inversion of yours (same model, "
+                                            "photo, caption, method, steps, guidance, size): nothing was rerun")
+
+
+class InversionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Inversion]
+    next_cursor: str | None = None
+
+
+JobPayload.model_rebuild()

@@ -59,7 +59,10 @@ from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
+from service.inversion_routes import INVERSION_REQUEST_DEFS
+from service.inversion_routes import router as inversion_router
 from service.edit_validation import parse_request, prepare_submission
+from service.editview import load_record
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
@@ -221,7 +224,8 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     (Pillow, boto3). JSON edits without an image take :func:`create_edit`'s one-round-trip path."""
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
                                     tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
-                                    decode_gate=svc.decode_gate)
+                                    decode_gate=svc.decode_gate,
+                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id))
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
@@ -274,7 +278,8 @@ async def create_edit(
         parsed = await parse_edit_body(request, body, limits)
         edit_request = parse_request(parsed.data)
         submission = None
-        if parsed.image_bytes is None:  # no Pillow, no S3: microseconds of CPU, done on the event loop
+        from_photo = getattr(edit_request, "inversion_id", None) is not None  # looks its inversion up: thread pool
+        if parsed.image_bytes is None and not from_photo:  # no Pillow, no S3: microseconds, on the event loop
             submission = prepare_submission(edit_request, None, settings=svc.settings, counter=svc.tokens,
                                             tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
     except ApiError:
@@ -557,7 +562,7 @@ def install_openapi(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS}.items():
+            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS, **INVERSION_REQUEST_DEFS}.items():
                 components.setdefault(name, definition)
             app.openapi_schema = schema
         return app.openapi_schema
@@ -618,6 +623,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
     install_domain_error_handlers(app)
     app.include_router(router)
     app.include_router(dataset_router)
+    app.include_router(inversion_router)
     app.include_router(admin_router)
     app.include_router(ops_router)
     install_playground(app)

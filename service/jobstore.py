@@ -133,6 +133,7 @@ class JobStore:
         self._listeners: list[StatusListener] = list(listeners)
         self._transition_script = redis.register_script(scripts.TRANSITION)
         self._progress_script = redis.register_script(scripts.PROGRESS)
+        self._detail_script = redis.register_script(scripts.PROGRESS_DETAIL)
         self._ewma_script = redis.register_script(scripts.EWMA)
         self._release_claim_script = redis.register_script(scripts.COMPARE_AND_DELETE)
         self.accounting = Accounting(redis, settings)
@@ -317,7 +318,7 @@ class JobStore:
         rev, _ = self._run_transition(
             edit_id, ALLOWED_FROM[P], P,
             set_fields={"batch_id": batch_id, "batch_size": str(batch_size), "worker": worker},
-            set_nx={"started_at": repr(now)}, incr=["attempts"], delete=["progress_step", "progress_total"],
+            set_nx={"started_at": repr(now)}, incr=["attempts"], delete=["progress_step", "progress_total", "progress_detail"],
             queue_wait=True, now=now)
         if not rev:
             return False
@@ -346,6 +347,11 @@ class JobStore:
         if due:
             self._publish_current(edit_id, event="progress")
 
+    def set_progress_detail(self, edit_id: str, detail: str) -> None:
+        """A kind's own progress beyond step/total (an inversion's phase and inner iterations), stored as JSON
+        while the edit is processing; it travels with the next published change."""
+        self._detail_script(keys=[edit_key(edit_id)], args=[detail])
+
     def is_cancel_requested(self, edit_id: str) -> bool:
         """True when the worker should stop: cancel asked, edit already terminal, or record gone."""
         status, flag = self.redis.hmget(edit_key(edit_id), "status", "cancel_requested")
@@ -354,14 +360,20 @@ class JobStore:
         return flag == b"1" or EditStatus(status.decode()).terminal
 
     def mark_succeeded(self, edit_id: str, *, results: list[dict], attention_maps: list[dict],
-                       run_seconds: float) -> None:
+                       run_seconds: float, inversion: dict | None = None) -> bool:
+        """``inversion``: an inversion job's stored objects (arrays, reconstruction, its error). True when this
+        call made the edit succeeded (False: it was terminal already)."""
         fields = {"results": json.dumps(results), "attention_maps": json.dumps(attention_maps),
                   "run_seconds": repr(float(run_seconds))}
+        if inversion is not None:
+            fields["inversion"] = json.dumps(inversion)
         if self._transition(edit_id, S, completed_at=True, set_fields=fields):
             model, kind = self.redis.hmget(edit_key(edit_id), "model", "kind")
             metrics.job_duration_seconds.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode()).observe(
                 run_seconds)
             self._record_stats(edit_id, run_seconds)
+            return True
+        return False
 
     def mark_failed(self, edit_id: str, error: ErrorInfo) -> None:
         self._transition(edit_id, F, completed_at=True, set_fields={"error": error.model_dump_json()})
@@ -380,7 +392,7 @@ class JobStore:
             return False
         requeued = self._transition(
             edit_id, Q, set_fields={"enqueued_at": repr(_now()), "requeue_reason": reason[:500]},
-            delete=["progress_step", "progress_total", "batch_id", "batch_size", "worker"])
+            delete=["progress_step", "progress_total", "progress_detail", "batch_id", "batch_size", "worker"])
         if requeued:
             self._leave_in_progress(edit_id)
         return requeued
@@ -538,6 +550,11 @@ def build_params(payload: JobPayload) -> dict[str, Any]:
                   seeds=list(payload.seeds))
     if request.kind == "p2p":
         params["seed"] = payload.seeds[0] if payload.seeds else None
+        if payload.inversion_id:
+            params["inversion_id"] = payload.inversion_id
+    elif request.kind == "inversion":
+        params.pop("seeds", None)
+        params.pop("priority", None)
     else:
         params["cells"] = [
             {"index": i, "image_guidance": ig, "text_guidance": tg, "seed": seed}
