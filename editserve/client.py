@@ -44,6 +44,7 @@ from editserve.contract import (
     ErrorType,
     IP2PEditRequest,
     Inversion,
+    InversionList,
     InversionRequest,
     LocalBlend,
     ModelInfo,
@@ -589,7 +590,8 @@ class Client(DatasetMethods, _ClientCore):
     def invert(self, image: ImageInput, caption: str, *, model: str | None = None, method: str | None = None,
                steps: int | None = None, guidance_scale: float | None = None, num_inner_steps: int | None = None,
                early_stop_epsilon: float | None = None, resolution: int | None = None,
-               webhook: str | WebhookSpec | Mapping[str, Any] | None = None, idempotency_key: str | None = None,
+               webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
+               metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                **extra: Any) -> Inversion:
         """Invert a photo (path, bytes, file or PIL image) and its caption on the server; returns the queued
         :class:`Inversion`. ``method``: ``null-text`` (default), ``ddim`` or ``negative-prompt``. Follow it with
@@ -600,6 +602,12 @@ class Client(DatasetMethods, _ClientCore):
 
     def get_inversion(self, inversion: str | Inversion) -> Inversion:
         return Inversion.model_validate(self._json(_Call("GET", f"/{API_VERSION}/inversions/{_inversion_id(inversion)}")))
+
+    def list_inversions(self, *, status: EditStatus | str | None = None, limit: int | None = None,
+                        cursor: str | None = None) -> InversionList:
+        """One page of the caller's inversions, newest first; pass ``next_cursor`` back for the next page."""
+        params = self._list_params(status, None, None, limit, cursor)
+        return InversionList.model_validate(self._json(_Call("GET", f"/{API_VERSION}/inversions", params=params)))
 
     def cancel_inversion(self, inversion: str | Inversion) -> Inversion:
         """Stop an inversion (it stops at its next step or inner iteration); edits cannot use it afterwards."""
@@ -861,6 +869,7 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
                      steps: int | None = None, guidance_scale: float | None = None,
                      num_inner_steps: int | None = None, early_stop_epsilon: float | None = None,
                      resolution: int | None = None, webhook: str | WebhookSpec | Mapping[str, Any] | None = None,
+                     priority: str | None = None, metadata: dict[str, str] | None = None,
                      idempotency_key: str | None = None, **extra: Any) -> Inversion:
         fields = {k: v for k, v in locals().items() if k not in ("self", "image", "caption", "idempotency_key", "extra")}
         call = self._invert_call(image, caption, {**fields, **extra}, idempotency_key)
@@ -869,6 +878,12 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
     async def get_inversion(self, inversion: str | Inversion) -> Inversion:
         path = f"/{API_VERSION}/inversions/{_inversion_id(inversion)}"
         return Inversion.model_validate(await self._json(_Call("GET", path)))
+
+    async def list_inversions(self, *, status: EditStatus | str | None = None, limit: int | None = None,
+                              cursor: str | None = None) -> InversionList:
+        params = self._list_params(status, None, None, limit, cursor)
+        return InversionList.model_validate(await self._json(_Call("GET", f"/{API_VERSION}/inversions",
+                                                                   params=params)))
 
     async def cancel_inversion(self, inversion: str | Inversion) -> Inversion:
         path = f"/{API_VERSION}/inversions/{_inversion_id(inversion)}/cancel"
