@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p2p.add_argument("--size", type=int, help="image height and width in pixels (multiple of 64)")
     p2p.add_argument("--guidance", type=float, help="classifier-free guidance scale (7.5)")
     p2p.add_argument("--inversion", metavar="ID", help="edit a real photo: a finished inversion from `editserve "
-                     "invert` (source, model, size, steps, sampler and guidance default to the inversion's)")
+                     "invert` (source prompt, model, size, steps, sampler and guidance default to the inversion's)")
     _add_common_edit_options(p2p)
 
     ip2p = kinds.add_parser("ip2p", help="InstructPix2Pix: edit an image by a written instruction")
@@ -270,14 +270,13 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
         common["negative_prompt"] = args.negative
     common.update({k: v for k in ("output_format", "output_quality") if (v := getattr(args, k)) is not None})
     if args.kind == "p2p":
-        fields = _p2p_fields(args)
         source = args.source
-        if args.inversion:
-            source = _from_inversion(client, args.inversion, source, common, fields)
-        elif not source:
+        if not source and not args.inversion:
             raise errors.InvalidRequestError("--source is required (or --inversion ID)", type=ErrorType.usage.value,
                                              field="--source")
-        edit = client.submit_p2p(source, args.target, inversion=args.inversion, **common, **fields)
+        if not source:
+            source = _caption_of(client, args.inversion)
+        edit = client.submit_p2p(source, args.target, inversion=args.inversion, **common, **_p2p_fields(args))
     else:
         if not args.image.is_file():
             raise errors.InvalidRequestError(f"no such file: {args.image}", type=ErrorType.usage.value, field="--image")
@@ -290,19 +289,10 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
     return _wait_and_save(client, edit, args.out, args.wait_timeout, args.quiet)
 
 
-def _from_inversion(client: Client, inversion_id: str, source: str | None, common: dict[str, Any],
-                    fields: dict[str, Any]) -> str:
-    """An edit of an inverted photo: what the command line leaves out comes from the inversion (its caption
-    as the source prompt; its model, size, steps, sampler and guidance), so the edit matches it."""
-    request = client.get_inversion(inversion_id).request
-    for key, name in (("model", "model"), ("steps", "steps"), ("scheduler", "scheduler")):
-        if common.get(key) is None and request.get(name) is not None:
-            common[key] = request[name]
-    if fields.get("size") is None and request.get("resolution"):
-        fields["size"] = request["resolution"]
-    if fields.get("guidance_scale") is None and request.get("guidance_scale") is not None:
-        fields["guidance_scale"] = request["guidance_scale"]
-    return source or request.get("caption") or ""
+def _caption_of(client: Client, inversion_id: str) -> str:
+    """The inverted photo's caption: the source prompt of an edit from it (the server takes the inversion's model,
+    size, steps, sampler and guidance itself when the command line leaves them out)."""
+    return client.get_inversion(inversion_id).request.get("caption") or ""
 
 
 def cmd_invert(client: Client, args: argparse.Namespace) -> int:
