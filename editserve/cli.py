@@ -39,7 +39,8 @@ EXIT_REFUSED = 5  # the server answered an error status (4xx/5xx after retries):
 EXIT_UNREACHABLE = 6  # the server could not be reached
 EXIT_LOCAL_IO = 7  # a local file could not be read or written
 EXIT_INTERRUPTED = 130  # Ctrl-C
-EXIT_CODES_HELP = ("exit codes: 0 ok, 1 edit failed, 2 usage or invalid request, 3 wait timed out, 4 edit canceled, "
+EXIT_CODES_HELP = ("exit codes: 0 ok, 1 edit or inversion failed, 2 usage or invalid request, 3 wait timed out, "
+                   "4 edit or inversion canceled, "
                    "5 server refused the request, 6 server unreachable, 7 local file error, 130 interrupted")
 
 
