@@ -220,13 +220,13 @@ class InversionReporter:
             self.bar(inversion)
             return
         progress = inversion.progress
-        key = (inversion.status, progress.step if progress else None)
+        key = (inversion.status, progress.phase if progress else None, progress.step if progress else None)
         if key == self.last:
             return
         self.last = key
         line = f"{inversion.id} {inversion.status.value}"
         if progress is not None and progress.total and not inversion.status.terminal:
-            line += f" step {progress.step}/{progress.total}"
+            line += f" {progress.phase or ''} step {progress.step}/{progress.total}".replace("  ", " ")
             if progress.inner_total:
                 line += f" inner {progress.inner_iterations}/{progress.inner_total}"
         print(line, file=sys.stderr)

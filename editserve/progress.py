@@ -30,12 +30,13 @@ def _bar(done: int, total: int) -> str:
 
 
 def render_inversion(inversion: Inversion, elapsed: float) -> str:
-    """One inversion update: DDIM steps walked and null-text inner iterations run (of the most possible), e.g.
-    ``ab12cd34 processing [######------] step 4/10 inner 31/100 (7s)``."""
+    """One inversion update: the DDIM walk's steps, then each null-text step with the inner iterations it ran (of
+    the most possible), e.g. ``ab12cd34 processing [######------] null-text step 4/10 inner 7/10 (7s)``."""
     parts = [inversion.id[:8], f"{inversion.status.value:<10}"]
     progress = inversion.progress
     if progress is not None and progress.total:
-        parts.append(f"{_bar(progress.step, progress.total)} step {progress.step}/{progress.total}")
+        phase = f"{progress.phase} " if progress.phase else ""
+        parts.append(f"{_bar(progress.step, progress.total)} {phase}step {progress.step}/{progress.total}")
         if progress.inner_total:
             parts.append(f"inner {progress.inner_iterations}/{progress.inner_total}")
     parts.append(f"({_duration(elapsed)})")

@@ -83,7 +83,7 @@ def edit_a_photo(client: Client, out: Path, steps: int, size: int) -> None:
 
     def show(state) -> None:
         p = state.progress
-        line = f"   {state.status.value}" + (f" step {p.step}/{p.total}" if p and p.total else "") + (
+        line = f"   {state.status.value}" + (f" {p.phase} step {p.step}/{p.total}" if p and p.total else "") + (
             f" inner {p.inner_iterations}/{p.inner_total}" if p and p.inner_total else "")
         if line != last[0]:
             print(line)

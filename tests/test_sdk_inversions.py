@@ -67,7 +67,7 @@ def test_invert_wait_download_then_edit_from_it(live, worker, photo_png, tmp_pat
         runner.done()
         assert done.status is EditStatus.succeeded and seen[-1].id == done.id
         assert done.progress.step == done.progress.total == STEPS and 1 <= done.progress.inner_iterations <= INNER
-        assert f"step {STEPS}/{STEPS} inner {done.progress.inner_iterations}/{INNER}" in render(done, 1.0)
+        assert f"null-text step {STEPS}/{STEPS} inner {done.progress.inner_iterations}/{INNER}" in render(done, 1.0)
 
         paths = client.download_inversion(done, tmp_path / "out", arrays=True)
         assert [p.name for p in paths] == [f"{done.id}-reconstruction.png", f"{done.id}-inversion.safetensors"]
@@ -245,8 +245,8 @@ def test_inversion_progress_lines():
     walking = state(EditStatus.processing, InversionProgress(phase="ddim", step=2, total=4))
     optimising = state(EditStatus.processing, InversionProgress(phase="null-text", step=3, total=4,
                                                                 inner_iterations=7, inner_total=10))
-    assert "step 2/4" in render(walking, 0) and "inner" not in render(walking, 0)
-    assert "step 3/4 inner 7/10" in render(optimising, 0)
+    assert "ddim step 2/4" in render(walking, 0) and "inner" not in render(walking, 0)
+    assert "null-text step 3/4 inner 7/10" in render(optimising, 0)
     lines = io.StringIO()
     reporter = cli.InversionReporter(quiet=False)
     reporter.bar.enabled = False
@@ -255,5 +255,5 @@ def test_inversion_progress_lines():
     with contextlib.redirect_stderr(lines):
         for s in (state(EditStatus.queued), walking, walking, optimising, state(EditStatus.succeeded)):
             reporter(s)
-    assert lines.getvalue().splitlines() == ["inv1 queued", "inv1 processing step 2/4",
-                                             "inv1 processing step 3/4 inner 7/10", "inv1 succeeded"]
+    assert lines.getvalue().splitlines() == ["inv1 queued", "inv1 processing ddim step 2/4",
+                                             "inv1 processing null-text step 3/4 inner 7/10", "inv1 succeeded"]
