@@ -345,6 +345,7 @@ class ErrorType(str, Enum):
     tenant_queue_full = "tenant_queue_full"
     tenant_dataset_limit = "tenant_dataset_limit"
     queue_full = "queue_full"
+    no_live_worker = "no_live_worker"
     service_unavailable = "service_unavailable"
     decoder_busy = "decoder_busy"
     storage_unavailable = "storage_unavailable"
@@ -441,6 +442,18 @@ class WebhookEvent(BaseModel):
     data: Edit
 
 
+class ModelThroughput(BaseModel):
+    """What the model's workers finished recently (from the workers' reports in Redis)."""
+
+    window_seconds: float = Field(description="the time the figures cover (the configured window, whole minutes)")
+    edits: int = Field(0, description="edits that succeeded in the window")
+    images: int = Field(0, description="result images of those edits")
+    steps: int = Field(0, description="denoising steps of those edits")
+    edits_per_minute: float = 0.0
+    images_per_minute: float = 0.0
+    steps_per_second: float = 0.0
+
+
 class ModelInfo(BaseModel):
     name: str
     kind: ModelKind
@@ -452,6 +465,9 @@ class ModelInfo(BaseModel):
     schedulers: list[SchedulerName] = Field(description="samplers a request may name in `scheduler`")
     workers: int = Field(0, description="live workers serving the model now (from their heartbeats)")
     queued: int = Field(0, description="edits waiting in the model's worker queues")
+    throughput: ModelThroughput | None = Field(None, description="recent work finished for the model")
+    require_live_worker: bool = Field(False, description="true: an edit is refused (503 `no_live_worker`) while "
+                                      "`workers` is 0; false: it is accepted and waits (autoscaling from zero)")
 
 
 # ---------------------------------------------------------------------------------------------- dataset jobs

@@ -34,7 +34,7 @@ from editserve.contract import (
 )
 from service import limits
 from service.config import Settings
-from service.keys import edit_key, stats_key, tenant_index_key
+from service.keys import edit_key, eta_stats_keys, tenant_index_key
 from service.liveness import live_workers
 from service.queues import rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
@@ -272,7 +272,8 @@ class EditView:
     def _position_and_eta(self, r: dict[str, str], status: EditStatus, progress: Progress | None,
                           payload: dict, known: tuple[int | None, dict[str, float]] | None = None
                           ) -> tuple[int | None, float | None]:
-        """Jobs ahead (0 = next) and seconds left: remaining steps × s/step + jobs ahead × s/job."""
+        """Jobs ahead (0 = next) and seconds left: remaining steps × s/step + jobs ahead × s/job, from statistics
+        of the same model, kind, size and scheduler only (``eta_stats_keys``); none yet → no ETA."""
         if status.terminal:
             return None, None
         bk = payload["batch_key"]
@@ -280,9 +281,10 @@ class EditView:
         if known is not None:
             ahead, stats = known
         else:
-            suffix = f"{bk['model']}:{bk['kind']}:{bk['height']}x{bk['width']}:s{bk['steps']}:{bk['scheduler']}"
-            stats = self._stats(suffix)
+            stats = self._stats(bk)
         step_s, job_s = stats.get("step_seconds"), stats.get("job_seconds")
+        if job_s is None and stats.get("job_step_seconds") is not None:  # another step count: scale per step
+            job_s = stats["job_step_seconds"] * steps
         if status is P:
             if progress and progress.step > 0 and r.get("started_at"):
                 rate = (_now() - float(r["started_at"])) / progress.step
@@ -310,6 +312,9 @@ class EditView:
             return None
         return position + sum(self.redis.llen(rq_queue_key(q)) for q in same_key_queues_ahead(name))
 
-    def _stats(self, suffix: str) -> dict[str, float]:
-        raw = self.redis.hgetall(stats_key(suffix)) or self.redis.hgetall(stats_key("all"))
-        return {k.decode(): float(v) for k, v in raw.items()}
+    def _stats(self, bk: dict) -> dict[str, float]:
+        for key in eta_stats_keys(bk["model"], bk["kind"], bk["height"], bk["width"], bk["steps"], bk["scheduler"]):
+            raw = self.redis.hgetall(key)
+            if raw:
+                return {k.decode(): float(v) for k, v in raw.items()}
+        return {}

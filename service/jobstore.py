@@ -57,10 +57,10 @@ from editserve.contract import (
     job_error,
 )
 from editserve.kinds import sweep_cells
-from service import limits, metrics, scripts
+from service import limits, metrics, scripts, throughput
 from service.config import Settings
 from service.editview import EditView, load_record
-from service.keys import edit_key, events_channel, idem_key, stats_key
+from service.keys import edit_key, eta_stats_keys, events_channel, idem_key
 from service.limits import Accounting
 from service.queues import BATCH_TAG_FIELD, batch_tag, queue_name, rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
@@ -250,7 +250,7 @@ class JobStore:
         return limits.AdmissionRequest(
             record=record, score_ms=int(created * 1000), priority=request.priority, job_key=job.key,
             job_fields={**job.to_dict(), BATCH_TAG_FIELD: batch_tag(payload.batch_key)}, queues_ahead=[rq_queue_key(q) for q in same_key_queues_ahead(name)],
-            stats_keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
+            stats_keys=eta_stats_keys(**payload.batch_key.model_dump()),
             rate=(payload.tenant, lim.tenant_rps, lim.tenant_burst) if rate_limit else None, claim=claim)
 
     def _admitted(self, payload: JobPayload, request: limits.AdmissionRequest, admission: limits.Admission) -> Edit:
@@ -371,7 +371,7 @@ class JobStore:
             model, kind = self.redis.hmget(edit_key(edit_id), "model", "kind")
             metrics.job_duration_seconds.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode()).observe(
                 run_seconds)
-            self._record_stats(edit_id, run_seconds)
+            self._record_stats(edit_id, run_seconds, images=len(results))
             return True
         return False
 
@@ -511,16 +511,20 @@ class JobStore:
         except Exception:
             log.exception("edit %s: could not remove its RQ job", edit_id)
 
-    def _record_stats(self, edit_id: str, run_seconds: float) -> None:
+    def _record_stats(self, edit_id: str, run_seconds: float, *, images: int) -> None:
+        """ETA statistics of this kind of work, and its model's recent throughput (``/v1/models``)."""
         record = self._record(edit_id)
         if record is None:
             return
         payload = JobPayload.model_validate_json(record["payload"])
         steps = max(1, payload.batch_key.steps)
         per_job = run_seconds / max(1, int(record.get("batch_size") or 1))
-        self._ewma_script(keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
+        self._ewma_script(keys=eta_stats_keys(**payload.batch_key.model_dump()),
                           args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA,
-                                self.settings.retention.stats_ttl_seconds])
+                                self.settings.retention.stats_ttl_seconds, per_job / steps])
+        throughput.record(self.redis, payload.batch_key.model, images=images, steps=payload.batch_key.steps,
+                          ttl=throughput.throughput_ttl(self.settings.throughput_window_seconds,
+                                                        self.settings.retention.stats_ttl_seconds))
 
     def _publish_current(self, edit_id: str, *, event: str | None) -> None:
         record = self._record(edit_id)

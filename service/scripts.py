@@ -316,15 +316,19 @@ return 1
 """
 
 EWMA = """
--- KEYS: stats hashes to update.  ARGV: [1] seconds per step, [2] seconds per job, [3] alpha, [4] TTL (s):
+-- KEYS: stats hashes to update (service.keys.eta_stats_keys: the batch shape first).
+-- ARGV: [1] seconds per step (the batch), [2] seconds per job, [3] alpha, [4] TTL (s), [5] seconds per step of
+-- one job. job_seconds only means something at one step count, so only KEYS[1] (the exact shape) keeps it;
 -- statistics of a batch shape nobody runs any more expire.
 local alpha = tonumber(ARGV[3])
-for _, k in ipairs(KEYS) do
-  for j, f in ipairs({'step_seconds', 'job_seconds'}) do
+for i, k in ipairs(KEYS) do
+  for j, f in ipairs({'step_seconds', 'job_seconds', '', '', 'job_step_seconds'}) do
     local v = tonumber(ARGV[j])
-    local old = redis.call('HGET', k, f)
-    if old then v = alpha * v + (1 - alpha) * tonumber(old) end
-    redis.call('HSET', k, f, tostring(v))
+    if f ~= '' and v and (i == 1 or f ~= 'job_seconds') then
+      local old = redis.call('HGET', k, f)
+      if old then v = alpha * v + (1 - alpha) * tonumber(old) end
+      redis.call('HSET', k, f, tostring(v))
+    end
   end
   if ARGV[4] then redis.call('EXPIRE', k, ARGV[4]) end
 end
