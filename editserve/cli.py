@@ -25,7 +25,7 @@ from editserve.client import _local_validation_error as local_validation_error
 from editserve.contract import SCHEDULERS, Edit, EditStatus, ErrorType, LocalBlend, Sweep
 from editserve.kinds import EDIT_KINDS
 from editserve.dataset_cli import add_dataset_parser, cmd_dataset
-from editserve.progress import ProgressLine
+from editserve.progress import ProgressLine, label
 
 # One exit code per kind of failure, so scripts can tell them apart (README "CLI exit codes").
 EXIT_OK = 0
@@ -172,7 +172,7 @@ class StatusReporter:
         if self.bar.enabled:
             self.bar(edit)
         elif edit.status is not self.last_status:
-            print(f"{edit.id} {edit.status.value}", file=sys.stderr)
+            print(f"{label(edit, full_id=True)} {edit.status.value}", file=sys.stderr)
         self.last_status = edit.status
 
 

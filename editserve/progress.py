@@ -23,9 +23,39 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+SNIPPET_CHARS = 24
+
+
+def short_id(edit_id: str) -> str:
+    """The id's last 8 characters: its random part. The first characters are a millisecond timestamp, so edits
+    submitted within a second share them and a prefix cannot tell them apart."""
+    return edit_id[-8:]
+
+
+def _snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def label(edit: Edit, *, full_id: bool = False) -> str:
+    """Names one edit among several followed at once: short id (``full_id``: the whole id), kind and a prompt
+    snippet (P2P: the first target, ``+N`` more), e.g. ``k3j9x2ab p2p "a dog on a mat"`` or
+    ``7qk2m0zd ip2p "make it snowy"``."""
+    params = edit.params or {}
+    more = ""
+    if edit.kind == "p2p":
+        targets = params.get("target_prompts") or []
+        text = targets[0] if targets else params.get("source_prompt", "")
+        more = f" +{len(targets) - 1}" if len(targets) > 1 else ""
+    else:
+        text = params.get("instruction", "")
+    name = f"{edit.id if full_id else short_id(edit.id)} {edit.kind}"
+    return f'{name} "{_snippet(text)}"{more}' if text else name
+
+
 def render(edit: Edit, elapsed: float) -> str:
-    """The text of one update, e.g. ``ab12cd34 processing [######------] 12/50 eta 3s (7s)``."""
-    parts = [edit.id[:8], f"{edit.status.value:<10}"]
+    """The text of one update, e.g. ``k3j9x2ab p2p "a dog on a mat" processing [######------] 12/50 eta 3s (7s)``."""
+    parts = [label(edit), f"{edit.status.value:<10}"]
     if edit.status is EditStatus.queued and edit.queue_position is not None:
         parts.append(f"position {edit.queue_position}")
     if edit.progress is not None and edit.progress.total:
