@@ -71,8 +71,11 @@ class S3Settings(BaseModel):
     region: str = "us-east-1"
     presign_expiry_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
     retention_days: int = Field(7, ge=1, description="objects under edits/ expire after this (lifecycle rule)")
-    upload_attempts: int = Field(5, ge=1)
-    upload_backoff_seconds: float = 0.5
+    max_attempts: int = Field(5, ge=1, le=20, description="attempts per S3 call, the first included: botocore's "
+                              "retry mode (jittered exponential backoff) retries connection errors, timeouts, "
+                              "5xx and throttling; other 4xx fail at once")
+    retry_mode: Literal["standard", "adaptive"] = Field("standard", description="botocore retry mode; adaptive "
+                                                        "also rate-limits the client when S3 throttles")
 
 
 class LimitsSettings(BaseModel):
