@@ -61,7 +61,7 @@ from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
 from service.edit_validation import parse_request, prepare_submission
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
-from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
+from service.intake import DecodeGate, fetch_image_url, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
     LimitExceeded,
@@ -268,26 +268,42 @@ async def create_edit(
     svc = services(request)
     limits = svc.settings.limits
     aio = svc.aio_redis()
+    counted = False  # the tenant's rate limit counts this request once
     try:
         cancel_seconds = None if cancel_after is None else parse_cancel_after_header(cancel_after)
         body = await read_body_limited(request, max_body_bytes(limits))
         parsed = await parse_edit_body(request, body, limits)
         edit_request = parse_request(parsed.data)
+        image_url = getattr(edit_request, "image_url", None)
+        if image_url is not None:
+            if parsed.image_bytes is not None:
+                raise invalid("image_url", "send the image once: image_url, or `image` inline or as a file")
+            counted = True
+            await svc.rate_limiter.check_async(aio, tenant)  # before any outbound request
+            parsed.image_bytes = await fetch_image_url(image_url, svc.settings.image_urls, limits)
+            parsed.image_source = "url"
         submission = None
         if parsed.image_bytes is None:  # no Pillow, no S3: microseconds of CPU, done on the event loop
             submission = prepare_submission(edit_request, None, settings=svc.settings, counter=svc.tokens,
                                             tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
     except ApiError:
-        await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
         raise
     if submission is not None:
         edit, created = await svc.jobstore.create_async(
             aio, submission.payload, webhook=submission.webhook, idempotency_key=idempotency_key,
             fingerprint=submission.fingerprint, rate_limit=True)
     else:
-        await svc.rate_limiter.check_async(aio, tenant)
-        edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
-                                                idempotency_key)
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)
+        try:
+            edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
+                                                    idempotency_key)
+        except ApiError as exc:
+            if parsed.image_source == "url" and exc.field == "image":  # the fetched file is what is wrong
+                exc.field, exc.message = "image_url", f"image_url: the fetched file: {exc.message}"
+            raise
     headers: dict[str, str] = {}
     if not created:
         headers["Idempotent-Replayed"] = "true"

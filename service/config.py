@@ -178,6 +178,20 @@ class WebhookSettings(BaseModel):
     metrics_port: int = Field(9102, description="the delivery process's own /metrics; 0 disables")
 
 
+class ImageUrlSettings(BaseModel):
+    """Inputs by URL (``image_url``): fetched by the gateway through the egress guard (service/egress.py: resolve,
+    refuse non-global addresses, pin the checked IP, SNI on the name), redirects re-checked hop by hop."""
+
+    enabled: bool = Field(True, description="false: requests with image_url are refused (422)")
+    allow_hosts: list[str] = Field(default_factory=list, description="hosts/CIDRs allowed despite being private "
+                                   "(tests, an internal image store)")
+    timeout_seconds: float = Field(10.0, gt=0, le=120, description="the whole fetch: DNS, connect, TLS, "
+                                   "redirects and body; a slower source is refused (422 image_url)")
+    max_redirects: int = Field(3, ge=0, le=10, description="redirects followed, each target checked like the URL")
+    ca_bundle: str | None = Field(None, description="PEM file of CA certificates to trust instead of the "
+                                  "default store (a private CA)")
+
+
 class DatasetSettings(BaseModel):
     """Dataset jobs (IP2P data engine): per-tenant size limits and how the driver feeds the edit queues."""
 
@@ -227,6 +241,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    image_urls: ImageUrlSettings = Field(default_factory=ImageUrlSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)
