@@ -817,6 +817,13 @@ export interface components {
              */
             image_guidance?: number;
             /**
+             * Image Url
+             * @description instead of `image`: an https URL the gateway fetches (public addresses only; redirects re-checked; size and time capped)
+             * @default null
+             * @example https://images.example.com/cat.png
+             */
+            image_url?: string | null;
+            /**
              * Input Caption
              * @description with `metrics` and `output_caption`: directional CLIP similarity too
              * @default null
