@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_edit_options(p2p)
 
     ip2p = kinds.add_parser("ip2p", help="InstructPix2Pix: edit an image by a written instruction")
-    ip2p.add_argument("--image", required=True, type=Path, help="input image file")
+    source = ip2p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="input image file")
+    source.add_argument("--image-url", metavar="URL", help="input image by https URL (the server fetches it)")
     ip2p.add_argument("--instruction", required=True, help='e.g. "turn it into a watercolor"')
     ip2p.add_argument("--text-guidance", type=float, help="text guidance s_T (7.5)")
     ip2p.add_argument("--image-guidance", type=float, help="image guidance s_I (1.5)")
@@ -217,7 +219,9 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
     if args.kind == "p2p":
         edit = client.submit_p2p(args.source, args.target, **common, **_p2p_fields(args))
     else:
-        if not args.image.is_file():
+        if args.image_url is not None:
+            common["image_url"] = args.image_url
+        elif not args.image.is_file():
             raise errors.InvalidRequestError(f"no such file: {args.image}", type=ErrorType.usage.value, field="--image")
         edit = client.submit_ip2p(args.image, args.instruction, **common, **_ip2p_fields(args))
     if args.no_wait:

@@ -259,3 +259,27 @@ def test_an_untrusted_certificate_is_refused(redis_url, s3, images):
     settings = make_settings(redis_url, s3, image_urls={"allow_hosts": ["127.0.0.1/32"]})  # default trust store
     with TestClient(create_app(settings, prepare_bucket=False)) as client:
         assert "could not" in refused(submit(client, image_url=images.url("/cat.png")))
+
+
+def test_sdk_and_cli_send_an_image_url(app, images, capsys):
+    from gateway_support import start_live_server
+
+    from editserve import Client, cli, errors
+
+    live = start_live_server(app)
+    try:
+        with Client(live.url, timeout=10) as sdk:
+            edit = sdk.submit_ip2p(None, "make it snowy", image_url=images.url("/cat.png"), resolution=64, steps=2)
+            assert edit.params["image_url"] == images.url("/cat.png")
+            with pytest.raises(errors.InvalidRequestError) as refusal:
+                sdk.submit_ip2p(None, "make it snowy", image_url=images.url("/cat.png", host="127.0.0.2"))
+            assert refusal.value.field == "image_url"
+        assert cli.main(["--url", live.url, "edit", "ip2p", "--image-url", images.url("/redirect-good"),
+                         "--instruction", "make it snowy", "--resolution", "64", "--steps", "2", "--no-wait"]) == 0
+        edit_id = capsys.readouterr().out.strip()
+        assert app.state.services.jobstore.load_payload(edit_id).request.image_url == images.url("/redirect-good")
+        assert cli.main(["--url", live.url, "edit", "ip2p", "--image-url", images.url("/big"),
+                         "--instruction", "x", "--no-wait"]) == 5
+        assert "image_url" in capsys.readouterr().err
+    finally:
+        live.stop()
