@@ -480,15 +480,20 @@ def readiness_checks(svc: Services) -> dict[str, str]:
         checks["s3"] = "ok"
     except StorageError as exc:
         checks["s3"] = f"down: {exc}"
+    missing = svc.tokens.missing()  # loads what is not loaded yet (the warm-up may still be running)
+    checks["tokenizers"] = "ok" if not missing else "missing for " + "; ".join(
+        f"model {name!r} ({reason})" for name, reason in missing.items())
     return checks
 
 
-@ops_router.get("/readyz", summary="Redis and S3 answer", responses={503: {"model": ErrorResponse}})
+@ops_router.get("/readyz", summary="Redis and S3 answer; every served model's tokenizer is loaded",
+                responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
     checks = await run_in_threadpool(readiness_checks, services(request))
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
-        return error_response(ApiError(503, f"not ready: {', '.join(down)} down", type=ErrorType.not_ready,
+        reasons = [f"{name} down" if name != "tokenizers" else f"tokenizers {checks[name]}" for name in down]
+        return error_response(ApiError(503, f"not ready: {', '.join(reasons)}", type=ErrorType.not_ready,
                                        extra={"checks": checks}))
     return JSONResponse({"status": "ready", "checks": checks})
 
