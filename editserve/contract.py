@@ -611,6 +611,9 @@ class InversionRequest(_Strict):
                                       description="null-text: stop a step's optimisation below this loss")
     resolution: int = Field(512, ge=64, le=2048, description="side of the centre-cropped square (capped per model)")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
+    image_url: str | None = Field(None, max_length=2048, description="instead of `image`: an https URL the gateway "
+                                  "fetches (public addresses only; redirects re-checked; size and time capped)",
+                                  examples=["https://images.example.com/cat.png"])
     webhook: WebhookSpec | None = Field(None, description="edit.started / edit.progress / edit.completed events "
                                                           "whose `data` is the record's Edit view (kind inversion)")
     priority: Literal["high", "normal", "low"] = "normal"

@@ -67,7 +67,14 @@ from service.openapi_docs import add_request_examples, install_webhooks, tidy_we
 from service.edit_validation import parse_request, prepare_submission, resolve_model
 from service.editview import load_record
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
-from service.intake import DecodeGate, fetch_image_url, max_body_bytes, parse_edit_body, read_body_limited
+from service.intake import (
+    DecodeGate,
+    blame_image_url,
+    fetch_image_input,
+    max_body_bytes,
+    parse_edit_body,
+    read_body_limited,
+)
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
     LimitExceeded,
@@ -284,12 +291,9 @@ async def create_edit(
         edit_request = parse_request(parsed.data)
         image_url = getattr(edit_request, "image_url", None)
         if image_url is not None:
-            if parsed.image_bytes is not None:
-                raise invalid("image_url", "send the image once: image_url, or `image` inline or as a file")
             counted = True
             await svc.rate_limiter.check_async(aio, tenant)  # before any outbound request
-            parsed.image_bytes = await fetch_image_url(image_url, svc.settings.image_urls, limits)
-            parsed.image_source = "url"
+            await fetch_image_input(parsed, image_url, svc.settings.image_urls, limits)
         submission = None
         from_photo = getattr(edit_request, "inversion_id", None) is not None  # looks its inversion up: thread pool
         if parsed.image_bytes is None and not from_photo:  # no Pillow, no S3: microseconds, on the event loop
@@ -312,9 +316,7 @@ async def create_edit(
             edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
                                                     idempotency_key)
         except ApiError as exc:
-            if parsed.image_source == "url" and exc.field == "image":  # the fetched file is what is wrong
-                exc.field, exc.message = "image_url", f"image_url: the fetched file: {exc.message}"
-            raise
+            raise blame_image_url(parsed, exc)
     headers: dict[str, str] = {}
     if not created:
         headers["Idempotent-Replayed"] = "true"

@@ -253,6 +253,25 @@ async def fetch_image_url(url: str, settings: ImageUrlSettings, limits: LimitsSe
     return fetched.body
 
 
+async def fetch_image_input(parsed: EditBody, image_url: str | None, settings: ImageUrlSettings,
+                            limits: LimitsSettings) -> None:
+    """Fill ``parsed`` with the image behind ``image_url`` (when the request has one): refused when the body
+    carries an image too."""
+    if image_url is None:
+        return
+    if parsed.image_bytes is not None:
+        raise invalid("image_url", "send the image once: image_url, or `image` inline or as a file")
+    parsed.image_bytes = await fetch_image_url(image_url, settings, limits)
+    parsed.image_source = "url"
+
+
+def blame_image_url(parsed: EditBody, exc: ApiError) -> ApiError:
+    """An error about a fetched image names ``image_url``, the field the client sent."""
+    if parsed.image_source == "url" and exc.field == "image":
+        exc.field, exc.message = "image_url", f"image_url: the fetched file: {exc.message}"
+    return exc
+
+
 class DecodeGate:
     """Image work (decode, convert, resize, encode) on ``slots`` dedicated threads; a request waits
     ``wait_seconds`` for one, then gets 503 + Retry-After.

@@ -283,3 +283,17 @@ def test_sdk_and_cli_send_an_image_url(app, images, capsys):
         assert "image_url" in capsys.readouterr().err
     finally:
         live.stop()
+
+
+def test_an_inversion_photo_by_url(client, app, images):
+    """P2P from a real photo: POST /v1/inversions takes the photo by image_url under the same guard."""
+    body = {"caption": "a blue picture", "model": "tiny-sd", "steps": 2, "resolution": 64, "method": "ddim"}
+    response = client.post("/v1/inversions", json={**body, "image_url": images.url("/redirect-good")})
+    assert response.status_code == 202, response.text
+    payload = app.state.services.jobstore.load_payload(response.json()["id"])
+    stored = Image.open(io.BytesIO(app.state.services.storage.get_bytes(payload.input_image_key)))
+    assert stored.size == (64, 64) and stored.getpixel((32, 32)) == (30, 160, 220)
+    private = client.post("/v1/inversions", json={**body, "image_url": images.url("/redirect-private")})
+    assert "loopback" in refused(private)
+    assert "not a recognised image" in refused(client.post("/v1/inversions",
+                                                           json={**body, "image_url": images.url("/page-html")}))
