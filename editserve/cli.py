@@ -27,7 +27,7 @@ from editserve.client import _local_validation_error as local_validation_error
 from editserve.contract import INVERSION_METHODS, SCHEDULERS, Edit, EditStatus, ErrorType, Inversion, LocalBlend, Sweep
 from editserve.kinds import EDIT_KINDS
 from editserve.dataset_cli import add_dataset_parser, cmd_dataset
-from editserve.progress import ProgressLine
+from editserve.progress import ProgressLine, label
 
 # One exit code per kind of failure, so scripts can tell them apart (README "CLI exit codes").
 EXIT_OK = 0
@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_edit_options(p2p)
 
     ip2p = kinds.add_parser("ip2p", help="InstructPix2Pix: edit an image by a written instruction")
-    ip2p.add_argument("--image", required=True, type=Path, help="input image file")
+    source = ip2p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="input image file")
+    source.add_argument("--image-url", metavar="URL", help="input image by https URL (the server fetches it)")
     ip2p.add_argument("--instruction", required=True, help='e.g. "turn it into a watercolor"')
     ip2p.add_argument("--text-guidance", type=float, help="text guidance s_T (7.5)")
     ip2p.add_argument("--image-guidance", type=float, help="image guidance s_I (1.5)")
@@ -202,7 +204,7 @@ class StatusReporter:
         if self.bar.enabled:
             self.bar(edit)
         elif edit.status is not self.last_status:
-            print(f"{edit.id} {edit.status.value}", file=sys.stderr)
+            print(f"{label(edit, full_id=True)} {edit.status.value}", file=sys.stderr)
         self.last_status = edit.status
 
 
@@ -279,7 +281,9 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
             source = _caption_of(client, args.inversion)
         edit = client.submit_p2p(source, args.target, inversion=args.inversion, **common, **_p2p_fields(args))
     else:
-        if not args.image.is_file():
+        if args.image_url is not None:
+            common["image_url"] = args.image_url
+        elif not args.image.is_file():
             raise errors.InvalidRequestError(f"no such file: {args.image}", type=ErrorType.usage.value, field="--image")
         edit = client.submit_ip2p(args.image, args.instruction, **common, **_ip2p_fields(args))
     if args.no_wait:

@@ -446,14 +446,15 @@ class Client(DatasetMethods, _ClientCore):
         request = self._p2p_request(source_prompt, target_prompts, {**fields, **extra})
         return self.submit(request, idempotency_key=idempotency_key, wait=wait)
 
-    def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
+    def submit_ip2p(self, image: ImageInput | None, instruction: str, *, text_guidance: float | None = None,
                     image_guidance: float | None = None, resolution: int | None = None,
                     sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
                     model: str | None = None, seed: int | None = None, scheduler: str | None = None,
                     webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                     wait: int | None = None, **extra: Any) -> Edit:
-        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart."""
+        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart; or
+        ``image=None, image_url="https://..."`` for an image the server fetches."""
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "image", "instruction", "idempotency_key", "wait", "extra")}
         request = self._ip2p_request(instruction, {**fields, **extra})
@@ -741,7 +742,7 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
         request = self._p2p_request(source_prompt, target_prompts, {**fields, **extra})
         return await self.submit(request, idempotency_key=idempotency_key, wait=wait)
 
-    async def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
+    async def submit_ip2p(self, image: ImageInput | None, instruction: str, *, text_guidance: float | None = None,
                           image_guidance: float | None = None, resolution: int | None = None,
                           sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
                           model: str | None = None, seed: int | None = None, scheduler: str | None = None,

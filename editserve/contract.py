@@ -252,6 +252,9 @@ class IP2PEditRequest(_EditBase):
     kind: Literal["ip2p"] = "ip2p"
     instruction: str = Field(max_length=MAX_PROMPT_CHARS, description="empty: the resized input comes back unchanged")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
+    image_url: str | None = Field(None, max_length=2048, description="instead of `image`: an https URL the gateway "
+                                  "fetches (public addresses only; redirects re-checked; size and time capped)",
+                                  examples=["https://images.example.com/cat.png"])
     text_guidance: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_T; applied ungated")
     image_guidance: float = Field(1.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_I; applied ungated")
     resolution: int = Field(512, ge=64, le=2048, description="long side R of the official resize (capped per model)")
@@ -631,6 +634,9 @@ class InversionRequest(_Strict):
                                       description="null-text: stop a step's optimisation below this loss")
     resolution: int = Field(512, ge=64, le=2048, description="side of the centre-cropped square (capped per model)")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
+    image_url: str | None = Field(None, max_length=2048, description="instead of `image`: an https URL the gateway "
+                                  "fetches (public addresses only; redirects re-checked; size and time capped)",
+                                  examples=["https://images.example.com/cat.png"])
     webhook: WebhookSpec | None = Field(None, description="edit.started / edit.progress / edit.completed events "
                                                           "whose `data` is the record's Edit view (kind inversion)")
     priority: Literal["high", "normal", "low"] = "normal"

@@ -68,7 +68,14 @@ from service.edit_validation import parse_request, prepare_submission, resolve_m
 from service.editview import load_record
 from service.inversion_cache import usable_inversion
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
-from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
+from service.intake import (
+    DecodeGate,
+    blame_image_url,
+    fetch_image_input,
+    max_body_bytes,
+    parse_edit_body,
+    read_body_limited,
+)
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
     LimitExceeded,
@@ -278,11 +285,17 @@ async def create_edit(
     svc = services(request)
     limits = svc.settings.limits
     aio = svc.aio_redis()
+    counted = False  # the tenant's rate limit counts this request once
     try:
         cancel_seconds = None if cancel_after is None else parse_cancel_after_header(cancel_after)
         body = await read_body_limited(request, max_body_bytes(limits))
         parsed = await parse_edit_body(request, body, limits)
         edit_request = parse_request(parsed.data)
+        image_url = getattr(edit_request, "image_url", None)
+        if image_url is not None:
+            counted = True
+            await svc.rate_limiter.check_async(aio, tenant)  # before any outbound request
+            await fetch_image_input(parsed, image_url, svc.settings.image_urls, limits)
         submission = None
         from_photo = getattr(edit_request, "inversion_id", None) is not None  # looks its inversion up: thread pool
         if parsed.image_bytes is None and not from_photo:  # no Pillow, no S3: microseconds, on the event loop
@@ -291,16 +304,21 @@ async def create_edit(
         await require_live_worker_async(aio, svc.settings, submission.payload.batch_key.model
                                         if submission is not None else resolve_model(edit_request, svc.settings).name)
     except ApiError:
-        await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
         raise
     if submission is not None:
         edit, created = await svc.jobstore.create_async(
             aio, submission.payload, webhook=submission.webhook, idempotency_key=idempotency_key,
             fingerprint=submission.fingerprint, rate_limit=True)
     else:
-        await svc.rate_limiter.check_async(aio, tenant)
-        edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
-                                                idempotency_key)
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)
+        try:
+            edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
+                                                    idempotency_key)
+        except ApiError as exc:
+            raise blame_image_url(parsed, exc)
     headers: dict[str, str] = {}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -480,15 +498,20 @@ def readiness_checks(svc: Services) -> dict[str, str]:
         checks["s3"] = "ok"
     except StorageError as exc:
         checks["s3"] = f"down: {exc}"
+    missing = svc.tokens.missing()  # loads what is not loaded yet (the warm-up may still be running)
+    checks["tokenizers"] = "ok" if not missing else "missing for " + "; ".join(
+        f"model {name!r} ({reason})" for name, reason in missing.items())
     return checks
 
 
-@ops_router.get("/readyz", summary="Redis and S3 answer", responses={503: {"model": ErrorResponse}})
+@ops_router.get("/readyz", summary="Redis and S3 answer; every served model's tokenizer is loaded",
+                responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
     checks = await run_in_threadpool(readiness_checks, services(request))
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
-        return error_response(ApiError(503, f"not ready: {', '.join(down)} down", type=ErrorType.not_ready,
+        reasons = [f"{name} down" if name != "tokenizers" else f"tokenizers {checks[name]}" for name in down]
+        return error_response(ApiError(503, f"not ready: {', '.join(reasons)}", type=ErrorType.not_ready,
                                        extra={"checks": checks}))
     return JSONResponse({"status": "ready", "checks": checks})
 

@@ -74,8 +74,11 @@ class S3Settings(BaseModel):
     region: str = "us-east-1"
     presign_expiry_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
     retention_days: int = Field(7, ge=1, description="objects under edits/ expire after this (lifecycle rule)")
-    upload_attempts: int = Field(5, ge=1)
-    upload_backoff_seconds: float = 0.5
+    max_attempts: int = Field(5, ge=1, le=20, description="attempts per S3 call, the first included: botocore's "
+                              "retry mode (jittered exponential backoff) retries connection errors, timeouts, "
+                              "5xx and throttling; other 4xx fail at once")
+    retry_mode: Literal["standard", "adaptive"] = Field("standard", description="botocore retry mode; adaptive "
+                                                        "also rate-limits the client when S3 throttles")
 
 
 class LimitsSettings(BaseModel):
@@ -178,6 +181,20 @@ class WebhookSettings(BaseModel):
     metrics_port: int = Field(9102, description="the delivery process's own /metrics; 0 disables")
 
 
+class ImageUrlSettings(BaseModel):
+    """Inputs by URL (``image_url``): fetched by the gateway through the egress guard (service/egress.py: resolve,
+    refuse non-global addresses, pin the checked IP, SNI on the name), redirects re-checked hop by hop."""
+
+    enabled: bool = Field(True, description="false: requests with image_url are refused (422)")
+    allow_hosts: list[str] = Field(default_factory=list, description="hosts/CIDRs allowed despite being private "
+                                   "(tests, an internal image store)")
+    timeout_seconds: float = Field(10.0, gt=0, le=120, description="the whole fetch: DNS, connect, TLS, "
+                                   "redirects and body; a slower source is refused (422 image_url)")
+    max_redirects: int = Field(3, ge=0, le=10, description="redirects followed, each target checked like the URL")
+    ca_bundle: str | None = Field(None, description="PEM file of CA certificates to trust instead of the "
+                                  "default store (a private CA)")
+
+
 class DatasetSettings(BaseModel):
     """Dataset jobs (IP2P data engine): per-tenant size limits and how the driver feeds the edit queues."""
 
@@ -234,6 +251,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    image_urls: ImageUrlSettings = Field(default_factory=ImageUrlSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)

@@ -327,7 +327,8 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
                                               "height": height, "width": width, **update})
     else:
         if image_bytes is None:
-            raise invalid("image", "an IP2P edit needs an input image (multipart `image` part or base64 `image`)")
+            raise invalid("image", "an IP2P edit needs an input image (multipart `image` part, base64 `image` or "
+                                   "an https `image_url`)")
         image_digest = hashlib.sha256(image_bytes).hexdigest()
         resolution = ip2p_resolution(probe_image(image_bytes, settings.limits), request.resolution, spec)
         args = (image_bytes, settings, resolution)

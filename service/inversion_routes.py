@@ -38,7 +38,16 @@ from service.availability import require_live_worker
 from service.edit_validation import check_webhook, forbidden_prompt_character
 from service.errors import ApiError, from_pydantic, invalid, not_found
 from service.imaging import square_photo
-from service.intake import load_image, max_body_bytes, parse_edit_body, png_bytes, probe_image, read_body_limited
+from service.intake import (
+    blame_image_url,
+    fetch_image_input,
+    load_image,
+    max_body_bytes,
+    parse_edit_body,
+    png_bytes,
+    probe_image,
+    read_body_limited,
+)
 from service.inversion_cache import find_inversion, forget_inversion, inversion_digest
 from service.jobstore import EditConflict, EditNotFound, new_edit_id
 from service.storage import StorageError, input_key
@@ -112,7 +121,8 @@ def create(svc, request: InversionRequest, image_bytes: bytes | None, tenant: st
            idempotency_key: str | None) -> tuple[Inversion, bool]:
     """Validate, normalise the photo, store it, create the job. Returns (inversion, created)."""
     if image_bytes is None:
-        raise invalid("image", "an inversion needs the photo: a multipart `image` part or a base64 `image`")
+        raise invalid("image", "an inversion needs the photo: a multipart `image` part, a base64 `image` or an "
+                               "https `image_url`")
     resolved = resolve(svc, request)
     image_sha256 = hashlib.sha256(image_bytes).hexdigest()
     digest = inversion_digest(model=resolved["model"], image_sha256=image_sha256, caption=request.caption,
@@ -174,8 +184,12 @@ async def create_inversion(
     body = await read_body_limited(request, max_body_bytes(limits))
     parsed = await parse_edit_body(request, body, limits)
     inversion_request = parse_inversion_request(parsed.data)
-    inversion, created = await run_in_threadpool(create, svc, inversion_request, parsed.image_bytes, tenant,
-                                                 idempotency_key)
+    await fetch_image_input(parsed, inversion_request.image_url, svc.settings.image_urls, limits)
+    try:
+        inversion, created = await run_in_threadpool(create, svc, inversion_request, parsed.image_bytes, tenant,
+                                                     idempotency_key)
+    except ApiError as exc:
+        raise blame_image_url(parsed, exc)
     headers = {} if created or inversion.reused else {"Idempotent-Replayed": "true"}
     return inversion_response(inversion, 202 if created else 200, **headers)
 

@@ -44,7 +44,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Redis and S3 answer */
+        /** Redis and S3 answer; every served model's tokenizer is loaded */
         get: operations["getReadiness"];
         put?: never;
         post?: never;
@@ -1003,6 +1003,13 @@ export interface components {
              */
             image_guidance?: number;
             /**
+             * Image Url
+             * @description instead of `image`: an https URL the gateway fetches (public addresses only; redirects re-checked; size and time capped)
+             * @default null
+             * @example https://images.example.com/cat.png
+             */
+            image_url?: string | null;
+            /**
              * Input Caption
              * @description with `metrics` and `output_caption`: directional CLIP similarity too
              * @default null
@@ -1260,6 +1267,13 @@ export interface components {
              * @default null
              */
             image?: string | null;
+            /**
+             * Image Url
+             * @description instead of `image`: an https URL the gateway fetches (public addresses only; redirects re-checked; size and time capped)
+             * @default null
+             * @example https://images.example.com/cat.png
+             */
+            image_url?: string | null;
             /**
              * Kind
              * @description optional; always `inversion`
