@@ -24,14 +24,15 @@ class EditKindInfo:
     default_model_setting: str
     """The ``Settings`` field naming the model used when a request names none."""
     takes_image: bool
-    """Whether the request carries an input image (stored in S3 at submission)."""
+    """Whether the request may carry an input image (stored in S3 at submission): IP2P's input, an inversion's
+    photo, a P2P edit's photo (inverted, or matched to a finished inversion)."""
     is_edit: bool = True
     """False for ``inversion``: a job record that edits start from, not an edit (not in ``ModelInfo.edit_kinds``)."""
 
 
 EDIT_KINDS: dict[str, EditKindInfo] = {
     "p2p": EditKindInfo("p2p", model_kind="text2image", default_steps=50, default_model_setting="default_p2p_model",
-                        takes_image=False),
+                        takes_image=True),
     "ip2p": EditKindInfo("ip2p", model_kind="instruct", default_steps=100, default_model_setting="default_ip2p_model",
                          takes_image=True),
     "inversion": EditKindInfo("inversion", model_kind="text2image", default_steps=50,
