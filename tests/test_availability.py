@@ -96,6 +96,8 @@ def test_etas_come_from_the_same_kind_of_work_and_models_report_throughput(live,
         assert made["images"] == sum(len(e["results"]) for e in ip2p) >= 2
         assert made["edits_per_minute"] > 0 and made["images_per_minute"] > 0 and made["steps_per_second"] > 0
         assert listed["tiny-sd"]["throughput"]["edits"] == 0  # nothing borrowed across models either
+        buckets = list(rconn.scan_iter("editserve:throughput:*"))  # per-minute buckets that expire by themselves
+        assert buckets and all(0 < rconn.ttl(k) <= 300 + 60 for k in buckets)
         assert cli.main(["--url", live.url, "models"]) == 0  # the CLI's table shows the same figures
         row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny-ip2p "))
         assert row[5:7] == ["1", "0"] and float(row[7]) > 0 and "refused without a worker" in " ".join(row)
