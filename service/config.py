@@ -31,9 +31,17 @@ class ModelSpec(BaseModel):
     default_size: int = Field(512, description="default height/width in pixels for this model")
     max_size: int = Field(768, description="largest height/width in pixels a request may ask for")
     random_weights: bool = Field(False, description="True for the tiny test models: outputs are noise")
+    tokenizer: str | None = Field(None, description="where the gateway reads the CLIP tokenizer when neither the "
+                                  "source nor models_dir has a tokenizer/ folder: a folder, or a hub id whose "
+                                  "tokenizer/ subfolder is fetched; default: the source when it is a hub id")
     require_live_worker: bool = Field(False, description="refuse (503 + Retry-After) an edit for this model while "
                                       "no live worker serves it; default: accept it (an autoscaler may scale "
                                       "from zero)")
+
+
+TINY_MODELS_TOKENIZER = "timbrooks/instruct-pix2pix"
+"""The tiny models are built with the real CLIP BPE tokenizer (worker/models/tokenizer.py), the one of SD-1.x and
+IP2P: a gateway without the models folder (its image has no models) fetches that tokenizer/ from the hub."""
 
 
 @lru_cache(maxsize=16)
@@ -46,11 +54,12 @@ def default_models(models_dir: Path) -> tuple[ModelSpec, ...]:
         ModelSpec(name="ip2p", kind="instruct", source="timbrooks/instruct-pix2pix", dtype="float16",
                   device="cuda", scheduler="euler_a"),
         ModelSpec(name="tiny-sd", kind="text2image", source=str(models_dir / "tiny-sd"), scheduler="ddim",
-                  default_size=128, max_size=256, random_weights=True),
+                  default_size=128, max_size=256, random_weights=True, tokenizer=TINY_MODELS_TOKENIZER),
         ModelSpec(name="tiny-sd-smooth", kind="text2image", source=str(models_dir / "tiny-sd-smooth"),
-                  scheduler="ddim", default_size=64, max_size=256, random_weights=True),
+                  scheduler="ddim", default_size=64, max_size=256, random_weights=True,
+                  tokenizer=TINY_MODELS_TOKENIZER),
         ModelSpec(name="tiny-ip2p", kind="instruct", source=str(models_dir / "tiny-ip2p"), scheduler="euler_a",
-                  default_size=128, max_size=256, random_weights=True),
+                  default_size=128, max_size=256, random_weights=True, tokenizer=TINY_MODELS_TOKENIZER),
     )
 
 

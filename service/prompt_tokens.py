@@ -117,12 +117,19 @@ class PromptTokenCounter:
         return missing
 
     def tokenizer_folder(self, spec: ModelSpec) -> Path:
-        for folder in (Path(spec.source) / "tokenizer", Path(self.settings.models_dir) / spec.name / "tokenizer"):
+        """Local first (the source's ``tokenizer/``, ``models_dir/<name>/tokenizer``, ``spec.tokenizer`` as a
+        folder), then the hub (``spec.tokenizer``, else the source, when it is a hub id)."""
+        folders = [Path(spec.source) / "tokenizer", Path(self.settings.models_dir) / spec.name / "tokenizer"]
+        if spec.tokenizer and not is_hub_id(spec.tokenizer):
+            folders += [Path(spec.tokenizer) / "tokenizer", Path(spec.tokenizer)]
+        for folder in folders:
             if _has_tokenizer_files(folder):
                 return folder
-        if is_hub_id(spec.source):
-            return hub_tokenizer_folder(spec.source)
-        raise FileNotFoundError(f"no tokenizer/ folder in {spec.source} or {self.settings.models_dir / spec.name}")
+        for source in (spec.tokenizer, spec.source):
+            if source and is_hub_id(source):
+                return hub_tokenizer_folder(source)
+        raise FileNotFoundError(f"no tokenizer/ folder in {spec.source} or {self.settings.models_dir / spec.name}"
+                                + (f" or {spec.tokenizer}" if spec.tokenizer else ""))
 
     def count(self, spec: ModelSpec, text: str) -> TokenCount:
         """The prompt's CLIP tokens (start and end included); 503 ``not_ready`` naming ``model`` when the model's

@@ -8,6 +8,7 @@ Loopback is allow-listed for the test server only as ``127.0.0.1/32`` (the setti
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import ipaddress
@@ -41,7 +42,8 @@ def _certificate(tmp_path):
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
             .not_valid_after(now + dt.timedelta(hours=1))
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-                                                        x509.IPAddress(ipaddress.IPv4Address("127.0.0.2"))]),
+                                                        x509.IPAddress(ipaddress.IPv4Address("127.0.0.2")),
+                                                        x509.DNSName("images.example.test")]),
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
@@ -58,6 +60,7 @@ class ImageServer:
     def __init__(self, cert_path, key_path):
         self.png = png(96, 64, (30, 160, 220))
         self.paths: list[str] = []
+        self.hosts: list[str] = []
         self.stop = threading.Event()
         server = self
 
@@ -66,6 +69,7 @@ class ImageServer:
 
             def do_GET(self):
                 server.paths.append(self.path)
+                server.hosts.append(self.headers.get("host", ""))
                 route = getattr(self, "route_" + self.path.strip("/").split("?")[0].replace("-", "_").replace(".", "_"), None)
                 if route is None:
                     self.reply(404, b"not found", "text/plain")
@@ -297,3 +301,31 @@ def test_an_inversion_photo_by_url(client, app, images):
     assert "loopback" in refused(private)
     assert "not a recognised image" in refused(client.post("/v1/inversions",
                                                            json={**body, "image_url": images.url("/page-html")}))
+
+
+def test_a_name_is_resolved_once_checked_and_pinned_with_its_sni(images, tls):
+    """The fetch path of the guard (service.egress.fetch_bounded): the name is resolved once, the checked IP is
+    connected to, Host and the certificate check keep the name; a name resolving to a private address is refused."""
+    from service import egress
+
+    answers = {"images.example.test": ["127.0.0.1"], "other.example.test": ["127.0.0.1"],
+               "rebound.example.test": ["10.0.0.5"]}
+    asked: list[str] = []
+
+    def resolver(host, port):
+        asked.append(host)
+        return answers[host]
+
+    async def fetch(host: str):
+        async with egress.new_async_client(ssl.create_default_context(cafile=str(tls[0]))) as client:
+            return await egress.fetch_bounded(f"https://{host}:{images.port}/cat.png",
+                                              egress.AllowList.parse(["127.0.0.1/32"]), client=client,
+                                              max_bytes=LIMIT, timeout=5, resolver=resolver)
+
+    fetched = asyncio.run(fetch("images.example.test"))  # a name the OS cannot resolve: reached via the pin
+    assert fetched.body == images.png and asked == ["images.example.test"]
+    assert images.hosts[-1] == f"images.example.test:{images.port}"
+    with pytest.raises(egress.FetchFailed, match="could not connect"):  # same IP, a name the certificate lacks
+        asyncio.run(fetch("other.example.test"))
+    with pytest.raises(egress.DestinationRefused, match="private"):
+        asyncio.run(fetch("rebound.example.test"))

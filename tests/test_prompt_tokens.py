@@ -55,11 +55,14 @@ def p2p(base: str, model: str, prompt: str) -> httpx.Response:
 def test_local_folder_and_cached_hub_models_count_with_their_own_tokenizer(gateway, tiny_models):
     local = {"name": "local-sd", "kind": "text2image", "source": str(tiny_models["tiny-sd"])}
     hub = {"name": "hub-sd", "kind": "text2image", "source": "acme/sd-hub"}
-    base = gateway([local, hub])
+    # weights only the workers have (a gateway image holds no models): the tokenizer from a hub id instead
+    elsewhere = {"name": "worker-only", "kind": "text2image", "source": "/models/not-on-this-machine",
+                 "tokenizer": "acme/sd-hub"}
+    base = gateway([local, hub, elsewhere])
     ready = httpx.get(f"{base}/readyz", timeout=30)
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"]["tokenizers"] == "ok"
-    for model in ("local-sd", "hub-sd"):
+    for model in ("local-sd", "hub-sd", "worker-only"):
         assert p2p(base, model, "a photo of a cat riding a bike").status_code == 202
         too_long = p2p(base, model, LONG_PROMPT)
         assert too_long.status_code == 422, too_long.text
