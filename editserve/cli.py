@@ -272,10 +272,12 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_models(client: Client, args: argparse.Namespace) -> int:
-    rows = [("NAME", "KIND", "EDITS", "SIZE", "MAX", "NOTE")]
+    rows = [("NAME", "KIND", "EDITS", "SIZE", "MAX", "WORKERS", "QUEUED", "EDITS/MIN", "NOTE")]
     for m in client.models():
-        rows.append((m.name, m.kind, ",".join(m.edit_kinds), str(m.default_size), str(m.max_size),
-                     "random test weights" if m.random_weights else ""))
+        notes = ["random test weights"] * m.random_weights + ["refused without a worker"] * m.require_live_worker
+        rate = f"{m.throughput.edits_per_minute:g}" if m.throughput else "-"
+        rows.append((m.name, m.kind, ",".join(m.edit_kinds), str(m.default_size), str(m.max_size), str(m.workers),
+                     str(m.queued), rate, "; ".join(notes)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -46,8 +46,10 @@ def _kind_required(schema: dict[str, Any]) -> None:
     schema["required"] = ["kind", *[name for name in schema.get("required", []) if name != "kind"]]
 
 
-EditKind = Literal["p2p", "ip2p"]
-"""Every edit method; what each needs (model kind, default steps, ...) is ``editserve.kinds.EDIT_KINDS``."""
+EditKind = Literal["p2p", "ip2p", "inversion"]
+"""Every kind of job record: the edit methods, and ``inversion`` (a photo inverted for P2P, ``POST
+/v1/inversions``, an edit-like record in the same store); what each needs (model kind, default steps, ...) is
+``editserve.kinds.EDIT_KINDS``."""
 ModelKind = Literal["text2image", "instruct"]
 # Samplers by the names people know them by (AUTOMATIC1111 / ComfyUI): DDIM (P2P's null-text notebook), PNDM
 # (SD-1.4's own, T + 1 UNet calls), Euler-a (IP2P's official sigma schedule), Euler, DPM-Solver++ 2M with and
@@ -165,6 +167,11 @@ class P2PEditRequest(_EditBase):
     attention_maps: bool | Annotated[list[int], Field(max_length=MAX_TARGETS + 1)] = Field(
         False, description="true: maps for every prompt; or prompt indices (0 = source)"
     )
+    inversion_id: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[0-9a-z]+$",
+        description="edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step "
+                    "unconditional embeddings the source branch starts from; model, size and steps must match it, "
+                    "the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)")
 
     @field_validator("reweight")
     @classmethod
@@ -261,12 +268,14 @@ class JobPayload(BaseModel):
 
     id: str
     tenant: str
-    request: EditRequest
+    request: JobRequest
     batch_key: BatchKey
     seeds: list[int] = Field(description="P2P: one seed; IP2P: one per sweep cell")
     input_image_key: str | None = Field(None, description="S3 key of the normalised input PNG (IP2P)")
     inversion_id: str | None = Field(None, description="P2P from a real photo: the finished inversion (checked for "
                                                        "tenancy by the gateway) whose x_T and embeddings it starts from")
+    inversion_digest: str | None = Field(None, description="an inversion job: its reuse key "
+                                                           "(``service.inversion_cache.inversion_digest``)")
     created_at: datetime
 
 
@@ -336,6 +345,7 @@ class ErrorType(str, Enum):
     tenant_queue_full = "tenant_queue_full"
     tenant_dataset_limit = "tenant_dataset_limit"
     queue_full = "queue_full"
+    no_live_worker = "no_live_worker"
     service_unavailable = "service_unavailable"
     decoder_busy = "decoder_busy"
     storage_unavailable = "storage_unavailable"
@@ -432,6 +442,18 @@ class WebhookEvent(BaseModel):
     data: Edit
 
 
+class ModelThroughput(BaseModel):
+    """What the model's workers finished recently (from the workers' reports in Redis)."""
+
+    window_seconds: float = Field(description="the time the figures cover (the configured window, whole minutes)")
+    edits: int = Field(0, description="edits that succeeded in the window")
+    images: int = Field(0, description="result images of those edits")
+    steps: int = Field(0, description="denoising steps of those edits")
+    edits_per_minute: float = 0.0
+    images_per_minute: float = 0.0
+    steps_per_second: float = 0.0
+
+
 class ModelInfo(BaseModel):
     name: str
     kind: ModelKind
@@ -443,6 +465,9 @@ class ModelInfo(BaseModel):
     schedulers: list[SchedulerName] = Field(description="samplers a request may name in `scheduler`")
     workers: int = Field(0, description="live workers serving the model now (from their heartbeats)")
     queued: int = Field(0, description="edits waiting in the model's worker queues")
+    throughput: ModelThroughput | None = Field(None, description="recent work finished for the model")
+    require_live_worker: bool = Field(False, description="true: an edit is refused (503 `no_live_worker`) while "
+                                      "`workers` is 0; false: it is accepted and waits (autoscaling from zero)")
 
 
 # ---------------------------------------------------------------------------------------------- dataset jobs
@@ -567,6 +592,7 @@ class InversionRequest(_Strict):
     must use the same model, size and step count.
     """
 
+    kind: Literal["inversion"] = Field("inversion", description="optional; always `inversion`")
     caption: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the photo's source caption")
     model: str | None = Field(None, max_length=100, description="a text2image model; default: the P2P default")
     method: InversionMethod = Field("null-text", description="null-text (reference), ddim (inversion only), or "
@@ -582,12 +608,22 @@ class InversionRequest(_Strict):
                                       description="null-text: stop a step's optimisation below this loss")
     resolution: int = Field(512, ge=64, le=2048, description="side of the centre-cropped square (capped per model)")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
-    webhook: WebhookSpec | None = None
+    webhook: WebhookSpec | None = Field(None, description="edit.started / edit.progress / edit.completed events "
+                                                          "whose `data` is the record's Edit view (kind inversion)")
+    priority: Literal["high", "normal", "low"] = "normal"
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=16, description="echoed back, not used")
+
+
+JobRequest = Annotated[Union[P2PEditRequest, IP2PEditRequest, InversionRequest], Field(discriminator="kind")]
+"""What a queued job runs: an edit, or an inversion."""
 
 
 class InversionProgress(_Strict):
-    """DDIM steps walked and, for null-text, inner optimiser iterations run out of the most possible."""
+    """DDIM steps walked (phase ``ddim``), then for null-text the optimised steps (phase ``null-text``) with the
+    inner optimiser iterations run at the latest step out of the most possible (early stop runs fewer)."""
 
+    phase: Literal["ddim", "null-text"] | None = None
     step: int
     total: int
     inner_iterations: int = 0
@@ -604,11 +640,30 @@ class Inversion(BaseModel):
     """An inversion resource; ``id`` goes into a P2P edit's ``inversion_id``."""
 
     id: str
+    object: Literal["inversion"] = "inversion"
     status: EditStatus
+    model: str
     created_at: datetime
-    updated_at: datetime | None = None
-    request: dict[str, Any] = Field(description="the request with defaults resolved, image omitted")
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    request: dict[str, Any] = Field(description="the request with defaults resolved (model, steps, size), image "
+                                                "omitted")
     progress: InversionProgress | None = None
     result: InversionResultUrls | None = None
     reconstruction_error: float | None = Field(None, description="latent MSE of the reconstruction vs the photo")
     error: ErrorInfo | None = None
+    metrics: RunMetrics = Field(default_factory=RunMetrics)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    random_weights: bool = False
+    cancel_requested: bool = False
+    reused: bool = Field(False, description="POST answered with an equal finished inversion of yours (same model, "
+                                            "photo, caption, method, steps, guidance, size): nothing was rerun")
+
+
+class InversionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Inversion]
+    next_cursor: str | None = None
+
+
+JobPayload.model_rebuild()

@@ -25,6 +25,8 @@ class EditKindInfo:
     """The ``Settings`` field naming the model used when a request names none."""
     takes_image: bool
     """Whether the request carries an input image (stored in S3 at submission)."""
+    is_edit: bool = True
+    """False for ``inversion``: a job record that edits start from, not an edit (not in ``ModelInfo.edit_kinds``)."""
 
 
 EDIT_KINDS: dict[str, EditKindInfo] = {
@@ -32,6 +34,8 @@ EDIT_KINDS: dict[str, EditKindInfo] = {
                         takes_image=False),
     "ip2p": EditKindInfo("ip2p", model_kind="instruct", default_steps=100, default_model_setting="default_ip2p_model",
                          takes_image=True),
+    "inversion": EditKindInfo("inversion", model_kind="text2image", default_steps=50,
+                              default_model_setting="default_p2p_model", takes_image=True, is_edit=False),
 }
 assert set(EDIT_KINDS) == set(get_args(EditKind)), "EDIT_KINDS and contract.EditKind must name the same kinds"
 
@@ -42,7 +46,7 @@ def edit_kind(name: str) -> EditKindInfo:
 
 def edit_kinds_for_model(model_kind: str) -> list[str]:
     """The edit kinds a model of ``model_kind`` can run (``GET /v1/models``)."""
-    return [k.name for k in EDIT_KINDS.values() if k.model_kind == model_kind]
+    return [k.name for k in EDIT_KINDS.values() if k.model_kind == model_kind and k.is_edit]
 
 
 def sweep_cells(request: IP2PEditRequest, seeds: list[int]) -> list[tuple[float, float, int]]:

@@ -39,6 +39,7 @@ from editserve.contract import (
     ErrorResponse,
     ErrorType,
     ModelInfo,
+    ModelThroughput,
     SCHEDULERS,
 )
 from editserve.kinds import edit_kinds_for_model
@@ -54,12 +55,17 @@ from service.auth import (
     bearer_token,
     constant_time_equal,
 )
-from service.availability import model_availability
+from service import throughput
+from service.availability import model_availability, require_live_worker_async
 from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
-from service.edit_validation import parse_request, prepare_submission
+from service.inversion_routes import INVERSION_REQUEST_DEFS
+from service.inversion_routes import router as inversion_router
+from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
+from service.edit_validation import parse_request, prepare_submission, resolve_model
+from service.editview import load_record
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
 from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
@@ -190,7 +196,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
                        (422, "Invalid request; `error.field` names the input"),
                        (429, "A tenant limit: `rate_limited` or `tenant_queue_full`; see Retry-After"),
-                       (503, "`queue_full` (the service's queue limit; see Retry-After) or a dependency is down")]
+                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has "
+                        "none) or a dependency is down; see Retry-After")]
 }
 
 _EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")
@@ -221,7 +228,8 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     (Pillow, boto3). JSON edits without an image take :func:`create_edit`'s one-round-trip path."""
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
                                     tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
-                                    decode_gate=svc.decode_gate)
+                                    decode_gate=svc.decode_gate,
+                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id))
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
@@ -274,9 +282,12 @@ async def create_edit(
         parsed = await parse_edit_body(request, body, limits)
         edit_request = parse_request(parsed.data)
         submission = None
-        if parsed.image_bytes is None:  # no Pillow, no S3: microseconds of CPU, done on the event loop
+        from_photo = getattr(edit_request, "inversion_id", None) is not None  # looks its inversion up: thread pool
+        if parsed.image_bytes is None and not from_photo:  # no Pillow, no S3: microseconds, on the event loop
             submission = prepare_submission(edit_request, None, settings=svc.settings, counter=svc.tokens,
                                             tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
+        await require_live_worker_async(aio, svc.settings, submission.payload.batch_key.model
+                                        if submission is not None else resolve_model(edit_request, svc.settings).name)
     except ApiError:
         await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
         raise
@@ -369,10 +380,13 @@ def list_models(request: Request) -> ModelList:
     svc = services(request)
     catalog = svc.settings.model_catalog()
     workers, queued = model_availability(svc.redis, catalog)
+    recent = throughput.recent(svc.redis, catalog, svc.settings.throughput_window_seconds)
     return ModelList(data=[
         ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
                   max_size=spec.max_size, random_weights=spec.random_weights, scheduler=spec.scheduler,
-                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0))
+                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0),
+                  throughput=ModelThroughput(**recent[spec.name].fields()),
+                  require_live_worker=svc.settings.requires_live_worker(spec.name))
         for spec in catalog.values()
     ])
 
@@ -550,15 +564,19 @@ def _error(status: int, type: ErrorType, message: str, field: str | None = None)
 
 
 def install_openapi(app: FastAPI) -> None:
-    """FastAPI's schema plus the EditRequest models, which the manual-body route references."""
+    """FastAPI's schema plus the EditRequest models, which the manual-body route references, the webhook
+    events and an example on every request body (``service.openapi_docs``)."""
+    install_webhooks(app)
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+                                 routes=app.routes, webhooks=app.webhooks.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS}.items():
+            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS, **INVERSION_REQUEST_DEFS}.items():
                 components.setdefault(name, definition)
+            add_request_examples(schema)
+            tidy_webhooks(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -618,6 +636,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
     install_domain_error_handlers(app)
     app.include_router(router)
     app.include_router(dataset_router)
+    app.include_router(inversion_router)
     app.include_router(admin_router)
     app.include_router(ops_router)
     install_playground(app)

@@ -31,6 +31,9 @@ class ModelSpec(BaseModel):
     default_size: int = Field(512, description="default height/width in pixels for this model")
     max_size: int = Field(768, description="largest height/width in pixels a request may ask for")
     random_weights: bool = Field(False, description="True for the tiny test models: outputs are noise")
+    require_live_worker: bool = Field(False, description="refuse (503 + Retry-After) an edit for this model while "
+                                      "no live worker serves it; default: accept it (an autoscaler may scale "
+                                      "from zero)")
 
 
 @lru_cache(maxsize=16)
@@ -220,6 +223,13 @@ class Settings(BaseSettings):
     enabled_models: list[str] | None = Field(None, description="names a worker loads; default: all local ones")
     default_p2p_model: str = "tiny-sd"
     default_ip2p_model: str = "tiny-ip2p"
+    require_live_worker: list[str] = Field(default_factory=list, description="models whose edits are refused "
+                                           "(503 + Retry-After) while no live worker serves them, e.g. "
+                                           "EDITSERVE_REQUIRE_LIVE_WORKER='[\"sd14\"]' (or a model's own "
+                                           "require_live_worker)")
+    no_worker_retry_after_seconds: int = Field(30, ge=1, description="Retry-After of that 503")
+    throughput_window_seconds: int = Field(300, ge=60, le=3600, description="/v1/models reports throughput "
+                                           "over this many recent seconds (whole minutes)")
     s3: S3Settings = Field(default_factory=S3Settings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
@@ -238,6 +248,10 @@ class Settings(BaseSettings):
         from service.redisconn import validate_url  # lazy: the settings import nothing heavy
 
         return validate_url(url)
+
+    def requires_live_worker(self, model: str) -> bool:
+        spec = self.model_catalog().get(model)
+        return model in self.require_live_worker or bool(spec and spec.require_live_worker)
 
     def model_catalog(self) -> dict[str, ModelSpec]:
         specs = self.models if self.models is not None else default_models(self.models_dir)

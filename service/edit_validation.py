@@ -14,6 +14,7 @@ import json
 import re
 import secrets
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime
@@ -32,7 +33,8 @@ from editserve.contract import (
 from editserve.kinds import edit_kind
 from service import egress
 from service.config import ModelSpec, Settings
-from service.errors import from_pydantic, invalid
+from editserve.contract import ErrorType
+from service.errors import ApiError, from_pydantic, invalid
 from service.imaging import fitting_resolution, official_resize, official_resize_dims
 from service.intake import DecodeGate, load_image, png_bytes, probe_image
 from service.prompt_tokens import PromptTokenCounter
@@ -217,10 +219,42 @@ def ip2p_seeds(request: IP2PEditRequest) -> list[int]:
     return [seed] * (n_image * n_text)
 
 
+InversionLookup = Callable[[str, str], "dict[str, str] | None"]
+"""``(inversion_id, tenant)`` → the inversion's record (``service.editview.load_record``) or None."""
+
+
+def from_inversion(request: P2PEditRequest, tenant: str, lookup: InversionLookup | None) -> P2PEditRequest:
+    """A P2P edit naming ``inversion_id``: the tenant's succeeded inversion, its model, size, steps, scheduler and
+    guidance as the edit's defaults, and any explicit value that differs refused naming its field."""
+    if lookup is None:
+        raise invalid("inversion_id", "this path cannot look inversions up")
+    record = lookup(request.inversion_id, tenant)
+    if record is None or record.get("kind") != "inversion" or record.get("tenant") != tenant:
+        raise ApiError(404, f"inversion_id: no inversion {request.inversion_id} of yours", type=ErrorType.not_found,
+                       field="inversion_id")
+    if record.get("status") != "succeeded":
+        raise ApiError(409, f"inversion_id: inversion {request.inversion_id} is {record.get('status')}; an edit "
+                            "needs a succeeded one", type=ErrorType.conflict, field="inversion_id")
+    payload = json.loads(record["payload"])
+    bk, inv = payload["batch_key"], payload["request"]
+    own = {"model": bk["model"], "steps": bk["steps"], "height": bk["height"], "width": bk["width"],
+           "scheduler": bk["scheduler"], "guidance_scale": inv["guidance_scale"]}
+    for field, value in own.items():
+        given = getattr(request, field)
+        if field in request.model_fields_set and given is not None and given != value:
+            where = "inversion_id" if field in ("model", "steps", "height", "width") else field
+            raise invalid(where, f"{field} {given!r} does not match inversion {request.inversion_id}'s {value!r}: an "
+                                 "edit from an inversion runs its model, size, steps, ddim and guidance")
+    return request.model_copy(update=own)
+
+
 def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, settings: Settings,
                        counter: PromptTokenCounter, tenant: str, edit_id: str, now: datetime,
-                       decode_gate: DecodeGate | None = None) -> Submission:
+                       decode_gate: DecodeGate | None = None,
+                       inversion_lookup: InversionLookup | None = None) -> Submission:
     """Validate beyond pydantic, decode the image, resolve defaults; raises ApiError (4xx) on bad input."""
+    if isinstance(request, P2PEditRequest) and request.inversion_id is not None:
+        request = from_inversion(request, tenant, inversion_lookup)
     spec = resolve_model(request, settings)
     check_prompts(request, spec, counter, settings.limits.max_prompt_tokens)
     check_webhook(request.webhook, settings)
@@ -253,7 +287,8 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
     batch_key = BatchKey(model=spec.name, kind=request.kind, height=height, width=width, steps=steps,
                          scheduler=scheduler)
     payload = JobPayload(id=edit_id, tenant=tenant, request=resolved, batch_key=batch_key, seeds=seeds,
-                         input_image_key=input_key(edit_id) if input_png is not None else None, created_at=now)
+                         input_image_key=input_key(edit_id) if input_png is not None else None, created_at=now,
+                         inversion_id=getattr(request, "inversion_id", None))
     fingerprint_source = request.model_dump_json(exclude={"image"}) + "|" + image_digest
     return Submission(payload=payload, webhook=request.webhook,
                       fingerprint=hashlib.sha256(fingerprint_source.encode()).hexdigest(), input_png=input_png)

@@ -21,6 +21,8 @@ FetchBytes = Callable[[str], bytes]
 def to_job_spec(payload: JobPayload, fetch: FetchBytes | None = None) -> JobSpec:
     """The core's spec for a queued payload, by its edit kind (``SPEC_BUILDERS``)."""
     request = payload.request
+    if request.kind == "inversion":  # not an edit method (no JobState row): the processor's inversion branch
+        return inversion_job_spec(payload, request, fetch)
     builder = SPEC_BUILDERS.get(request.kind)
     if builder is None:
         raise ValueError(f"the worker cannot translate edit kind {request.kind!r}")
@@ -106,6 +108,27 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes |
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
                        cells=ip2p_cells(request, payload.seeds), score=request.metrics, captions=captions,
                        negative_prompt=request.negative_prompt)
+
+
+def inversion_job_spec(payload: JobPayload, request, fetch: FetchBytes | None = None):
+    """An inversion job: its stored photo (the gateway's centre-cropped square) and the core's spec."""
+    from worker.runtime.inversions import inversion_spec
+
+    if fetch is None:
+        raise ValueError("an inversion payload needs a fetch function for its photo")
+    image = _stored_image(fetch, payload.input_image_key or f"edits/{payload.id}/input.png")
+    return inversion_spec(payload.id, request, image)
+
+
+def _stored_image(fetch: FetchBytes, key: str):
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(fetch(key)))
+        image.load()
+    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise EditValidationError("image", f"stored input {key} is not a readable image: {exc}") from exc
+    return image.convert("RGB")
 
 
 def ip2p_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:

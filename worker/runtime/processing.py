@@ -40,6 +40,7 @@ from editserve.contract import TERMINAL_STATUSES, BatchKey, ErrorInfo, ErrorType
 from service import metrics
 from service.config import Settings
 from service.jobstore import EditNotFound, JobStore
+from service.inversion_cache import remember_inversion
 from service.keys import edit_key
 from service.storage import Storage, StorageError
 from worker.editing.acceleration import StepAcceleration
@@ -49,6 +50,7 @@ from worker.models.registry import ModelRegistry
 from worker.runtime.batching import ClaimedJob
 from worker.runtime.execute import to_job_spec
 from worker.runtime.heartbeats import HeartbeatKeeper
+from worker.runtime.inversions import store_inversion
 from worker.runtime.progress import StepReporter
 from worker.runtime.rqbridge import RqBridge, settle
 from worker.runtime.outputs import OutputPlan
@@ -272,6 +274,9 @@ class BatchProcessor:
                 job.error = job_error(ErrorType.validation_error,
                                       f"model {key.model!r} is not served by worker {self.worker_name}", field="model")
             return
+        if key.kind == "inversion":
+            self._run_inversions(key, group, reporter)
+            return
         try:
             model = self.registry.get(key.model)
             runner = BatchRunner(model, height=key.height, width=key.width, steps=key.steps,
@@ -285,6 +290,39 @@ class BatchProcessor:
         for job in group:
             job.result = results[job.id]
         self._score(group)
+
+    def _run_inversions(self, key: BatchKey, group: list[RunningJob], reporter: StepReporter) -> None:
+        """Inversion jobs of one key share every UNet call (``InversionRunner``); each job's progress is its
+        DDIM steps and null-text inner iterations (``progress_detail``) plus the generic step/total in work units
+        (so ``Edit.progress`` moves evenly); the reporter's cancel answer stops a job at its next step."""
+        from worker.editing.inversion import InversionResult, InversionRunner
+        from worker.runtime.inversions import progress_view
+
+        try:
+            runner = InversionRunner(self.registry.get(key.model), height=key.height, width=key.width,
+                                     steps=key.steps, scheduler=key.scheduler)
+        except ValueError as exc:
+            for job in group:
+                job.error = job_error(ErrorType.validation_error, str(exc))
+            return
+
+        def on_progress(progress) -> bool:
+            try:
+                self.store.set_progress_detail(progress.job_id, progress_view(progress).model_dump_json())
+            except Exception as exc:  # noqa: BLE001 — a Redis blip must not fail the job (see StepReporter)
+                log.warning("inversion %s: progress detail not written: %s", progress.job_id, exc)
+            return reporter(progress.job_id, progress.done, progress.total)
+
+        reporter.begin()
+        log_event("inversion_batch", jobs=[j.id for j in group], key=key.queue_suffix(), worker=self.worker_name)
+        metrics.inversion_jobs_total.labels(model=key.model).inc(len(group))
+        try:
+            results = runner.run([j.spec for j in group], on_progress)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 — the shared call failed: every job of it fails alone
+            log.exception("inversion batch of %d jobs failed", len(group))
+            results = [InversionResult(job_id=j.id, error=exc) for j in group]
+        for job, result in zip(group, results):
+            job.result = result  # type: ignore[assignment]
 
     def _score(self, group: list[RunningJob]) -> None:
         """CLIP scores for the jobs that asked (``metrics``), all of the group's in one scoring pass."""
@@ -378,6 +416,9 @@ class BatchProcessor:
                     and not result.canceled:
                 if self._upload_pool is None:
                     self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="editserve-upload")
+                if is_inversion(job):
+                    job.upload = self._upload_pool.submit(store_inversion, self.storage, result)
+                    continue
                 job.upload = self._upload_pool.submit(
                     upload_outputs_through_outage, self.storage, job.spec, result,
                     window_seconds=self.settings.worker.result_upload_window_seconds, plan=OutputPlan(job.payload))
@@ -391,6 +432,8 @@ class BatchProcessor:
         return job.upload.result()
 
     def _upload_and_succeed(self, job: RunningJob, run_started: float, reporter: StepReporter) -> ErrorInfo | None:
+        if is_inversion(job):
+            return self._store_inversion_and_succeed(job, run_started, reporter)
         try:
             if job.upload is not None:
                 results, maps = self._uploaded(job, reporter)
@@ -403,6 +446,30 @@ class BatchProcessor:
             return job_error(ErrorType.output_error, f"{type(exc).__name__}: {exc}")
         self.store.mark_succeeded(job.id, results=results, attention_maps=maps,
                                   run_seconds=time.monotonic() - run_started)
+        return None
+
+    def _store_inversion_and_succeed(self, job: RunningJob, run_started: float,
+                                     reporter: StepReporter) -> ErrorInfo | None:
+        """x_T + per-step embeddings (safetensors) and the reconstruction in S3, then succeeded, then the reuse
+        key (``remember_inversion``) so equal requests and photo edits start from it."""
+        result = job.result
+        try:
+            stored = self._uploaded(job, reporter) if job.upload is not None else \
+                store_inversion(self.storage, result, before_each=reporter.renew_heartbeats)  # type: ignore[arg-type]
+        except StorageError as exc:
+            return error_info(exc)
+        except Exception as exc:  # noqa: BLE001 — one job's objects must not sink the batch
+            return job_error(ErrorType.output_error, f"{type(exc).__name__}: {exc}")
+        results = []
+        if stored.get("reconstruction_key"):
+            image = result.images[0]  # type: ignore[union-attr]
+            results.append({"key": stored["reconstruction_key"], "index": 0, "label": "reconstruction",
+                            "width": image.width, "height": image.height})
+        payload = job.payload
+        if self.store.mark_succeeded(job.id, results=results, attention_maps=[], inversion=stored,
+                                     run_seconds=time.monotonic() - run_started) and payload.inversion_digest:
+            remember_inversion(self.store.redis, payload.tenant, payload.inversion_digest, job.id,
+                               self.store.retention_seconds)
         return None
 
     def _requeue(self, job: RunningJob) -> str:
@@ -434,6 +501,10 @@ class BatchProcessor:
         trace = "".join(traceback.format_exception(exc)) if isinstance(exc, BaseException) else ""
         return f"{error.type}: {error.message}" + (f" (field {error.field})" if error.field else "") + \
             ("\n" + trace if trace else "")
+
+
+def is_inversion(job: RunningJob) -> bool:
+    return job.payload is not None and job.payload.request.kind == "inversion"
 
 
 def run_with_split(runner: BatchRunner, specs: list[JobSpec], on_step) -> dict[str, JobResult]:
