@@ -384,11 +384,13 @@ class Client(DatasetMethods, _ClientCore):
                    self_replace_steps: Any = None, attention_maps: bool | list[int] | None = None,
                    steps: int | None = None, size: int | None = None, height: int | None = None,
                    width: int | None = None, guidance_scale: float | None = None, model: str | None = None,
-                   seed: int | None = None, scheduler: str | None = None,
+                   seed: int | None = None, num_outputs: int | None = None, seeds: Sequence[int] | None = None,
+                   scheduler: str | None = None,
                    webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                    metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                    wait: int | None = None, **extra: Any) -> Edit:
-        """Prompt-to-Prompt: one source prompt, one or more target prompts (see P2PEditRequest for every field)."""
+        """Prompt-to-Prompt: one source prompt, one or more target prompts (see P2PEditRequest for every field).
+        ``num_outputs=n`` or ``seeds=[a, b]``: a source and its targets per seed."""
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "source_prompt", "target_prompts", "idempotency_key", "wait", "extra")}
         request = self._p2p_request(source_prompt, target_prompts, {**fields, **extra})
@@ -397,11 +399,14 @@ class Client(DatasetMethods, _ClientCore):
     def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
                     image_guidance: float | None = None, resolution: int | None = None,
                     sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
-                    model: str | None = None, seed: int | None = None, scheduler: str | None = None,
+                    model: str | None = None, seed: int | None = None, num_outputs: int | None = None,
+                    seeds: Sequence[int] | None = None, output_size: str | None = None,
+                    scheduler: str | None = None,
                     webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                     wait: int | None = None, **extra: Any) -> Edit:
-        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart."""
+        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart.
+        ``num_outputs`` / ``seeds``: one image per seed; ``output_size="input"``: back at the input's size."""
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "image", "instruction", "idempotency_key", "wait", "extra")}
         request = self._ip2p_request(instruction, {**fields, **extra})
@@ -610,7 +615,8 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
                          self_replace_steps: Any = None, attention_maps: bool | list[int] | None = None,
                          steps: int | None = None, size: int | None = None, height: int | None = None,
                          width: int | None = None, guidance_scale: float | None = None, model: str | None = None,
-                         seed: int | None = None, scheduler: str | None = None,
+                         seed: int | None = None, num_outputs: int | None = None,
+                         seeds: Sequence[int] | None = None, scheduler: str | None = None,
                          webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                          metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                          wait: int | None = None, **extra: Any) -> Edit:
@@ -622,7 +628,9 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
     async def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
                           image_guidance: float | None = None, resolution: int | None = None,
                           sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
-                          model: str | None = None, seed: int | None = None, scheduler: str | None = None,
+                          model: str | None = None, seed: int | None = None, num_outputs: int | None = None,
+                          seeds: Sequence[int] | None = None, output_size: str | None = None,
+                          scheduler: str | None = None,
                           webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                           metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                           wait: int | None = None, **extra: Any) -> Edit:
