@@ -32,6 +32,13 @@ SIZE, STEPS, TOL = 64, 3, 1e-4
 SCHED = "ddim"  # IP2P core check: several cells are one UNet call of 3k rows (the sweep's batching)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _models_before_the_gateway(worker_registry):
+    """Load the tiny models before any in-process gateway starts: loaded after one (a -k selection of the
+    end-to-end tests alone), diffusers' IP2P pipeline import fails in this process on CLIPImageProcessor."""
+    return worker_registry
+
+
 def p2p(job_id: str, **kw) -> P2PJobSpec:
     return P2PJobSpec(job_id, "a cat on a sofa", ["a lion on a sofa", "a tiger on a sofa"],
                       local_blend=LocalBlendSpec(["cat"], [["lion"], ["tiger"]]), reweight=[{"lion": 2.0}, {}],
