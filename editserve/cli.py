@@ -74,6 +74,9 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default per model)")
     parser.add_argument("--model", help="model name (see `editserve models`)")
     parser.add_argument("--seed", type=int, help="random seed (echoed back in params)")
+    parser.add_argument("--num-outputs", type=int, metavar="N",
+                        help="outputs per request, from seeds seed, seed+1, ... (P2P: a source and its targets each)")
+    parser.add_argument("--seeds", type=_ints, metavar="N,N", help="explicit seeds, one output each, e.g. 1,2")
     parser.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default per model)")
     parser.add_argument("--format", dest="output_format", choices=["png", "webp", "jpeg"],
@@ -130,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ip2p.add_argument("--sweep-image", type=_floats, metavar="F,F", help="grid over image guidance, e.g. 1,1.5")
     ip2p.add_argument("--sweep-text", type=_floats, metavar="F,F", help="grid over text guidance, e.g. 5,7.5")
     ip2p.add_argument("--sweep-seeds", type=_ints, metavar="N,N", help="grid over seeds, e.g. 1,2")
+    ip2p.add_argument("--output-size", choices=["model", "input"],
+                      help="model: the official resize the model ran at (default); input: back at the input's size")
     _add_common_edit_options(ip2p)
 
     invert = commands.add_parser("invert", help="invert a photo so P2P can edit it (prints the inversion id)",
@@ -261,14 +266,14 @@ def _ip2p_fields(args: argparse.Namespace) -> dict[str, Any]:
         sweep = _part(Sweep, "sweep", image_guidance=args.sweep_image, text_guidance=args.sweep_text,
                       seeds=args.sweep_seeds)
     return dict(text_guidance=args.text_guidance, image_guidance=args.image_guidance, resolution=args.resolution,
-                sweep=sweep)
+                sweep=sweep, output_size=args.output_size)
 
 
 def cmd_edit(client: Client, args: argparse.Namespace) -> int:
     if not args.no_wait and args.out is None:
         raise errors.InvalidRequestError("--out DIR is required (or pass --no-wait)", type=ErrorType.usage.value, field="--out")
     common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority,
-                  scheduler=args.scheduler)
+                  scheduler=args.scheduler, num_outputs=args.num_outputs, seeds=args.seeds)
     if args.negative:
         common["negative_prompt"] = args.negative
     common.update({k: v for k in ("output_format", "output_quality") if (v := getattr(args, k)) is not None})

@@ -52,15 +52,13 @@ def edit_kinds_for_model(model_kind: str) -> list[str]:
 
 def sweep_cells(request: IP2PEditRequest, seeds: list[int]) -> list[tuple[float, float, int]]:
     """IP2P cells as ``(image_guidance, text_guidance, seed)`` in the order image_guidance × text_guidance ×
-    seeds (seed varies fastest): the gateway's ``Edit.params`` and the worker's job spec both use this.
+    seeds (seed varies fastest): the gateway's ``Edit.params`` and the worker's job spec both use this. The seed
+    axis is ``sweep.seeds``, else the request's outputs (``seeds`` / ``num_outputs``).
 
     ``seeds`` (resolved by the gateway) holds one seed per cell; a list as long as the seed axis is
     accepted too and broadcast over the guidance axes. Any other length raises ``ValueError``.
     """
-    sweep = request.sweep
-    image_axis = (sweep.image_guidance if sweep else None) or [request.image_guidance]
-    text_axis = (sweep.text_guidance if sweep else None) or [request.text_guidance]
-    seed_axis_len = len(sweep.seeds) if sweep and sweep.seeds else 1
+    image_axis, text_axis, seed_axis_len = request.cells_axes()
     grid = list(itertools.product(image_axis, text_axis, range(seed_axis_len)))
     if len(seeds) == len(grid):
         cell_seeds = list(seeds)

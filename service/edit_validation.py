@@ -194,30 +194,39 @@ def ip2p_resolution(size: tuple[int, int], requested: int, spec: ModelSpec) -> i
     return resolution
 
 
-def normalised_input(image_bytes: bytes, settings: Settings, resolution: int) -> tuple[int, int, bytes]:
-    """(width, height, PNG) of the upload after the official resize: the decoded picture lives only in here."""
+def normalised_input(image_bytes: bytes, settings: Settings,
+                     resolution: int) -> tuple[int, int, bytes, tuple[int, int]]:
+    """(width, height, PNG) of the upload after the official resize, and the upright upload's own (width, height)
+    (EXIF orientation applied): the decoded picture lives only in here."""
     image = load_image(image_bytes, settings.limits)
     width, height = official_resize_dims(image.width, image.height, resolution)
-    return width, height, png_bytes(official_resize(image, resolution))
+    return width, height, png_bytes(official_resize(image, resolution)), (image.width, image.height)
 
 
 def random_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
 
+def output_seeds(request: EditRequest) -> list[int]:
+    """One seed per output: ``seeds`` as given, else ``num_outputs`` consecutive seeds from ``seed`` (random when
+    omitted; wrapping past SEED_MAX), as AUTOMATIC1111 numbers a batch."""
+    if request.seeds:
+        return list(request.seeds)
+    first = request.seed if request.seed is not None else random_seed()
+    return [(first + i) % (SEED_MAX + 1) for i in range(request.num_outputs)]
+
+
 def ip2p_seeds(request: IP2PEditRequest) -> list[int]:
     """One seed per sweep cell, cells ordered image_guidance × text_guidance × seeds (outer to inner).
 
-    Without explicit sweep seeds every cell shares one seed (the request's, else a random one): a guidance
-    sweep compares guidance values on the same noise, as in the IP2P paper's grids.
+    The seed axis is ``sweep.seeds``, else the outputs (``seeds`` / ``num_outputs``, see ``output_seeds``): every
+    guidance cell shares it, so a guidance sweep compares guidance values on the same noise, as in the IP2P
+    paper's grids.
     """
+    image_axis, text_axis, _ = request.cells_axes()
     sweep = request.sweep
-    n_image = len(sweep.image_guidance) if sweep and sweep.image_guidance else 1
-    n_text = len(sweep.text_guidance) if sweep and sweep.text_guidance else 1
-    if sweep and sweep.seeds:
-        return [s for _ in range(n_image * n_text) for s in sweep.seeds]
-    seed = request.seed if request.seed is not None else random_seed()
-    return [seed] * (n_image * n_text)
+    axis = list(sweep.seeds) if sweep and sweep.seeds else output_seeds(request)
+    return [s for _ in range(len(image_axis) * len(text_axis)) for s in axis]
 
 
 InversionLookup = Callable[[str, str], "dict[str, str] | None"]
@@ -297,6 +306,7 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
     steps = request.steps or edit_kind(request.kind).default_steps
     scheduler = request.scheduler or spec.scheduler
     input_png: bytes | None = None
+    input_size: tuple[int, int] | None = None
     image_digest = ""
     inversion_id = getattr(request, "inversion_id", None)
     inversion_digest = None
@@ -322,7 +332,11 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
             update = {"image": None, "inversion": request.inversion or InversionOptions()}
             if inversion_id is not None:
                 inversion_digest = None  # reused: nothing to remember
-        seeds = [request.seed if request.seed is not None else random_seed()]
+        seeds = output_seeds(request)
+        if (inversion_id is not None or image_bytes is not None) and len(seeds) > 1:
+            field = "seeds" if request.seeds else "num_outputs"
+            raise invalid(field, f"{field}: an edit of a photo starts from its inversion's x_T, so seeds make no "
+                                 "difference; ask for one output")
         resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
                                               "height": height, "width": width, **update})
     else:
@@ -332,15 +346,17 @@ def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, setti
         image_digest = hashlib.sha256(image_bytes).hexdigest()
         resolution = ip2p_resolution(probe_image(image_bytes, settings.limits), request.resolution, spec)
         args = (image_bytes, settings, resolution)
-        width, height, input_png = decode_gate.run(normalised_input, *args) if decode_gate else normalised_input(*args)
+        width, height, input_png, input_size = (decode_gate.run(normalised_input, *args) if decode_gate
+                                                else normalised_input(*args))
         seeds = ip2p_seeds(request)
         resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
                                               "resolution": resolution, "image": None})
     batch_key = BatchKey(model=spec.name, kind=request.kind, height=height, width=width, steps=steps,
                          scheduler=scheduler)
     payload = JobPayload(id=edit_id, tenant=tenant, request=resolved, batch_key=batch_key, seeds=seeds,
-                         input_image_key=input_key(edit_id) if input_png is not None else None, created_at=now,
-                         inversion_id=inversion_id, inversion_digest=inversion_digest)
+                         input_image_key=input_key(edit_id) if input_png is not None else None,
+                         input_size=input_size, created_at=now, inversion_id=inversion_id,
+                         inversion_digest=inversion_digest)
     fingerprint_source = request.model_dump_json(exclude={"image"}) + "|" + image_digest
     return Submission(payload=payload, webhook=request.webhook,
                       fingerprint=hashlib.sha256(fingerprint_source.encode()).hexdigest(), input_png=input_png)

@@ -38,6 +38,7 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         source_prompt=request.source_prompt,
         target_prompts=list(request.target_prompts),
         seed=payload.seeds[0],
+        seeds=list(payload.seeds) if len(payload.seeds) > 1 else None,
         edit=request.edit,
         reweight=per_target_reweight(request.reweight, n),
         local_blend=local_blend_spec(request, n),
