@@ -76,6 +76,11 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
 NOTES = REPO / "bench" / "mutation_notes.json"
 
 
+def load_notes() -> dict[str, str]:
+    """Every bench/mutation_notes*.json merged (one file per group of modules, to keep merges apart)."""
+    return {k: v for path in sorted(NOTES.parent.glob("mutation_notes*.json")) for k, v in json.loads(path.read_text()).items()}
+
+
 def mutmut_command() -> list[str]:
     script = shutil.which("mutmut")
     return [script] if script else [sys.executable, "-m", "mutmut"]
@@ -171,7 +176,7 @@ def summarise(module: str, tests: list[str], work: Path, elapsed: float, stopped
         counts[status] = counts.get(status, 0) + 1
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     checked = sum(n for status, n in counts.items() if status not in ("not checked", "skipped"))
-    notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
+    notes = load_notes()
     survivors = []
     mutated = work / "mutants" / module
     functions = functions_of(mutated) if mutated.exists() else {}
@@ -264,7 +269,7 @@ def main() -> None:
     out = args.out or REPO / "bench" / "results" / f"mutation-{machine}"
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     if args.renote:
-        notes = json.loads(NOTES.read_text()) if NOTES.exists() else {}
+        notes = load_notes()
         saved = json.loads(out.with_suffix(".json").read_text())
         for m in saved["modules"]:
             for survivor in m["survivors"]:
