@@ -78,7 +78,10 @@ NOTES = REPO / "bench" / "mutation_notes.json"
 
 def load_notes() -> dict[str, str]:
     """Every bench/mutation_notes*.json merged (one file per group of modules, to keep merges apart)."""
-    return {k: v for path in sorted(NOTES.parent.glob("mutation_notes*.json")) for k, v in json.loads(path.read_text()).items()}
+    notes: dict[str, str] = {}
+    for path in sorted(NOTES.parent.glob("mutation_notes*.json")):
+        notes.update(json.loads(path.read_text()))
+    return notes
 
 
 def mutmut_command() -> list[str]:
