@@ -58,7 +58,7 @@ MODULES: dict[str, list[str]] = {
                             "tests/test_idempotency_image.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py"],
     "service/egress.py": ["tests/test_egress_rules.py", "tests/test_webhooks_delivery.py"],
-    "service/storage.py": ["tests/test_storage.py"],
+    "service/storage.py": ["tests/test_storage.py", "tests/test_storage_mutants.py"],
     "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py"],
 }
 # modules whose tests load the tiny models per test module: the fork server loads them once (mutation_plugin.py)
