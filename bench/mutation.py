@@ -56,7 +56,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/batch.py": ["tests/test_batch.py", "tests/test_p2p_properties.py"],
     "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
                             "tests/test_idempotency_image.py"],
-    "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py"],
+    "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py", "tests/test_limits_mutants.py"],
     "service/egress.py": ["tests/test_egress_rules.py", "tests/test_webhooks_delivery.py"],
     "service/storage.py": ["tests/test_storage.py", "tests/test_storage_mutants.py"],
     "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py"],
