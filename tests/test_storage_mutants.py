@@ -127,3 +127,23 @@ def test_the_lifecycle_rule_sent_is_the_documented_one(s3, monkeypatch):
     assert sent == {"Bucket": s3.bucket, "LifecycleConfiguration": {"Rules": [{
         "ID": "editserve-edits-retention", "Filter": {"Prefix": "edits/"}, "Status": "Enabled",
         "Expiration": {"Days": 3}}]}}
+
+
+@pytest.fixture
+def s3_faults(s3_server):
+    from devtools.faultproxy import HttpFaultProxy
+
+    proxy = HttpFaultProxy(s3_server.endpoint_url)
+    yield proxy
+    proxy.close()
+
+
+def test_a_bucket_that_already_exists_is_not_an_error(s3, s3_faults):
+    """head_bucket refused (403 from the proxy), then create_bucket answers that the bucket exists
+    (the real server): the bucket is there, so ensure_bucket_and_lifecycle goes on."""
+    storage = Storage(s3_settings(s3, endpoint_url=s3_faults.url, max_attempts=1))
+    s3_faults.fault = lambda method, path, n: 403 if method == "HEAD" else None
+    storage.ensure_bucket_and_lifecycle()
+    puts = [outcome for _, method, path, outcome in s3_faults.log
+            if method == "PUT" and path.split("?")[0].rstrip("/").endswith(s3.bucket)]
+    assert puts and puts[0] == "409"
