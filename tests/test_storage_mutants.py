@@ -147,3 +147,31 @@ def test_a_bucket_that_already_exists_is_not_an_error(s3, s3_faults):
     puts = [outcome for _, method, path, outcome in s3_faults.log
             if method == "PUT" and path.split("?")[0].rstrip("/").endswith(s3.bucket)]
     assert puts and puts[0] == "409"
+
+
+@pytest.mark.parametrize("code", ["BucketAlreadyOwnedByYou", "BucketAlreadyExists"])
+def test_either_already_exists_answer_is_accepted(s3, monkeypatch, code):
+    from botocore.exceptions import ClientError
+
+    storage = Storage(s3_settings(s3))
+
+    def refused(**kwargs):
+        raise ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
+
+    def exists(**kwargs):
+        raise ClientError({"Error": {"Code": code, "Message": "exists"}}, "CreateBucket")
+
+    monkeypatch.setattr(storage.client, "head_bucket", refused)
+    monkeypatch.setattr(storage.client, "create_bucket", exists)
+    storage.ensure_bucket_and_lifecycle()  # no StorageError
+
+
+def test_an_unsupported_lifecycle_rule_is_logged_with_the_reason(s3, s3_faults, caplog):
+    storage = Storage(s3_settings(s3, endpoint_url=s3_faults.url, max_attempts=1))
+    s3_faults.fault = lambda method, path, n: 501 if "lifecycle" in path else None
+    caplog.set_level(logging.WARNING, logger="service.storage")
+    storage.ensure_bucket_and_lifecycle()
+    messages = [r.getMessage() for r in caplog.records if r.name == "service.storage"]
+    assert len(messages) == 1
+    assert messages[0].startswith("S3 lifecycle rule not applied (server may not support it): ")
+    assert "SlowDown" in messages[0]  # the error itself, as the proxy answered it
