@@ -141,7 +141,9 @@ def test_precheck_uses_the_tenants_override_and_the_global_depth(redis_url, conn
     conn.sadd(f"editserve:tenant:{tenant}:queued", "e1")
     with pytest.raises(LimitExceeded) as refused:
         acct.precheck(tenant)
-    assert refused.value.limit == "tenant_max_queued" and "already has 1 queued" in refused.value.message
+    assert refused.value.limit == "tenant_max_queued"
+    assert refused.value.message.startswith(f"tenant '{tenant}' already has 1 queued edits, its limit "
+                                            "(tenant_max_queued 1)")
     conn.hset(tenant_key(tenant), "limit_max_queued", "2.0")
     acct.precheck(tenant)  # the override (2) allows a second
     conn.hset(tenant_key(tenant), "limit_max_queued", "1")
@@ -152,6 +154,8 @@ def test_precheck_uses_the_tenants_override_and_the_global_depth(redis_url, conn
     with pytest.raises(LimitExceeded) as refused:
         tight.precheck("another-tenant")
     assert refused.value.status == 503 and refused.value.limit == "max_queue_depth"
+    assert refused.value.message.startswith(f"the service already holds {depth} queued edits, its limit "
+                                            f"(max_queue_depth {depth})")
     Accounting(conn, settings(redis_url, max_queue_depth=depth + 1)).precheck("another-tenant")
     conn.delete(tenant_key(tenant), f"editserve:tenant:{tenant}:queued")
 
