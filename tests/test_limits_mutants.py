@@ -123,7 +123,7 @@ def test_the_asyncio_path_loads_the_script_on_a_miss_and_counts(redis_url, conn)
                     await rl.check_async(aconn, tenant)
                     outcomes.append(True)
                 except LimitExceeded as refused:
-                    assert refused.retry_after > 100
+                    assert refused.retry_after > 100 and refused.message.startswith(f"tenant '{tenant}' may make")
                     outcomes.append(False)
         finally:
             await aconn.aclose()
@@ -203,21 +203,45 @@ def test_admit_args_carry_rate_claim_and_job_fields(redis_url, conn):
 
 
 def test_the_sweep_prunes_the_global_set_in_chunks(redis_url, conn, monkeypatch):
-    """Members of the global queued set whose edit is gone (or no longer queued) are pruned, every chunk
-    including a last partial one."""
+    """Members of the global queued set whose edit is gone (or no longer queued) are pruned, in every chunk
+    including a last partial one; a queued edit's member stays."""
     monkeypatch.setattr(limits_module, "SWEEP_CHUNK", 2)
-    stale = [f"stale-sweep-{i}" for i in range(5)]
+    stale = [f"stale-sweep-{i}" for i in range(5)]  # two full chunks and a last one of one member
     conn.sadd(GLOBAL_QUEUED_KEY, *stale)
+    Accounting(conn, settings(redis_url)).sweep()
+    assert conn.smembers(GLOBAL_QUEUED_KEY) == set()
     live = "live-sweep-0"
     conn.hset(edit_key(live), mapping={"status": "queued", "tenant": "sweep-tenant"})
-    conn.sadd(GLOBAL_QUEUED_KEY, live)
-    try:
-        Accounting(conn, settings(redis_url)).sweep()
-        assert not any(conn.sismember(GLOBAL_QUEUED_KEY, s) for s in stale)
-        assert conn.sismember(GLOBAL_QUEUED_KEY, live)
-    finally:
-        conn.srem(GLOBAL_QUEUED_KEY, live, *stale)
-        conn.delete(edit_key(live))
+    conn.sadd(GLOBAL_QUEUED_KEY, live, "stale-again")
+    Accounting(conn, settings(redis_url)).sweep()
+    assert conn.smembers(GLOBAL_QUEUED_KEY) == {live.encode()}
+
+
+def test_the_sweep_adds_up_every_tenants_releases_and_lost_edits(redis_url, conn):
+    from gateway_support import p2p_payload
+    from rq.job import Job
+
+    from service.jobstore import JobStore, new_edit_id
+
+    js = JobStore(conn, settings(redis_url, tenant_max_concurrent=1))
+
+    def create(tenant: str) -> str:
+        edit, _ = js.create(p2p_payload(new_edit_id(), tenant), webhook=None, idempotency_key=None)
+        return edit.id
+
+    tenants = ["sweep-a", "sweep-b", "sweep-c"]
+    for tenant in tenants:
+        create(tenant)  # released
+    lost = {create(tenant) for tenant in tenants[:2]}  # held, then their RQ job hash deleted by hand
+    for edit_id in lost:
+        conn.delete(Job.key_for(edit_id))
+    text = redis.Redis.from_url(redis_url, decode_responses=True)  # ids come back as str, not bytes
+    released, found = Accounting(text, settings(redis_url, tenant_max_concurrent=1)).sweep()
+    assert (released, set(found)) == (0, lost)
+    for tenant in tenants:
+        create(tenant)  # held behind the released one
+    released, found = Accounting(conn, settings(redis_url, tenant_max_concurrent=2)).sweep()
+    assert (released, set(found)) == (3, lost)  # the lost ones are reported until failed
 
 
 def test_held_ahead_counts_higher_priorities_first(conn):
