@@ -175,3 +175,21 @@ def test_an_unsupported_lifecycle_rule_is_logged_with_the_reason(s3, s3_faults, 
     assert len(messages) == 1
     assert messages[0].startswith("S3 lifecycle rule not applied (server may not support it): ")
     assert "SlowDown" in messages[0]  # the error itself, as the proxy answered it
+
+
+def test_a_second_attempt_is_logged_with_what_needed_it(s3, s3_faults, caplog):
+    storage = Storage(s3_settings(s3, endpoint_url=s3_faults.url, max_attempts=3))
+    key = f"{s3.test_prefix}edits/twice/output-0.png"
+    failing = {"left": 1}
+
+    def first_only(method, path, n):
+        if method == "PUT" and path.split("?")[0].endswith(key) and failing["left"]:
+            failing["left"] -= 1
+            return 503
+        return None
+
+    s3_faults.fault = first_only
+    caplog.set_level(logging.WARNING, logger="service.storage")
+    storage.put_bytes(key, b"data")
+    assert [r.getMessage() for r in caplog.records if r.name == "service.storage"] == [
+        f"upload of s3://{s3.bucket}/{key} needed 2 attempts"]
