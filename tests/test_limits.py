@@ -364,3 +364,37 @@ def test_admin_cli_sets_and_shows_limits(redis_url, conn, monkeypatch, capsys):
     assert cli("set-limits", "--tenant", "acme", "--burst", "0")[0] == 2
     assert cli("show-limits", "--tenant", "no spaces")[0] == 2
     assert cli("release-held") == (0, "released 0\n")
+
+
+# ---------------------------------------------------------------------------------------------- precheck
+
+def test_precheck_refuses_at_the_limits_before_anything_is_stored(redis_url, conn):
+    from service.limits import Accounting
+    from service.keys import tenant_key
+
+    settings = make_settings(redis_url, limits={"max_queue_depth": 3, "tenant_max_queued": 2,
+                                                "queue_full_retry_after_seconds": 7})
+    acc = Accounting(conn, settings)
+    acc.precheck("t1")  # empty: nothing to refuse
+    conn.sadd(queued_key("t1"), "e1")
+    conn.sadd(GLOBAL_QUEUED_KEY, "e1", "e2")
+    acc.precheck("t1")  # 1 of 2 queued for the tenant, 2 of 3 for the service
+    conn.sadd(queued_key("t1"), "e2")
+    with pytest.raises(LimitExceeded) as err:
+        acc.precheck("t1")
+    e = err.value
+    assert (e.status, e.type, e.limit, e.retry_after) == (429, "tenant_queue_full", "tenant_max_queued", 7)
+    assert e.message == ("tenant 't1' already has 2 queued edits, its limit (tenant_max_queued 2); "
+                         "retry when some have started")
+    conn.hset(tenant_key("t1"), "limit_max_queued", "3.0")  # a tenant's override, as the API writes it
+    acc.precheck("t1")
+    conn.sadd(GLOBAL_QUEUED_KEY, "e3")
+    with pytest.raises(LimitExceeded) as err:
+        acc.precheck("t2")
+    e = err.value
+    assert (e.status, e.type, e.limit, e.retry_after) == (503, "queue_full", "max_queue_depth", 7)
+    assert e.message == "the service already holds 3 queued edits, its limit (max_queue_depth 3); retry later"
+    conn.srem(GLOBAL_QUEUED_KEY, "e3")
+    conn.hset(tenant_key("t1"), "limit_max_queued", "0")  # an override of 0 refuses every edit
+    with pytest.raises(LimitExceeded):
+        acc.precheck("t1")
