@@ -364,3 +364,76 @@ def test_admin_cli_sets_and_shows_limits(redis_url, conn, monkeypatch, capsys):
     assert cli("set-limits", "--tenant", "acme", "--burst", "0")[0] == 2
     assert cli("show-limits", "--tenant", "no spaces")[0] == 2
     assert cli("release-held") == (0, "released 0\n")
+
+
+# ---------------------------------------------------------------------------------------------- precheck
+
+def test_precheck_refuses_at_the_limits_before_anything_is_stored(redis_url, conn):
+    from service.limits import Accounting
+    from service.keys import tenant_key
+
+    settings = make_settings(redis_url, limits={"max_queue_depth": 3, "tenant_max_queued": 2,
+                                                "queue_full_retry_after_seconds": 7})
+    acc = Accounting(conn, settings)
+    acc.precheck("t1")  # empty: nothing to refuse
+    conn.sadd(queued_key("t1"), "e1")
+    conn.sadd(GLOBAL_QUEUED_KEY, "e1", "e2")
+    acc.precheck("t1")  # 1 of 2 queued for the tenant, 2 of 3 for the service
+    conn.sadd(queued_key("t1"), "e2")
+    with pytest.raises(LimitExceeded) as err:
+        acc.precheck("t1")
+    e = err.value
+    assert (e.status, e.type, e.limit, e.retry_after) == (429, "tenant_queue_full", "tenant_max_queued", 7)
+    assert e.message == ("tenant 't1' already has 2 queued edits, its limit (tenant_max_queued 2); "
+                         "retry when some have started")
+    conn.hset(tenant_key("t1"), "limit_max_queued", "3.0")  # a tenant's override, as the API writes it
+    acc.precheck("t1")
+    conn.sadd(GLOBAL_QUEUED_KEY, "e3")
+    with pytest.raises(LimitExceeded) as err:
+        acc.precheck("t2")
+    e = err.value
+    assert (e.status, e.type, e.limit, e.retry_after) == (503, "queue_full", "max_queue_depth", 7)
+    assert e.message == "the service already holds 3 queued edits, its limit (max_queue_depth 3); retry later"
+    conn.srem(GLOBAL_QUEUED_KEY, "e3")
+    conn.hset(tenant_key("t1"), "limit_max_queued", "0")  # an override of 0 refuses every edit
+    with pytest.raises(LimitExceeded):
+        acc.precheck("t1")
+
+
+def test_the_async_rate_check_loads_its_script_on_a_miss_and_counts(redis_url, conn):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from service.limits import RateLimiter
+
+    limiter = RateLimiter(conn, make_settings(redis_url, limits={"tenant_rps": 0.001, "tenant_burst": 2}))
+    conn.script_flush()  # the gateway's asyncio client meets a Redis that never saw the script
+
+    async def run():
+        aconn = aioredis.Redis.from_url(redis_url)
+        try:
+            await limiter.check_async(aconn, "t1")
+            await limiter.check_async(aconn, "t1")
+            with pytest.raises(LimitExceeded) as err:
+                await limiter.check_async(aconn, "t1")
+            return err.value
+        finally:
+            await aconn.aclose()
+
+    refused = asyncio.run(run())
+    assert refused.status == 429 and refused.limit == "tenant_rps"
+    assert conn.exists(*RateLimiter.keys("t1")) >= 1  # the bucket is the tenant's own key
+
+
+def test_tenant_limits_read_every_override(redis_url, conn):
+    settings = make_settings(redis_url, limits={"tenant_rps": 5, "tenant_burst": 10, "tenant_max_queued": 100,
+                                                "tenant_max_concurrent": 4})
+    limits = write_overrides(conn, "t1", TenantLimitOverrides(rps=2.5, burst=3, max_queued=7, max_concurrent=2),
+                             settings)
+    assert (limits.rps, limits.burst, limits.max_queued, limits.max_concurrent) == (2.5, 3, 7, 2)
+    fresh = tenant_limits(conn, "t1", settings)
+    assert (fresh.rps, fresh.burst, fresh.max_queued, fresh.max_concurrent) == (2.5, 3, 7, 2)
+    assert fresh.overrides == TenantLimitOverrides(rps=2.5, burst=3, max_queued=7, max_concurrent=2)
+    other = tenant_limits(conn, "t2", settings)
+    assert (other.rps, other.burst, other.max_queued, other.max_concurrent) == (5, 10, 100, 4)
