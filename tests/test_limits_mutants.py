@@ -173,13 +173,15 @@ def test_odd_script_outcomes(redis_url, conn):
     assert acct._outcome(request(), ["duplicate", b"prior"]).state == "duplicate"
     with pytest.raises(LimitExceeded) as refused:
         acct._outcome(request(), [b"tenant_queue_full", 3, 2])
-    assert refused.value.limit == "tenant_max_queued" and "'odd' already has 3" in refused.value.message
+    assert refused.value.limit == "tenant_max_queued"
+    assert refused.value.message.startswith("tenant 'odd' already has 3 queued edits, its limit (tenant_max_queued 2)")
     with pytest.raises(LimitExceeded) as refused:
         acct._outcome(request(), [b"queue_full", 8, 8])
     assert refused.value.status == 503 and refused.value.retry_after == 4
     with pytest.raises(LimitExceeded) as refused:
         acct._outcome(request(), [b"rate_limited", 2500, b"0.5", 2])
     assert refused.value.retry_after == 3 and refused.value.limit == "tenant_rps"
+    assert refused.value.message.startswith("tenant 'odd' may make 0.5 requests/s with bursts of 2")
     admitted = acct._outcome(request(), [b"held", 4, [b"mean", b"1.5", "n", "2"]])
     assert (admitted.state, admitted.ahead, admitted.stats) == ("held", 4, {"mean": 1.5, "n": 2.0})
     assert acct._outcome(request(), ["released", 0, []]).state == "released"
