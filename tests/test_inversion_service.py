@@ -277,26 +277,32 @@ def test_cancel_queued_now_and_processing_at_the_next_step(live, worker, photo_p
 
 
 def test_sigkill_mid_inversion_loses_nothing(live, redis_url, s3_server, photo_png):  # noqa: F811
+    import signal
+
     client = live.client()
-    inversion_id = post_inversion(client, photo_png, steps=8).json()["id"]
     settings = make_settings(redis_url, s3_server)
     conn = redis.Redis.from_url(redis_url)
     fast = {"heartbeat_ttl_seconds": 5, "reaper_interval_seconds": 1}
+    # both start at once (their start-ups overlap); the rescuer is frozen until the victim holds the job
+    rescuer = WorkerProcess(settings, s3_server, "inv-rescuer", models=MODEL, **fast)
     victim = WorkerProcess(settings, s3_server, "inv-victim", models=MODEL, debug_step_delay_seconds=0.5, **fast)
-    rescuer = None
     try:
-        wait_until(lambda: int(edit_field(conn, inversion_id, "progress_step") or 0) >= 1, 180,
+        wait_until(lambda: '"event":"worker_started"' in rescuer.log(), 180, what="rescuer start")
+        rescuer.signal(signal.SIGSTOP)
+        wait_until(lambda: '"event":"worker_started"' in victim.log(), 180, what="victim start")
+        inversion_id = post_inversion(client, photo_png, steps=8).json()["id"]
+        wait_until(lambda: int(edit_field(conn, inversion_id, "progress_step") or 0) >= 1, 120,
                    what=lambda: f"progress; log:\n{victim.log()[-2000:]}")
         victim.kill()
-        rescuer = WorkerProcess(settings, s3_server, "inv-rescuer", models=MODEL, **fast)
+        rescuer.signal(signal.SIGCONT)
         wait_until(lambda: edit_field(conn, inversion_id, "status") == "succeeded", 180,
                    what=lambda: f"recovery; log:\n{rescuer.log()[-3000:]}")
     finally:
         victim.stop()
-        if rescuer is not None:
-            rescuer.stop()
+        rescuer.stop()
     done = client.get(f"/v1/inversions/{inversion_id}").json()
     assert done["status"] == "succeeded" and done["metrics"]["attempts"] == 2
+    assert "inv-victim" in (edit_field(conn, inversion_id, "requeue_reason") or "")
     stored = inversion_from_bytes(httpx.get(done["result"]["arrays_url"]).content)
     assert stored.uncond_embeddings.shape[0] == 8
 
