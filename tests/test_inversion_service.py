@@ -382,3 +382,12 @@ def test_an_inversion_sends_edit_webhooks_with_its_edit_view(live, worker, photo
     completed = next(b for b in mine if b["type"] == "edit.completed")
     assert completed["data"]["status"] == "succeeded"
     assert completed["data"]["results"][0]["label"] == "reconstruction"
+
+
+def test_a_step_batching_worker_fails_an_inversion_naming_why(live, worker, photo_png):  # noqa: F811
+    client = live.client()
+    inversion = post_inversion(client, photo_png).json()["id"]
+    w = worker(batching="step", poll_interval_ms=5)
+    w.continuous.run_until_idle(60)
+    failed = client.get(f"/v1/inversions/{inversion}").json()
+    assert failed["status"] == "failed" and "request batching" in failed["error"]["message"]
