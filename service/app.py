@@ -66,6 +66,7 @@ from service.inversion_routes import router as inversion_router
 from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
 from service.edit_validation import parse_request, prepare_submission, resolve_model
 from service.editview import load_record
+from service.inversion_cache import usable_inversion
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
 from service.intake import (
     DecodeGate,
@@ -203,8 +204,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
                        (422, "Invalid request; `error.field` names the input"),
                        (429, "A tenant limit: `rate_limited` or `tenant_queue_full`; see Retry-After"),
-                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has "
-                        "none) or a dependency is down; see Retry-After")]
+                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a "
+                        "live worker has none) or a dependency is down; see Retry-After")]
 }
 
 _EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")
@@ -236,7 +237,8 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
                                     tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
                                     decode_gate=svc.decode_gate,
-                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id))
+                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id),
+                                    inversion_finder=lambda owner, digest: usable_inversion(svc.redis, owner, digest))
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)

@@ -229,7 +229,7 @@ class EditView:
         request = {k: v for k, v in payload["request"].items() if k not in ("image", "webhook", "metadata", "kind")}
         request.update(model=bk["model"], steps=bk["steps"], scheduler=bk["scheduler"], resolution=bk["height"])
         progress = None
-        if r.get("progress_detail") and edit.status is P:
+        if r.get("progress_detail") and edit.status is not S:  # processing, or where it stopped
             progress = InversionProgress.model_validate_json(r["progress_detail"])
         elif edit.status is S:
             inner = int(request.get("num_inner_steps") or 0) if request.get("method") == "null-text" else 0

@@ -20,7 +20,6 @@ import json
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -35,8 +34,10 @@ from editserve.contract import (
     JobPayload,
 )
 from editserve.kinds import edit_kind
+from service.availability import require_live_worker
 from service.edit_validation import check_webhook, forbidden_prompt_character
 from service.errors import ApiError, from_pydantic, invalid, not_found
+from service.imaging import square_photo
 from service.intake import (
     blame_image_url,
     fetch_image_input,
@@ -78,17 +79,6 @@ def parse_inversion_request(data: dict) -> InversionRequest:
         return _REQUEST.validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         raise from_pydantic(exc) from None
-
-
-def square_photo(image: Image.Image, size: int) -> Image.Image:
-    """Centre crop to a square, resize to ``size`` (the null-text reference's ``load_512``, as the worker's
-    ``photo_tensor`` does it for a square: on this output that is the identity)."""
-    w, h = image.size
-    if w > h:
-        box = ((w - h) // 2, 0, (w - h) // 2 + h, h)
-    else:
-        box = (0, (h - w) // 2, w, (h - w) // 2 + w)
-    return image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
 
 
 def resolve(svc, request: InversionRequest) -> dict:
@@ -147,6 +137,7 @@ def create(svc, request: InversionRequest, image_bytes: bytes | None, tenant: st
     cached = reusable(svc, tenant, digest)
     if cached is not None:
         return cached.model_copy(update={"reused": True}), False
+    require_live_worker(svc.redis, svc.settings, resolved["model"])  # a reused result needs no worker
     probe_image(image_bytes, svc.settings.limits)
 
     def normalise() -> bytes:

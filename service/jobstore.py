@@ -47,6 +47,7 @@ from rq.job import Job, JobStatus
 
 from editserve.contract import (
     ALLOWED_FROM,
+    BatchKey,
     Edit,
     EditList,
     EditStatus,
@@ -250,7 +251,7 @@ class JobStore:
         return limits.AdmissionRequest(
             record=record, score_ms=int(created * 1000), priority=request.priority, job_key=job.key,
             job_fields={**job.to_dict(), BATCH_TAG_FIELD: batch_tag(payload.batch_key)}, queues_ahead=[rq_queue_key(q) for q in same_key_queues_ahead(name)],
-            stats_keys=eta_stats_keys(**payload.batch_key.model_dump()),
+            stats_keys=_eta_keys(payload.batch_key),
             rate=(payload.tenant, lim.tenant_rps, lim.tenant_burst) if rate_limit else None, claim=claim)
 
     def _admitted(self, payload: JobPayload, request: limits.AdmissionRequest, admission: limits.Admission) -> Edit:
@@ -519,7 +520,7 @@ class JobStore:
         payload = JobPayload.model_validate_json(record["payload"])
         steps = max(1, payload.batch_key.steps)
         per_job = run_seconds / max(1, int(record.get("batch_size") or 1))
-        self._ewma_script(keys=eta_stats_keys(**payload.batch_key.model_dump()),
+        self._ewma_script(keys=_eta_keys(payload.batch_key),
                           args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA,
                                 self.settings.retention.stats_ttl_seconds, per_job / steps])
         throughput.record(self.redis, payload.batch_key.model, images=images, steps=payload.batch_key.steps,
@@ -544,6 +545,10 @@ class JobStore:
                 listener(self.redis, edit, event, tenant)
             except Exception:  # a watcher must never fail a transition
                 log.exception("edit %s: listener %r failed on %s", edit.id, listener, event)
+
+def _eta_keys(bk: BatchKey) -> list[str]:
+    return eta_stats_keys(bk.model, bk.kind, bk.height, bk.width, bk.steps, bk.scheduler)
+
 
 def build_params(payload: JobPayload) -> dict[str, Any]:
     """The parameters actually used (defaults resolved, seeds included) shown as ``Edit.params``."""

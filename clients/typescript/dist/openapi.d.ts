@@ -1052,6 +1052,13 @@ export interface components {
              */
             negative_prompt?: string;
             /**
+             * Num Outputs
+             * @description outputs per request, each from its own seed (consecutive seeds from `seed`, random when omitted): P2P a source and its targets per seed, IP2P one image per seed (per sweep cell)
+             * @default 1
+             * @example 2
+             */
+            num_outputs?: number;
+            /**
              * Output Caption
              * @description the edited image's caption (metrics)
              * @default null
@@ -1071,6 +1078,14 @@ export interface components {
              * @default 90
              */
             output_quality?: number;
+            /**
+             * Output Size
+             * @description model (default): outputs at the official resize the model ran at (e.g. 512x384 for a 4032x3024 photo at resolution 512); input: resized back to the input's own width and height
+             * @default model
+             * @example input
+             * @enum {string}
+             */
+            output_size?: "model" | "input";
             /**
              * Priority
              * @default normal
@@ -1092,10 +1107,20 @@ export interface components {
             scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
-             * @description random when omitted; echoed in params
+             * @description random when omitted; echoed in params; with `num_outputs` n: the first of the seeds seed, seed+1, ..., seed+n-1
              * @default null
              */
             seed?: number | null;
+            /**
+             * Seeds
+             * @description explicit seeds, one output each (P2P: a source and its targets per seed); instead of `seed` and `num_outputs`
+             * @default null
+             * @example [
+             *       1,
+             *       2
+             *     ]
+             */
+            seeds?: number[] | null;
             /**
              * Steps
              * @description denoising steps
@@ -1187,6 +1212,31 @@ export interface components {
              * @constant
              */
             object?: "list";
+        };
+        /**
+         * InversionOptions
+         * @description How a P2P edit that sends a photo (``image``) inverts it when no equal finished inversion exists.
+         */
+        InversionOptions: {
+            /**
+             * Early Stop Epsilon
+             * @description null-text: stop a step's optimisation below this loss
+             * @default 0.00001
+             */
+            early_stop_epsilon?: number;
+            /**
+             * Method
+             * @description null-text (reference), ddim, or negative-prompt
+             * @default null-text
+             * @enum {string}
+             */
+            method?: "null-text" | "ddim" | "negative-prompt";
+            /**
+             * Num Inner Steps
+             * @description null-text: optimiser iterations per step at most
+             * @default 10
+             */
+            num_inner_steps?: number;
         };
         /**
          * InversionProgress
@@ -1506,6 +1556,17 @@ export interface components {
              */
             height?: number | null;
             /**
+             * Image
+             * @description edit a real photo whose caption is `source_prompt`: base64 (or data: URL), or a multipart file. A finished inversion of yours with the same key (model, photo, caption, method, steps, guidance, size) is reused; otherwise the worker inverts it first (`inversion`)
+             * @default null
+             */
+            image?: string | null;
+            /**
+             * @description with `image`: how to invert it (default null-text)
+             * @default null
+             */
+            inversion?: components["schemas"]["InversionOptions"] | null;
+            /**
              * Inversion Id
              * @description edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step unconditional embeddings the source branch starts from; model, size and steps must match it, the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)
              * @default null
@@ -1545,6 +1606,13 @@ export interface components {
              */
             negative_prompt?: string;
             /**
+             * Num Outputs
+             * @description outputs per request, each from its own seed (consecutive seeds from `seed`, random when omitted): P2P a source and its targets per seed, IP2P one image per seed (per sweep cell)
+             * @default 1
+             * @example 2
+             */
+            num_outputs?: number;
+            /**
              * Output Format
              * @description file type of every result; each file carries the generation parameters (PNG text chunk `parameters`, EXIF UserComment for webp and jpeg)
              * @default png
@@ -1583,10 +1651,20 @@ export interface components {
             scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
-             * @description random when omitted; echoed in params
+             * @description random when omitted; echoed in params; with `num_outputs` n: the first of the seeds seed, seed+1, ..., seed+n-1
              * @default null
              */
             seed?: number | null;
+            /**
+             * Seeds
+             * @description explicit seeds, one output each (P2P: a source and its targets per seed); instead of `seed` and `num_outputs`
+             * @default null
+             * @example [
+             *       1,
+             *       2
+             *     ]
+             */
+            seeds?: number[] | null;
             /**
              * Self Replace Layers
              * @description low: self-attention maps up to latent/4 (16² at 512px); medium: up to latent/2
