@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p2p.add_argument("--self", dest="self_replace", type=float, metavar="F",
                      help="self-attention replace fraction of steps (0.4)")
     p2p.add_argument("--maps", action="store_true", help="also return attention maps (saved with the images)")
+    p2p.add_argument("--maps-overlay", action="store_true",
+                     help="attention maps drawn over each prompt's image (implies --maps)")
     p2p.add_argument("--size", type=int, help="image height and width in pixels (multiple of 64)")
     p2p.add_argument("--guidance", type=float, help="classifier-free guidance scale (7.5)")
     _add_common_edit_options(p2p)
@@ -186,7 +188,9 @@ def _p2p_fields(args: argparse.Namespace) -> dict[str, Any]:
                       **({"threshold": args.blend_threshold} if args.blend_threshold else {}))
     return dict(edit=args.mode, reweight=dict(args.reweight) if args.reweight else None, local_blend=blend,
                 cross_replace_steps=args.cross, self_replace_steps=args.self_replace,
-                attention_maps=True if args.maps else None, size=args.size, guidance_scale=args.guidance)
+                attention_maps=True if args.maps or args.maps_overlay else None,
+                attention_maps_overlay=True if args.maps_overlay else None, size=args.size,
+                guidance_scale=args.guidance)
 
 
 def _part(model: type[BaseModel], field: str, **values: Any) -> Any:

@@ -163,7 +163,11 @@ class P2PEditRequest(_EditBase):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=64)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=64)
     attention_maps: bool | Annotated[list[int], Field(max_length=MAX_TARGETS + 1)] = Field(
-        False, description="true: maps for every prompt; or prompt indices (0 = source)"
+        False, description="true: maps for every prompt; or prompt indices (0 = source). Grids share one colour "
+                           "scale per edit and carry their prompt as a title"
+    )
+    attention_maps_overlay: bool = Field(
+        False, description="draw each attention-map tile over its prompt's generated image (needs attention_maps)"
     )
 
     @field_validator("reweight")
@@ -199,6 +203,8 @@ class P2PEditRequest(_EditBase):
             raise ValueError(f"local_blend.target_words: needs one list per target prompt ({n})")
         if isinstance(self.attention_maps, list) and any(not 0 <= i <= n for i in self.attention_maps):
             raise ValueError(f"attention_maps: prompt indices must be within 0..{n}")
+        if self.attention_maps_overlay and not self.attention_maps:
+            raise ValueError("attention_maps_overlay: needs attention_maps (true or prompt indices)")
         return self
 
 

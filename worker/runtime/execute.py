@@ -44,6 +44,7 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         self_replace_layers=request.self_replace_layers,
         guidance_scale=request.guidance_scale,
         attention_map_prompts=attention_map_prompts(request.attention_maps, n),
+        attention_overlay=request.attention_maps_overlay,
         negative_prompt=request.negative_prompt,
         score=request.metrics,
         inversion=stored_inversion(payload, fetch),
