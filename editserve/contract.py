@@ -123,6 +123,15 @@ class _EditBase(_Strict):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=16, description="echoed back, not used (16 keys of at most 64 characters, "
                                                          "values of at most 512)")
+    preview_every: int | None = Field(
+        None, ge=0, le=200, description="a small preview image every k denoising steps (SSE `preview` events and "
+                                        "`preview` in GET); 0 or null = none", examples=[5])
+
+    @model_validator(mode="after")
+    def _preview_within_steps(self):
+        if self.preview_every and self.steps is not None and self.preview_every > self.steps:
+            raise ValueError(f"preview_every: must be at most steps ({self.steps}), got {self.preview_every}")
+        return self
 
 
 class LocalBlend(_Strict):
@@ -320,6 +329,15 @@ class AttentionMapResult(BaseModel):
     expires_at: datetime
 
 
+class PreviewImage(BaseModel):
+    """The latest intermediate preview of a running edit (asked with ``preview_every``)."""
+
+    step: int = Field(description="denoising steps done when it was made")
+    total: int
+    url: str = Field(description="small WebP (≤ 128 px per output, outputs side by side), presigned")
+    expires_at: datetime
+
+
 class ErrorType(str, Enum):
     """Every error ``type`` editserve reports, the one catalogue: a request's ``{"error": {"type", ...}}``
     (``service.errors`` maps each to its HTTP status) and a failed edit's ``error.type`` (``job_error``).
@@ -411,6 +429,7 @@ class Edit(BaseModel):
     params: dict[str, Any] = Field(description="the parameters actually used, seeds included")
     results: list[ResultImage] = Field(default_factory=list)
     attention_maps: list[AttentionMapResult] = Field(default_factory=list)
+    preview: PreviewImage | None = Field(None, description="the latest preview (edits with preview_every)")
     error: ErrorInfo | None = None
     metrics: RunMetrics = Field(default_factory=RunMetrics)
     webhook: WebhookDeliveryState | None = None
