@@ -76,6 +76,8 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="output_format", choices=["png", "webp", "jpeg"],
                         help="file type of the results (default png); each file carries its parameters")
     parser.add_argument("--quality", dest="output_quality", type=int, metavar="Q", help="webp/jpeg quality 1-100")
+    parser.add_argument("--preview-every", dest="preview_every", type=int, metavar="K",
+                        help="a small preview every K steps (SSE `preview` events, `preview` in get)")
     parser.add_argument("--webhook", metavar="URL", help="POST signed events to this URL")
     parser.add_argument("--priority", choices=["high", "normal", "low"])
     parser.add_argument("--out", type=Path, help="folder for the images (required unless --no-wait)")
@@ -217,7 +219,8 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
                   scheduler=args.scheduler)
     if args.negative:
         common["negative_prompt"] = args.negative
-    common.update({k: v for k in ("output_format", "output_quality") if (v := getattr(args, k)) is not None})
+    common.update({k: v for k in ("output_format", "output_quality", "preview_every")
+                   if (v := getattr(args, k)) is not None})
     if args.kind == "p2p":
         edit = client.submit_p2p(args.source, args.target, **common, **_p2p_fields(args))
     else:

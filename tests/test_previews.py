@@ -105,3 +105,34 @@ def test_preview_every_is_bounded_and_named_in_errors(live):
             response = client.post("/v1/edits", json=dict(P2P, preview_every=value))
             assert response.status_code == 422, response.text
             assert response.json()["error"]["field"] == field
+
+
+def test_cli_and_sdk_send_preview_every(live, capsys, monkeypatch):
+    from editserve import cli
+    from editserve.client import Client
+
+    monkeypatch.setenv("EDITSERVE_URL", live.url)
+    assert cli.main(["edit", "p2p", "--source", "a cat", "--target", "a dog", "--steps", "4", "--size", "64",
+                     "--preview-every", "2", "--maps-overlay", "--no-wait"]) == 0
+    edit_id = capsys.readouterr().out.strip()
+    params = Client(live.url).get(edit_id).params
+    assert params["preview_every"] == 2 and params["attention_maps"] is True and params["attention_maps_overlay"]
+    edit = Client(live.url).submit_ip2p(Image.new("RGB", (64, 64), "red"), "make it snowy", steps=3,
+                                        resolution=64, preview_every=1)
+    assert edit.params["preview_every"] == 1
+    assert cli.main(["edit", "p2p", "--source", "a", "--target", "b", "--steps", "2", "--preview-every", "3",
+                     "--no-wait"]) == 2  # refused before sending, the field named
+    assert "preview_every" in capsys.readouterr().err
+
+
+def test_a_configured_tiny_decoder_makes_the_preview(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from worker.editing.previews import preview_images
+
+    AutoencoderTiny().save_pretrained(tmp_path / "taesd")  # random weights: the wiring is what is checked
+    latents = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(0))
+    decoded = preview_images(latents, str(tmp_path / "taesd"))
+    linear = preview_images(latents)
+    assert [i.size for i in decoded] == [i.size for i in linear] == [(PREVIEW_SIDE, PREVIEW_SIDE // 2)] * 2
+    assert np.abs(np.asarray(decoded[0], float) - np.asarray(linear[0], float)).mean() > 5
