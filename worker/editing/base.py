@@ -164,6 +164,11 @@ class JobState(ABC):
         independent (IP2P cells): the unit whose arithmetic must not depend on batch mates."""
         return [self.num_rows]
 
+    def attention_segments(self) -> list[tuple[int, Any]]:
+        """(rows, controller) runs of this job's rows, in order: the attention router's segments (a job of several
+        P2P groups has one controller per group)."""
+        return [(self.num_rows, self.controller)]
+
     @abstractmethod
     def text_rows(self) -> torch.Tensor:
         """(num_rows, 77, D) encoder states for the current step; the batch caches their concat unless a job

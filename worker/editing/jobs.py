@@ -57,14 +57,27 @@ class P2PJobSpec:
     # a real photo: start from its inversion's x_T with its per-step unconditional embeddings and guidance
     # (``worker.editing.inversion.Inversion``); the seed is then unused
     inversion: Any = None
+    # several outputs: one group (source + targets, its own x_T) per seed, in this order; None = [seed]
+    seeds: list[int] | None = None
 
     @property
     def prompts(self) -> list[str]:
         return [self.source_prompt, *self.target_prompts]
 
+    @property
+    def group_seeds(self) -> list[int]:
+        """One seed per group of outputs (the source and its targets)."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def group_of(self, index: int) -> tuple[int, int]:
+        """(group, prompt index within it) of output ``index``: outputs are the groups' images one after another."""
+        return divmod(index, len(self.prompts))
+
     def image_params(self, index: int) -> dict[str, Any]:
-        """What a client needs to reproduce output ``index``: every prompt shares the job's seed."""
-        return {"seed": self.seed}
+        """What a client needs to reproduce output ``index``: its group's seed (shared by the group's prompts)."""
+        seeds = self.group_seeds
+        group = min(self.group_of(index)[0], len(seeds) - 1)
+        return {"seed": seeds[group]}
 
 
 @dataclass
