@@ -129,6 +129,9 @@ class WorkerSettings(BaseModel):
     """The GPU worker's batching and recovery knobs."""
 
     max_batch_size: int = Field(8, ge=1)
+    preview_decoder: str | None = Field(
+        None, description="a tiny decoder (TAESD, diffusers AutoencoderTiny: folder or hub id) for previews; "
+                          "unset: the linear latent→RGB approximation")
     max_batch_wait_ms: int = Field(50, ge=0)
     heartbeat_ttl_seconds: int = Field(30, ge=5, description="a job whose worker stops renewing is abandoned")
     reaper_interval_seconds: float = Field(10.0, gt=0)
