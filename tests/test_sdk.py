@@ -188,7 +188,7 @@ def test_wait_timeout_carries_the_last_state(client):
     started = time.monotonic()
     with pytest.raises(errors.WaitTimeout) as timeout:
         client.wait(edit.id, timeout=0.8, progress=False)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # gave up after its timeout (loose: a loaded CI box), not never
     assert timeout.value.edit is not None and timeout.value.edit.status is EditStatus.queued
 
 
