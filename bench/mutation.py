@@ -43,20 +43,30 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/schedules.py": ["tests/test_p2p_conventions.py", "tests/test_p2p_controllers.py"],
     "worker/editing/words.py": ["tests/test_p2p_words.py", "tests/test_p2p_controllers.py"],
     "worker/editing/seq_aligner.py": ["tests/test_p2p_aligner.py", "tests/test_p2p_controllers.py"],
-    "worker/editing/attention_maps.py": ["tests/test_p2p_controllers.py"],
+    "worker/editing/attention_maps.py": ["tests/test_attention_maps.py", "tests/test_p2p_controllers.py"],
     "worker/editing/controllers.py": ["tests/test_p2p_controllers.py", "tests/test_p2p_conventions.py",
                                       "tests/test_p2p_processor.py"],
     "worker/editing/processor.py": ["tests/test_p2p_processor.py"],
-    "worker/editing/jobs.py": ["tests/test_p2p_controllers.py", "tests/test_batch.py"],
+    "worker/editing/jobs.py": ["tests/test_editing_jobs.py", "tests/test_p2p_controllers.py"],
+    "worker/editing/base.py": ["tests/test_editing_layers.py", "tests/test_p2p_schedule_steps.py",
+                               "tests/test_non_square.py"],
     "worker/editing/p2p.py": ["tests/test_p2p_properties.py", "tests/test_p2p_samplers.py"],
     "worker/editing/ip2p.py": ["tests/test_ip2p.py"],
     "worker/editing/batch.py": ["tests/test_batch.py", "tests/test_p2p_properties.py"],
-    "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py"],
+    "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
+                            "tests/test_idempotency_image.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py"],
-    "service/egress.py": ["tests/test_webhooks_delivery.py"],
+    "service/egress.py": ["tests/test_egress_rules.py", "tests/test_webhooks_delivery.py"],
     "service/storage.py": ["tests/test_storage.py"],
     "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py"],
 }
+# modules whose tests load the tiny models per test module: the fork server loads them once (mutation_plugin.py)
+PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
+    "worker/editing/processor.py", "worker/editing/base.py", "worker/editing/p2p.py",
+    "worker/editing/batch.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
+# modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
+SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
+                                  "service/egress.py": ["redis"], "service/storage.py": ["s3"]}
 DEFAULT_BUDGET_S = {path: 900 for path in MODULES} | {"worker/editing/batch.py": 1800,
                                                       "worker/editing/controllers.py": 1800}
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
@@ -76,14 +86,15 @@ def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in ("editserve", "service", "worker", "tests", "bench"):
+    for package in ("editserve", "service", "worker", "tests", "bench", "devtools"):
         shutil.copytree(REPO / package, work / package, ignore=ignore)
     config = "\n".join([
         "", "[tool.mutmut]",
         'source_paths = ["editserve", "service", "worker"]',
+        'also_copy = ["devtools"]',  # the test fixtures start servers through devtools.devstack
         f"only_mutate = {json.dumps([module])}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]',
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:unraisableexception", "-q"]',
         'process_isolation = "forkserver"',  # torch is not fork-safe once used
         "use_setproctitle = false",
         # generous CPU limits: a per-test estimate misses fixture setup (tokenizer, models), and a mutant
@@ -93,6 +104,10 @@ def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
         "use_git_change_detection = false",
         "",
     ])
+    # the speed-ups of bench/mutation_plugin.py (one tokenizer, frozen heap, optionally preloaded models)
+    shutil.copy(REPO / "bench" / "mutation_plugin.py", work / "tests" / "mutation_plugin.py")
+    with (work / "tests" / "conftest.py").open("a") as conftest:
+        conftest.write("\nfrom mutation_plugin import *  # noqa: E402,F401,F403  (bench/mutation.py)\n")
     (work / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + config)
     return work
 
@@ -100,7 +115,27 @@ def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
 def run_module(module: str, tests: list[str], budget_s: float, root: Path, children: int) -> dict:
     work = scratch_tree(module, tests, root)
     env = dict(os.environ, EDITSERVE_MODELS_DIR=str(REPO / ".models"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               EDITSERVE_WORKER__TORCH_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+               EDITSERVE_WORKER__TORCH_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               EDITSERVE_MUTATION_PRELOAD=",".join(PRELOAD.get(module, [])))
+    servers = []
+    if module in SERVICES:  # one Redis / S3 endpoint for all mutants of this module (mutation_plugin.py)
+        from devtools.devstack import ensure_redis, free_port, start_seaweedfs
+
+        if "redis" in SERVICES[module]:
+            port = free_port()
+            redis_dir = root / f"redis-{port}"
+            redis_dir.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--databases", "32", "--dir", str(redis_dir)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append(ensure_redis(f"redis://127.0.0.1:{port}/0"))
+            servers[-1].process = proc
+            env["EDITSERVE_MUTATION_REDIS"] = f"redis://127.0.0.1:{port}"
+        if "s3" in SERVICES[module]:
+            s3 = start_seaweedfs(bucket="editserve-test")
+            servers.append(s3)
+            env["EDITSERVE_MUTATION_S3"] = json.dumps({k: getattr(s3, k) for k in (
+                "endpoint_url", "access_key", "secret_key", "bucket", "region")})
     log_path = work / "mutmut.log"
     started = time.monotonic()
     with log_path.open("wb") as log:
@@ -118,6 +153,8 @@ def run_module(module: str, tests: list[str], budget_s: float, root: Path, child
                 proc.wait()
             stopped = True
     elapsed = time.monotonic() - started
+    for server in servers:
+        server.stop()
     return summarise(module, tests, work, elapsed, stopped, proc.returncode, log_path)
 
 

@@ -27,7 +27,7 @@ from editserve.client import _local_validation_error as local_validation_error
 from editserve.contract import INVERSION_METHODS, SCHEDULERS, Edit, EditStatus, ErrorType, Inversion, LocalBlend, Sweep
 from editserve.kinds import EDIT_KINDS
 from editserve.dataset_cli import add_dataset_parser, cmd_dataset
-from editserve.progress import ProgressLine
+from editserve.progress import ProgressLine, label
 
 # One exit code per kind of failure, so scripts can tell them apart (README "CLI exit codes").
 EXIT_OK = 0
@@ -74,11 +74,16 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default per model)")
     parser.add_argument("--model", help="model name (see `editserve models`)")
     parser.add_argument("--seed", type=int, help="random seed (echoed back in params)")
+    parser.add_argument("--num-outputs", type=int, metavar="N",
+                        help="outputs per request, from seeds seed, seed+1, ... (P2P: a source and its targets each)")
+    parser.add_argument("--seeds", type=_ints, metavar="N,N", help="explicit seeds, one output each, e.g. 1,2")
     parser.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default per model)")
     parser.add_argument("--format", dest="output_format", choices=["png", "webp", "jpeg"],
                         help="file type of the results (default png); each file carries its parameters")
     parser.add_argument("--quality", dest="output_quality", type=int, metavar="Q", help="webp/jpeg quality 1-100")
+    parser.add_argument("--preview-every", dest="preview_every", type=int, metavar="K",
+                        help="a small preview every K steps (SSE `preview` events, `preview` in get)")
     parser.add_argument("--webhook", metavar="URL", help="POST signed events to this URL")
     parser.add_argument("--priority", choices=["high", "normal", "low"])
     parser.add_argument("--out", type=Path, help="folder for the images (required unless --no-wait)")
@@ -113,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p2p.add_argument("--self", dest="self_replace", type=float, metavar="F",
                      help="self-attention replace fraction of steps (0.4)")
     p2p.add_argument("--maps", action="store_true", help="also return attention maps (saved with the images)")
+    p2p.add_argument("--maps-overlay", action="store_true",
+                     help="attention maps drawn over each prompt's image (implies --maps)")
     p2p.add_argument("--size", type=int, help="image height and width in pixels (multiple of 64)")
     p2p.add_argument("--guidance", type=float, help="classifier-free guidance scale (7.5)")
     p2p.add_argument("--inversion", metavar="ID", help="edit a real photo: a finished inversion from `editserve "
@@ -120,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_edit_options(p2p)
 
     ip2p = kinds.add_parser("ip2p", help="InstructPix2Pix: edit an image by a written instruction")
-    ip2p.add_argument("--image", required=True, type=Path, help="input image file")
+    source = ip2p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="input image file")
+    source.add_argument("--image-url", metavar="URL", help="input image by https URL (the server fetches it)")
     ip2p.add_argument("--instruction", required=True, help='e.g. "turn it into a watercolor"')
     ip2p.add_argument("--text-guidance", type=float, help="text guidance s_T (7.5)")
     ip2p.add_argument("--image-guidance", type=float, help="image guidance s_I (1.5)")
@@ -128,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     ip2p.add_argument("--sweep-image", type=_floats, metavar="F,F", help="grid over image guidance, e.g. 1,1.5")
     ip2p.add_argument("--sweep-text", type=_floats, metavar="F,F", help="grid over text guidance, e.g. 5,7.5")
     ip2p.add_argument("--sweep-seeds", type=_ints, metavar="N,N", help="grid over seeds, e.g. 1,2")
+    ip2p.add_argument("--output-size", choices=["model", "input"],
+                      help="model: the official resize the model ran at (default); input: back at the input's size")
     _add_common_edit_options(ip2p)
 
     invert = commands.add_parser("invert", help="invert a photo so P2P can edit it (prints the inversion id)",
@@ -202,7 +213,7 @@ class StatusReporter:
         if self.bar.enabled:
             self.bar(edit)
         elif edit.status is not self.last_status:
-            print(f"{edit.id} {edit.status.value}", file=sys.stderr)
+            print(f"{label(edit, full_id=True)} {edit.status.value}", file=sys.stderr)
         self.last_status = edit.status
 
 
@@ -242,7 +253,9 @@ def _p2p_fields(args: argparse.Namespace) -> dict[str, Any]:
                       **({"threshold": args.blend_threshold} if args.blend_threshold else {}))
     return dict(edit=args.mode, reweight=dict(args.reweight) if args.reweight else None, local_blend=blend,
                 cross_replace_steps=args.cross, self_replace_steps=args.self_replace,
-                attention_maps=True if args.maps else None, size=args.size, guidance_scale=args.guidance)
+                attention_maps=True if args.maps or args.maps_overlay else None,
+                attention_maps_overlay=True if args.maps_overlay else None, size=args.size,
+                guidance_scale=args.guidance)
 
 
 def _part(model: type[BaseModel], field: str, **values: Any) -> Any:
@@ -259,17 +272,18 @@ def _ip2p_fields(args: argparse.Namespace) -> dict[str, Any]:
         sweep = _part(Sweep, "sweep", image_guidance=args.sweep_image, text_guidance=args.sweep_text,
                       seeds=args.sweep_seeds)
     return dict(text_guidance=args.text_guidance, image_guidance=args.image_guidance, resolution=args.resolution,
-                sweep=sweep)
+                sweep=sweep, output_size=args.output_size)
 
 
 def cmd_edit(client: Client, args: argparse.Namespace) -> int:
     if not args.no_wait and args.out is None:
         raise errors.InvalidRequestError("--out DIR is required (or pass --no-wait)", type=ErrorType.usage.value, field="--out")
     common = dict(steps=args.steps, model=args.model, seed=args.seed, webhook=args.webhook, priority=args.priority,
-                  scheduler=args.scheduler)
+                  scheduler=args.scheduler, num_outputs=args.num_outputs, seeds=args.seeds)
     if args.negative:
         common["negative_prompt"] = args.negative
-    common.update({k: v for k in ("output_format", "output_quality") if (v := getattr(args, k)) is not None})
+    common.update({k: v for k in ("output_format", "output_quality", "preview_every")
+                   if (v := getattr(args, k)) is not None})
     if args.kind == "p2p":
         source = args.source
         if not source and not args.inversion:
@@ -279,7 +293,9 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
             source = _caption_of(client, args.inversion)
         edit = client.submit_p2p(source, args.target, inversion=args.inversion, **common, **_p2p_fields(args))
     else:
-        if not args.image.is_file():
+        if args.image_url is not None:
+            common["image_url"] = args.image_url
+        elif not args.image.is_file():
             raise errors.InvalidRequestError(f"no such file: {args.image}", type=ErrorType.usage.value, field="--image")
         edit = client.submit_ip2p(args.image, args.instruction, **common, **_ip2p_fields(args))
     if args.no_wait:

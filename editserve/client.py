@@ -432,28 +432,34 @@ class Client(DatasetMethods, _ClientCore):
                    self_replace_steps: Any = None, attention_maps: bool | list[int] | None = None,
                    steps: int | None = None, size: int | None = None, height: int | None = None,
                    width: int | None = None, guidance_scale: float | None = None, model: str | None = None,
-                   seed: int | None = None, scheduler: str | None = None,
+                   seed: int | None = None, num_outputs: int | None = None, seeds: Sequence[int] | None = None,
+                   scheduler: str | None = None,
                    webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                    metadata: dict[str, str] | None = None, inversion: str | Inversion | None = None,
                    idempotency_key: str | None = None, wait: int | None = None, **extra: Any) -> Edit:
         """Prompt-to-Prompt: one source prompt, one or more target prompts (see P2PEditRequest for every field).
 
         ``inversion`` (an id or the :class:`Inversion` from :meth:`invert`) edits that photo: the source prompt is
-        its caption, and model, size and steps must be the inversion's.
+        its caption, and model, size and steps must be the inversion's. ``num_outputs=n`` or ``seeds=[a, b]``: a
+        source and its targets per seed (generated sources only).
         """
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "source_prompt", "target_prompts", "idempotency_key", "wait", "extra")}
         request = self._p2p_request(source_prompt, target_prompts, {**fields, **extra})
         return self.submit(request, idempotency_key=idempotency_key, wait=wait)
 
-    def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
+    def submit_ip2p(self, image: ImageInput | None, instruction: str, *, text_guidance: float | None = None,
                     image_guidance: float | None = None, resolution: int | None = None,
                     sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
-                    model: str | None = None, seed: int | None = None, scheduler: str | None = None,
+                    model: str | None = None, seed: int | None = None, num_outputs: int | None = None,
+                    seeds: Sequence[int] | None = None, output_size: str | None = None,
+                    scheduler: str | None = None,
                     webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                     wait: int | None = None, **extra: Any) -> Edit:
-        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart."""
+        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart; or
+        ``image=None, image_url="https://..."`` for an image the server fetches. ``num_outputs`` / ``seeds``: one
+        image per seed; ``output_size="input"``: back at the input's size."""
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "image", "instruction", "idempotency_key", "wait", "extra")}
         request = self._ip2p_request(instruction, {**fields, **extra})
@@ -732,7 +738,8 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
                          self_replace_steps: Any = None, attention_maps: bool | list[int] | None = None,
                          steps: int | None = None, size: int | None = None, height: int | None = None,
                          width: int | None = None, guidance_scale: float | None = None, model: str | None = None,
-                         seed: int | None = None, scheduler: str | None = None,
+                         seed: int | None = None, num_outputs: int | None = None,
+                         seeds: Sequence[int] | None = None, scheduler: str | None = None,
                          webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                          metadata: dict[str, str] | None = None, inversion: str | Inversion | None = None,
                          idempotency_key: str | None = None, wait: int | None = None, **extra: Any) -> Edit:
@@ -741,10 +748,12 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
         request = self._p2p_request(source_prompt, target_prompts, {**fields, **extra})
         return await self.submit(request, idempotency_key=idempotency_key, wait=wait)
 
-    async def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
+    async def submit_ip2p(self, image: ImageInput | None, instruction: str, *, text_guidance: float | None = None,
                           image_guidance: float | None = None, resolution: int | None = None,
                           sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
-                          model: str | None = None, seed: int | None = None, scheduler: str | None = None,
+                          model: str | None = None, seed: int | None = None, num_outputs: int | None = None,
+                          seeds: Sequence[int] | None = None, output_size: str | None = None,
+                          scheduler: str | None = None,
                           webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                           metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                           wait: int | None = None, **extra: Any) -> Edit:

@@ -24,6 +24,36 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+SNIPPET_CHARS = 24
+
+
+def short_id(edit_id: str) -> str:
+    """The id's last 8 characters: its random part. The first characters are a millisecond timestamp, so edits
+    submitted within a second share them and a prefix cannot tell them apart."""
+    return edit_id[-8:]
+
+
+def _snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def label(edit: Edit, *, full_id: bool = False) -> str:
+    """Names one edit among several followed at once: short id (``full_id``: the whole id), kind and a prompt
+    snippet (P2P: the first target, ``+N`` more), e.g. ``k3j9x2ab p2p "a dog on a mat"`` or
+    ``7qk2m0zd ip2p "make it snowy"``."""
+    params = edit.params or {}
+    more = ""
+    if edit.kind == "p2p":
+        targets = params.get("target_prompts") or []
+        text = targets[0] if targets else params.get("source_prompt", "")
+        more = f" +{len(targets) - 1}" if len(targets) > 1 else ""
+    else:
+        text = params.get("instruction", "")
+    name = f"{edit.id if full_id else short_id(edit.id)} {edit.kind}"
+    return f'{name} "{_snippet(text)}"{more}' if text else name
+
+
 def _bar(done: int, total: int) -> str:
     filled = int(BAR_WIDTH * min(1.0, done / total)) if total else 0
     return f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}]"
@@ -31,8 +61,10 @@ def _bar(done: int, total: int) -> str:
 
 def render_inversion(inversion: Inversion, elapsed: float) -> str:
     """One inversion update: the DDIM walk's steps, then each null-text step with the inner iterations it ran (of
-    the most possible), e.g. ``ab12cd34 processing [######------] null-text step 4/10 inner 7/10 (7s)``."""
-    parts = [inversion.id[:8], f"{inversion.status.value:<10}"]
+    the most possible), e.g. ``ab12cd34 inversion "a cat on a sofa" processing [######------] null-text step 4/10 inner 7/10 (7s)``."""
+    caption = (inversion.request or {}).get("caption", "")
+    name = f'{short_id(inversion.id)} inversion "{_snippet(caption)}"' if caption else f"{short_id(inversion.id)} inversion"
+    parts = [name, f"{inversion.status.value:<10}"]
     progress = inversion.progress
     if progress is not None and progress.total:
         phase = f"{progress.phase} " if progress.phase else ""
@@ -44,10 +76,10 @@ def render_inversion(inversion: Inversion, elapsed: float) -> str:
 
 
 def render(edit: Edit | Inversion, elapsed: float) -> str:
-    """The text of one update, e.g. ``ab12cd34 processing [######------] 12/50 eta 3s (7s)``."""
+    """The text of one update, e.g. ``k3j9x2ab p2p "a dog on a mat" processing [######------] 12/50 eta 3s (7s)``."""
     if isinstance(edit, Inversion):
         return render_inversion(edit, elapsed)
-    parts = [edit.id[:8], f"{edit.status.value:<10}"]
+    parts = [label(edit), f"{edit.status.value:<10}"]
     if edit.status is EditStatus.queued and edit.queue_position is not None:
         parts.append(f"position {edit.queue_position}")
     if edit.progress is not None and edit.progress.total:

@@ -66,8 +66,16 @@ from service.inversion_routes import router as inversion_router
 from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
 from service.edit_validation import parse_request, prepare_submission, resolve_model
 from service.editview import load_record
+from service.inversion_cache import usable_inversion
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
-from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
+from service.intake import (
+    DecodeGate,
+    blame_image_url,
+    fetch_image_input,
+    max_body_bytes,
+    parse_edit_body,
+    read_body_limited,
+)
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
     LimitExceeded,
@@ -196,8 +204,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
                        (422, "Invalid request; `error.field` names the input"),
                        (429, "A tenant limit: `rate_limited` or `tenant_queue_full`; see Retry-After"),
-                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has "
-                        "none) or a dependency is down; see Retry-After")]
+                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a "
+                        "live worker has none) or a dependency is down; see Retry-After")]
 }
 
 _EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")
@@ -229,7 +237,8 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
                                     tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
                                     decode_gate=svc.decode_gate,
-                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id))
+                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id),
+                                    inversion_finder=lambda owner, digest: usable_inversion(svc.redis, owner, digest))
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
@@ -276,11 +285,17 @@ async def create_edit(
     svc = services(request)
     limits = svc.settings.limits
     aio = svc.aio_redis()
+    counted = False  # the tenant's rate limit counts this request once
     try:
         cancel_seconds = None if cancel_after is None else parse_cancel_after_header(cancel_after)
         body = await read_body_limited(request, max_body_bytes(limits))
         parsed = await parse_edit_body(request, body, limits)
         edit_request = parse_request(parsed.data)
+        image_url = getattr(edit_request, "image_url", None)
+        if image_url is not None:
+            counted = True
+            await svc.rate_limiter.check_async(aio, tenant)  # before any outbound request
+            await fetch_image_input(parsed, image_url, svc.settings.image_urls, limits)
         submission = None
         from_photo = getattr(edit_request, "inversion_id", None) is not None  # looks its inversion up: thread pool
         if parsed.image_bytes is None and not from_photo:  # no Pillow, no S3: microseconds, on the event loop
@@ -289,16 +304,21 @@ async def create_edit(
         await require_live_worker_async(aio, svc.settings, submission.payload.batch_key.model
                                         if submission is not None else resolve_model(edit_request, svc.settings).name)
     except ApiError:
-        await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
         raise
     if submission is not None:
         edit, created = await svc.jobstore.create_async(
             aio, submission.payload, webhook=submission.webhook, idempotency_key=idempotency_key,
             fingerprint=submission.fingerprint, rate_limit=True)
     else:
-        await svc.rate_limiter.check_async(aio, tenant)
-        edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
-                                                idempotency_key)
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)
+        try:
+            edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
+                                                    idempotency_key)
+        except ApiError as exc:
+            raise blame_image_url(parsed, exc)
     headers: dict[str, str] = {}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -478,15 +498,20 @@ def readiness_checks(svc: Services) -> dict[str, str]:
         checks["s3"] = "ok"
     except StorageError as exc:
         checks["s3"] = f"down: {exc}"
+    missing = svc.tokens.missing()  # loads what is not loaded yet (the warm-up may still be running)
+    checks["tokenizers"] = "ok" if not missing else "missing for " + "; ".join(
+        f"model {name!r} ({reason})" for name, reason in missing.items())
     return checks
 
 
-@ops_router.get("/readyz", summary="Redis and S3 answer", responses={503: {"model": ErrorResponse}})
+@ops_router.get("/readyz", summary="Redis and S3 answer; every served model's tokenizer is loaded",
+                responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
     checks = await run_in_threadpool(readiness_checks, services(request))
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
-        return error_response(ApiError(503, f"not ready: {', '.join(down)} down", type=ErrorType.not_ready,
+        reasons = [f"{name} down" if name != "tokenizers" else f"tokenizers {checks[name]}" for name in down]
+        return error_response(ApiError(503, f"not ready: {', '.join(reasons)}", type=ErrorType.not_ready,
                                        extra={"checks": checks}))
     return JSONResponse({"status": "ready", "checks": checks})
 

@@ -32,10 +32,17 @@ async def require_live_worker_async(connection, settings: Settings, model: str) 
     """503 ``no_live_worker`` (+ Retry-After) when ``model`` is set to require a live worker and none serves it.
 
     Off by default: an autoscaler that scales from zero needs the edit queued to see demand."""
-    if not settings.requires_live_worker(model):
-        return
-    if await serves_async(connection, model):
-        return
-    raise ApiError(503, f"no live worker serves model {model!r} now, and it is set to refuse edits then "
+    if settings.requires_live_worker(model) and not await serves_async(connection, model):
+        raise no_live_worker(settings, model)
+
+
+def require_live_worker(connection: redis.Redis, settings: Settings, model: str) -> None:
+    """:func:`require_live_worker_async` for the thread-pool paths (inversions)."""
+    if settings.requires_live_worker(model) and not live_workers(connection).get(model):
+        raise no_live_worker(settings, model)
+
+
+def no_live_worker(settings: Settings, model: str) -> ApiError:
+    return ApiError(503, f"no live worker serves model {model!r} now, and it is set to refuse edits then "
                         "(require_live_worker); retry later", type=ErrorType.no_live_worker, field="model",
                    headers={"Retry-After": str(settings.no_worker_retry_after_seconds)})

@@ -20,7 +20,6 @@ import json
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -35,9 +34,20 @@ from editserve.contract import (
     JobPayload,
 )
 from editserve.kinds import edit_kind
+from service.availability import require_live_worker
 from service.edit_validation import check_webhook, forbidden_prompt_character
 from service.errors import ApiError, from_pydantic, invalid, not_found
-from service.intake import load_image, max_body_bytes, parse_edit_body, png_bytes, probe_image, read_body_limited
+from service.imaging import square_photo
+from service.intake import (
+    blame_image_url,
+    fetch_image_input,
+    load_image,
+    max_body_bytes,
+    parse_edit_body,
+    png_bytes,
+    probe_image,
+    read_body_limited,
+)
 from service.inversion_cache import find_inversion, forget_inversion, inversion_digest
 from service.jobstore import EditConflict, EditNotFound, new_edit_id
 from service.storage import StorageError, input_key
@@ -69,17 +79,6 @@ def parse_inversion_request(data: dict) -> InversionRequest:
         return _REQUEST.validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         raise from_pydantic(exc) from None
-
-
-def square_photo(image: Image.Image, size: int) -> Image.Image:
-    """Centre crop to a square, resize to ``size`` (the null-text reference's ``load_512``, as the worker's
-    ``photo_tensor`` does it for a square: on this output that is the identity)."""
-    w, h = image.size
-    if w > h:
-        box = ((w - h) // 2, 0, (w - h) // 2 + h, h)
-    else:
-        box = (0, (h - w) // 2, w, (h - w) // 2 + w)
-    return image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
 
 
 def resolve(svc, request: InversionRequest) -> dict:
@@ -122,7 +121,8 @@ def create(svc, request: InversionRequest, image_bytes: bytes | None, tenant: st
            idempotency_key: str | None) -> tuple[Inversion, bool]:
     """Validate, normalise the photo, store it, create the job. Returns (inversion, created)."""
     if image_bytes is None:
-        raise invalid("image", "an inversion needs the photo: a multipart `image` part or a base64 `image`")
+        raise invalid("image", "an inversion needs the photo: a multipart `image` part, a base64 `image` or an "
+                               "https `image_url`")
     resolved = resolve(svc, request)
     image_sha256 = hashlib.sha256(image_bytes).hexdigest()
     digest = inversion_digest(model=resolved["model"], image_sha256=image_sha256, caption=request.caption,
@@ -137,6 +137,7 @@ def create(svc, request: InversionRequest, image_bytes: bytes | None, tenant: st
     cached = reusable(svc, tenant, digest)
     if cached is not None:
         return cached.model_copy(update={"reused": True}), False
+    require_live_worker(svc.redis, svc.settings, resolved["model"])  # a reused result needs no worker
     probe_image(image_bytes, svc.settings.limits)
 
     def normalise() -> bytes:
@@ -183,8 +184,12 @@ async def create_inversion(
     body = await read_body_limited(request, max_body_bytes(limits))
     parsed = await parse_edit_body(request, body, limits)
     inversion_request = parse_inversion_request(parsed.data)
-    inversion, created = await run_in_threadpool(create, svc, inversion_request, parsed.image_bytes, tenant,
-                                                 idempotency_key)
+    await fetch_image_input(parsed, inversion_request.image_url, svc.settings.image_urls, limits)
+    try:
+        inversion, created = await run_in_threadpool(create, svc, inversion_request, parsed.image_bytes, tenant,
+                                                     idempotency_key)
+    except ApiError as exc:
+        raise blame_image_url(parsed, exc)
     headers = {} if created or inversion.reused else {"Idempotent-Replayed": "true"}
     return inversion_response(inversion, 202 if created else 200, **headers)
 

@@ -47,6 +47,7 @@ from rq.job import Job, JobStatus
 
 from editserve.contract import (
     ALLOWED_FROM,
+    BatchKey,
     Edit,
     EditList,
     EditStatus,
@@ -133,6 +134,7 @@ class JobStore:
         self._listeners: list[StatusListener] = list(listeners)
         self._transition_script = redis.register_script(scripts.TRANSITION)
         self._progress_script = redis.register_script(scripts.PROGRESS)
+        self._preview_script = redis.register_script(scripts.PREVIEW)
         self._detail_script = redis.register_script(scripts.PROGRESS_DETAIL)
         self._ewma_script = redis.register_script(scripts.EWMA)
         self._release_claim_script = redis.register_script(scripts.COMPARE_AND_DELETE)
@@ -250,7 +252,7 @@ class JobStore:
         return limits.AdmissionRequest(
             record=record, score_ms=int(created * 1000), priority=request.priority, job_key=job.key,
             job_fields={**job.to_dict(), BATCH_TAG_FIELD: batch_tag(payload.batch_key)}, queues_ahead=[rq_queue_key(q) for q in same_key_queues_ahead(name)],
-            stats_keys=eta_stats_keys(**payload.batch_key.model_dump()),
+            stats_keys=_eta_keys(payload.batch_key),
             rate=(payload.tenant, lim.tenant_rps, lim.tenant_burst) if rate_limit else None, claim=claim)
 
     def _admitted(self, payload: JobPayload, request: limits.AdmissionRequest, admission: limits.Admission) -> Edit:
@@ -346,6 +348,12 @@ class JobStore:
                 self._last_progress_publish[edit_id] = now
         if due:
             self._publish_current(edit_id, event="progress")
+
+    def set_preview(self, edit_id: str, step: int, total: int, key: str) -> None:
+        """The latest preview (an S3 key) of a processing edit; published (SSE ``preview``), no webhook."""
+        preview = json.dumps({"step": int(step), "total": int(total), "key": key})
+        if self._preview_script(keys=[edit_key(edit_id)], args=[preview]):
+            self._publish_current(edit_id, event=None)
 
     def set_progress_detail(self, edit_id: str, detail: str) -> None:
         """A kind's own progress beyond step/total (an inversion's phase and inner iterations), stored as JSON
@@ -519,7 +527,7 @@ class JobStore:
         payload = JobPayload.model_validate_json(record["payload"])
         steps = max(1, payload.batch_key.steps)
         per_job = run_seconds / max(1, int(record.get("batch_size") or 1))
-        self._ewma_script(keys=eta_stats_keys(**payload.batch_key.model_dump()),
+        self._ewma_script(keys=_eta_keys(payload.batch_key),
                           args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA,
                                 self.settings.retention.stats_ttl_seconds, per_job / steps])
         throughput.record(self.redis, payload.batch_key.model, images=images, steps=payload.batch_key.steps,
@@ -544,6 +552,10 @@ class JobStore:
                 listener(self.redis, edit, event, tenant)
             except Exception:  # a watcher must never fail a transition
                 log.exception("edit %s: listener %r failed on %s", edit.id, listener, event)
+
+def _eta_keys(bk: BatchKey) -> list[str]:
+    return eta_stats_keys(bk.model, bk.kind, bk.height, bk.width, bk.steps, bk.scheduler)
+
 
 def build_params(payload: JobPayload) -> dict[str, Any]:
     """The parameters actually used (defaults resolved, seeds included) shown as ``Edit.params``."""

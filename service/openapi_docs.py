@@ -18,7 +18,6 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from editserve.contract import (
-    InversionRequest,
     CaptionTriplet,
     Dataset,
     DatasetCounts,
@@ -28,6 +27,7 @@ from editserve.contract import (
     DatasetWebhookEvent,
     Edit,
     EditStatus,
+    InversionRequest,
     IP2PEditRequest,
     P2PEditRequest,
     Progress,
@@ -74,9 +74,12 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
                            seed=7, negative_prompt="watermark", output_format="png")
     ip2p_file = IP2PEditRequest(kind="ip2p", instruction="turn it into a watercolor painting",
                                 image_guidance=1.5, text_guidance=7.5)
-    inversion = InversionRequest(caption="a photo of a cat sitting on a sofa", image=_tiny_png_base64(),
-                                 method="null-text", steps=50, guidance_scale=7.5, webhook=_HOOK)
-    inversion_file = InversionRequest(caption="a red car parked on a street", method="negative-prompt")
+    from_inversion = P2PEditRequest(kind="p2p", source_prompt="a photo of an astronaut",
+                                    target_prompts=["a photo of a robot"], inversion_id="01j9z8r2b5tq0c4m6d8e9f1g2h",
+                                    cross_replace_steps=0.8, self_replace_steps=0.5)
+    inversion = InversionRequest(caption="a photo of an astronaut", image=_tiny_png_base64(), method="null-text",
+                                 steps=50, resolution=512, webhook=_HOOK)
+    inversion_file = InversionRequest(caption="a photo of an astronaut", method="negative-prompt", steps=50)
     dataset = DatasetRequest(
         triplets=[CaptionTriplet(input="a photo of a cat", instruction="make it a dog", output="a photo of a dog")],
         samples_per_triplet=4, seed=1, webhook=_HOOK)
@@ -86,6 +89,8 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
                 "p2p": _example("Prompt-to-Prompt: replace a word, webp output, a webhook", _json(p2p)),
                 "p2p_reweight": _example("Prompt-to-Prompt: weaken a word, with attention maps", _json(reweight)),
                 "ip2p": _example("InstructPix2Pix with the image inline (base64)", _json(ip2p)),
+                "p2p_photo": _example("Prompt-to-Prompt on a real photo: start from a succeeded inversion",
+                                      _json(from_inversion)),
             },
             "multipart/form-data": {
                 "ip2p_file": _example("InstructPix2Pix with the image as a file part (`image`)",
@@ -94,7 +99,7 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
         },
         "createInversion": {
             "application/json": {
-                "null_text": _example("Null-text inversion (the reference) of an inline photo", _json(inversion)),
+                "null_text": _example("Null-text inversion of a photo sent inline (base64)", _json(inversion)),
             },
             "multipart/form-data": {
                 "negative_prompt": _example("Negative-prompt inversion, the photo as a file part (`image`)",
@@ -132,8 +137,8 @@ def _dataset(status: EditStatus, done: int, **fields: Any) -> Dataset:
 
 def webhook_payloads() -> dict[str, BaseModel]:
     """Every event type the emitters send (``service.webhooks.emit``), with an example payload."""
-    result = ResultImage(index=0, label="a dog riding a bike", url="https://s3.example.com/edits/ed_01J9Z8Q4K7M2/0.webp",
-                         expires_at=_AT, width=512, height=512, seed=42)
+    result = ResultImage(index=0, label="a dog riding a bike", expires_at=_AT, width=512, height=512, seed=42,
+                         url="https://s3.example.com/edits/ed_01J9Z8Q4K7M2/0.webp")
     edits = {
         WebhookEventType.started: _edit(EditStatus.processing, started_at=_AT, progress=Progress(step=0, total=30)),
         WebhookEventType.progress: _edit(EditStatus.processing, started_at=_AT, progress=Progress(step=12, total=30),
@@ -146,7 +151,8 @@ def webhook_payloads() -> dict[str, BaseModel]:
         WebhookEventType.started: _dataset(EditStatus.processing, 0),
         WebhookEventType.progress: _dataset(EditStatus.processing, 4, counts=DatasetCounts(samples=16, kept=9)),
         WebhookEventType.completed: _dataset(
-            EditStatus.succeeded, 10, completed_at=_AT, counts=DatasetCounts(samples=40, kept=23, triplets_with_pairs=9),
+            EditStatus.succeeded, 10, completed_at=_AT,
+            counts=DatasetCounts(samples=40, kept=23, triplets_with_pairs=9),
             output=DatasetOutput(prefix="datasets/ds_01J9Z8R2B5T/", manifest_url="https://s3.example.com/m.json",
                                  metadata_url="https://s3.example.com/meta.jsonl", shard_urls=[], expires_at=_AT)),
     }

@@ -12,6 +12,11 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("EDITSERVE_MODELS_DIR", REPO / ".models"))
 os.environ.setdefault("EDITSERVE_MODELS_DIR", str(MODELS_DIR))
 TEST_REDIS_URL = os.environ.get("EDITSERVE_TEST_REDIS_URL")  # unset: a private redis-server per session
+# One torch (OpenMP) thread in the test process, set before any test module imports torch. The tiny models gain
+# nothing from a second thread, and on a 2-core box shared with the worker/gateway subprocesses of the e2e tests
+# (or with another test run) two spinning OpenMP threads made a 1-CPU-second test cost 15-25 CPU-seconds.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

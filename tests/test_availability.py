@@ -96,6 +96,8 @@ def test_etas_come_from_the_same_kind_of_work_and_models_report_throughput(live,
         assert made["images"] == sum(len(e["results"]) for e in ip2p) >= 2
         assert made["edits_per_minute"] > 0 and made["images_per_minute"] > 0 and made["steps_per_second"] > 0
         assert listed["tiny-sd"]["throughput"]["edits"] == 0  # nothing borrowed across models either
+        buckets = list(rconn.scan_iter("editserve:throughput:*"))  # per-minute buckets that expire by themselves
+        assert buckets and all(0 < rconn.ttl(k) <= 300 + 60 for k in buckets)
         assert cli.main(["--url", live.url, "models"]) == 0  # the CLI's table shows the same figures
         row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("tiny-ip2p "))
         assert row[5:7] == ["1", "0"] and float(row[7]) > 0 and "refused without a worker" in " ".join(row)
@@ -111,7 +113,8 @@ def test_etas_come_from_the_same_kind_of_work_and_models_report_throughput(live,
         # P2P ran at 4 steps: a 4-step P2P edit uses that batch shape, a 6-step one the per-step cost
         same = client.post("/v1/edits", json=P2P64).json()
         exact = stats(rconn, eta_stats_keys("tiny-sd", "p2p", 64, 64, 4, "ddim")[0])
-        assert same["eta_seconds"] == round(4 * exact["step_seconds"] + same["queue_position"] * exact["job_seconds"], 2)
+        assert same["eta_seconds"] == round(
+            4 * exact["step_seconds"] + same["queue_position"] * exact["job_seconds"], 2)
         longer = client.post("/v1/edits", json={**P2P64, "steps": 6}).json()
         shape = stats(rconn, eta_stats_keys("tiny-sd", "p2p", 64, 64, 6, "ddim")[1])
         assert "job_seconds" not in shape  # a per-job time means nothing at another step count
@@ -136,6 +139,9 @@ def test_a_model_set_to_require_a_live_worker_refuses_edits_while_none_serves_it
         refused(client.post("/v1/edits", files={"image": ("in.png", png(64, 64), "image/png")},
                             data={"request": '{"kind": "ip2p", "instruction": "make it snowy", "resolution": 64}'}),
                 "tiny-ip2p")
+        photo = base64.b64encode(png(64, 64)).decode()
+        inversion = {"caption": "a cat", "model": "tiny-sd-smooth", "image": photo, "resolution": 64, "steps": 4}
+        refused(client.post("/v1/inversions", json=inversion), "tiny-sd-smooth")  # inversions run on workers too
         assert len(list(rconn.scan_iter("editserve:edit:*"))) == records  # nothing was queued
 
         default = client.post("/v1/edits", json=P2P64)  # tiny-sd keeps the default: accepted, waits for a worker
@@ -144,5 +150,6 @@ def test_a_model_set_to_require_a_live_worker_refuses_edits_while_none_serves_it
         beat(rconn, "gpu-9", ["tiny-sd-smooth"], ttl=60)
         served = client.post("/v1/edits", json={**P2P64, "model": "tiny-sd-smooth"})
         assert served.status_code == 202 and served.json()["workers"] == 1
+        assert client.post("/v1/inversions", json=inversion).status_code == 202
         leave(rconn, "gpu-9", ["tiny-sd-smooth"])
         refused(client.post("/v1/edits", json={**P2P64, "model": "tiny-sd-smooth"}), "tiny-sd-smooth")

@@ -22,7 +22,7 @@ from worker_support import WorkerProcess, edit_field, make_settings, wait_until
 
 from editserve.contract import EditStatus, InversionRequest
 from service import metrics
-from service.inversion_routes import square_photo
+from service.imaging import square_photo
 from worker.editing import inversion as inversion_core
 from worker.editing.batch import BatchRunner
 from worker.editing.jobs import P2PJobSpec
@@ -299,3 +299,60 @@ def test_sigkill_mid_inversion_loses_nothing(live, redis_url, s3_server, photo_p
     assert done["status"] == "succeeded" and done["metrics"]["attempts"] == 2
     stored = inversion_from_bytes(httpx.get(done["result"]["arrays_url"]).content)
     assert stored.uncond_embeddings.shape[0] == 8
+
+
+def post_photo_edit(client: httpx.Client, photo: bytes, caption: str, target: str) -> httpx.Response:
+    request = {"kind": "p2p", "source_prompt": caption, "target_prompts": [target], "model": MODEL, "steps": STEPS,
+               "height": SIZE, "inversion": {"method": "null-text", "num_inner_steps": INNER},
+               "cross_replace_steps": 0.5, "self_replace_steps": 0.25}
+    return client.post("/v1/edits", data={"request": json.dumps(request)},
+                       files={"image": ("photo.png", photo, "image/png")})
+
+
+def pixels(client: httpx.Client, edit: dict) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(httpx.get(r["url"]).content)).convert("RGB"), dtype=np.int16)
+            for r in edit["results"]]
+
+
+def test_a_photo_edit_reuses_a_finished_inversion_else_inverts_once_for_the_next(
+        live, worker, photo_png, monkeypatch):  # noqa: F811
+    client = live.client()
+    inversion = post_inversion(client, photo_png).json()["id"]
+    w = worker()
+    w.run_once(timeout=10)
+    assert client.get(f"/v1/inversions/{inversion}").json()["status"] == "succeeded"
+    calls = []
+    real_run = inversion_core.InversionRunner.run
+    monkeypatch.setattr(inversion_core.InversionRunner, "run",
+                        lambda self, *a, **k: calls.append(1) or real_run(self, *a, **k))
+
+    # the photo + its caption again: the finished inversion is found by its key, nothing is inverted
+    photo_edit = post_photo_edit(client, photo_png, CAPTION, TARGET)
+    assert photo_edit.status_code == 202, photo_edit.text
+    assert photo_edit.json()["params"]["inversion_id"] == inversion
+    named = client.post("/v1/edits", json={"kind": "p2p", "source_prompt": CAPTION, "target_prompts": [TARGET],
+                                           "inversion_id": inversion, "cross_replace_steps": 0.5,
+                                           "self_replace_steps": 0.25}).json()
+    w.run_once(timeout=10)
+    reused = client.get(f"/v1/edits/{photo_edit.json()['id']}").json()
+    assert reused["status"] == "succeeded" and calls == []
+    for got, want in zip(pixels(client, reused), pixels(client, client.get(f"/v1/edits/{named['id']}").json())):
+        assert np.abs(got - want).max() <= 1
+
+    # another caption: no inversion with that key, so the worker inverts it inline, once; the next equal edit
+    # reuses the inversion that edit stored and equals it
+    caption, target = "a photo of an person", "a photo of an robot"
+    first = post_photo_edit(client, photo_png, caption, target).json()
+    assert first["params"].get("inversion_id") is None
+    runs_before = inversion_runs()
+    w.run_once(timeout=10)
+    first = client.get(f"/v1/edits/{first['id']}").json()
+    assert first["status"] == "succeeded", first
+    assert calls == [1] and inversion_runs() == runs_before + 1
+    second = post_photo_edit(client, photo_png, caption, target).json()
+    assert second["params"]["inversion_id"] == first["id"]
+    w.run_once(timeout=10)
+    second = client.get(f"/v1/edits/{second['id']}").json()
+    assert second["status"] == "succeeded" and calls == [1]
+    for got, want in zip(pixels(client, second), pixels(client, first)):
+        assert np.abs(got - want).max() <= 1

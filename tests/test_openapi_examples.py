@@ -42,12 +42,15 @@ def test_every_request_body_has_examples_that_validate_against_its_schema():
             errors = [e.message for e in check.iter_errors(example["value"])]
             assert errors == [], f"{where} example {name!r}: {errors}"
         seen.add(where)
-    assert {"POST /v1/edits application/json", "POST /v1/edits multipart/form-data", "POST /v1/datasets application/json",
+    assert {"POST /v1/edits application/json", "POST /v1/edits multipart/form-data",
+            "POST /v1/datasets application/json",
+            "POST /v1/inversions application/json", "POST /v1/inversions multipart/form-data",
             "POST /v1/admin/keys application/json", "PUT /v1/admin/tenants/{tenant}/limits application/json"} <= seen
-    multipart = DOC["paths"]["/v1/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["examples"]
-    for example in multipart.values():  # the `request` part is itself an EditRequest
-        check = validator(DOC["paths"]["/v1/edits"]["post"]["requestBody"]["content"]["application/json"]["schema"])
-        assert list(check.iter_errors(json.loads(example["value"]["request"]))) == []
+    for path in ("/v1/edits", "/v1/inversions"):  # a multipart `request` part is itself the JSON body
+        content = DOC["paths"][path]["post"]["requestBody"]["content"]
+        check = validator(content["application/json"]["schema"])
+        for example in content["multipart/form-data"]["examples"].values():
+            assert list(check.iter_errors(json.loads(example["value"]["request"]))) == [], path
 
 
 def test_an_invalid_example_would_be_caught():

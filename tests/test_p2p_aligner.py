@@ -161,3 +161,42 @@ def test_self_range_vectors():
     with pytest.raises(EditValidationError) as err:
         self_range((0.7, 0.3), 50)
     assert err.value.field == "self_replace_steps"
+
+
+def test_alignment_edges_an_empty_source_and_a_new_first_token():
+    assert align_target_to_source([], [7, 8]) == [-1, -1]  # nothing to inherit: every token is new
+    assert align_target_to_source([1], [2, 1]) == [-1, 0]  # a new token before the first match
+    assert align_target_to_source([3, 1], [1]) == [1]  # a dropped first source token
+
+
+def test_word_count_refusals_name_the_target(tok):
+    with pytest.raises(EditValidationError) as err:
+        replace_mapper("a cat", "a big cat", tok)
+    assert err.value.field == "target_prompts" and err.value.message == (
+        "replace swaps words one for one, so both prompts need the same number of words: "
+        "the source prompt has 2 words, the target prompt has 3")
+    with pytest.raises(EditValidationError) as err:
+        replace_mapper("a cat", ["a dog", "a big dog"], tok)
+    assert err.value.message.endswith("the source prompt has 2 words, the target prompt 1 has 3")
+
+
+def test_replace_refuses_a_word_without_tokens(tok):
+    class Silent:
+        """The real tokenizer, except that the word "zz" has no tokens (alone or in a prompt)."""
+
+        def __call__(self, text, **kw):
+            return tok(" ".join(w for w in text.split() if w != "zz"), **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    with pytest.raises(EditValidationError) as err:
+        replace_mapper("a zz cat", "a dog cat", Silent())
+    assert err.value.field == "target_prompts"
+    assert err.value.message == "replace cannot map a word that has no tokens"
+
+
+def test_replace_maps_the_last_position_when_one_is_left_after_the_words(tok):
+    source, target = " ".join(["cat"] * 74 + ["dog"]), " ".join(["cat"] * 74 + ["lion"])
+    mapper = replace_mapper(source, target, tok)  # 1 + 75 tokens: only position 76 (the end token) is left
+    assert mapper[76, 76] == 1.0 and mapper[75, 75] == 1.0 and mapper.sum() == 77

@@ -212,3 +212,9 @@ def test_non_square_mask_keeps_rows_and_columns_apart():
     expected = torch.zeros(*latent, dtype=torch.bool)
     expected[0:4, 12:16] = True
     assert torch.equal(mask, expected)
+
+
+def test_cross_alpha_per_word_range_reaches_targets_after_one_without_the_word(tok):
+    alpha = cross_alpha({"default_": 1.0, "dog": (0.0, 0.4)}, ["a cat", "a dog"], tok, 4)
+    assert alpha[:, 1, 2].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]  # "dog" in the second target: its own range
+    assert alpha[:, 0, 2].tolist() == [1.0] * 5  # "cat" keeps the default

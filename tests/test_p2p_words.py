@@ -111,3 +111,81 @@ def test_the_last_word_and_repeated_phrases_are_found(tok):
     assert token_indices(SQUIRREL, "burger", tok) == [8]
     assert token_indices("a red car and a red car", "red car", tok) == [2, 3, 6, 7]
     assert check_prompt_length("a cat", tok, "source_prompt") == prompt_token_ids("a cat", tok)
+
+
+def test_a_match_cannot_start_inside_the_first_word(tok):
+    # "lasagne" is 'lasag' + 'ne</w>' and "ne" alone is that same 'ne</w>' id: its only candidate sits at
+    # position 2, right after an unfinished pre-token, so it is no word of the prompt
+    assert prompt_token_ids("ne", tok)[1:-1] == prompt_token_ids("lasagne", tok)[2:-1]
+    with pytest.raises(EditValidationError):
+        token_indices("lasagne", "ne", tok)
+    assert token_indices("ne lasagne", "ne", tok) == [1]
+
+
+def test_the_default_field_is_word(tok):
+    with pytest.raises(EditValidationError) as err:
+        token_indices(SQUIRREL, "tiger", tok)
+    assert err.value.field == "word"
+
+
+def test_a_word_without_tokens_is_refused_with_the_field_name(tok):
+    class NoTokensFor:
+        """The real tokenizer, except that one word tokenizes to nothing (the defensive branch)."""
+
+        def __init__(self, word):
+            self.word = word
+
+        def __call__(self, text, **kw):
+            out = tok(text, **kw)
+            if text == self.word:
+                out["input_ids"] = []
+            return out
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    with pytest.raises(EditValidationError) as err:
+        token_indices(SQUIRREL, " squirrel ", NoTokensFor("squirrel"), field="reweight")
+    assert err.value.field == "reweight" and err.value.message == "' squirrel ' has no tokens"
+
+
+class Tweaked:
+    """The real tokenizer with one thing changed: its length limit, or the ids of one whole prompt."""
+
+    def __init__(self, tok, model_max_length=77, whole=None, extra_id=None):
+        self.tok, self.model_max_length, self.whole, self.extra_id = tok, model_max_length, whole, extra_id
+
+    def __call__(self, text, **kw):
+        out = self.tok(text, **kw)
+        if text == self.whole and kw.get("add_special_tokens"):
+            out["input_ids"] = [*out["input_ids"][:-1], self.extra_id, out["input_ids"][-1]]
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_the_start_and_end_tokens_are_never_words(tok):
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        with pytest.raises(EditValidationError):
+            token_indices("a cat", special, tok)
+
+
+def test_a_word_longer_than_the_encoder_is_searched_whole(tok):
+    phrase = " ".join(["cat dog"] * 39)  # 78 tokens: cut to 77, it would still match, one token short
+    assert token_indices(phrase, phrase, tok) == list(range(1, 79))
+
+
+def test_the_prompt_limit_is_the_tokenizers_own(tok):
+    short = Tweaked(tok, model_max_length=5)
+    assert check_prompt_length("a b c", short, "source_prompt") == prompt_token_ids("a b c", tok)
+    with pytest.raises(EditValidationError) as err:
+        check_prompt_length("a b c d", short, "source_prompt")
+    assert err.value.message == "prompt has 6 tokens including start/end; the limit is 5: shorten it"
+
+
+def test_word_spans_refuse_a_prompt_that_tokenizes_differently_whole(tok):
+    odd = Tweaked(tok, whole="a cat", extra_id=320)
+    with pytest.raises(RuntimeError) as err:
+        word_token_spans("a cat", odd)
+    assert str(err.value) == "tokenizing 'a cat' word by word differs from tokenizing it whole"

@@ -42,7 +42,7 @@ from service.config import Settings
 from service.jobstore import EditNotFound, JobStore
 from service.inversion_cache import remember_inversion
 from service.keys import edit_key
-from service.storage import Storage, StorageError
+from service.storage import Storage, StorageError, inversion_arrays_key, preview_key
 from worker.editing.acceleration import StepAcceleration
 from worker.editing.batch import BatchForwardError, BatchRunner, NonFiniteLatentsError
 from worker.editing.jobs import EditValidationError, JobResult, JobSpec
@@ -50,7 +50,7 @@ from worker.models.registry import ModelRegistry
 from worker.runtime.batching import ClaimedJob
 from worker.runtime.execute import to_job_spec
 from worker.runtime.heartbeats import HeartbeatKeeper
-from worker.runtime.inversions import store_inversion
+from worker.runtime.inversions import SAFETENSORS, inversion_bytes, store_inversion
 from worker.runtime.progress import StepReporter
 from worker.runtime.rqbridge import RqBridge, settle
 from worker.runtime.outputs import OutputPlan
@@ -78,6 +78,7 @@ class RunningJob:
     result: JobResult | None = None
     error: ErrorInfo | None = None  # decided before the run (payload, translation)
     upload: Future | None = None  # its outputs' uploads, started as soon as the run ended
+    inverted: object = None  # a P2P edit of a photo: the inversion the worker ran for it (stored on success)
 
     @property
     def id(self) -> str:
@@ -182,6 +183,7 @@ class BatchProcessor:
             is_cancel_requested=self.store.is_cancel_requested,
             aborting=self.aborting,
             mark_canceled=self.store.mark_canceled,
+            put_preview=self.put_preview,
             background=True)
         report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
         metrics.batch_size.labels(model=claimed[0].batch_key.model).observe(len(jobs))
@@ -253,11 +255,19 @@ class BatchProcessor:
         return groups
 
     # ------------------------------------------------------------------ per job, before the run
+    def put_preview(self, edit_id: str, step: int, total: int, data: bytes) -> None:
+        """One preview: its own S3 object (``preview-{step}.webp``), then the edit's ``preview`` field + event."""
+        key = preview_key(edit_id, step)
+        self.storage.put_bytes(key, data, "image/webp")
+        self.store.set_preview(edit_id, step, total, key)
+
     def _prepare(self, job: RunningJob) -> None:
         """Payload and core spec; any error here is this job's alone."""
         try:
             job.payload = self.store.load_payload(job.id)
             job.spec = to_job_spec(job.payload, self.storage.get_bytes)
+            if job.spec.preview_every:
+                job.spec.preview_decoder = self.settings.worker.preview_decoder
         except (ValidationError, EditValidationError) as exc:
             job.error = error_info(exc)
         except StorageError as exc:
@@ -286,6 +296,7 @@ class BatchProcessor:
                 job.error = job_error(ErrorType.validation_error, str(exc))
             return
         reporter.begin()
+        group = self._invert_first(key, model, group, reporter)
         results = run_with_split(runner, [j.spec for j in group], reporter)  # type: ignore[misc]
         for job in group:
             job.result = results[job.id]
@@ -323,6 +334,37 @@ class BatchProcessor:
             results = [InversionResult(job_id=j.id, error=exc) for j in group]
         for job, result in zip(group, results):
             job.result = result  # type: ignore[assignment]
+
+    def _invert_first(self, key: BatchKey, model, group: list[RunningJob], reporter: StepReporter) -> list[RunningJob]:
+        """P2P edits of photos with no finished inversion: invert them first, together (``InversionRunner``),
+        inline in this batch; each then edits from its in-memory inversion. Returns the jobs still to run."""
+        from worker.editing.inversion import InversionRunner, InversionSpec
+
+        pending = [j for j in group if isinstance(getattr(j.spec, "inversion", None), InversionSpec)]
+        if not pending:
+            return group
+        log_event("inversion_batch", jobs=[j.id for j in pending], key=key.queue_suffix(), inline=True,
+                  worker=self.worker_name)
+        metrics.inversion_jobs_total.labels(model=key.model).inc(len(pending))
+        try:
+            results = InversionRunner(model, height=key.height, width=key.width, steps=key.steps,
+                                      scheduler=key.scheduler, reconstruct=False).run(
+                [j.spec.inversion for j in pending], lambda p: reporter(p.job_id, 0, key.steps))  # type: ignore
+        except Exception as exc:  # noqa: BLE001 — the shared call failed: those jobs fail, the others run
+            log.exception("inline inversion of %d jobs failed", len(pending))
+            results = [None] * len(pending)
+            for job in pending:
+                job.error = job_error(ErrorType.inference_error, f"inversion: {type(exc).__name__}: {exc}")
+        for job, result in zip(pending, results):
+            if result is None:
+                continue
+            if result.canceled:
+                job.result = JobResult(job_id=job.id, canceled=True)
+            elif result.error is not None:
+                job.error = error_info(result.error)
+            else:
+                job.spec.inversion = job.inverted = result.inversion  # type: ignore[union-attr]
+        return [j for j in group if j.error is None and j.result is None]
 
     def _score(self, group: list[RunningJob]) -> None:
         """CLIP scores for the jobs that asked (``metrics``), all of the group's in one scoring pass."""
@@ -440,12 +482,21 @@ class BatchProcessor:
             else:
                 results, maps = upload_outputs(self.storage, job.spec, job.result,  # type: ignore[arg-type]
                                                before_each=reporter.renew_heartbeats, plan=OutputPlan(job.payload))
+            stored = None
+            if job.inverted is not None:  # the photo's inversion, for later edits of the same photo and caption
+                reporter.renew_heartbeats()
+                self.storage.put_bytes(inversion_arrays_key(job.id), inversion_bytes(job.inverted), SAFETENSORS)
+                stored = {"arrays_key": inversion_arrays_key(job.id)}
         except StorageError as exc:
             return error_info(exc)
         except Exception as exc:  # noqa: BLE001 — encoding one job's outputs must not sink the batch
             return job_error(ErrorType.output_error, f"{type(exc).__name__}: {exc}")
-        self.store.mark_succeeded(job.id, results=results, attention_maps=maps,
-                                  run_seconds=time.monotonic() - run_started)
+        payload = job.payload
+        if self.store.mark_succeeded(job.id, results=results, attention_maps=maps, inversion=stored,
+                                     run_seconds=time.monotonic() - run_started) \
+                and stored is not None and payload.inversion_digest:
+            remember_inversion(self.store.redis, payload.tenant, payload.inversion_digest, job.id,
+                               self.store.retention_seconds)
         return None
 
     def _store_inversion_and_succeed(self, job: RunningJob, run_started: float,

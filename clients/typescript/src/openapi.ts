@@ -45,7 +45,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Redis and S3 answer */
+        /** Redis and S3 answer; every served model's tokenizer is loaded */
         get: operations["getReadiness"];
         put?: never;
         post?: never;
@@ -877,6 +877,8 @@ export interface components {
             params: {
                 [key: string]: unknown;
             };
+            /** @description the latest preview (edits with preview_every) */
+            preview?: components["schemas"]["PreviewImage"] | null;
             progress?: components["schemas"]["Progress"] | null;
             /** Queue Position */
             queue_position?: number | null;
@@ -1004,6 +1006,13 @@ export interface components {
              */
             image_guidance?: number;
             /**
+             * Image Url
+             * @description instead of `image`: an https URL the gateway fetches (public addresses only; redirects re-checked; size and time capped)
+             * @default null
+             * @example https://images.example.com/cat.png
+             */
+            image_url?: string | null;
+            /**
              * Input Caption
              * @description with `metrics` and `output_caption`: directional CLIP similarity too
              * @default null
@@ -1046,6 +1055,13 @@ export interface components {
              */
             negative_prompt?: string;
             /**
+             * Num Outputs
+             * @description outputs per request, each from its own seed (consecutive seeds from `seed`, random when omitted): P2P a source and its targets per seed, IP2P one image per seed (per sweep cell)
+             * @default 1
+             * @example 2
+             */
+            num_outputs?: number;
+            /**
              * Output Caption
              * @description the edited image's caption (metrics)
              * @default null
@@ -1065,6 +1081,21 @@ export interface components {
              * @default 90
              */
             output_quality?: number;
+            /**
+             * Output Size
+             * @description model (default): outputs at the official resize the model ran at (e.g. 512x384 for a 4032x3024 photo at resolution 512); input: resized back to the input's own width and height
+             * @default model
+             * @example input
+             * @enum {string}
+             */
+            output_size?: "model" | "input";
+            /**
+             * Preview Every
+             * @description a small preview image every k denoising steps (SSE `preview` events and `preview` in GET); 0 or null = none
+             * @default null
+             * @example 5
+             */
+            preview_every?: number | null;
             /**
              * Priority
              * @default normal
@@ -1086,10 +1117,20 @@ export interface components {
             scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
-             * @description random when omitted; echoed in params
+             * @description random when omitted; echoed in params; with `num_outputs` n: the first of the seeds seed, seed+1, ..., seed+n-1
              * @default null
              */
             seed?: number | null;
+            /**
+             * Seeds
+             * @description explicit seeds, one output each (P2P: a source and its targets per seed); instead of `seed` and `num_outputs`
+             * @default null
+             * @example [
+             *       1,
+             *       2
+             *     ]
+             */
+            seeds?: number[] | null;
             /**
              * Steps
              * @description denoising steps
@@ -1183,6 +1224,31 @@ export interface components {
             object?: "list";
         };
         /**
+         * InversionOptions
+         * @description How a P2P edit that sends a photo (``image``) inverts it when no equal finished inversion exists.
+         */
+        InversionOptions: {
+            /**
+             * Early Stop Epsilon
+             * @description null-text: stop a step's optimisation below this loss
+             * @default 0.00001
+             */
+            early_stop_epsilon?: number;
+            /**
+             * Method
+             * @description null-text (reference), ddim, or negative-prompt
+             * @default null-text
+             * @enum {string}
+             */
+            method?: "null-text" | "ddim" | "negative-prompt";
+            /**
+             * Num Inner Steps
+             * @description null-text: optimiser iterations per step at most
+             * @default 10
+             */
+            num_inner_steps?: number;
+        };
+        /**
          * InversionProgress
          * @description DDIM steps walked (phase ``ddim``), then for null-text the optimised steps (phase ``null-text``) with the
          *     inner optimiser iterations run at the latest step out of the most possible (early stop runs fewer).
@@ -1236,6 +1302,13 @@ export interface components {
              * @default null
              */
             image?: string | null;
+            /**
+             * Image Url
+             * @description instead of `image`: an https URL the gateway fetches (public addresses only; redirects re-checked; size and time capped)
+             * @default null
+             * @example https://images.example.com/cat.png
+             */
+            image_url?: string | null;
             /**
              * Kind
              * @description optional; always `inversion`
@@ -1458,10 +1531,16 @@ export interface components {
         P2PEditRequest: {
             /**
              * Attention Maps
-             * @description true: maps for every prompt; or prompt indices (0 = source)
+             * @description true: maps for every prompt; or prompt indices (0 = source). Grids share one colour scale per edit and carry their prompt as a title
              * @default false
              */
             attention_maps?: boolean | number[];
+            /**
+             * Attention Maps Overlay
+             * @description draw each attention-map tile over its prompt's generated image (needs attention_maps)
+             * @default false
+             */
+            attention_maps_overlay?: boolean;
             /**
              * Cross Replace Steps
              * @default 0.8
@@ -1492,6 +1571,17 @@ export interface components {
              * @default null
              */
             height?: number | null;
+            /**
+             * Image
+             * @description edit a real photo whose caption is `source_prompt`: base64 (or data: URL), or a multipart file. A finished inversion of yours with the same key (model, photo, caption, method, steps, guidance, size) is reused; otherwise the worker inverts it first (`inversion`)
+             * @default null
+             */
+            image?: string | null;
+            /**
+             * @description with `image`: how to invert it (default null-text)
+             * @default null
+             */
+            inversion?: components["schemas"]["InversionOptions"] | null;
             /**
              * Inversion Id
              * @description edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step unconditional embeddings the source branch starts from; model, size and steps must match it, the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)
@@ -1532,6 +1622,13 @@ export interface components {
              */
             negative_prompt?: string;
             /**
+             * Num Outputs
+             * @description outputs per request, each from its own seed (consecutive seeds from `seed`, random when omitted): P2P a source and its targets per seed, IP2P one image per seed (per sweep cell)
+             * @default 1
+             * @example 2
+             */
+            num_outputs?: number;
+            /**
              * Output Format
              * @description file type of every result; each file carries the generation parameters (PNG text chunk `parameters`, EXIF UserComment for webp and jpeg)
              * @default png
@@ -1545,6 +1642,13 @@ export interface components {
              * @default 90
              */
             output_quality?: number;
+            /**
+             * Preview Every
+             * @description a small preview image every k denoising steps (SSE `preview` events and `preview` in GET); 0 or null = none
+             * @default null
+             * @example 5
+             */
+            preview_every?: number | null;
             /**
              * Priority
              * @default normal
@@ -1570,10 +1674,20 @@ export interface components {
             scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
-             * @description random when omitted; echoed in params
+             * @description random when omitted; echoed in params; with `num_outputs` n: the first of the seeds seed, seed+1, ..., seed+n-1
              * @default null
              */
             seed?: number | null;
+            /**
+             * Seeds
+             * @description explicit seeds, one output each (P2P: a source and its targets per seed); instead of `seed` and `num_outputs`
+             * @default null
+             * @example [
+             *       1,
+             *       2
+             *     ]
+             */
+            seeds?: number[] | null;
             /**
              * Self Replace Layers
              * @description low: self-attention maps up to latent/4 (16² at 512px); medium: up to latent/2
@@ -1606,6 +1720,29 @@ export interface components {
              * @default null
              */
             width?: number | null;
+        };
+        /**
+         * PreviewImage
+         * @description The latest intermediate preview of a running edit (asked with ``preview_every``).
+         */
+        PreviewImage: {
+            /**
+             * Expires At
+             * Format: date-time
+             */
+            expires_at: string;
+            /**
+             * Step
+             * @description denoising steps done when it was made
+             */
+            step: number;
+            /** Total */
+            total: number;
+            /**
+             * Url
+             * @description small WebP (≤ 128 px per output, outputs side by side), presigned
+             */
+            url: string;
         };
         /** Progress */
         Progress: {
