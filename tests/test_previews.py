@@ -71,12 +71,12 @@ def check_preview(url: str, outputs: int) -> None:
     assert np.asarray(image).std() > 1.0  # a picture, not a flat fill
 
 
-@pytest.mark.parametrize("batching", ["request", "step"])
-def test_previews_arrive_over_sse_at_the_promised_steps_and_in_get(live, make_worker, batching):
+@pytest.mark.parametrize("batching,outputs", [("request", 1), ("step", 1), ("request", 2)])
+def test_previews_arrive_over_sse_at_the_promised_steps_and_in_get(live, make_worker, batching, outputs):
     worker = make_worker(batching=batching)
     run = (lambda w: w.run_once(5.0)) if batching == "request" else (lambda w: w.continuous.run_until_idle(120))
     try:
-        edit, events = run_with_stream(live, worker, dict(P2P, preview_every=2), run)
+        edit, events = run_with_stream(live, worker, dict(P2P, preview_every=2, num_outputs=outputs), run)
     finally:
         if worker.continuous is not None:
             worker.continuous.close()
@@ -86,9 +86,9 @@ def test_previews_arrive_over_sse_at_the_promised_steps_and_in_get(live, make_wo
     assert all(p["total"] == 5 for p in previews)
     assert len({p["url"].split("?")[0] for p in previews}) == 2  # each step its own picture
     for p in previews:
-        check_preview(p["url"], outputs=2)
+        check_preview(p["url"], outputs=2 * outputs)  # every image of the edit (seed groups too)
     assert edit["preview"]["step"] == 4  # GET: the latest preview
-    check_preview(edit["preview"]["url"], outputs=2)
+    check_preview(edit["preview"]["url"], outputs=2 * outputs)
 
 
 def test_an_edit_without_the_option_gets_no_preview(live, make_worker):
