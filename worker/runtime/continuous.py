@@ -261,7 +261,8 @@ class ContinuousLoop:
             lane.reporter = LaneReporter(
                 settings=self.settings, heartbeat=renew, keeper=lane.keeper,
                 set_progress=store.set_progress, is_cancel_requested=store.is_cancel_requested,
-                aborting=self.processor.aborting, mark_canceled=store.mark_canceled, background=True)
+                aborting=self.processor.aborting, mark_canceled=store.mark_canceled,
+                put_preview=self.processor.put_preview, background=True)
             lane.reporter.begin()
         return lane.reporter
 
