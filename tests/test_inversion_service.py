@@ -356,3 +356,23 @@ def test_a_photo_edit_reuses_a_finished_inversion_else_inverts_once_for_the_next
     assert second["status"] == "succeeded" and calls == [1]
     for got, want in zip(pixels(client, second), pixels(client, first)):
         assert np.abs(got - want).max() <= 1
+
+
+def test_an_inversion_sends_edit_webhooks_with_its_edit_view(live, worker, photo_png, redis_url):  # noqa: F811
+    """The processes' JobStore listener (``service.webhooks.emit``) queues a signed delivery per event: read
+    them back from the webhooks queue (no sender runs here)."""
+    from rq import Queue
+
+    from service.webhooks.events import QUEUE_NAME
+
+    hook = {"url": "https://example.com/hooks/inversions", "events": ["started", "progress", "completed"]}
+    inversion = post_inversion(live.client(), photo_png, webhook=hook).json()["id"]
+    worker().run_once(timeout=10)
+    jobs = Queue(QUEUE_NAME, connection=redis.Redis.from_url(redis_url)).jobs
+    bodies = [json.loads(job.args[0]["body"]) for job in jobs]
+    mine = [b for b in bodies if b["data"]["id"] == inversion]
+    assert {b["type"] for b in mine} == {"edit.started", "edit.progress", "edit.completed"}
+    assert all(b["data"]["kind"] == "inversion" for b in mine)
+    completed = next(b for b in mine if b["type"] == "edit.completed")
+    assert completed["data"]["status"] == "succeeded"
+    assert completed["data"]["results"][0]["label"] == "reconstruction"

@@ -266,7 +266,7 @@ class BatchProcessor:
         try:
             job.payload = self.store.load_payload(job.id)
             job.spec = to_job_spec(job.payload, self.storage.get_bytes)
-            if job.spec.preview_every:
+            if getattr(job.spec, "preview_every", 0):  # inversion specs have no previews
                 job.spec.preview_decoder = self.settings.worker.preview_decoder
         except (ValidationError, EditValidationError) as exc:
             job.error = error_info(exc)
