@@ -136,3 +136,19 @@ def test_a_configured_tiny_decoder_makes_the_preview(tmp_path):
     linear = preview_images(latents)
     assert [i.size for i in decoded] == [i.size for i in linear] == [(PREVIEW_SIDE, PREVIEW_SIDE // 2)] * 2
     assert np.abs(np.asarray(decoded[0], float) - np.asarray(linear[0], float)).mean() > 5
+
+
+def test_ip2p_previews_show_every_cell(live, make_worker):
+    import base64
+
+    from gateway_support import png
+
+    worker = make_worker()
+    body = {"kind": "ip2p", "instruction": "make it snowy", "image": base64.b64encode(png(64, 64)).decode(),
+            "resolution": 64, "steps": 3, "seed": 2, "preview_every": 1,
+            "sweep": {"image_guidance": [1.0, 1.5], "text_guidance": [7.5]}}
+    edit, events = run_with_stream(live, worker, body, lambda w: w.run_once(5.0))
+    assert edit["status"] == "succeeded", edit
+    previews = [data["preview"] for name, data in events if name == "preview"]
+    assert [p["step"] for p in previews] == [1, 2]
+    check_preview(previews[-1]["url"], outputs=2)  # one tile per sweep cell
