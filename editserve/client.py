@@ -43,6 +43,9 @@ from editserve.contract import (
     EditStatus,
     ErrorType,
     IP2PEditRequest,
+    Inversion,
+    InversionList,
+    InversionRequest,
     LocalBlend,
     ModelInfo,
     P2PEditRequest,
@@ -50,7 +53,7 @@ from editserve.contract import (
     WebhookSpec,
 )
 from editserve.kinds import EDIT_KINDS
-from editserve.progress import ProgressCallback, progress_callback
+from editserve.progress import InversionProgressCallback, ProgressCallback, progress_callback
 from editserve.dataset_client import AsyncDatasetMethods, DatasetMethods
 from editserve.errors import local_validation_error as _local_validation_error
 from editserve.calls import Call as _Call
@@ -188,6 +191,28 @@ def _raise_if_ended(edit: Edit) -> Edit:
     return edit
 
 
+def _inversion_id(inversion: str | Inversion) -> str:
+    return inversion.id if isinstance(inversion, Inversion) else str(inversion)
+
+
+def _raise_if_inversion_ended(inversion: Inversion) -> Inversion:
+    if inversion.status is EditStatus.failed:
+        raise errors.InversionFailed(inversion)
+    if inversion.status is EditStatus.canceled:
+        raise errors.InversionCanceled(inversion)
+    return inversion
+
+
+def _inversion_plan(inversion: Inversion, folder: Path, arrays: bool) -> list[_Download]:
+    """``{id}-reconstruction.png`` (and ``{id}-inversion.safetensors``: x_T and the per-step embeddings)."""
+    if inversion.result is None:
+        raise errors.EditserveError(f"inversion {inversion.id} has no result ({inversion.status.value})")
+    plan = [_Download(inversion.result.reconstruction_url, folder / f"{inversion.id}-reconstruction.png")]
+    if arrays:
+        plan.append(_Download(inversion.result.arrays_url, folder / f"{inversion.id}-inversion.safetensors"))
+    return plan
+
+
 class _SSEDecoder:
     """Server-Sent Events framing: returns (event, data) when a blank line ends an event."""
 
@@ -277,9 +302,32 @@ class _ClientCore:
         return _Call("POST", f"/{API_VERSION}/edits", form={"request": json.dumps(body)},
                      files={"image": (filename, data, mime)}, headers=headers, timeout=timeout)
 
+    def _invert_call(self, image: ImageInput, caption: str, fields: dict[str, Any],
+                     idempotency_key: str | None) -> _Call:
+        """``POST /v1/inversions`` as multipart (the ``request`` JSON part and the ``image`` file)."""
+        if image is None:
+            raise errors.InvalidRequestError("an inversion needs the photo", type=ErrorType.invalid_request.value,
+                                             field="image")
+        fields["webhook"] = _webhook(fields.get("webhook"))
+        try:
+            request = InversionRequest.model_validate({"caption": caption, **_clean(fields)})
+        except ValidationError as exc:
+            raise _local_validation_error(exc) from None
+        if request.image:
+            raise errors.InvalidRequestError("send the image either inline or as a file, not both",
+                                             type=ErrorType.invalid_request.value, field="image")
+        data, filename, mime = image_bytes(image)
+        body = request.model_dump(mode="json", exclude_unset=True)
+        headers = {"idempotency-key": idempotency_key or f"sdk-{uuid.uuid4()}"}
+        return _Call("POST", f"/{API_VERSION}/inversions", form={"request": json.dumps(body)},
+                     files={"image": (filename, data, mime)}, headers=headers)
+
     @staticmethod
     def _p2p_request(source_prompt: str, target_prompts: str | Sequence[str], fields: dict[str, Any]) -> P2PEditRequest:
         targets = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
+        inversion = fields.pop("inversion", None)
+        if inversion is not None:
+            fields["inversion_id"] = _inversion_id(inversion)
         size = fields.pop("size", None)
         for side in ("height", "width"):
             if fields.get(side) is None:
@@ -384,24 +432,34 @@ class Client(DatasetMethods, _ClientCore):
                    self_replace_steps: Any = None, attention_maps: bool | list[int] | None = None,
                    steps: int | None = None, size: int | None = None, height: int | None = None,
                    width: int | None = None, guidance_scale: float | None = None, model: str | None = None,
-                   seed: int | None = None, scheduler: str | None = None,
+                   seed: int | None = None, num_outputs: int | None = None, seeds: Sequence[int] | None = None,
+                   scheduler: str | None = None,
                    webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
-                   metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
-                   wait: int | None = None, **extra: Any) -> Edit:
-        """Prompt-to-Prompt: one source prompt, one or more target prompts (see P2PEditRequest for every field)."""
+                   metadata: dict[str, str] | None = None, inversion: str | Inversion | None = None,
+                   idempotency_key: str | None = None, wait: int | None = None, **extra: Any) -> Edit:
+        """Prompt-to-Prompt: one source prompt, one or more target prompts (see P2PEditRequest for every field).
+
+        ``inversion`` (an id or the :class:`Inversion` from :meth:`invert`) edits that photo: the source prompt is
+        its caption, and model, size and steps must be the inversion's. ``num_outputs=n`` or ``seeds=[a, b]``: a
+        source and its targets per seed (generated sources only).
+        """
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "source_prompt", "target_prompts", "idempotency_key", "wait", "extra")}
         request = self._p2p_request(source_prompt, target_prompts, {**fields, **extra})
         return self.submit(request, idempotency_key=idempotency_key, wait=wait)
 
-    def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
+    def submit_ip2p(self, image: ImageInput | None, instruction: str, *, text_guidance: float | None = None,
                     image_guidance: float | None = None, resolution: int | None = None,
                     sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
-                    model: str | None = None, seed: int | None = None, scheduler: str | None = None,
+                    model: str | None = None, seed: int | None = None, num_outputs: int | None = None,
+                    seeds: Sequence[int] | None = None, output_size: str | None = None,
+                    scheduler: str | None = None,
                     webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                     metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                     wait: int | None = None, **extra: Any) -> Edit:
-        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart."""
+        """InstructPix2Pix: an image (path, bytes, file or PIL image) and an instruction, sent as multipart; or
+        ``image=None, image_url="https://..."`` for an image the server fetches. ``num_outputs`` / ``seeds``: one
+        image per seed; ``output_size="input"``: back at the input's size."""
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "image", "instruction", "idempotency_key", "wait", "extra")}
         request = self._ip2p_request(instruction, {**fields, **extra})
@@ -533,6 +591,76 @@ class Client(DatasetMethods, _ClientCore):
             saved.append(item.path)
         return saved
 
+    # -- inversions (a real photo, so P2P can edit it) --------------------------------------------------
+
+    def invert(self, image: ImageInput, caption: str, *, model: str | None = None, method: str | None = None,
+               steps: int | None = None, guidance_scale: float | None = None, num_inner_steps: int | None = None,
+               early_stop_epsilon: float | None = None, resolution: int | None = None,
+               webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
+               metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
+               **extra: Any) -> Inversion:
+        """Invert a photo (path, bytes, file or PIL image) and its caption on the server; returns the queued
+        :class:`Inversion`. ``method``: ``null-text`` (default), ``ddim`` or ``negative-prompt``. Follow it with
+        :meth:`wait_inversion`, then edit it with ``submit_p2p(caption, targets, inversion=...)``."""
+        fields = {k: v for k, v in locals().items() if k not in ("self", "image", "caption", "idempotency_key", "extra")}
+        call = self._invert_call(image, caption, {**fields, **extra}, idempotency_key)
+        return Inversion.model_validate(self._json(call))
+
+    def get_inversion(self, inversion: str | Inversion) -> Inversion:
+        return Inversion.model_validate(self._json(_Call("GET", f"/{API_VERSION}/inversions/{_inversion_id(inversion)}")))
+
+    def list_inversions(self, *, status: EditStatus | str | None = None, limit: int | None = None,
+                        cursor: str | None = None) -> InversionList:
+        """One page of the caller's inversions, newest first; pass ``next_cursor`` back for the next page."""
+        params = self._list_params(status, None, None, limit, cursor)
+        return InversionList.model_validate(self._json(_Call("GET", f"/{API_VERSION}/inversions", params=params)))
+
+    def cancel_inversion(self, inversion: str | Inversion) -> Inversion:
+        """Stop an inversion (it stops at its next step or inner iteration); edits cannot use it afterwards."""
+        path = f"/{API_VERSION}/inversions/{_inversion_id(inversion)}/cancel"
+        return Inversion.model_validate(self._json(_Call("POST", path)))
+
+    def wait_inversion(self, inversion: str | Inversion, timeout: float | None = None,
+                       progress: bool | InversionProgressCallback = True, *,
+                       poll_interval: float = POLL_INTERVAL) -> Inversion:
+        """Poll until the inversion is terminal; return it if it succeeded (raises InversionFailed /
+        InversionCanceled / WaitTimeout). ``progress`` as for :meth:`wait`: the line shows DDIM steps and the
+        null-text inner iterations."""
+        inversion_id = _inversion_id(inversion)
+        report = progress_callback(progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: Inversion | None = inversion if isinstance(inversion, Inversion) else None
+        while True:
+            state = self.get_inversion(inversion_id)
+            last = state
+            if report:
+                report(state)
+            if state.status.terminal:
+                return _raise_if_inversion_ended(state)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise errors.WaitTimeout(f"inversion {inversion_id} not finished after {timeout} s", last)
+            time.sleep(poll_interval if remaining is None else min(poll_interval, remaining))
+
+    def download_inversion(self, inversion: str | Inversion, folder: str | os.PathLike, *,
+                           arrays: bool = False) -> list[Path]:
+        """Save a finished inversion's reconstruction (``{id}-reconstruction.png``; with ``arrays`` also
+        ``{id}-inversion.safetensors``) into ``folder``; return the paths."""
+        current = inversion if isinstance(inversion, Inversion) and inversion.result else self.get_inversion(inversion)
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        saved: list[Path] = []
+        for index, item in enumerate(_inversion_plan(current, target, arrays)):
+            try:
+                content = self._fetch(item.url)
+            except errors.APIError as exc:
+                if exc.status not in (400, 401, 403):
+                    raise
+                content = self._fetch(_inversion_plan(self.get_inversion(current.id), target, arrays)[index].url)
+            _write_atomically(item.path, content)
+            saved.append(item.path)
+        return saved
+
     def _fetch(self, url: str) -> bytes:
         if self._is_api_url(url):
             return self._send(_Call("GET", url)).content
@@ -610,19 +738,22 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
                          self_replace_steps: Any = None, attention_maps: bool | list[int] | None = None,
                          steps: int | None = None, size: int | None = None, height: int | None = None,
                          width: int | None = None, guidance_scale: float | None = None, model: str | None = None,
-                         seed: int | None = None, scheduler: str | None = None,
+                         seed: int | None = None, num_outputs: int | None = None,
+                         seeds: Sequence[int] | None = None, scheduler: str | None = None,
                          webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
-                         metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
-                         wait: int | None = None, **extra: Any) -> Edit:
+                         metadata: dict[str, str] | None = None, inversion: str | Inversion | None = None,
+                         idempotency_key: str | None = None, wait: int | None = None, **extra: Any) -> Edit:
         fields = {k: v for k, v in locals().items()
                   if k not in ("self", "source_prompt", "target_prompts", "idempotency_key", "wait", "extra")}
         request = self._p2p_request(source_prompt, target_prompts, {**fields, **extra})
         return await self.submit(request, idempotency_key=idempotency_key, wait=wait)
 
-    async def submit_ip2p(self, image: ImageInput, instruction: str, *, text_guidance: float | None = None,
+    async def submit_ip2p(self, image: ImageInput | None, instruction: str, *, text_guidance: float | None = None,
                           image_guidance: float | None = None, resolution: int | None = None,
                           sweep: Sweep | Mapping[str, Any] | None = None, steps: int | None = None,
-                          model: str | None = None, seed: int | None = None, scheduler: str | None = None,
+                          model: str | None = None, seed: int | None = None, num_outputs: int | None = None,
+                          seeds: Sequence[int] | None = None, output_size: str | None = None,
+                          scheduler: str | None = None,
                           webhook: str | WebhookSpec | Mapping[str, Any] | None = None, priority: str | None = None,
                           metadata: dict[str, str] | None = None, idempotency_key: str | None = None,
                           wait: int | None = None, **extra: Any) -> Edit:
@@ -738,6 +869,68 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
                 if exc.status not in (400, 401, 403):
                     raise
                 fresh = _download_plan(await self.get(current.id), target, attention_maps)
+                content = await self._fetch(fresh[index].url)
+            _write_atomically(item.path, content)
+            saved.append(item.path)
+        return saved
+
+    async def invert(self, image: ImageInput, caption: str, *, model: str | None = None, method: str | None = None,
+                     steps: int | None = None, guidance_scale: float | None = None,
+                     num_inner_steps: int | None = None, early_stop_epsilon: float | None = None,
+                     resolution: int | None = None, webhook: str | WebhookSpec | Mapping[str, Any] | None = None,
+                     priority: str | None = None, metadata: dict[str, str] | None = None,
+                     idempotency_key: str | None = None, **extra: Any) -> Inversion:
+        fields = {k: v for k, v in locals().items() if k not in ("self", "image", "caption", "idempotency_key", "extra")}
+        call = self._invert_call(image, caption, {**fields, **extra}, idempotency_key)
+        return Inversion.model_validate(await self._json(call))
+
+    async def get_inversion(self, inversion: str | Inversion) -> Inversion:
+        path = f"/{API_VERSION}/inversions/{_inversion_id(inversion)}"
+        return Inversion.model_validate(await self._json(_Call("GET", path)))
+
+    async def list_inversions(self, *, status: EditStatus | str | None = None, limit: int | None = None,
+                              cursor: str | None = None) -> InversionList:
+        params = self._list_params(status, None, None, limit, cursor)
+        return InversionList.model_validate(await self._json(_Call("GET", f"/{API_VERSION}/inversions",
+                                                                   params=params)))
+
+    async def cancel_inversion(self, inversion: str | Inversion) -> Inversion:
+        path = f"/{API_VERSION}/inversions/{_inversion_id(inversion)}/cancel"
+        return Inversion.model_validate(await self._json(_Call("POST", path)))
+
+    async def wait_inversion(self, inversion: str | Inversion, timeout: float | None = None,
+                             progress: bool | InversionProgressCallback = True, *,
+                             poll_interval: float = POLL_INTERVAL) -> Inversion:
+        inversion_id = _inversion_id(inversion)
+        report = progress_callback(progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: Inversion | None = inversion if isinstance(inversion, Inversion) else None
+        while True:
+            state = await self.get_inversion(inversion_id)
+            last = state
+            if report:
+                report(state)
+            if state.status.terminal:
+                return _raise_if_inversion_ended(state)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise errors.WaitTimeout(f"inversion {inversion_id} not finished after {timeout} s", last)
+            await asyncio.sleep(poll_interval if remaining is None else min(poll_interval, remaining))
+
+    async def download_inversion(self, inversion: str | Inversion, folder: str | os.PathLike, *,
+                                 arrays: bool = False) -> list[Path]:
+        current = (inversion if isinstance(inversion, Inversion) and inversion.result
+                   else await self.get_inversion(inversion))
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        saved: list[Path] = []
+        for index, item in enumerate(_inversion_plan(current, target, arrays)):
+            try:
+                content = await self._fetch(item.url)
+            except errors.APIError as exc:
+                if exc.status not in (400, 401, 403):
+                    raise
+                fresh = _inversion_plan(await self.get_inversion(current.id), target, arrays)
                 content = await self._fetch(fresh[index].url)
             _write_atomically(item.path, content)
             saved.append(item.path)

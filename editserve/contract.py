@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 API_VERSION = "v1"
 MAX_TARGETS = 8
 MAX_SWEEP_CELLS = 16
+MAX_OUTPUTS = 16
+"""``num_outputs`` / ``seeds``: at most this many seeds (outputs, or P2P groups) per edit."""
+MAX_OUTPUT_IMAGES = 24
+"""Images one edit may make: P2P outputs × (1 + targets), IP2P outputs × sweep cells (guidance grid × seeds)."""
 REWEIGHT_RANGE = (-10.0, 10.0)
 SEED_MAX = 2**32 - 1
 MAX_PROMPT_CHARS = 1000
@@ -46,8 +50,10 @@ def _kind_required(schema: dict[str, Any]) -> None:
     schema["required"] = ["kind", *[name for name in schema.get("required", []) if name != "kind"]]
 
 
-EditKind = Literal["p2p", "ip2p"]
-"""Every edit method; what each needs (model kind, default steps, ...) is ``editserve.kinds.EDIT_KINDS``."""
+EditKind = Literal["p2p", "ip2p", "inversion"]
+"""Every kind of job record: the edit methods, and ``inversion`` (a photo inverted for P2P, ``POST
+/v1/inversions``, an edit-like record in the same store); what each needs (model kind, default steps, ...) is
+``editserve.kinds.EDIT_KINDS``."""
 ModelKind = Literal["text2image", "instruct"]
 # Samplers by the names people know them by (AUTOMATIC1111 / ComfyUI): DDIM (P2P's null-text notebook), PNDM
 # (SD-1.4's own, T + 1 UNet calls), Euler-a (IP2P's official sigma schedule), Euler, DPM-Solver++ 2M with and
@@ -108,7 +114,16 @@ class _EditBase(_Strict):
     steps: int | None = Field(None, ge=1, le=200, description="denoising steps")
     scheduler: SchedulerName | None = Field(None, description="sampler; default per model (GET /v1/models)",
                                             examples=["dpmpp_2m_karras"])
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when omitted; echoed in params")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="random when omitted; echoed in params; with "
+                             "`num_outputs` n: the first of the seeds seed, seed+1, ..., seed+n-1")
+    num_outputs: int = Field(1, ge=1, le=MAX_OUTPUTS, examples=[2],
+                                    description="outputs per request, each from its own seed (consecutive seeds "
+                                                "from `seed`, random when omitted): P2P a source and its targets "
+                                                "per seed, IP2P one image per seed (per sweep cell)")
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | None = Field(
+        None, min_length=1, max_length=MAX_OUTPUTS, examples=[[1, 2]],
+        description="explicit seeds, one output each (P2P: a source and its targets per seed); instead of "
+                    "`seed` and `num_outputs`")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="what to steer away from: replaces "
                                  "the empty text of the unconditional branches (one per edit)",
                                  examples=["blurry, low quality"])
@@ -123,6 +138,29 @@ class _EditBase(_Strict):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=16, description="echoed back, not used (16 keys of at most 64 characters, "
                                                          "values of at most 512)")
+    preview_every: int | None = Field(
+        None, ge=0, le=200, description="a small preview image every k denoising steps (SSE `preview` events and "
+                                        "`preview` in GET); 0 or null = none", examples=[5])
+
+    @model_validator(mode="after")
+    def _preview_within_steps(self):
+        if self.preview_every and self.steps is not None and self.preview_every > self.steps:
+            raise ValueError(f"preview_every: must be at most steps ({self.steps}), got {self.preview_every}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_seed(self):
+        if self.seeds is not None and self.seed is not None:
+            raise ValueError("seeds: give either `seeds` or `seed`, not both")
+        if self.seeds is not None and self.num_outputs not in (1, len(self.seeds)):
+            raise ValueError(f"num_outputs: {self.num_outputs} outputs but {len(self.seeds)} `seeds` (one output "
+                             "each): give one or the other")
+        return self
+
+    @property
+    def output_count(self) -> int:
+        """Outputs asked for: one per seed of ``seeds``, else ``num_outputs`` (default 1)."""
+        return len(self.seeds) if self.seeds else self.num_outputs
 
 
 class LocalBlend(_Strict):
@@ -135,6 +173,21 @@ class LocalBlend(_Strict):
     threshold: float = Field(0.3, gt=0.0, lt=1.0, allow_inf_nan=False)
     start_blend: Fraction = Field(0.0, description="no blending during this first fraction of steps")
     substruct_words: WordList | None = Field(None, description="source words whose region is excluded")
+
+
+InversionMethod = Literal["null-text", "ddim", "negative-prompt"]
+INVERSION_METHODS: tuple[str, ...] = InversionMethod.__args__
+MAX_INVERSION_INNER_STEPS = 50
+
+
+class InversionOptions(_Strict):
+    """How a P2P edit that sends a photo (``image``) inverts it when no equal finished inversion exists."""
+
+    method: InversionMethod = Field("null-text", description="null-text (reference), ddim, or negative-prompt")
+    num_inner_steps: int = Field(10, ge=1, le=MAX_INVERSION_INNER_STEPS,
+                                 description="null-text: optimiser iterations per step at most")
+    early_stop_epsilon: float = Field(1e-5, ge=0.0, le=1.0, allow_inf_nan=False,
+                                      description="null-text: stop a step's optimisation below this loss")
 
 
 class P2PEditRequest(_EditBase):
@@ -163,8 +216,22 @@ class P2PEditRequest(_EditBase):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=64)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=64)
     attention_maps: bool | Annotated[list[int], Field(max_length=MAX_TARGETS + 1)] = Field(
-        False, description="true: maps for every prompt; or prompt indices (0 = source)"
+        False, description="true: maps for every prompt; or prompt indices (0 = source). Grids share one colour "
+                           "scale per edit and carry their prompt as a title"
     )
+    attention_maps_overlay: bool = Field(
+        False, description="draw each attention-map tile over its prompt's generated image (needs attention_maps)"
+    )
+    inversion_id: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[0-9a-z]+$",
+        description="edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step "
+                    "unconditional embeddings the source branch starts from; model, size and steps must match it, "
+                    "the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)")
+    image: str | None = Field(
+        None, description="edit a real photo whose caption is `source_prompt`: base64 (or data: URL), or a multipart "
+                          "file. A finished inversion of yours with the same key (model, photo, caption, method, "
+                          "steps, guidance, size) is reused; otherwise the worker inverts it first (`inversion`)")
+    inversion: InversionOptions | None = Field(None, description="with `image`: how to invert it (default null-text)")
 
     @field_validator("reweight")
     @classmethod
@@ -188,6 +255,12 @@ class P2PEditRequest(_EditBase):
         return self
 
     @model_validator(mode="after")
+    def _one_photo_source(self):
+        if self.image is not None and self.inversion_id is not None:
+            raise ValueError("image: give either a photo (`image`) or `inversion_id`, not both")
+        return self
+
+    @model_validator(mode="after")
     def _per_target_lists(self):
         n = len(self.target_prompts)
         if isinstance(self.reweight, list) and len(self.reweight) != n:
@@ -199,6 +272,13 @@ class P2PEditRequest(_EditBase):
             raise ValueError(f"local_blend.target_words: needs one list per target prompt ({n})")
         if isinstance(self.attention_maps, list) and any(not 0 <= i <= n for i in self.attention_maps):
             raise ValueError(f"attention_maps: prompt indices must be within 0..{n}")
+        if self.attention_maps_overlay and not self.attention_maps:
+            raise ValueError("attention_maps_overlay: needs attention_maps (true or prompt indices)")
+        images = self.output_count * (n + 1)
+        if images > MAX_OUTPUT_IMAGES:
+            field = "seeds" if self.seeds else "num_outputs"
+            raise ValueError(f"{field}: {self.output_count} outputs × {n + 1} prompts = {images} images, at most "
+                             f"{MAX_OUTPUT_IMAGES} per edit")
         return self
 
 
@@ -219,9 +299,16 @@ class IP2PEditRequest(_EditBase):
     kind: Literal["ip2p"] = "ip2p"
     instruction: str = Field(max_length=MAX_PROMPT_CHARS, description="empty: the resized input comes back unchanged")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
+    image_url: str | None = Field(None, max_length=2048, description="instead of `image`: an https URL the gateway "
+                                  "fetches (public addresses only; redirects re-checked; size and time capped)",
+                                  examples=["https://images.example.com/cat.png"])
     text_guidance: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_T; applied ungated")
     image_guidance: float = Field(1.5, ge=0.0, le=30.0, allow_inf_nan=False, description="s_I; applied ungated")
     resolution: int = Field(512, ge=64, le=2048, description="long side R of the official resize (capped per model)")
+    output_size: Literal["model", "input"] = Field(
+        "model", examples=["input"],
+        description="model (default): outputs at the official resize the model ran at (e.g. 512x384 for a "
+                    "4032x3024 photo at resolution 512); input: resized back to the input's own width and height")
     sweep: Sweep | None = None
     input_caption: str | None = Field(None, max_length=1000, description="with `metrics` and `output_caption`: "
                                                                          "directional CLIP similarity too")
@@ -235,7 +322,25 @@ class IP2PEditRequest(_EditBase):
                 cells *= len(axis) if axis else 1
             if cells > MAX_SWEEP_CELLS:
                 raise ValueError(f"sweep: {cells} cells requested, at most {MAX_SWEEP_CELLS}")
+        if (self.seeds or self.num_outputs > 1) and self.sweep and self.sweep.seeds:
+            field = "seeds" if self.seeds else "num_outputs"
+            raise ValueError(f"{field}: the sweep already has a seed axis (`sweep.seeds`); give one or the other")
+        image_axis, text_axis, seed_axis = self.cells_axes()
+        images = len(image_axis) * len(text_axis) * seed_axis
+        if images > MAX_OUTPUT_IMAGES:
+            field = "seeds" if self.seeds else "num_outputs" if self.num_outputs else "sweep"
+            raise ValueError(f"{field}: {images} images (sweep cells × outputs), at most {MAX_OUTPUT_IMAGES} "
+                             "per edit")
         return self
+
+    def cells_axes(self) -> tuple[list[float], list[float], int]:
+        """(image guidance axis, text guidance axis, length of the seed axis) of the cells grid: the seed axis
+        is ``sweep.seeds``, else the outputs (``seeds`` / ``num_outputs``)."""
+        sweep = self.sweep
+        image_axis = (sweep.image_guidance if sweep else None) or [self.image_guidance]
+        text_axis = (sweep.text_guidance if sweep else None) or [self.text_guidance]
+        seed_axis = len(sweep.seeds) if sweep and sweep.seeds else self.output_count
+        return list(image_axis), list(text_axis), seed_axis
 
 
 EditRequest = Annotated[Union[P2PEditRequest, IP2PEditRequest], Field(discriminator="kind")]
@@ -261,12 +366,17 @@ class JobPayload(BaseModel):
 
     id: str
     tenant: str
-    request: EditRequest
+    request: JobRequest
     batch_key: BatchKey
-    seeds: list[int] = Field(description="P2P: one seed; IP2P: one per sweep cell")
+    seeds: list[int] = Field(description="P2P: one seed per output (group of source and targets); IP2P: one per "
+                                         "sweep cell")
     input_image_key: str | None = Field(None, description="S3 key of the normalised input PNG (IP2P)")
+    input_size: tuple[int, int] | None = Field(None, description="IP2P: (width, height) of the uploaded image "
+                                                                 "before the official resize (`output_size: input`)")
     inversion_id: str | None = Field(None, description="P2P from a real photo: the finished inversion (checked for "
                                                        "tenancy by the gateway) whose x_T and embeddings it starts from")
+    inversion_digest: str | None = Field(None, description="an inversion job: its reuse key "
+                                                           "(``service.inversion_cache.inversion_digest``)")
     created_at: datetime
 
 
@@ -314,6 +424,15 @@ class AttentionMapResult(BaseModel):
     expires_at: datetime
 
 
+class PreviewImage(BaseModel):
+    """The latest intermediate preview of a running edit (asked with ``preview_every``)."""
+
+    step: int = Field(description="denoising steps done when it was made")
+    total: int
+    url: str = Field(description="small WebP (≤ 128 px per output, outputs side by side), presigned")
+    expires_at: datetime
+
+
 class ErrorType(str, Enum):
     """Every error ``type`` editserve reports, the one catalogue: a request's ``{"error": {"type", ...}}``
     (``service.errors`` maps each to its HTTP status) and a failed edit's ``error.type`` (``job_error``).
@@ -336,6 +455,7 @@ class ErrorType(str, Enum):
     tenant_queue_full = "tenant_queue_full"
     tenant_dataset_limit = "tenant_dataset_limit"
     queue_full = "queue_full"
+    no_live_worker = "no_live_worker"
     service_unavailable = "service_unavailable"
     decoder_busy = "decoder_busy"
     storage_unavailable = "storage_unavailable"
@@ -405,6 +525,7 @@ class Edit(BaseModel):
     params: dict[str, Any] = Field(description="the parameters actually used, seeds included")
     results: list[ResultImage] = Field(default_factory=list)
     attention_maps: list[AttentionMapResult] = Field(default_factory=list)
+    preview: PreviewImage | None = Field(None, description="the latest preview (edits with preview_every)")
     error: ErrorInfo | None = None
     metrics: RunMetrics = Field(default_factory=RunMetrics)
     webhook: WebhookDeliveryState | None = None
@@ -432,6 +553,18 @@ class WebhookEvent(BaseModel):
     data: Edit
 
 
+class ModelThroughput(BaseModel):
+    """What the model's workers finished recently (from the workers' reports in Redis)."""
+
+    window_seconds: float = Field(description="the time the figures cover (the configured window, whole minutes)")
+    edits: int = Field(0, description="edits that succeeded in the window")
+    images: int = Field(0, description="result images of those edits")
+    steps: int = Field(0, description="denoising steps of those edits")
+    edits_per_minute: float = 0.0
+    images_per_minute: float = 0.0
+    steps_per_second: float = 0.0
+
+
 class ModelInfo(BaseModel):
     name: str
     kind: ModelKind
@@ -443,6 +576,9 @@ class ModelInfo(BaseModel):
     schedulers: list[SchedulerName] = Field(description="samplers a request may name in `scheduler`")
     workers: int = Field(0, description="live workers serving the model now (from their heartbeats)")
     queued: int = Field(0, description="edits waiting in the model's worker queues")
+    throughput: ModelThroughput | None = Field(None, description="recent work finished for the model")
+    require_live_worker: bool = Field(False, description="true: an edit is refused (503 `no_live_worker`) while "
+                                      "`workers` is 0; false: it is accepted and waits (autoscaling from zero)")
 
 
 # ---------------------------------------------------------------------------------------------- dataset jobs
@@ -555,9 +691,6 @@ class DatasetWebhookEvent(BaseModel):
 # Inversions (issue 11): a photo + its caption turned into x_T and per-step unconditional embeddings, a
 # resource that P2P edits start from. Defaults are the null-text reference's.
 
-InversionMethod = Literal["null-text", "ddim", "negative-prompt"]
-INVERSION_METHODS: tuple[str, ...] = InversionMethod.__args__
-MAX_INVERSION_INNER_STEPS = 50
 
 
 class InversionRequest(_Strict):
@@ -567,6 +700,7 @@ class InversionRequest(_Strict):
     must use the same model, size and step count.
     """
 
+    kind: Literal["inversion"] = Field("inversion", description="optional; always `inversion`")
     caption: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the photo's source caption")
     model: str | None = Field(None, max_length=100, description="a text2image model; default: the P2P default")
     method: InversionMethod = Field("null-text", description="null-text (reference), ddim (inversion only), or "
@@ -582,12 +716,25 @@ class InversionRequest(_Strict):
                                       description="null-text: stop a step's optimisation below this loss")
     resolution: int = Field(512, ge=64, le=2048, description="side of the centre-cropped square (capped per model)")
     image: str | None = Field(None, description="base64 (or data: URL) image; or send it as a multipart file")
-    webhook: WebhookSpec | None = None
+    image_url: str | None = Field(None, max_length=2048, description="instead of `image`: an https URL the gateway "
+                                  "fetches (public addresses only; redirects re-checked; size and time capped)",
+                                  examples=["https://images.example.com/cat.png"])
+    webhook: WebhookSpec | None = Field(None, description="edit.started / edit.progress / edit.completed events "
+                                                          "whose `data` is the record's Edit view (kind inversion)")
+    priority: Literal["high", "normal", "low"] = "normal"
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=16, description="echoed back, not used")
+
+
+JobRequest = Annotated[Union[P2PEditRequest, IP2PEditRequest, InversionRequest], Field(discriminator="kind")]
+"""What a queued job runs: an edit, or an inversion."""
 
 
 class InversionProgress(_Strict):
-    """DDIM steps walked and, for null-text, inner optimiser iterations run out of the most possible."""
+    """DDIM steps walked (phase ``ddim``), then for null-text the optimised steps (phase ``null-text``) with the
+    inner optimiser iterations run at the latest step out of the most possible (early stop runs fewer)."""
 
+    phase: Literal["ddim", "null-text"] | None = None
     step: int
     total: int
     inner_iterations: int = 0
@@ -604,11 +751,30 @@ class Inversion(BaseModel):
     """An inversion resource; ``id`` goes into a P2P edit's ``inversion_id``."""
 
     id: str
+    object: Literal["inversion"] = "inversion"
     status: EditStatus
+    model: str
     created_at: datetime
-    updated_at: datetime | None = None
-    request: dict[str, Any] = Field(description="the request with defaults resolved, image omitted")
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    request: dict[str, Any] = Field(description="the request with defaults resolved (model, steps, size), image "
+                                                "omitted")
     progress: InversionProgress | None = None
     result: InversionResultUrls | None = None
     reconstruction_error: float | None = Field(None, description="latent MSE of the reconstruction vs the photo")
     error: ErrorInfo | None = None
+    metrics: RunMetrics = Field(default_factory=RunMetrics)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    random_weights: bool = False
+    cancel_requested: bool = False
+    reused: bool = Field(False, description="POST answered with an equal finished inversion of yours (same model, "
+                                            "photo, caption, method, steps, guidance, size): nothing was rerun")
+
+
+class InversionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Inversion]
+    next_cursor: str | None = None
+
+
+JobPayload.model_rebuild()

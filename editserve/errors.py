@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from editserve.contract import Edit, ErrorInfo, ErrorType
+from editserve.contract import Edit, ErrorInfo, ErrorType, Inversion
 from editserve.kinds import EDIT_KINDS
 from editserve.webhooks import WebhookVerificationError
 
@@ -101,12 +101,14 @@ class WaitTimeout(EditserveError, TimeoutError):
 
 
 class _EditEnded(EditserveError):
-    def __init__(self, edit: Edit):
+    noun = "edit"
+
+    def __init__(self, edit: Edit | Inversion):
         self.edit = edit
-        error = edit.error or ErrorInfo(type=edit.status.value, message=f"edit {edit.status.value}")
+        error = edit.error or ErrorInfo(type=edit.status.value, message=f"{self.noun} {edit.status.value}")
         self.type, self.message, self.field = error.type, error.message, error.field
         where = f" (field: {self.field})" if self.field else ""
-        super().__init__(f"edit {edit.id} {edit.status.value}: {self.type}: {self.message}{where}")
+        super().__init__(f"{self.noun} {edit.id} {edit.status.value}: {self.type}: {self.message}{where}")
 
 
 class EditFailed(_EditEnded):
@@ -115,6 +117,26 @@ class EditFailed(_EditEnded):
 
 class EditCanceled(_EditEnded):
     """The edit was canceled before it finished."""
+
+
+class InversionFailed(EditFailed):
+    """An inversion reached status ``failed``; ``edit`` is the :class:`Inversion` (``inversion`` names it too)."""
+
+    noun = "inversion"
+
+    @property
+    def inversion(self) -> Inversion:
+        return self.edit
+
+
+class InversionCanceled(EditCanceled):
+    """An inversion was canceled before it finished."""
+
+    noun = "inversion"
+
+    @property
+    def inversion(self) -> Inversion:
+        return self.edit
 
 
 ERRORS_BY_STATUS: dict[int, type[APIError]] = {
@@ -146,6 +168,8 @@ __all__ = [
     "EditFailed",
     "EditserveError",
     "InvalidRequestError",
+    "InversionCanceled",
+    "InversionFailed",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",

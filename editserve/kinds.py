@@ -24,14 +24,19 @@ class EditKindInfo:
     default_model_setting: str
     """The ``Settings`` field naming the model used when a request names none."""
     takes_image: bool
-    """Whether the request carries an input image (stored in S3 at submission)."""
+    """Whether the request may carry an input image (stored in S3 at submission): IP2P's input, an inversion's
+    photo, a P2P edit's photo (inverted, or matched to a finished inversion)."""
+    is_edit: bool = True
+    """False for ``inversion``: a job record that edits start from, not an edit (not in ``ModelInfo.edit_kinds``)."""
 
 
 EDIT_KINDS: dict[str, EditKindInfo] = {
     "p2p": EditKindInfo("p2p", model_kind="text2image", default_steps=50, default_model_setting="default_p2p_model",
-                        takes_image=False),
+                        takes_image=True),
     "ip2p": EditKindInfo("ip2p", model_kind="instruct", default_steps=100, default_model_setting="default_ip2p_model",
                          takes_image=True),
+    "inversion": EditKindInfo("inversion", model_kind="text2image", default_steps=50,
+                              default_model_setting="default_p2p_model", takes_image=True, is_edit=False),
 }
 assert set(EDIT_KINDS) == set(get_args(EditKind)), "EDIT_KINDS and contract.EditKind must name the same kinds"
 
@@ -42,20 +47,18 @@ def edit_kind(name: str) -> EditKindInfo:
 
 def edit_kinds_for_model(model_kind: str) -> list[str]:
     """The edit kinds a model of ``model_kind`` can run (``GET /v1/models``)."""
-    return [k.name for k in EDIT_KINDS.values() if k.model_kind == model_kind]
+    return [k.name for k in EDIT_KINDS.values() if k.model_kind == model_kind and k.is_edit]
 
 
 def sweep_cells(request: IP2PEditRequest, seeds: list[int]) -> list[tuple[float, float, int]]:
     """IP2P cells as ``(image_guidance, text_guidance, seed)`` in the order image_guidance × text_guidance ×
-    seeds (seed varies fastest): the gateway's ``Edit.params`` and the worker's job spec both use this.
+    seeds (seed varies fastest): the gateway's ``Edit.params`` and the worker's job spec both use this. The seed
+    axis is ``sweep.seeds``, else the request's outputs (``seeds`` / ``num_outputs``).
 
     ``seeds`` (resolved by the gateway) holds one seed per cell; a list as long as the seed axis is
     accepted too and broadcast over the guidance axes. Any other length raises ``ValueError``.
     """
-    sweep = request.sweep
-    image_axis = (sweep.image_guidance if sweep else None) or [request.image_guidance]
-    text_axis = (sweep.text_guidance if sweep else None) or [request.text_guidance]
-    seed_axis_len = len(sweep.seeds) if sweep and sweep.seeds else 1
+    image_axis, text_axis, seed_axis_len = request.cells_axes()
     grid = list(itertools.product(image_axis, text_axis, range(seed_axis_len)))
     if len(seeds) == len(grid):
         cell_seeds = list(seeds)

@@ -1,7 +1,11 @@
-"""Run the whole service locally and edit three images through the SDK (see scripts/demo.sh).
+"""Run the whole service locally and edit images through the SDK (see scripts/demo.sh).
+
+Three edits (a P2P word swap, a P2P reweight, an IP2P instruction), then a real photo: scikit-image's
+public-domain astronaut (NASA) is inverted on the service (null-text, on ``tiny-sd-smooth``, the
+well-conditioned tiny model), and P2P edits it by editing its caption; the reconstruction and the edit are saved.
 
 The tiny models have random weights, so the pictures are noise: the demo shows the plumbing (queue,
-batching, storage, signed webhooks, attention maps), not image quality.
+batching, storage, signed webhooks, attention maps, inversions), not image quality.
 """
 
 from __future__ import annotations
@@ -57,10 +61,55 @@ def sample_image() -> bytes:
     return buf.getvalue()
 
 
+def real_photo() -> tuple[bytes, str]:
+    """A photo the project does not have to ship: scikit-image's public-domain astronaut (Eileen Collins, NASA)."""
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="PNG")
+    return buf.getvalue(), "a photo of an astronaut"
+
+
+def edit_a_photo(client: Client, out: Path, steps: int, size: int) -> None:
+    """Invert the photo on the service, save its reconstruction, then a P2P edit that starts from the inversion."""
+    photo, caption = real_photo()
+    (out / "photo").mkdir(parents=True, exist_ok=True)
+    (out / "photo" / "astronaut.png").write_bytes(photo)
+    inversion = client.invert(photo, caption, model="tiny-sd-smooth", method="null-text", steps=steps,
+                              resolution=size, num_inner_steps=5)
+    print(f"inversion {inversion.id}: {caption!r}, null-text, {steps} steps, {size} px (steps + inner iterations):")
+    last = [None]
+
+    def show(state) -> None:
+        p = state.progress
+        line = f"   {state.status.value}" + (f" {p.phase} step {p.step}/{p.total}" if p and p.total else "") + (
+            f" inner {p.inner_iterations}/{p.inner_total}" if p and p.inner_total else "")
+        if line != last[0]:
+            print(line)
+            last[0] = line
+
+    done = client.wait_inversion(inversion, timeout=900, progress=show, poll_interval=0.2)
+    paths = client.download_inversion(done, out / "photo")
+    print(f"   reconstruction error (latent MSE) {done.reconstruction_error:.4g}; saved {paths[0]}")
+    edit = client.submit_p2p(caption, ["a photo of a robot"], inversion=done, edit="replace",
+                             cross_replace_steps=0.8, self_replace_steps=0.4)
+    edited = client.wait(edit.id, timeout=600, progress=False)
+    paths = client.download(edited, out / "photo")
+    print(f"p2p-from-photo: {edited.status.value} (source = the reconstruction, target = the edit); saved:")
+    for p in paths:
+        print(f"   {p}")
+    again = client.invert(photo, caption, model="tiny-sd-smooth", method="null-text", steps=steps, resolution=size,
+                          num_inner_steps=5)
+    print(f"   the same photo + caption again: inversion {again.id} reused={again.reused} (nothing recomputed)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=REPO / "demo-output")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--photo-steps", type=int, default=10, help="DDIM steps of the real-photo inversion")
+    ap.add_argument("--photo-size", type=int, default=64, help="side of the inverted photo's square")
     ap.add_argument("--redis-url", default=os.environ.get("EDITSERVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = ap.parse_args()
 
@@ -76,7 +125,7 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         stack.start_gateway()
-        stack.start_worker("demo-worker")
+        stack.start_worker("demo-worker", models="tiny-sd,tiny-ip2p,tiny-sd-smooth")
         stack.start_webhook_sender()
         print(f"gateway {stack.base_url}  S3 {s3.endpoint_url}  logs {stack.log_dir}")
         client = Client(stack.base_url)
@@ -102,13 +151,15 @@ def main() -> None:
             print(f"{name}: {done.status.value} in batch of {done.metrics.batch_size}; saved:")
             for p in paths:
                 print(f"   {p}")
+        edit_a_photo(client, args.out, args.photo_steps, args.photo_size)
         deadline = time.time() + 30
         while time.time() < deadline and len(WebhookReceiver.received) < 2 * len(edits):
             time.sleep(0.2)
         ok = sum(1 for _, good in WebhookReceiver.received if good)
         print(f"webhooks received: {len(WebhookReceiver.received)}, signature verified: {ok}")
         print(f"done in {time.perf_counter() - t0:.1f}s -> {args.out}")
-        print("note: the tiny models have random weights, so these images are noise by design.")
+        print("note: the tiny models have random weights, so these images are noise by design "
+              "(the photo's reconstruction and its edit too).")
     finally:
         stack.stop()
         hooks.shutdown()

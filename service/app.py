@@ -39,6 +39,7 @@ from editserve.contract import (
     ErrorResponse,
     ErrorType,
     ModelInfo,
+    ModelThroughput,
     SCHEDULERS,
 )
 from editserve.kinds import edit_kinds_for_model
@@ -54,14 +55,27 @@ from service.auth import (
     bearer_token,
     constant_time_equal,
 )
-from service.availability import model_availability
+from service import throughput
+from service.availability import model_availability, require_live_worker_async
 from service.cancel_after import parse_cancel_after, schedule_cancel_async
 from service.config import Settings, get_settings
 from service.dataset_routes import DATASET_REQUEST_DEFS
 from service.dataset_routes import router as dataset_router
-from service.edit_validation import parse_request, prepare_submission
+from service.inversion_routes import INVERSION_REQUEST_DEFS
+from service.inversion_routes import router as inversion_router
+from service.openapi_docs import add_request_examples, install_webhooks, tidy_webhooks
+from service.edit_validation import parse_request, prepare_submission, resolve_model
+from service.editview import load_record
+from service.inversion_cache import usable_inversion
 from service.errors import ApiError, error_response, install_error_handlers, invalid, not_found
-from service.intake import DecodeGate, max_body_bytes, parse_edit_body, read_body_limited
+from service.intake import (
+    DecodeGate,
+    blame_image_url,
+    fetch_image_input,
+    max_body_bytes,
+    parse_edit_body,
+    read_body_limited,
+)
 from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, JobStore, new_edit_id
 from service.limits import (
     LimitExceeded,
@@ -190,7 +204,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                        (409, "Conflict"), (413, "Body or image too large"), (415, "Unsupported media type"),
                        (422, "Invalid request; `error.field` names the input"),
                        (429, "A tenant limit: `rate_limited` or `tenant_queue_full`; see Retry-After"),
-                       (503, "`queue_full` (the service's queue limit; see Retry-After) or a dependency is down")]
+                       (503, "`queue_full` (the service's queue limit), `no_live_worker` (a model set to need a "
+                        "live worker has none) or a dependency is down; see Retry-After")]
 }
 
 _EDIT_REQUEST_SCHEMA = TypeAdapter(EditRequest).json_schema(ref_template="#/components/schemas/{model}")
@@ -221,7 +236,9 @@ def submit_edit(svc: Services, request: EditRequest, image_bytes: bytes | None, 
     (Pillow, boto3). JSON edits without an image take :func:`create_edit`'s one-round-trip path."""
     submission = prepare_submission(request, image_bytes, settings=svc.settings, counter=svc.tokens,
                                     tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC),
-                                    decode_gate=svc.decode_gate)
+                                    decode_gate=svc.decode_gate,
+                                    inversion_lookup=lambda inversion_id, _tenant: load_record(svc.redis, inversion_id),
+                                    inversion_finder=lambda owner, digest: usable_inversion(svc.redis, owner, digest))
     payload = submission.payload
     if idempotency_key:
         existing = svc.jobstore.find_idempotent(tenant, idempotency_key, submission.fingerprint)
@@ -268,26 +285,40 @@ async def create_edit(
     svc = services(request)
     limits = svc.settings.limits
     aio = svc.aio_redis()
+    counted = False  # the tenant's rate limit counts this request once
     try:
         cancel_seconds = None if cancel_after is None else parse_cancel_after_header(cancel_after)
         body = await read_body_limited(request, max_body_bytes(limits))
         parsed = await parse_edit_body(request, body, limits)
         edit_request = parse_request(parsed.data)
+        image_url = getattr(edit_request, "image_url", None)
+        if image_url is not None:
+            counted = True
+            await svc.rate_limiter.check_async(aio, tenant)  # before any outbound request
+            await fetch_image_input(parsed, image_url, svc.settings.image_urls, limits)
         submission = None
-        if parsed.image_bytes is None:  # no Pillow, no S3: microseconds of CPU, done on the event loop
+        from_photo = getattr(edit_request, "inversion_id", None) is not None  # looks its inversion up: thread pool
+        if parsed.image_bytes is None and not from_photo:  # no Pillow, no S3: microseconds, on the event loop
             submission = prepare_submission(edit_request, None, settings=svc.settings, counter=svc.tokens,
                                             tenant=tenant, edit_id=new_edit_id(), now=datetime.now(UTC))
+        await require_live_worker_async(aio, svc.settings, submission.payload.batch_key.model
+                                        if submission is not None else resolve_model(edit_request, svc.settings).name)
     except ApiError:
-        await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)  # a refused request counts too, and 429 comes first
         raise
     if submission is not None:
         edit, created = await svc.jobstore.create_async(
             aio, submission.payload, webhook=submission.webhook, idempotency_key=idempotency_key,
             fingerprint=submission.fingerprint, rate_limit=True)
     else:
-        await svc.rate_limiter.check_async(aio, tenant)
-        edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
-                                                idempotency_key)
+        if not counted:
+            await svc.rate_limiter.check_async(aio, tenant)
+        try:
+            edit, created = await run_in_threadpool(submit_edit, svc, edit_request, parsed.image_bytes, tenant,
+                                                    idempotency_key)
+        except ApiError as exc:
+            raise blame_image_url(parsed, exc)
     headers: dict[str, str] = {}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -369,10 +400,13 @@ def list_models(request: Request) -> ModelList:
     svc = services(request)
     catalog = svc.settings.model_catalog()
     workers, queued = model_availability(svc.redis, catalog)
+    recent = throughput.recent(svc.redis, catalog, svc.settings.throughput_window_seconds)
     return ModelList(data=[
         ModelInfo(name=spec.name, kind=spec.kind, edit_kinds=edit_kinds_for_model(spec.kind), default_size=spec.default_size,
                   max_size=spec.max_size, random_weights=spec.random_weights, scheduler=spec.scheduler,
-                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0))
+                  schedulers=list(SCHEDULERS), workers=workers.get(spec.name, 0), queued=queued.get(spec.name, 0),
+                  throughput=ModelThroughput(**recent[spec.name].fields()),
+                  require_live_worker=svc.settings.requires_live_worker(spec.name))
         for spec in catalog.values()
     ])
 
@@ -464,15 +498,20 @@ def readiness_checks(svc: Services) -> dict[str, str]:
         checks["s3"] = "ok"
     except StorageError as exc:
         checks["s3"] = f"down: {exc}"
+    missing = svc.tokens.missing()  # loads what is not loaded yet (the warm-up may still be running)
+    checks["tokenizers"] = "ok" if not missing else "missing for " + "; ".join(
+        f"model {name!r} ({reason})" for name, reason in missing.items())
     return checks
 
 
-@ops_router.get("/readyz", summary="Redis and S3 answer", responses={503: {"model": ErrorResponse}})
+@ops_router.get("/readyz", summary="Redis and S3 answer; every served model's tokenizer is loaded",
+                responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
     checks = await run_in_threadpool(readiness_checks, services(request))
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
-        return error_response(ApiError(503, f"not ready: {', '.join(down)} down", type=ErrorType.not_ready,
+        reasons = [f"{name} down" if name != "tokenizers" else f"tokenizers {checks[name]}" for name in down]
+        return error_response(ApiError(503, f"not ready: {', '.join(reasons)}", type=ErrorType.not_ready,
                                        extra={"checks": checks}))
     return JSONResponse({"status": "ready", "checks": checks})
 
@@ -550,15 +589,19 @@ def _error(status: int, type: ErrorType, message: str, field: str | None = None)
 
 
 def install_openapi(app: FastAPI) -> None:
-    """FastAPI's schema plus the EditRequest models, which the manual-body route references."""
+    """FastAPI's schema plus the EditRequest models, which the manual-body route references, the webhook
+    events and an example on every request body (``service.openapi_docs``)."""
+    install_webhooks(app)
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+                                 routes=app.routes, webhooks=app.webhooks.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS}.items():
+            for name, definition in {**_EDIT_REQUEST_DEFS, **DATASET_REQUEST_DEFS, **INVERSION_REQUEST_DEFS}.items():
                 components.setdefault(name, definition)
+            add_request_examples(schema)
+            tidy_webhooks(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -618,6 +661,7 @@ def create_app(settings: Settings | None = None, *, prepare_bucket: bool = True)
     install_domain_error_handlers(app)
     app.include_router(router)
     app.include_router(dataset_router)
+    app.include_router(inversion_router)
     app.include_router(admin_router)
     app.include_router(ops_router)
     install_playground(app)

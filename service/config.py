@@ -31,6 +31,17 @@ class ModelSpec(BaseModel):
     default_size: int = Field(512, description="default height/width in pixels for this model")
     max_size: int = Field(768, description="largest height/width in pixels a request may ask for")
     random_weights: bool = Field(False, description="True for the tiny test models: outputs are noise")
+    tokenizer: str | None = Field(None, description="where the gateway reads the CLIP tokenizer when neither the "
+                                  "source nor models_dir has a tokenizer/ folder: a folder, or a hub id whose "
+                                  "tokenizer/ subfolder is fetched; default: the source when it is a hub id")
+    require_live_worker: bool = Field(False, description="refuse (503 + Retry-After) an edit for this model while "
+                                      "no live worker serves it; default: accept it (an autoscaler may scale "
+                                      "from zero)")
+
+
+TINY_MODELS_TOKENIZER = "timbrooks/instruct-pix2pix"
+"""The tiny models are built with the real CLIP BPE tokenizer (worker/models/tokenizer.py), the one of SD-1.x and
+IP2P: a gateway without the models folder (its image has no models) fetches that tokenizer/ from the hub."""
 
 
 @lru_cache(maxsize=16)
@@ -43,11 +54,12 @@ def default_models(models_dir: Path) -> tuple[ModelSpec, ...]:
         ModelSpec(name="ip2p", kind="instruct", source="timbrooks/instruct-pix2pix", dtype="float16",
                   device="cuda", scheduler="euler_a"),
         ModelSpec(name="tiny-sd", kind="text2image", source=str(models_dir / "tiny-sd"), scheduler="ddim",
-                  default_size=128, max_size=256, random_weights=True),
+                  default_size=128, max_size=256, random_weights=True, tokenizer=TINY_MODELS_TOKENIZER),
         ModelSpec(name="tiny-sd-smooth", kind="text2image", source=str(models_dir / "tiny-sd-smooth"),
-                  scheduler="ddim", default_size=64, max_size=256, random_weights=True),
+                  scheduler="ddim", default_size=64, max_size=256, random_weights=True,
+                  tokenizer=TINY_MODELS_TOKENIZER),
         ModelSpec(name="tiny-ip2p", kind="instruct", source=str(models_dir / "tiny-ip2p"), scheduler="euler_a",
-                  default_size=128, max_size=256, random_weights=True),
+                  default_size=128, max_size=256, random_weights=True, tokenizer=TINY_MODELS_TOKENIZER),
     )
 
 
@@ -71,8 +83,11 @@ class S3Settings(BaseModel):
     region: str = "us-east-1"
     presign_expiry_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
     retention_days: int = Field(7, ge=1, description="objects under edits/ expire after this (lifecycle rule)")
-    upload_attempts: int = Field(5, ge=1)
-    upload_backoff_seconds: float = 0.5
+    max_attempts: int = Field(5, ge=1, le=20, description="attempts per S3 call, the first included: botocore's "
+                              "retry mode (jittered exponential backoff) retries connection errors, timeouts, "
+                              "5xx and throttling; other 4xx fail at once")
+    retry_mode: Literal["standard", "adaptive"] = Field("standard", description="botocore retry mode; adaptive "
+                                                        "also rate-limits the client when S3 throttles")
 
 
 class LimitsSettings(BaseModel):
@@ -114,6 +129,9 @@ class WorkerSettings(BaseModel):
     """The GPU worker's batching and recovery knobs."""
 
     max_batch_size: int = Field(8, ge=1)
+    preview_decoder: str | None = Field(
+        None, description="a tiny decoder (TAESD, diffusers AutoencoderTiny: folder or hub id) for previews; "
+                          "unset: the linear latent→RGB approximation")
     max_batch_wait_ms: int = Field(50, ge=0)
     heartbeat_ttl_seconds: int = Field(30, ge=5, description="a job whose worker stops renewing is abandoned")
     reaper_interval_seconds: float = Field(10.0, gt=0)
@@ -144,7 +162,7 @@ class WorkerSettings(BaseModel):
         "request", description="request: a gathered batch starts and ends together; step: jobs join and leave "
         "one running batch per model between denoising steps (docs/continuous-batching.md)")
     row_budget: int = Field(32, ge=1, description="step batching: UNet rows per model's running batch "
-                            "(P2P with n targets = 2(n+1) rows, IP2P = 3 per sweep cell)")
+                            "(P2P with n targets = 2(n+1) rows per output, IP2P = 3 per sweep cell and output)")
     high_priority_overflow_rows: int = Field(16, ge=0, description="step batching: rows a high-priority job may "
                                              "exceed row_budget by, so it joins at the next step even when full")
     row_buckets: str = Field("auto", description="UNet row counts a step is padded up to, e.g. '1,2,4,8,16,32'; "
@@ -173,6 +191,20 @@ class WebhookSettings(BaseModel):
     max_retry_after_seconds: float = Field(3600.0, ge=0.0, description="cap on a receiver's Retry-After")
     state_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="lifetime of editserve:webhook:{id} keys")
     metrics_port: int = Field(9102, description="the delivery process's own /metrics; 0 disables")
+
+
+class ImageUrlSettings(BaseModel):
+    """Inputs by URL (``image_url``): fetched by the gateway through the egress guard (service/egress.py: resolve,
+    refuse non-global addresses, pin the checked IP, SNI on the name), redirects re-checked hop by hop."""
+
+    enabled: bool = Field(True, description="false: requests with image_url are refused (422)")
+    allow_hosts: list[str] = Field(default_factory=list, description="hosts/CIDRs allowed despite being private "
+                                   "(tests, an internal image store)")
+    timeout_seconds: float = Field(10.0, gt=0, le=120, description="the whole fetch: DNS, connect, TLS, "
+                                   "redirects and body; a slower source is refused (422 image_url)")
+    max_redirects: int = Field(3, ge=0, le=10, description="redirects followed, each target checked like the URL")
+    ca_bundle: str | None = Field(None, description="PEM file of CA certificates to trust instead of the "
+                                  "default store (a private CA)")
 
 
 class DatasetSettings(BaseModel):
@@ -220,10 +252,18 @@ class Settings(BaseSettings):
     enabled_models: list[str] | None = Field(None, description="names a worker loads; default: all local ones")
     default_p2p_model: str = "tiny-sd"
     default_ip2p_model: str = "tiny-ip2p"
+    require_live_worker: list[str] = Field(default_factory=list, description="models whose edits are refused "
+                                           "(503 + Retry-After) while no live worker serves them, e.g. "
+                                           "EDITSERVE_REQUIRE_LIVE_WORKER='[\"sd14\"]' (or a model's own "
+                                           "require_live_worker)")
+    no_worker_retry_after_seconds: int = Field(30, ge=1, description="Retry-After of that 503")
+    throughput_window_seconds: int = Field(300, ge=60, le=3600, description="/v1/models reports throughput "
+                                           "over this many recent seconds (whole minutes)")
     s3: S3Settings = Field(default_factory=S3Settings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    image_urls: ImageUrlSettings = Field(default_factory=ImageUrlSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)
@@ -238,6 +278,10 @@ class Settings(BaseSettings):
         from service.redisconn import validate_url  # lazy: the settings import nothing heavy
 
         return validate_url(url)
+
+    def requires_live_worker(self, model: str) -> bool:
+        spec = self.model_catalog().get(model)
+        return model in self.require_live_worker or bool(spec and spec.require_live_worker)
 
     def model_catalog(self) -> dict[str, ModelSpec]:
         specs = self.models if self.models is not None else default_models(self.models_dir)

@@ -14,6 +14,7 @@ import json
 import re
 import secrets
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime
@@ -24,6 +25,7 @@ from editserve.contract import (
     SEED_MAX,
     BatchKey,
     EditRequest,
+    InversionOptions,
     IP2PEditRequest,
     JobPayload,
     P2PEditRequest,
@@ -32,7 +34,8 @@ from editserve.contract import (
 from editserve.kinds import edit_kind
 from service import egress
 from service.config import ModelSpec, Settings
-from service.errors import from_pydantic, invalid
+from editserve.contract import ErrorType
+from service.errors import ApiError, from_pydantic, invalid
 from service.imaging import fitting_resolution, official_resize, official_resize_dims
 from service.intake import DecodeGate, load_image, png_bytes, probe_image
 from service.prompt_tokens import PromptTokenCounter
@@ -191,69 +194,169 @@ def ip2p_resolution(size: tuple[int, int], requested: int, spec: ModelSpec) -> i
     return resolution
 
 
-def normalised_input(image_bytes: bytes, settings: Settings, resolution: int) -> tuple[int, int, bytes]:
-    """(width, height, PNG) of the upload after the official resize: the decoded picture lives only in here."""
+def normalised_input(image_bytes: bytes, settings: Settings,
+                     resolution: int) -> tuple[int, int, bytes, tuple[int, int]]:
+    """(width, height, PNG) of the upload after the official resize, and the upright upload's own (width, height)
+    (EXIF orientation applied): the decoded picture lives only in here."""
     image = load_image(image_bytes, settings.limits)
     width, height = official_resize_dims(image.width, image.height, resolution)
-    return width, height, png_bytes(official_resize(image, resolution))
+    return width, height, png_bytes(official_resize(image, resolution)), (image.width, image.height)
 
 
 def random_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
 
+def output_seeds(request: EditRequest) -> list[int]:
+    """One seed per output: ``seeds`` as given, else ``num_outputs`` consecutive seeds from ``seed`` (random when
+    omitted; wrapping past SEED_MAX), as AUTOMATIC1111 numbers a batch."""
+    if request.seeds:
+        return list(request.seeds)
+    first = request.seed if request.seed is not None else random_seed()
+    return [(first + i) % (SEED_MAX + 1) for i in range(request.num_outputs)]
+
+
 def ip2p_seeds(request: IP2PEditRequest) -> list[int]:
     """One seed per sweep cell, cells ordered image_guidance × text_guidance × seeds (outer to inner).
 
-    Without explicit sweep seeds every cell shares one seed (the request's, else a random one): a guidance
-    sweep compares guidance values on the same noise, as in the IP2P paper's grids.
+    The seed axis is ``sweep.seeds``, else the outputs (``seeds`` / ``num_outputs``, see ``output_seeds``): every
+    guidance cell shares it, so a guidance sweep compares guidance values on the same noise, as in the IP2P
+    paper's grids.
     """
+    image_axis, text_axis, _ = request.cells_axes()
     sweep = request.sweep
-    n_image = len(sweep.image_guidance) if sweep and sweep.image_guidance else 1
-    n_text = len(sweep.text_guidance) if sweep and sweep.text_guidance else 1
-    if sweep and sweep.seeds:
-        return [s for _ in range(n_image * n_text) for s in sweep.seeds]
-    seed = request.seed if request.seed is not None else random_seed()
-    return [seed] * (n_image * n_text)
+    axis = list(sweep.seeds) if sweep and sweep.seeds else output_seeds(request)
+    return [s for _ in range(len(image_axis) * len(text_axis)) for s in axis]
+
+
+InversionLookup = Callable[[str, str], "dict[str, str] | None"]
+"""``(inversion_id, tenant)`` → the inversion's record (``service.editview.load_record``) or None."""
+
+
+def from_inversion(request: P2PEditRequest, tenant: str, lookup: InversionLookup | None) -> P2PEditRequest:
+    """A P2P edit naming ``inversion_id``: the tenant's succeeded inversion, its model, size, steps, scheduler and
+    guidance as the edit's defaults, and any explicit value that differs refused naming its field."""
+    if lookup is None:
+        raise invalid("inversion_id", "this path cannot look inversions up")
+    record = lookup(request.inversion_id, tenant)
+    holds_one = record is not None and (record.get("kind") == "inversion" or bool(record.get("inversion")))
+    if record is None or not holds_one or record.get("tenant") != tenant:
+        raise ApiError(404, f"inversion_id: no inversion {request.inversion_id} of yours", type=ErrorType.not_found,
+                       field="inversion_id")
+    if record.get("status") != "succeeded":
+        raise ApiError(409, f"inversion_id: inversion {request.inversion_id} is {record.get('status')}; an edit "
+                            "needs a succeeded one", type=ErrorType.conflict, field="inversion_id")
+    payload = json.loads(record["payload"])
+    bk, inv = payload["batch_key"], payload["request"]
+    own = {"model": bk["model"], "steps": bk["steps"], "height": bk["height"], "width": bk["width"],
+           "scheduler": bk["scheduler"], "guidance_scale": inv["guidance_scale"]}
+    for field, value in own.items():
+        given = getattr(request, field)
+        if field in request.model_fields_set and given is not None and given != value:
+            where = "inversion_id" if field in ("model", "steps", "height", "width") else field
+            raise invalid(where, f"{field} {given!r} does not match inversion {request.inversion_id}'s {value!r}: an "
+                                 "edit from an inversion runs its model, size, steps, ddim and guidance")
+    return request.model_copy(update=own)
+
+
+InversionFinder = Callable[[str, str], "str | None"]
+"""``(tenant, reuse digest)`` → the id of a usable stored inversion (``service.inversion_cache.usable_inversion``)."""
+
+
+def photo_edit(request: P2PEditRequest, image_bytes: bytes, spec: ModelSpec, steps: int, *, settings: Settings,
+               tenant: str, finder: InversionFinder | None, decode_gate: DecodeGate | None):
+    """A P2P edit of a photo: (size, the reused inversion's id or None, the reuse digest, the square photo PNG to
+    store or None). Inversion is square and DDIM; a finished equal inversion is reused instead of the photo."""
+    from service.imaging import square_photo
+    from service.inversion_cache import inversion_digest
+
+    if request.scheduler not in (None, "ddim"):
+        raise invalid("scheduler", f"scheduler: a photo edit runs its inversion's ddim, not {request.scheduler!r}")
+    if request.height is not None and request.width is not None and request.height != request.width:
+        raise invalid("width", "width: a photo edit is square (the photo is centre-cropped); give one size")
+    size = request.height or request.width or spec.default_size
+    if size > spec.max_size:
+        raise invalid("height", f"height {size} is above model {spec.name!r}'s maximum of {spec.max_size}")
+    options = request.inversion or InversionOptions()
+    digest = inversion_digest(model=spec.name, image_sha256=hashlib.sha256(image_bytes).hexdigest(),
+                              caption=request.source_prompt, method=options.method, steps=steps,
+                              guidance_scale=request.guidance_scale, scheduler="ddim", size=size)
+    found = finder(tenant, digest) if finder is not None else None
+    if found is not None:
+        return size, found, digest, None
+    probe_image(image_bytes, settings.limits)
+
+    def normalise() -> bytes:
+        return png_bytes(square_photo(load_image(image_bytes, settings.limits), size))
+
+    return size, None, digest, decode_gate.run(normalise) if decode_gate else normalise()
 
 
 def prepare_submission(request: EditRequest, image_bytes: bytes | None, *, settings: Settings,
                        counter: PromptTokenCounter, tenant: str, edit_id: str, now: datetime,
-                       decode_gate: DecodeGate | None = None) -> Submission:
+                       decode_gate: DecodeGate | None = None,
+                       inversion_lookup: InversionLookup | None = None,
+                       inversion_finder: InversionFinder | None = None) -> Submission:
     """Validate beyond pydantic, decode the image, resolve defaults; raises ApiError (4xx) on bad input."""
+    if isinstance(request, P2PEditRequest) and request.inversion_id is not None:
+        request = from_inversion(request, tenant, inversion_lookup)
     spec = resolve_model(request, settings)
     check_prompts(request, spec, counter, settings.limits.max_prompt_tokens)
     check_webhook(request.webhook, settings)
     steps = request.steps or edit_kind(request.kind).default_steps
     scheduler = request.scheduler or spec.scheduler
     input_png: bytes | None = None
+    input_size: tuple[int, int] | None = None
     image_digest = ""
+    inversion_id = getattr(request, "inversion_id", None)
+    inversion_digest = None
     if isinstance(request, P2PEditRequest):
-        if image_bytes is not None:
-            raise invalid("image", "P2P edits generate from the source prompt and take no image")
+        if image_bytes is not None and inversion_id is not None:
+            raise invalid("image", "image: give either a photo (`image`) or `inversion_id`, not both")
+        if request.inversion is not None and image_bytes is None:
+            raise invalid("inversion", "inversion: options for inverting a photo need the photo (`image`)")
         check_p2p_words(request)
         for field in ("height", "width"):
             value = getattr(request, field)
             if value is not None and value > spec.max_size:
                 raise invalid(field, f"{field} {value} is above model {spec.name!r}'s maximum of {spec.max_size}")
         height, width = request.height or spec.default_size, request.width or spec.default_size
-        seeds = [request.seed if request.seed is not None else random_seed()]
+        update: dict = {}
+        if image_bytes is not None:
+            image_digest = hashlib.sha256(image_bytes).hexdigest()
+            size, inversion_id, inversion_digest, input_png = photo_edit(
+                request, image_bytes, spec, steps, settings=settings, tenant=tenant, finder=inversion_finder,
+                decode_gate=decode_gate)
+            height = width = size
+            scheduler = "ddim"
+            update = {"image": None, "inversion": request.inversion or InversionOptions()}
+            if inversion_id is not None:
+                inversion_digest = None  # reused: nothing to remember
+        seeds = output_seeds(request)
+        if (inversion_id is not None or image_bytes is not None) and len(seeds) > 1:
+            field = "seeds" if request.seeds else "num_outputs"
+            raise invalid(field, f"{field}: an edit of a photo starts from its inversion's x_T, so seeds make no "
+                                 "difference; ask for one output")
         resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
-                                              "height": height, "width": width})
+                                              "height": height, "width": width, **update})
     else:
         if image_bytes is None:
-            raise invalid("image", "an IP2P edit needs an input image (multipart `image` part or base64 `image`)")
+            raise invalid("image", "an IP2P edit needs an input image (multipart `image` part, base64 `image` or "
+                                   "an https `image_url`)")
         image_digest = hashlib.sha256(image_bytes).hexdigest()
         resolution = ip2p_resolution(probe_image(image_bytes, settings.limits), request.resolution, spec)
         args = (image_bytes, settings, resolution)
-        width, height, input_png = decode_gate.run(normalised_input, *args) if decode_gate else normalised_input(*args)
+        width, height, input_png, input_size = (decode_gate.run(normalised_input, *args) if decode_gate
+                                                else normalised_input(*args))
         seeds = ip2p_seeds(request)
         resolved = request.model_copy(update={"model": spec.name, "steps": steps, "scheduler": scheduler,
                                               "resolution": resolution, "image": None})
     batch_key = BatchKey(model=spec.name, kind=request.kind, height=height, width=width, steps=steps,
                          scheduler=scheduler)
     payload = JobPayload(id=edit_id, tenant=tenant, request=resolved, batch_key=batch_key, seeds=seeds,
-                         input_image_key=input_key(edit_id) if input_png is not None else None, created_at=now)
+                         input_image_key=input_key(edit_id) if input_png is not None else None,
+                         input_size=input_size, created_at=now, inversion_id=inversion_id,
+                         inversion_digest=inversion_digest)
     fingerprint_source = request.model_dump_json(exclude={"image"}) + "|" + image_digest
     return Submission(payload=payload, webhook=request.webhook,
                       fingerprint=hashlib.sha256(fingerprint_source.encode()).hexdigest(), input_png=input_png)

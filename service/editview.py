@@ -22,6 +22,11 @@ from editserve.contract import (
     EditList,
     EditStatus,
     ErrorInfo,
+    Inversion,
+    InversionList,
+    InversionProgress,
+    InversionResultUrls,
+    PreviewImage,
     Progress,
     ResultImage,
     RunMetrics,
@@ -30,7 +35,7 @@ from editserve.contract import (
 )
 from service import limits
 from service.config import Settings
-from service.keys import edit_key, stats_key, tenant_index_key
+from service.keys import edit_key, eta_stats_keys, tenant_index_key
 from service.liveness import live_workers
 from service.queues import rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
@@ -189,6 +194,7 @@ class EditView:
             params=json.loads(r["params"]),
             results=self._results(r) if status is S else [],
             attention_maps=self._attention_maps(r) if status is S else [],
+            preview=self._preview(r),
             error=ErrorInfo.model_validate_json(r["error"]) if r.get("error") else None,
             metrics=RunMetrics(
                 queue_wait_seconds=float(r["queue_wait_seconds"]) if r.get("queue_wait_seconds") else None,
@@ -204,6 +210,49 @@ class EditView:
             revision=int(r.get("revision", 0)),
         )
 
+    # ------------------------------------------------------------------ inversions (records of kind inversion)
+    def get_inversion(self, inversion_id: str, tenant: str | None = None) -> Inversion | None:
+        """The inversion resource; None if unknown, another tenant's, or not an inversion record."""
+        record = load_record(self.redis, inversion_id)
+        if record is None or record.get("kind") != "inversion" or (
+                tenant is not None and record.get("tenant") != tenant):
+            return None
+        return self.render_inversion(record)
+
+    def list_inversions(self, tenant: str, **filters) -> InversionList:
+        page = self.list(tenant, kind="inversion", **filters)
+        found = [self.get_inversion(e.id) for e in page.data]
+        return InversionList(data=[i for i in found if i is not None], next_cursor=page.next_cursor)
+
+    def render_inversion(self, r: dict[str, str]) -> Inversion:
+        edit = self.render(r)
+        payload = json.loads(r["payload"])
+        bk = payload["batch_key"]
+        request = {k: v for k, v in payload["request"].items() if k not in ("image", "webhook", "metadata", "kind")}
+        request.update(model=bk["model"], steps=bk["steps"], scheduler=bk["scheduler"], resolution=bk["height"])
+        progress = None
+        if r.get("progress_detail") and edit.status is not S:  # processing, or where it stopped
+            progress = InversionProgress.model_validate_json(r["progress_detail"])
+        elif edit.status is S:
+            inner = int(request.get("num_inner_steps") or 0) if request.get("method") == "null-text" else 0
+            progress = InversionProgress(phase="null-text" if inner else "ddim", step=int(bk["steps"]),
+                                         total=int(bk["steps"]), inner_iterations=0, inner_total=inner)
+            if r.get("progress_detail"):
+                last = InversionProgress.model_validate_json(r["progress_detail"])
+                progress.inner_iterations = last.inner_iterations
+        result, error = None, None
+        stored = json.loads(r["inversion"]) if r.get("inversion") else None
+        if edit.status is S and stored:
+            arrays_url, expires_at = self.storage.presign_get(stored["arrays_key"])
+            rec_url, _ = self.storage.presign_get(stored.get("reconstruction_key") or stored["arrays_key"])
+            result = InversionResultUrls(reconstruction_url=rec_url, arrays_url=arrays_url, expires_at=expires_at)
+            error = stored.get("reconstruction_error")
+        return Inversion(id=edit.id, status=edit.status, model=edit.model, created_at=edit.created_at,
+                         started_at=edit.started_at, completed_at=edit.completed_at, request=request,
+                         progress=progress, result=result, reconstruction_error=error, error=edit.error,
+                         metrics=edit.metrics, metadata=edit.metadata, random_weights=edit.random_weights,
+                         cancel_requested=edit.cancel_requested)
+
     def _results(self, r: dict[str, str]) -> list[ResultImage]:
         out = []
         for item in json.loads(r.get("results") or "[]"):
@@ -211,6 +260,13 @@ class EditView:
             fields = {k: v for k, v in item.items() if k in ResultImage.model_fields and k != "url"}
             out.append(ResultImage(url=url, expires_at=expires_at, **fields))
         return out
+
+    def _preview(self, r: dict[str, str]) -> PreviewImage | None:
+        if not r.get("preview"):
+            return None
+        item = json.loads(r["preview"])
+        url, expires_at = self.storage.presign_get(item["key"])
+        return PreviewImage(step=item["step"], total=item["total"], url=url, expires_at=expires_at)
 
     def _attention_maps(self, r: dict[str, str]) -> list[AttentionMapResult]:
         out = []
@@ -225,7 +281,8 @@ class EditView:
     def _position_and_eta(self, r: dict[str, str], status: EditStatus, progress: Progress | None,
                           payload: dict, known: tuple[int | None, dict[str, float]] | None = None
                           ) -> tuple[int | None, float | None]:
-        """Jobs ahead (0 = next) and seconds left: remaining steps × s/step + jobs ahead × s/job."""
+        """Jobs ahead (0 = next) and seconds left: remaining steps × s/step + jobs ahead × s/job, from statistics
+        of the same model, kind, size and scheduler only (``eta_stats_keys``); none yet → no ETA."""
         if status.terminal:
             return None, None
         bk = payload["batch_key"]
@@ -233,9 +290,10 @@ class EditView:
         if known is not None:
             ahead, stats = known
         else:
-            suffix = f"{bk['model']}:{bk['kind']}:{bk['height']}x{bk['width']}:s{bk['steps']}:{bk['scheduler']}"
-            stats = self._stats(suffix)
+            stats = self._stats(bk)
         step_s, job_s = stats.get("step_seconds"), stats.get("job_seconds")
+        if job_s is None and stats.get("job_step_seconds") is not None:  # another step count: scale per step
+            job_s = stats["job_step_seconds"] * steps
         if status is P:
             if progress and progress.step > 0 and r.get("started_at"):
                 rate = (_now() - float(r["started_at"])) / progress.step
@@ -263,6 +321,9 @@ class EditView:
             return None
         return position + sum(self.redis.llen(rq_queue_key(q)) for q in same_key_queues_ahead(name))
 
-    def _stats(self, suffix: str) -> dict[str, float]:
-        raw = self.redis.hgetall(stats_key(suffix)) or self.redis.hgetall(stats_key("all"))
-        return {k.decode(): float(v) for k, v in raw.items()}
+    def _stats(self, bk: dict) -> dict[str, float]:
+        for key in eta_stats_keys(bk["model"], bk["kind"], bk["height"], bk["width"], bk["steps"], bk["scheduler"]):
+            raw = self.redis.hgetall(key)
+            if raw:
+                return {k.decode(): float(v) for k, v in raw.items()}
+        return {}

@@ -11,6 +11,7 @@ Hosts, IPs or CIDRs in ``allow_hosts`` are exempt (tests, internal receivers an 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
@@ -224,6 +225,17 @@ class Reply:
     body_prefix: bytes
 
 
+def pinned_request(client: httpx.Client | httpx.AsyncClient, destination: Destination, ip: IPAddress, method: str,
+                   headers: Mapping[str, str], *, content: bytes | None = None,
+                   timeout: float | None = None) -> httpx.Request:
+    """A request to the checked ``ip``; the Host header and the TLS SNI/certificate name stay the URL's."""
+    extensions = {"sni_hostname": destination.url.host} if destination.url.scheme == "https" else {}
+    return client.build_request(method, destination.pinned_url(ip), content=content,
+                                headers={**headers, "Host": destination.host_header},
+                                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                                extensions=extensions)
+
+
 def pinned_post(
     client: httpx.Client,
     destination: Destination,
@@ -237,16 +249,8 @@ def pinned_post(
     Addresses are tried in resolver order while connecting fails (e.g. ::1 then 127.0.0.1). The reply body is read only up to ``max_body_bytes``: a receiver must not be able to stall or
     flood the sender. ``client`` must not follow redirects or trust proxy env vars (:func:`new_client`).
     """
-    extensions = {"sni_hostname": destination.url.host} if destination.url.scheme == "https" else {}
     for index, ip in enumerate(destination.ips):
-        request = client.build_request(
-            "POST",
-            destination.pinned_url(ip),
-            content=content,
-            headers={**headers, "Host": destination.host_header},
-            timeout=timeout,
-            extensions=extensions,
-        )
+        request = pinned_request(client, destination, ip, "POST", headers, content=content, timeout=timeout)
         try:
             response = client.send(request, follow_redirects=False, stream=True)
             break
@@ -267,3 +271,98 @@ def pinned_post(
 def new_client() -> httpx.Client:
     """An HTTP client fit for pinned sends: no redirects, no env proxies (they would bypass the pin)."""
     return httpx.Client(follow_redirects=False, trust_env=False)
+
+
+# ------------------------------------------------------------------------------------------------ bounded GET
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class FetchFailed(Exception):
+    """A guarded GET gave no acceptable body (refused destination, status, size, time or connection)."""
+
+    def __init__(self, message: str, *, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass(frozen=True)
+class Fetched:
+    url: str  # after redirects
+    content_type: str | None
+    body: bytes
+
+
+async def fetch_bounded(url: str, allow: AllowList, *, client: httpx.AsyncClient, max_bytes: int, timeout: float,
+                        max_redirects: int = 3, schemes: tuple[str, ...] = ("https",),
+                        resolver: Resolver = system_resolver,
+                        headers: Mapping[str, str] | None = None) -> Fetched:
+    """GET ``url`` under the same guard as webhooks, with bounded cost: every hop (the URL, then each redirect's
+    Location) is resolved, checked against non-global addresses and pinned (:func:`check_url`); at most
+    ``max_redirects`` are followed; the body is streamed and refused past ``max_bytes`` (or at once from
+    Content-Length); the whole exchange (DNS, connect, TLS, redirects, body) ends after ``timeout`` seconds.
+    ``client`` must not follow redirects or trust proxy env vars. Raises :class:`DestinationRefused` or
+    :class:`FetchFailed`.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await _fetch(url, allow, client, max_bytes, max_redirects, schemes, resolver, dict(headers or {}))
+    except TimeoutError:
+        raise FetchFailed(f"no complete answer within {timeout:g} s") from None
+
+
+async def _fetch(url: str, allow: AllowList, client: httpx.AsyncClient, max_bytes: int, max_redirects: int,
+                 schemes: tuple[str, ...], resolver: Resolver, headers: dict[str, str]) -> Fetched:
+    for hop in range(max_redirects + 1):
+        parsed = parse_url(url)
+        if parsed.scheme not in schemes:
+            raise DestinationRefused(f"scheme {parsed.scheme!r} is not allowed ({' or '.join(schemes)} only)")
+        # DNS is blocking: off the event loop (the overall timeout still bounds the wait for it)
+        destination = await asyncio.to_thread(check_url, url, allow, resolver)
+        response = await _send_pinned(client, destination, headers)
+        try:
+            if response.status_code in REDIRECT_STATUSES:
+                location = response.headers.get("location")
+                if not location:
+                    raise FetchFailed(f"redirect {response.status_code} without a Location")
+                if hop == max_redirects:
+                    raise FetchFailed(f"more than {max_redirects} redirects")
+                url = str(destination.url.join(location))
+                continue
+            if response.status_code != 200:
+                raise FetchFailed(f"answered HTTP {response.status_code}")
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise FetchFailed(f"is {int(declared)} bytes, larger than the limit of {max_bytes}", too_large=True)
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise FetchFailed(f"sent more than the limit of {max_bytes} bytes", too_large=True)
+            return Fetched(url=str(destination.url), content_type=response.headers.get("content-type"),
+                           body=bytes(body))
+        except httpx.HTTPError as exc:
+            raise FetchFailed(f"transfer failed: {type(exc).__name__}: {exc}"[:300]) from None
+        finally:
+            await response.aclose()
+    raise FetchFailed(f"more than {max_redirects} redirects")  # not reached: the loop returns or raises
+
+
+async def _send_pinned(client: httpx.AsyncClient, destination: Destination,
+                       headers: Mapping[str, str]) -> httpx.Response:
+    """Connect to the checked addresses in order (e.g. ::1 then 127.0.0.1) until one answers."""
+    for index, ip in enumerate(destination.ips):
+        request = pinned_request(client, destination, ip, "GET", headers)
+        try:
+            return await client.send(request, follow_redirects=False, stream=True)
+        except httpx.ConnectError as exc:
+            if index == len(destination.ips) - 1:
+                raise FetchFailed(f"could not connect: {exc}"[:300]) from None
+        except httpx.HTTPError as exc:
+            raise FetchFailed(f"request failed: {type(exc).__name__}: {exc}"[:300]) from None
+    raise FetchFailed("no address to connect to")
+
+
+def new_async_client(verify: bool | str | object = True) -> httpx.AsyncClient:
+    """:func:`new_client`'s async twin (no redirects, no env proxies); ``verify`` as httpx takes it."""
+    return httpx.AsyncClient(follow_redirects=False, trust_env=False, verify=verify)

@@ -89,3 +89,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         return _high_bit_depth_to_l(img).convert("RGB")
     return img.convert("RGB")
+
+
+def square_photo(image: Image.Image, size: int) -> Image.Image:
+    """Centre crop to a square, resize to ``size`` (the null-text reference's ``load_512``, as the worker's
+    ``photo_tensor`` does it for a square: on this output that is the identity). Photos to invert go through it."""
+    w, h = image.size
+    if w > h:
+        box = ((w - h) // 2, 0, (w - h) // 2 + h, h)
+    else:
+        box = (0, (h - w) // 2, w, (h - w) // 2 + w)
+    return image.crop(box).resize((size, size), Image.Resampling.LANCZOS)

@@ -12,17 +12,20 @@ import binascii
 import io
 import json
 import re
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
 
 from editserve.contract import MAX_PROMPT_WORDS
-from service.config import LimitsSettings
+from service import egress
+from service.config import ImageUrlSettings, LimitsSettings
 from editserve.contract import ErrorType
 from service.errors import ApiError, invalid
 from service.imaging import to_rgb
@@ -73,7 +76,7 @@ class EditBody:
 
     data: dict[str, Any]
     image_bytes: bytes | None
-    image_source: str | None  # "multipart" | "base64" | None
+    image_source: str | None  # "multipart" | "base64" | "url" | None
 
 
 def parse_json_object(raw: bytes | str, what: str = "request body") -> dict[str, Any]:
@@ -214,6 +217,59 @@ async def _parse_multipart(request: Request, body: bytes, limits: LimitsSettings
         return EditBody(data, image_bytes, "multipart")
     finally:
         await form.close()
+
+
+FETCH_HEADERS = {"Accept": "image/png, image/jpeg, image/webp, image/*;q=0.8", "Accept-Encoding": "identity",
+                 "User-Agent": "editserve-image-fetch/1"}
+
+
+@lru_cache(maxsize=4)
+def _tls_context(ca_bundle: str | None) -> ssl.SSLContext | bool:
+    return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
+
+
+async def fetch_image_url(url: str, settings: ImageUrlSettings, limits: LimitsSettings,
+                          resolver: egress.Resolver = egress.system_resolver) -> bytes:
+    """The bytes behind an ``image_url``, fetched under the webhook egress guard; 4xx naming ``image_url``
+    otherwise: not https, a private or reserved address (directly or after a redirect), too many redirects, a
+    non-200 answer, more than ``limits.max_image_bytes`` (413), or slower than ``settings.timeout_seconds``."""
+    if not settings.enabled:
+        raise invalid("image_url", "image_url is disabled on this server; send the image inline or as a file")
+    allow = egress.AllowList.parse(settings.allow_hosts)
+    try:
+        async with egress.new_async_client(_tls_context(settings.ca_bundle)) as client:
+            client.timeout = settings.timeout_seconds
+            fetched = await egress.fetch_bounded(
+                url, allow, client=client, max_bytes=limits.max_image_bytes, timeout=settings.timeout_seconds,
+                max_redirects=settings.max_redirects, resolver=resolver, headers=FETCH_HEADERS)
+    except egress.DestinationRefused as exc:
+        raise invalid("image_url", f"image_url refused: {exc}")
+    except egress.FetchFailed as exc:
+        if exc.too_large:
+            raise ApiError(413, f"image_url {exc}", type=ErrorType.payload_too_large, field="image_url")
+        raise invalid("image_url", f"image_url could not be fetched: {exc}")
+    if not fetched.body:
+        raise invalid("image_url", "image_url answered an empty body")
+    return fetched.body
+
+
+async def fetch_image_input(parsed: EditBody, image_url: str | None, settings: ImageUrlSettings,
+                            limits: LimitsSettings) -> None:
+    """Fill ``parsed`` with the image behind ``image_url`` (when the request has one): refused when the body
+    carries an image too."""
+    if image_url is None:
+        return
+    if parsed.image_bytes is not None:
+        raise invalid("image_url", "send the image once: image_url, or `image` inline or as a file")
+    parsed.image_bytes = await fetch_image_url(image_url, settings, limits)
+    parsed.image_source = "url"
+
+
+def blame_image_url(parsed: EditBody, exc: ApiError) -> ApiError:
+    """An error about a fetched image names ``image_url``, the field the client sent."""
+    if parsed.image_source == "url" and exc.field == "image":
+        exc.field, exc.message = "image_url", f"image_url: the fetched file: {exc.message}"
+    return exc
 
 
 class DecodeGate:

@@ -15,6 +15,7 @@ import json
 
 import redis
 
+from service.editview import load_record
 from service.keys import inversion_cache_key
 
 
@@ -41,3 +42,16 @@ def find_inversion(connection: redis.Redis, tenant: str, digest: str) -> str | N
 def forget_inversion(connection: redis.Redis, tenant: str, digest: str) -> None:
     """A hit whose record is gone or failed: drop it so the next request inverts afresh."""
     connection.delete(inversion_cache_key(tenant, digest))
+
+
+def usable_inversion(connection: redis.Redis, tenant: str, digest: str) -> str | None:
+    """The id of the tenant's succeeded record holding a stored inversion with this key (an inversion, or a P2P
+    edit that inverted its photo itself), else None (a stale entry is dropped)."""
+    found = find_inversion(connection, tenant, digest)
+    if found is None:
+        return None
+    record = load_record(connection, found)
+    if record and record.get("tenant") == tenant and record.get("status") == "succeeded" and record.get("inversion"):
+        return found
+    forget_inversion(connection, tenant, digest)
+    return None

@@ -47,6 +47,7 @@ from rq.job import Job, JobStatus
 
 from editserve.contract import (
     ALLOWED_FROM,
+    BatchKey,
     Edit,
     EditList,
     EditStatus,
@@ -57,10 +58,10 @@ from editserve.contract import (
     job_error,
 )
 from editserve.kinds import sweep_cells
-from service import limits, metrics, scripts
+from service import limits, metrics, scripts, throughput
 from service.config import Settings
 from service.editview import EditView, load_record
-from service.keys import edit_key, events_channel, idem_key, stats_key
+from service.keys import edit_key, eta_stats_keys, events_channel, idem_key
 from service.limits import Accounting
 from service.queues import BATCH_TAG_FIELD, batch_tag, queue_name, rq_queue_key, same_key_queues_ahead
 from service.storage import Storage
@@ -133,6 +134,8 @@ class JobStore:
         self._listeners: list[StatusListener] = list(listeners)
         self._transition_script = redis.register_script(scripts.TRANSITION)
         self._progress_script = redis.register_script(scripts.PROGRESS)
+        self._preview_script = redis.register_script(scripts.PREVIEW)
+        self._detail_script = redis.register_script(scripts.PROGRESS_DETAIL)
         self._ewma_script = redis.register_script(scripts.EWMA)
         self._release_claim_script = redis.register_script(scripts.COMPARE_AND_DELETE)
         self.accounting = Accounting(redis, settings)
@@ -249,7 +252,7 @@ class JobStore:
         return limits.AdmissionRequest(
             record=record, score_ms=int(created * 1000), priority=request.priority, job_key=job.key,
             job_fields={**job.to_dict(), BATCH_TAG_FIELD: batch_tag(payload.batch_key)}, queues_ahead=[rq_queue_key(q) for q in same_key_queues_ahead(name)],
-            stats_keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
+            stats_keys=_eta_keys(payload.batch_key),
             rate=(payload.tenant, lim.tenant_rps, lim.tenant_burst) if rate_limit else None, claim=claim)
 
     def _admitted(self, payload: JobPayload, request: limits.AdmissionRequest, admission: limits.Admission) -> Edit:
@@ -317,7 +320,7 @@ class JobStore:
         rev, _ = self._run_transition(
             edit_id, ALLOWED_FROM[P], P,
             set_fields={"batch_id": batch_id, "batch_size": str(batch_size), "worker": worker},
-            set_nx={"started_at": repr(now)}, incr=["attempts"], delete=["progress_step", "progress_total"],
+            set_nx={"started_at": repr(now)}, incr=["attempts"], delete=["progress_step", "progress_total", "progress_detail"],
             queue_wait=True, now=now)
         if not rev:
             return False
@@ -346,6 +349,17 @@ class JobStore:
         if due:
             self._publish_current(edit_id, event="progress")
 
+    def set_preview(self, edit_id: str, step: int, total: int, key: str) -> None:
+        """The latest preview (an S3 key) of a processing edit; published (SSE ``preview``), no webhook."""
+        preview = json.dumps({"step": int(step), "total": int(total), "key": key})
+        if self._preview_script(keys=[edit_key(edit_id)], args=[preview]):
+            self._publish_current(edit_id, event=None)
+
+    def set_progress_detail(self, edit_id: str, detail: str) -> None:
+        """A kind's own progress beyond step/total (an inversion's phase and inner iterations), stored as JSON
+        while the edit is processing; it travels with the next published change."""
+        self._detail_script(keys=[edit_key(edit_id)], args=[detail])
+
     def is_cancel_requested(self, edit_id: str) -> bool:
         """True when the worker should stop: cancel asked, edit already terminal, or record gone."""
         status, flag = self.redis.hmget(edit_key(edit_id), "status", "cancel_requested")
@@ -354,14 +368,20 @@ class JobStore:
         return flag == b"1" or EditStatus(status.decode()).terminal
 
     def mark_succeeded(self, edit_id: str, *, results: list[dict], attention_maps: list[dict],
-                       run_seconds: float) -> None:
+                       run_seconds: float, inversion: dict | None = None) -> bool:
+        """``inversion``: an inversion job's stored objects (arrays, reconstruction, its error). True when this
+        call made the edit succeeded (False: it was terminal already)."""
         fields = {"results": json.dumps(results), "attention_maps": json.dumps(attention_maps),
                   "run_seconds": repr(float(run_seconds))}
+        if inversion is not None:
+            fields["inversion"] = json.dumps(inversion)
         if self._transition(edit_id, S, completed_at=True, set_fields=fields):
             model, kind = self.redis.hmget(edit_key(edit_id), "model", "kind")
             metrics.job_duration_seconds.labels(model=(model or b"?").decode(), kind=(kind or b"?").decode()).observe(
                 run_seconds)
-            self._record_stats(edit_id, run_seconds)
+            self._record_stats(edit_id, run_seconds, images=len(results))
+            return True
+        return False
 
     def mark_failed(self, edit_id: str, error: ErrorInfo) -> None:
         self._transition(edit_id, F, completed_at=True, set_fields={"error": error.model_dump_json()})
@@ -380,7 +400,7 @@ class JobStore:
             return False
         requeued = self._transition(
             edit_id, Q, set_fields={"enqueued_at": repr(_now()), "requeue_reason": reason[:500]},
-            delete=["progress_step", "progress_total", "batch_id", "batch_size", "worker"])
+            delete=["progress_step", "progress_total", "progress_detail", "batch_id", "batch_size", "worker"])
         if requeued:
             self._leave_in_progress(edit_id)
         return requeued
@@ -499,16 +519,20 @@ class JobStore:
         except Exception:
             log.exception("edit %s: could not remove its RQ job", edit_id)
 
-    def _record_stats(self, edit_id: str, run_seconds: float) -> None:
+    def _record_stats(self, edit_id: str, run_seconds: float, *, images: int) -> None:
+        """ETA statistics of this kind of work, and its model's recent throughput (``/v1/models``)."""
         record = self._record(edit_id)
         if record is None:
             return
         payload = JobPayload.model_validate_json(record["payload"])
         steps = max(1, payload.batch_key.steps)
         per_job = run_seconds / max(1, int(record.get("batch_size") or 1))
-        self._ewma_script(keys=[stats_key(payload.batch_key.queue_suffix()), stats_key("all")],
+        self._ewma_script(keys=_eta_keys(payload.batch_key),
                           args=[run_seconds / steps, per_job, STATS_EWMA_ALPHA,
-                                self.settings.retention.stats_ttl_seconds])
+                                self.settings.retention.stats_ttl_seconds, per_job / steps])
+        throughput.record(self.redis, payload.batch_key.model, images=images, steps=payload.batch_key.steps,
+                          ttl=throughput.throughput_ttl(self.settings.throughput_window_seconds,
+                                                        self.settings.retention.stats_ttl_seconds))
 
     def _publish_current(self, edit_id: str, *, event: str | None) -> None:
         record = self._record(edit_id)
@@ -529,6 +553,10 @@ class JobStore:
             except Exception:  # a watcher must never fail a transition
                 log.exception("edit %s: listener %r failed on %s", edit.id, listener, event)
 
+def _eta_keys(bk: BatchKey) -> list[str]:
+    return eta_stats_keys(bk.model, bk.kind, bk.height, bk.width, bk.steps, bk.scheduler)
+
+
 def build_params(payload: JobPayload) -> dict[str, Any]:
     """The parameters actually used (defaults resolved, seeds included) shown as ``Edit.params``."""
     request = payload.request
@@ -538,6 +566,11 @@ def build_params(payload: JobPayload) -> dict[str, Any]:
                   seeds=list(payload.seeds))
     if request.kind == "p2p":
         params["seed"] = payload.seeds[0] if payload.seeds else None
+        if payload.inversion_id:
+            params["inversion_id"] = payload.inversion_id
+    elif request.kind == "inversion":
+        params.pop("seeds", None)
+        params.pop("priority", None)
     else:
         params["cells"] = [
             {"index": i, "image_guidance": ig, "text_guidance": tg, "seed": seed}

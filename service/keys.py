@@ -9,7 +9,9 @@ Layout (all prefixed ``editserve:``)::
     edit:{id}                     hash: the edit record (status, tenant, kind, payload, params, results, ...)
     tenant:{t}:edits              sorted set of the tenant's edit ids by creation time (ms): listing
     idem:{t}:{key}                JSON {edit_id, fingerprint}: an Idempotency-Key's claim (retention.idempotency_ttl_seconds)
-    stats:{batch key}|all         hash: EWMA seconds per step and per job (ETA; expires unused)
+    stats:{batch key}             hash: EWMA seconds per step and per job of one batch shape (ETA; expires unused)
+    stats:{m}:{kind}:{HxW}:{sched} hash: EWMA seconds per step (batch, one job) of that work at any step count
+    throughput:{model}:{minute}   hash: edits, images, steps finished in that minute (expires after the window)
     events:{id}                   pub/sub channel: the Edit JSON after every change
     tenant:{t}                    hash: webhook secret, created_at, limit overrides
     tenant:{t}:queued             set: the tenant's queued edits (held or released)
@@ -61,6 +63,18 @@ def events_channel(edit_id: str) -> str:
 
 def stats_key(suffix: str) -> str:
     return f"{KEY_PREFIX}stats:{suffix}"
+
+
+def eta_stats_keys(model: str, kind: str, height: int, width: int, steps: int, scheduler: str) -> list[str]:
+    """The statistics an ETA may use, best first: the exact batch shape, then the same model, kind, size and
+    scheduler at any step count (a per-step cost). Never another kind's or model's: no borrowed ETAs."""
+    return [stats_key(f"{model}:{kind}:{height}x{width}:s{steps}:{scheduler}"),
+            stats_key(f"{model}:{kind}:{height}x{width}:{scheduler}")]
+
+
+def throughput_key(model: str, minute: int) -> str:
+    """Work a model's workers finished in one minute (epoch seconds // 60): ``/v1/models`` throughput."""
+    return f"{KEY_PREFIX}throughput:{model}:{minute}"
 
 
 # ---------------------------------------------------------------------------------------------- tenants, limits

@@ -50,6 +50,13 @@ def live_workers(connection: redis.Redis) -> Counter:
     return Counter((m.decode() if isinstance(m, bytes) else m).split(_SEP, 1)[0] for m in members)
 
 
+async def serves_async(connection, model: str) -> bool:
+    """Whether a live worker serves ``model`` now, through an asyncio client (the submit path)."""
+    prefix = f"{model}{_SEP}".encode()
+    members = await connection.zrangebyscore(LIVE_WORKERS_KEY, time.time(), "+inf")
+    return any((m if isinstance(m, bytes) else m.encode()).startswith(prefix) for m in members)
+
+
 class Beacon:
     """A daemon thread that beats every ``ttl / 3`` seconds, independent of how long a batch runs."""
 

@@ -45,6 +45,9 @@ jobs_submitted_total = Counter(
     PREFIX + "jobs_submitted", "Edits accepted and queued", ["kind", "model"])
 jobs_completed_total = Counter(
     PREFIX + "jobs_completed", "Edits that reached a terminal status", ["model", "kind", "status"])
+inversion_jobs_total = Counter(
+    PREFIX + "inversion_jobs", "Inversion jobs a worker started running (P2P edits from an inversion run none)",
+    ["model"])
 queue_wait_seconds = Histogram(
     PREFIX + "queue_wait_seconds", "Time from enqueue to the start of processing", ["model", "kind"],
     buckets=SECONDS_BUCKETS)

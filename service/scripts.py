@@ -308,16 +308,35 @@ redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_total', ARGV[2])
 return redis.call('HINCRBY', KEYS[1], 'revision', 1)
 """
 
+PREVIEW = """
+-- KEYS: [1] edit:{id}.  ARGV: [1] preview JSON {step, total, key}.  Returns the new revision, 0 when not
+-- processing (a late preview never lands on a finished edit).
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+redis.call('HSET', KEYS[1], 'preview', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'revision', 1)
+"""
+
+PROGRESS_DETAIL = """
+-- KEYS: [1] edit:{id}.  ARGV: [1] the kind's progress detail (JSON).  Returns 1, 0 when not processing.
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+redis.call('HSET', KEYS[1], 'progress_detail', ARGV[1])
+return 1
+"""
+
 EWMA = """
--- KEYS: stats hashes to update.  ARGV: [1] seconds per step, [2] seconds per job, [3] alpha, [4] TTL (s):
+-- KEYS: stats hashes to update (service.keys.eta_stats_keys: the batch shape first).
+-- ARGV: [1] seconds per step (the batch), [2] seconds per job, [3] alpha, [4] TTL (s), [5] seconds per step of
+-- one job. job_seconds only means something at one step count, so only KEYS[1] (the exact shape) keeps it;
 -- statistics of a batch shape nobody runs any more expire.
 local alpha = tonumber(ARGV[3])
-for _, k in ipairs(KEYS) do
-  for j, f in ipairs({'step_seconds', 'job_seconds'}) do
+for i, k in ipairs(KEYS) do
+  for j, f in ipairs({'step_seconds', 'job_seconds', '', '', 'job_step_seconds'}) do
     local v = tonumber(ARGV[j])
-    local old = redis.call('HGET', k, f)
-    if old then v = alpha * v + (1 - alpha) * tonumber(old) end
-    redis.call('HSET', k, f, tostring(v))
+    if f ~= '' and v and (i == 1 or f ~= 'job_seconds') then
+      local old = redis.call('HGET', k, f)
+      if old then v = alpha * v + (1 - alpha) * tonumber(old) end
+      redis.call('HSET', k, f, tostring(v))
+    end
   end
   if ARGV[4] then redis.call('EXPIRE', k, ARGV[4]) end
 end

@@ -1,5 +1,9 @@
 """S3 access for inputs, results and attention maps (boto3, SigV4, path-style addressing).
 
+Retries are botocore's own (``retry_mode`` standard by default: up to ``max_attempts`` attempts per call,
+truncated exponential backoff with full jitter, a per-client retry quota so a long outage stops retrying
+instead of multiplying load): connection errors, timeouts, 5xx and throttling are retried, other 4xx are not.
+
 Why path-style: MinIO, SeaweedFS and LocalStack all serve it without wildcard DNS. Clients never see S3
 credentials: they get presigned GET URLs with an explicit ``expires_at``. Presigning is a local computation,
 so a separate ``public_endpoint_url`` (what browsers can reach) gets its own client that never talks to S3.
@@ -8,7 +12,7 @@ so a separate ``public_endpoint_url`` (what browsers can reach) gets its own cli
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
@@ -41,6 +45,12 @@ def attention_grid_key(edit_id: str, prompt_index: int) -> str:
     return f"{EDITS_PREFIX}{edit_id}/attn-{prompt_index}.png"
 
 
+def preview_key(edit_id: str, step: int) -> str:
+    """One object per preview step (the SSE event of step k keeps pointing at step k's picture); the edit's
+    prefix goes with its retention like every other output."""
+    return f"{EDITS_PREFIX}{edit_id}/preview-{step}.webp"
+
+
 def attention_array_key(edit_id: str, prompt_index: int) -> str:
     return f"{EDITS_PREFIX}{edit_id}/attn-{prompt_index}.npy"
 
@@ -58,9 +68,10 @@ class Storage:
     def __init__(self, settings: S3Settings):
         self.settings = settings
         self.bucket = settings.bucket
+        self._attempts = threading.local()
 
-    def _make_client(self, endpoint_url: str | None, *, timeout: float = 10.0):
-        return boto3.client(
+    def _make_client(self, endpoint_url: str | None, *, timeout: float = 10.0, max_attempts: int | None = None):
+        client = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
             aws_access_key_id=self.settings.access_key_id,
@@ -68,8 +79,15 @@ class Storage:
             region_name=self.settings.region,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
                           connect_timeout=timeout, read_timeout=timeout * 3,
-                          retries={"total_max_attempts": 1}),
+                          retries={"mode": self.settings.retry_mode,
+                                   "total_max_attempts": max_attempts or self.settings.max_attempts}),
         )
+        client.meta.events.register("before-send.s3", self._count_attempt)
+        return client
+
+    def _count_attempt(self, **_kwargs) -> None:
+        """Called by botocore before every attempt (retries included), on the calling thread."""
+        self._attempts.count = getattr(self._attempts, "count", 0) + 1
 
     @cached_property
     def client(self):
@@ -85,36 +103,31 @@ class Storage:
     @cached_property
     def _probe_client(self):
         """Readiness probes must answer fast: one attempt, short timeouts."""
-        return self._make_client(self.settings.endpoint_url, timeout=2.0)
+        return self._make_client(self.settings.endpoint_url, timeout=2.0, max_attempts=1)
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        """Upload with bounded retries (exponential backoff); StorageError after the last attempt."""
-        self._with_retries(f"upload of s3://{self.bucket}/{key}", lambda: self.client.put_object(
+        """Upload (botocore retries transient failures); StorageError once they are spent or for a 4xx."""
+        self._call(f"upload of s3://{self.bucket}/{key}", lambda: self.client.put_object(
             Bucket=self.bucket, Key=key, Body=data, ContentType=content_type))
 
     def get_bytes(self, key: str) -> bytes:
-        return self._with_retries(f"download of s3://{self.bucket}/{key}", lambda: self.client.get_object(
-            Bucket=self.bucket, Key=key)["Body"].read(), retry_client_errors=False)
+        return self._call(f"download of s3://{self.bucket}/{key}", lambda: self.client.get_object(
+            Bucket=self.bucket, Key=key)["Body"].read())
 
-    def _with_retries(self, what: str, operation, *, retry_client_errors: bool = True):
-        """Our retries, not botocore's (its client makes one attempt), so attempts and backoff follow settings."""
-        attempts = self.settings.upload_attempts
+    def _call(self, what: str, operation):
+        """One S3 call, retried by botocore; its errors become StorageError naming the attempts made."""
         operation_label = what.split(" ", 1)[0]  # "upload" / "download": bounded, never the key
-        for attempt in range(1, attempts + 1):
-            try:
-                result = operation()
-                metrics.s3_operations_total.labels(operation=operation_label, outcome="ok").inc()
-                return result
-            except (BotoCoreError, ClientError) as exc:
-                metrics.s3_operations_total.labels(operation=operation_label, outcome="error").inc()
-                permanent = isinstance(exc, ClientError) and (
-                    not retry_client_errors
-                    or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500) < 500)
-                if permanent or attempt == attempts:
-                    raise StorageError(f"{what} failed after {attempt} attempt(s): {exc}") from exc
-                delay = self.settings.upload_backoff_seconds * 2 ** (attempt - 1)
-                log.warning("%s failed (attempt %d/%d): %s; retrying in %.2fs", what, attempt, attempts, exc, delay)
-                time.sleep(delay)
+        self._attempts.count = 0
+        try:
+            result = operation()
+        except (BotoCoreError, ClientError) as exc:
+            metrics.s3_operations_total.labels(operation=operation_label, outcome="error").inc()
+            attempts = max(1, self._attempts.count)
+            raise StorageError(f"{what} failed after {attempts} attempt(s): {exc}") from exc
+        metrics.s3_operations_total.labels(operation=operation_label, outcome="ok").inc()
+        if self._attempts.count > 1:
+            log.warning("%s needed %d attempts", what, self._attempts.count)
+        return result
 
     def delete(self, key: str) -> None:
         try:

@@ -21,8 +21,7 @@ REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 def s3_settings(s3_server, **overrides) -> S3Settings:
     values = dict(endpoint_url=s3_server.endpoint_url, access_key_id=s3_server.access_key,
-                  secret_access_key=s3_server.secret_key, bucket=s3_server.bucket, region=s3_server.region,
-                  upload_backoff_seconds=0.01)
+                  secret_access_key=s3_server.secret_key, bucket=s3_server.bucket, region=s3_server.region)
     values.update(overrides)
     return S3Settings(**values)
 

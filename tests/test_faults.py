@@ -8,17 +8,10 @@ second attempt (test_worker_process, test_e2e); the reaper's retry limit with si
 
 from __future__ import annotations
 
-import http.client
-import itertools
 import json
 import os
 import shutil
 import signal
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -28,6 +21,7 @@ from rq.job import Job, JobStatus
 from editserve import Client, EditStatus
 from service.config import S3Settings, Settings, WorkerSettings
 from devtools.devstack import LocalStack, start_persistent_redis
+from devtools.faultproxy import HttpFaultProxy
 from service.jobstore import JobStore
 from service.keys import edit_key
 from worker_support import EventCounter, wait_until
@@ -146,77 +140,9 @@ def test_accepted_jobs_survive_a_redis_crash_with_aof(stack, aof_redis, conn, cl
 
 # ------------------------------------------------------------------------------------------------ (b) S3
 
-class S3FaultProxy:
-    """A loopback HTTP proxy in front of the S3 endpoint that drops chosen requests without an answer.
-
-    The Host header is forwarded unchanged, so SigV4 signatures made for the proxy's address still verify.
-    ``drop(method, path, n)`` decides per request (``n``: requests seen so far); every request is logged
-    as (monotonic time, method, path, "dropped"|status).
-    """
-
-    def __init__(self, upstream: str):
-        parsed = urlparse(upstream)
-        self.upstream = (parsed.hostname, parsed.port)
-        self.drop = lambda method, path, n: False
-        self.log: list[tuple[float, str, str, str]] = []
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # answers Expect: 100-continue at once
-
-            def handle_one(self):
-                assert "chunked" not in (self.headers.get("transfer-encoding") or "")
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with proxy.lock:
-                    n = len(proxy.log)
-                    dropped = proxy.drop(self.command, self.path, n)
-                    proxy.log.append((time.monotonic(), self.command, self.path, "dropped" if dropped else "?"))
-                if dropped:  # S3 unreachable mid-request: the connection dies, nothing comes back
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=30)
-                upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                for key, value in self.headers.items():
-                    if key.lower() not in ("expect", "connection", "keep-alive"):
-                        upstream.putheader(key, value)
-                upstream.endheaders(body or None)
-                response = upstream.getresponse()
-                data = response.read()
-                upstream.close()
-                with proxy.lock:
-                    proxy.log[n] = proxy.log[n][:3] + (str(response.status),)
-                self.send_response_only(response.status, response.reason)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = handle_one
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def requests(self, method: str, suffix: str) -> list[tuple[float, str]]:
-        with self.lock:
-            return [(t, outcome) for t, m, p, outcome in self.log if m == method and p.split("?")[0].endswith(suffix)]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def s3_proxy(s3_server):
-    proxy = S3FaultProxy(s3_server.endpoint_url)
+    proxy = HttpFaultProxy(s3_server.endpoint_url)
     yield proxy
     proxy.close()
 
@@ -229,14 +155,13 @@ def object_keys(s3_server, edit_id: str) -> list[str]:
 def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_within_the_window(
         stack, s3_server, s3_proxy, conn, client):
     events = EventCounter(redis.Redis.from_url(stack.redis_url))
-    start_worker(stack, "uploader", EDITSERVE_S3__ENDPOINT_URL=s3_proxy.url, EDITSERVE_S3__UPLOAD_ATTEMPTS="3",
-                 EDITSERVE_S3__UPLOAD_BACKOFF_SECONDS="0.2",
+    start_worker(stack, "uploader", EDITSERVE_S3__ENDPOINT_URL=s3_proxy.url, EDITSERVE_S3__MAX_ATTEMPTS="3",
                  EDITSERVE_WORKER__RESULT_UPLOAD_WINDOW_SECONDS="0")  # the storage client's retries alone here
     wait_started(stack, "uploader")
 
     # 1. S3 unreachable for longer than the retry window: output-1 never gets through
-    s3_proxy.drop = lambda method, path, n: (method == "PUT"
-                                             and path.split("?")[0].endswith("/output-1-target-1.png"))
+    s3_proxy.fault = lambda method, path, n: ("drop" if method == "PUT"
+                                              and path.split("?")[0].endswith("/output-1-target-1.png") else None)
     doomed = submit(client, seed=1)
     final = wait_until(lambda: (e := client.get(doomed.id)).status.terminal and e, 90, what="the doomed edit to end")
     assert final.status is EditStatus.failed
@@ -245,8 +170,7 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
     assert final.results == [] and final.attention_maps == []  # no result URLs, partial or not
     attempts = s3_proxy.requests("PUT", f"{doomed.id}/output-1-target-1.png")
     assert [outcome for _, outcome in attempts] == ["dropped"] * 3
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(attempts)]
-    assert gaps[0] >= 0.18 and gaps[1] >= 0.36 and gaps[1] > gaps[0], gaps  # exponential backoff 0.2, 0.4
+    # botocore's standard retry mode made the 3 attempts (its backoff is jittered: no timing to assert)
     # what did reach S3 (output-0) is referenced nowhere: the record holds no results at all
     assert json.loads(field(conn, doomed.id, "results") or "[]") == []
     assert set(object_keys(s3_server, doomed.id)) <= {f"edits/{doomed.id}/output-0-source.png"}
@@ -254,7 +178,7 @@ def test_s3_outage_uploads_retry_with_backoff_then_fail_cleanly_or_succeed_withi
 
     # 2. an outage shorter than the retry window: the first two PUTs die, the third goes through
     first = len(s3_proxy.log)
-    s3_proxy.drop = lambda method, path, n: method == "PUT" and n < first + 2
+    s3_proxy.fault = lambda method, path, n: "drop" if method == "PUT" and n < first + 2 else None
     lucky = submit(client, seed=2)
     done = client.wait(lucky.id, timeout=90, progress=False)
     assert done.status is EditStatus.succeeded and len(done.results) == 2

@@ -268,7 +268,7 @@ def test_every_503_carries_retry_after(redis_url, s3_server, s3):
     from gateway_support import s3_settings
 
     settings = make_settings(f"redis://{redis_proxy.address}{target.path}", limits=NO_RATE_LIMIT,
-                             s3=s3_settings(s3_server, endpoint_url=f"http://{s3_proxy.address}", upload_attempts=1))
+                             s3=s3_settings(s3_server, endpoint_url=f"http://{s3_proxy.address}", max_attempts=1))
     server = start_live_server(create_app(settings, prepare_bucket=False))
     try:
         with server.client() as client:

@@ -99,8 +99,7 @@ def test_a_finished_result_outlasts_a_storage_outage_longer_than_the_retry_budge
     settings = make_settings(redis_url, s3_server, heartbeat_ttl_seconds=5, heartbeat_interval_seconds=0.5,
                              result_upload_window_seconds=60)
     settings.s3.endpoint_url = f"http://{proxy.address}"
-    settings.s3.upload_attempts = 2
-    settings.s3.upload_backoff_seconds = 0.01
+    settings.s3.max_attempts = 2
     conn = redis.Redis.from_url(redis_url)
     store = JobStore(conn, settings)
     edit_id = submit(store, p2p_payload(steps=2))
@@ -138,7 +137,7 @@ def test_a_result_is_failed_once_the_outage_outlasts_the_window(redis_url, s3_se
     proxy = TcpProxy(target.hostname, target.port)
     settings = make_settings(redis_url, s3_server, result_upload_window_seconds=1.0)
     settings.s3.endpoint_url = f"http://{proxy.address}"
-    settings.s3.upload_attempts = 1
+    settings.s3.max_attempts = 1
     conn = redis.Redis.from_url(redis_url)
     edit_id = submit(JobStore(conn, settings), p2p_payload(steps=2))
     worker = EditWorker(settings, ["tiny-sd"], "outage-too-long", registry=worker_registry)

@@ -11,6 +11,8 @@ import pytest
 from gateway_support import s3_settings
 
 from devtools.devstack import free_port
+from devtools.faultproxy import HttpFaultProxy
+from service.config import S3Settings
 from service.storage import Storage, StorageError, attention_array_key, input_key, output_key
 
 
@@ -67,23 +69,71 @@ def test_get_of_a_missing_key_is_a_storage_error(storage, s3):
         storage.get_bytes(f"{s3.test_prefix}missing")
 
 
-def test_upload_retries_then_raises_a_clear_error(caplog):
-    dead = f"http://127.0.0.1:{free_port()}"
-    storage = Storage(s3_settings_for_dead(dead))
+@pytest.fixture
+def s3_faults(s3_server):
+    """An HTTP proxy in front of the real SeaweedFS endpoint that fails the requests a test chooses."""
+    proxy = HttpFaultProxy(s3_server.endpoint_url)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["drop", 503, 500])
+def test_a_transient_failure_is_retried_by_botocores_standard_mode(s3, s3_faults, fault, caplog):
+    """Two failed attempts (connection cut mid-request, 503 SlowDown, 500), then S3 answers: the call succeeds
+    on its third attempt, made by botocore's retry handler (no backoff loop of ours)."""
+    storage = Storage(s3_settings(s3, endpoint_url=s3_faults.url, max_attempts=3))
+    assert storage.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 3}
+    key = f"{s3.test_prefix}edits/transient-{fault}/output-0.png"
+    failing = {"left": 2}
+
+    def first_two(method, path, n):
+        if method == "PUT" and path.split("?")[0].endswith(key) and failing["left"] > 0:
+            failing["left"] -= 1
+            return fault
+        return None
+
+    s3_faults.fault = first_two
     caplog.set_level(logging.WARNING, logger="service.storage")
-    started = time.monotonic()
+    storage.put_bytes(key, b"\x89PNG transient", "image/png")
+    expected = "dropped" if fault == "drop" else str(fault)
+    assert [outcome for _, outcome in s3_faults.requests("PUT", key)] == [expected, expected, "200"]
+    assert any("needed 3 attempts" in r.message for r in caplog.records)
+    assert Storage(s3_settings(s3)).get_bytes(key) == b"\x89PNG transient"  # really stored, straight from S3
+
+
+def test_a_persistent_failure_fails_cleanly_after_max_attempts(s3, s3_faults):
+    storage = Storage(s3_settings(s3, endpoint_url=s3_faults.url, max_attempts=3))
+    key = f"{s3.test_prefix}edits/persistent/output-0.png"
+    s3_faults.fault = lambda method, path, n: "drop" if method == "PUT" else None
+    with pytest.raises(StorageError, match=r"upload of s3://.*persistent/output-0.png failed after 3 attempt\(s\)"):
+        storage.put_bytes(key, b"data")
+    assert [outcome for _, outcome in s3_faults.requests("PUT", key)] == ["dropped"] * 3
+    s3_faults.fault = lambda method, path, n: 503
     with pytest.raises(StorageError, match="after 3 attempt"):
+        storage.get_bytes(key)
+    assert len(s3_faults.requests("GET", key)) == 3
+
+
+def test_a_client_error_is_not_retried(s3, s3_faults):
+    """404 (a missing key) and 403 (bad credentials) are answers, not outages: one attempt each."""
+    storage = Storage(s3_settings(s3, endpoint_url=s3_faults.url, max_attempts=5))
+    missing = f"{s3.test_prefix}edits/none/output-0.png"
+    with pytest.raises(StorageError, match="after 1 attempt"):
+        storage.get_bytes(missing)
+    assert [outcome for _, outcome in s3_faults.requests("GET", missing)] == ["404"]
+    forged = Storage(s3_settings(s3, endpoint_url=s3_faults.url, max_attempts=5, secret_access_key="wrong"))
+    with pytest.raises(StorageError, match="after 1 attempt"):
+        forged.put_bytes(f"{s3.test_prefix}edits/forged/output-0.png", b"data")
+    assert [o for _, o in s3_faults.requests("PUT", "forged/output-0.png")] == ["403"]
+
+
+def test_a_dead_endpoint_fails_cleanly_and_readiness_says_so():
+    dead = f"http://127.0.0.1:{free_port()}"
+    storage = Storage(S3Settings(endpoint_url=dead, max_attempts=2))
+    with pytest.raises(StorageError, match="after 2 attempt"):
         storage.put_bytes("edits/x/input.png", b"data")
-    assert time.monotonic() - started < 10
-    assert sum("retrying" in r.message for r in caplog.records) == 2
     with pytest.raises(StorageError, match="unreachable"):
         storage.head_bucket()
-
-
-def s3_settings_for_dead(endpoint: str):
-    from service.config import S3Settings
-
-    return S3Settings(endpoint_url=endpoint, upload_attempts=3, upload_backoff_seconds=0.01)
 
 
 def test_bucket_and_lifecycle_are_ensured_or_tolerated(s3, caplog):

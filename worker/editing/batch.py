@@ -29,6 +29,7 @@ from worker.editing.base import (
     NonFiniteLatentsError,
     SamplingContext,
     finish_states,
+    hand_preview,
 )
 from worker.editing.buckets import padding_for
 from worker.editing.jobs import JobCanceled, JobResult, JobSpec
@@ -142,7 +143,8 @@ class BatchState:
             self._router = None
 
     def admit(self, job: JobState) -> None:
-        if job.controller is not None and self._router is None and getattr(job.controller, "needs_hook", True):
+        if self._router is None and any(ctrl is not None and getattr(ctrl, "needs_hook", True)
+                                        for _, ctrl in job.attention_segments()):
             self._install_router()
         self.jobs.append(job)
 
@@ -162,8 +164,9 @@ class BatchState:
             return
         segments, start = [], 0
         for job in jobs:
-            segments.append((start, start + job.num_rows, job.controller))
-            start += job.num_rows
+            for rows, controller in job.attention_segments():
+                segments.append((start, start + rows, controller))
+                start += rows
         self._router.segments = segments
 
     def _text(self, jobs: list[JobState]) -> torch.Tensor:
@@ -388,6 +391,7 @@ class BatchRunner:
     def _canceled(job: JobState, on_step: OnStep | None) -> bool:
         if on_step is None:
             return False
+        hand_preview(job, on_step)
         try:
             return bool(on_step(job.job_id, job.step_index, job.total_steps))
         except JobCanceled:

@@ -49,19 +49,35 @@ class P2PJobSpec:
     self_replace_layers: Literal["low", "medium"] = "low"
     guidance_scale: float = 7.5
     attention_map_prompts: list[int] = field(default_factory=list)
+    attention_overlay: bool = False  # grids drawn over each prompt's generated image
+    preview_every: int = 0  # a preview every k steps (worker.editing.previews); 0 = none
+    preview_decoder: str | None = None  # a TAESD folder or hub id; None = the linear latent→RGB factors
     negative_prompt: str = ""  # the unconditional branches' text, shared by every prompt of the job
     score: bool = False  # CLIP scores of every target against the source (worker.scoring)
     # a real photo: start from its inversion's x_T with its per-step unconditional embeddings and guidance
     # (``worker.editing.inversion.Inversion``); the seed is then unused
     inversion: Any = None
+    # several outputs: one group (source + targets, its own x_T) per seed, in this order; None = [seed]
+    seeds: list[int] | None = None
 
     @property
     def prompts(self) -> list[str]:
         return [self.source_prompt, *self.target_prompts]
 
+    @property
+    def group_seeds(self) -> list[int]:
+        """One seed per group of outputs (the source and its targets)."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def group_of(self, index: int) -> tuple[int, int]:
+        """(group, prompt index within it) of output ``index``: outputs are the groups' images one after another."""
+        return divmod(index, len(self.prompts))
+
     def image_params(self, index: int) -> dict[str, Any]:
-        """What a client needs to reproduce output ``index``: every prompt shares the job's seed."""
-        return {"seed": self.seed}
+        """What a client needs to reproduce output ``index``: its group's seed (shared by the group's prompts)."""
+        seeds = self.group_seeds
+        group = min(self.group_of(index)[0], len(seeds) - 1)
+        return {"seed": seeds[group]}
 
 
 @dataclass
@@ -82,6 +98,8 @@ class IP2PJobSpec:
     negative_prompt: str = ""  # the text of the image-only and unconditional rows, as diffusers' pipeline
     score: bool = False  # CLIP scores of every output against the input (worker.scoring)
     captions: tuple[str, str] | None = None  # (input, output) captions for the caption and directional scores
+    preview_every: int = 0  # as P2PJobSpec
+    preview_decoder: str | None = None
 
     def image_params(self, index: int) -> dict[str, Any]:
         """What a client needs to reproduce output ``index``: its cell's seed and guidance scales."""
@@ -101,7 +119,10 @@ class AttentionMaps:
     prompt_index: int
     prompt: str
     tokens: list[str]
-    maps: np.ndarray  # (tokens, h, w) float32
+    # (tokens, h, w) float32, raw: the mean over steps, layers and heads of the conditional cross-attention
+    # probabilities (after the edit) at ``attention_maps.map_grid``; each pixel's row over all 77 tokens sums
+    # to 1 before a reweight, so values lie in [0, 1] then (a reweight scales its words' columns)
+    maps: np.ndarray
     grid_png: bytes
 
 

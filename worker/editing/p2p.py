@@ -7,14 +7,16 @@ scheduler step, then the controller's after-step hook (local blend).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from worker.editing.attention_maps import job_peak, render_token_grid
 from worker.editing.base import JobState, SamplingContext, seeded_generator
-from worker.editing.jobs import EditValidationError, JobResult, P2PJobSpec
+from worker.editing.jobs import AttentionMaps, EditValidationError, JobResult, P2PJobSpec
 
 
 def cfg_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -71,7 +73,9 @@ class P2PJobState(JobState):
     spec: P2PJobSpec
 
     @classmethod
-    def create(cls, spec: P2PJobSpec, ctx: SamplingContext) -> P2PJobState:
+    def create(cls, spec: P2PJobSpec, ctx: SamplingContext) -> JobState:
+        if len(spec.group_seeds) > 1:
+            return P2PGroupsJobState(spec, ctx)
         return cls(spec, ctx)
 
     def __init__(self, spec: P2PJobSpec, ctx: SamplingContext):
@@ -128,7 +132,97 @@ class P2PJobState(JobState):
                 "self_replace_steps": s.self_replace_steps}
 
     def result(self, pixels: np.ndarray, images: list) -> JobResult:
-        maps = [self.controller.attention_maps(i) for i in self.spec.attention_map_prompts]
+        maps = shared_scale_grids([self.controller.attention_maps(i, render=False)
+                                   for i in self.spec.attention_map_prompts],
+                                  images if self.spec.attention_overlay else None)
         return JobResult(job_id=self.job_id, images=images, labels=list(self.spec.prompts),
                          latents=self.latents.float().cpu(), pixels=pixels, attention_maps=maps,
                          params=self.params())
+
+
+def shared_scale_grids(maps: list[AttentionMaps], images: list | None) -> list[AttentionMaps]:
+    """Every grid of a job drawn on one scale (``attention_maps.job_peak``), titled with its prompt and, with
+    ``images`` (the job's outputs, by prompt index), over its prompt's image."""
+    peak = job_peak([m.maps for m in maps])
+    for m in maps:
+        image = images[m.prompt_index] if images is not None else None
+        m.grid_png = render_token_grid(m.tokens, m.maps, peak=peak, title=m.prompt, image=image)
+    return maps
+
+
+class P2PGroupsJobState(JobState):
+    """Several outputs of one P2P job (``seeds``): one ``P2PJobState`` per seed — its own x_T, generators,
+    scheduler and controller, exactly the state a request with that seed alone would have — whose rows are laid
+    one group after another in the job's UNet rows. Each group is its own attention segment and its own
+    row-vector group, so every group's arithmetic is that of the lone request (the batch's invariance).
+
+    Attention maps come from the first group only (they would repeat the prompts' maps per seed)."""
+
+    spec: P2PJobSpec
+
+    def __init__(self, spec: P2PJobSpec, ctx: SamplingContext):
+        if spec.inversion is not None:
+            raise EditValidationError("seeds", "an edit from an inversion starts from its x_T: one output only")
+        self.spec = spec
+        self.ctx = ctx
+        self.groups = [P2PJobState(dataclasses.replace(spec, seed=seed, seeds=None,
+                                                       attention_map_prompts=spec.attention_map_prompts if i == 0
+                                                       else []), ctx)
+                       for i, seed in enumerate(spec.group_seeds)]
+        self.controller = self.groups[0].controller
+        self.per_step_text = any(g.per_step_text for g in self.groups)
+
+    @property
+    def step_index(self) -> int:
+        return self.groups[0].step_index
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.groups[0].timesteps
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return torch.cat([g.latents for g in self.groups])
+
+    @property
+    def num_rows(self) -> int:
+        return sum(g.num_rows for g in self.groups)
+
+    @property
+    def row_groups(self) -> list[int]:
+        return [n for g in self.groups for n in g.row_groups]
+
+    def attention_segments(self) -> list[tuple[int, Any]]:
+        return [seg for g in self.groups for seg in g.attention_segments()]
+
+    def text_rows(self) -> torch.Tensor:
+        return torch.cat([g.text_rows() for g in self.groups])
+
+    def model_input(self) -> torch.Tensor:
+        return torch.cat([g.model_input() for g in self.groups])
+
+    def row_timesteps(self) -> torch.Tensor:
+        return torch.cat([g.row_timesteps() for g in self.groups])
+
+    def guide(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a P2P job of several groups advances group by group")
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        for group, rows in zip(self.groups, noise_pred.split([g.num_rows for g in self.groups])):
+            group.advance(rows)
+        made = [g.take_preview() for g in self.groups]
+        if all(m is not None for m in made):  # one preview of every output (groups step together)
+            self.preview = (made[0][0], [image for m in made for image in m[1]])
+
+    def params(self) -> dict[str, Any]:
+        return {**self.groups[0].params(), "seed": self.spec.group_seeds[0], "seeds": self.spec.group_seeds}
+
+    def result(self, pixels: np.ndarray, images: list) -> JobResult:
+        n = len(self.spec.prompts)  # the first group's images are images[:n]
+        maps = shared_scale_grids([self.groups[0].controller.attention_maps(i, render=False)
+                                   for i in self.spec.attention_map_prompts],
+                                  images[:n] if self.spec.attention_overlay else None)
+        seeds = self.spec.group_seeds
+        labels = [prompt for _ in seeds for prompt in self.spec.prompts]
+        return JobResult(job_id=self.job_id, images=images, labels=labels, latents=self.latents.float().cpu(),
+                         pixels=pixels, attention_maps=maps, params=self.params())

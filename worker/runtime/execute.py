@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
-from editserve.contract import IP2PEditRequest, JobPayload, P2PEditRequest
+from editserve.contract import InversionRequest, IP2PEditRequest, JobPayload, P2PEditRequest
 from editserve.kinds import sweep_cells
 from worker.editing.jobs import EditValidationError, IP2PCell, IP2PJobSpec, JobSpec, LocalBlendSpec, P2PJobSpec
 
@@ -21,6 +21,8 @@ FetchBytes = Callable[[str], bytes]
 def to_job_spec(payload: JobPayload, fetch: FetchBytes | None = None) -> JobSpec:
     """The core's spec for a queued payload, by its edit kind (``SPEC_BUILDERS``)."""
     request = payload.request
+    if request.kind == "inversion":  # not an edit method (no JobState row): the processor's inversion branch
+        return inversion_job_spec(payload, request, fetch)
     builder = SPEC_BUILDERS.get(request.kind)
     if builder is None:
         raise ValueError(f"the worker cannot translate edit kind {request.kind!r}")
@@ -36,6 +38,7 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         source_prompt=request.source_prompt,
         target_prompts=list(request.target_prompts),
         seed=payload.seeds[0],
+        seeds=list(payload.seeds) if len(payload.seeds) > 1 else None,
         edit=request.edit,
         reweight=per_target_reweight(request.reweight, n),
         local_blend=local_blend_spec(request, n),
@@ -44,10 +47,27 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         self_replace_layers=request.self_replace_layers,
         guidance_scale=request.guidance_scale,
         attention_map_prompts=attention_map_prompts(request.attention_maps, n),
+        attention_overlay=request.attention_maps_overlay,
+        preview_every=request.preview_every or 0,
         negative_prompt=request.negative_prompt,
         score=request.metrics,
-        inversion=stored_inversion(payload, fetch),
+        inversion=stored_inversion(payload, fetch) or photo_to_invert(payload, request, fetch),
     )
+
+
+def photo_to_invert(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | None):
+    """A P2P edit that sent a photo and found no finished inversion: the ``InversionSpec`` the worker runs first
+    (``BatchProcessor._invert_first``), its caption the source prompt; None for a generated source."""
+    if payload.input_image_key is None:
+        return None
+    from worker.runtime.inversions import inversion_spec
+
+    if fetch is None:
+        raise ValueError("a P2P payload with a photo needs a fetch function")
+    options = request.inversion
+    inversion_request = InversionRequest(caption=request.source_prompt, guidance_scale=request.guidance_scale,
+                                         **(options.model_dump() if options is not None else {}))
+    return inversion_spec(payload.id, inversion_request, _stored_image(fetch, payload.input_image_key))
 
 
 def stored_inversion(payload: JobPayload, fetch: FetchBytes | None):
@@ -105,7 +125,28 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes |
         if request.input_caption is not None and request.output_caption is not None else None
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
                        cells=ip2p_cells(request, payload.seeds), score=request.metrics, captions=captions,
-                       negative_prompt=request.negative_prompt)
+                       negative_prompt=request.negative_prompt, preview_every=request.preview_every or 0)
+
+
+def inversion_job_spec(payload: JobPayload, request, fetch: FetchBytes | None = None):
+    """An inversion job: its stored photo (the gateway's centre-cropped square) and the core's spec."""
+    from worker.runtime.inversions import inversion_spec
+
+    if fetch is None:
+        raise ValueError("an inversion payload needs a fetch function for its photo")
+    image = _stored_image(fetch, payload.input_image_key or f"edits/{payload.id}/input.png")
+    return inversion_spec(payload.id, request, image)
+
+
+def _stored_image(fetch: FetchBytes, key: str):
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(fetch(key)))
+        image.load()
+    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise EditValidationError("image", f"stored input {key} is not a readable image: {exc}") from exc
+    return image.convert("RGB")
 
 
 def ip2p_cells(request: IP2PEditRequest, seeds: list[int]) -> list[IP2PCell]:

@@ -95,5 +95,6 @@ def run_inversions(model, specs: Sequence[InversionSpec], *, size: int, steps: i
 def progress_view(progress) -> InversionResourceProgress:
     """The core's per-job progress as the resource shows it: DDIM steps walked, and null-text's inner
     iterations at the current step (a job that stops early reports fewer than ``inner_total``)."""
-    return InversionResourceProgress(step=progress.step, total=progress.steps, inner_iterations=progress.inner,
-                                     inner_total=progress.inner_total)
+    phase = progress.phase if progress.phase in ("ddim", "null-text") else None
+    return InversionResourceProgress(phase=phase, step=progress.step, total=progress.steps,
+                                     inner_iterations=progress.inner, inner_total=progress.inner_total)

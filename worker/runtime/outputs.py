@@ -5,7 +5,7 @@ tools people already use read AUTOMATIC1111's ``parameters`` text (PNG text chun
 jpeg and webp) to show or reproduce how an image was made.
 
 Why names that say what they are (``output-0-source.webp``, ``output-2-target-2.webp``,
-``output-1-ig1.5-tg7.5-seed2.png``): a folder of downloads reads without the record. The ``output-{i}``
+``output-1-ig1.5-tg7.5-seed2.png``; with several P2P outputs ``output-3-seed8-target-1.png``): a folder of downloads reads without the record. The ``output-{i}``
 prefix keeps the result order and makes every key unique; the key is a pure function of the payload, so a
 retried attempt overwrites the same objects.
 """
@@ -34,6 +34,8 @@ class EncodedOutput:
     key: str
     data: bytes
     content_type: str
+    width: int = 0
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,17 +52,35 @@ class OutputPlan:
     def quality(self) -> int:
         return getattr(self.payload.request, "output_quality", 90) if self.payload else 90
 
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) every output is resized to, or None to keep the model's size (IP2P ``output_size``)."""
+        if self.payload is None or getattr(self.payload.request, "output_size", "model") != "input":
+            return None
+        return tuple(self.payload.input_size) if self.payload.input_size else None
+
+    def resized(self, image: Image.Image) -> Image.Image:
+        """``image`` at the plan's size (Lanczos, as the official resize), or unchanged."""
+        size = self.size
+        return image if size is None or image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
     def encode(self, spec: JobSpec, index: int, image: Image.Image) -> EncodedOutput:
         text = parameters_text(self.payload, spec, index) if self.payload else ""
         fmt = self.format
         key = f"{EDITS_PREFIX}{spec.job_id}/output-{index}-{output_name(spec, index)}.{EXTENSIONS[fmt]}"
-        return EncodedOutput(key, encode_image(image, fmt, self.quality, text), CONTENT_TYPES[fmt])
+        image = self.resized(image)
+        return EncodedOutput(key, encode_image(image, fmt, self.quality, text), CONTENT_TYPES[fmt],
+                             image.width, image.height)
 
 
 def output_name(spec: JobSpec, index: int) -> str:
-    """What output ``index`` is: P2P ``source`` / ``target-N``; IP2P its cell ``ig{s_I}-tg{s_T}-seed{seed}``."""
+    """What output ``index`` is: P2P ``source`` / ``target-N`` (prefixed ``seed{seed}-`` when the job has several
+    seeds); IP2P its cell ``ig{s_I}-tg{s_T}-seed{seed}``."""
     if isinstance(spec, P2PJobSpec):
-        return "source" if index == 0 else f"target-{index}"
+        group, prompt = spec.group_of(index)
+        name = "source" if prompt == 0 else f"target-{prompt}"
+        seeds = spec.group_seeds
+        return f"seed{seeds[group]}-{name}" if len(seeds) > 1 and group < len(seeds) else name
     if isinstance(spec, IP2PJobSpec) and 0 <= index < len(spec.cells):
         cell = spec.cells[index]
         return f"ig{cell.image_guidance:g}-tg{cell.text_guidance:g}-seed{cell.seed}"
@@ -72,15 +92,17 @@ def parameters_text(payload: JobPayload, spec: JobSpec, index: int) -> str:
     request, key = payload.request, payload.batch_key
     pairs: list[tuple[str, object]] = [("Steps", key.steps), ("Sampler", key.scheduler)]
     if isinstance(spec, P2PJobSpec):
-        prompt = spec.prompts[index] if 0 <= index < len(spec.prompts) else spec.source_prompt
-        pairs += [("CFG scale", f"{spec.guidance_scale:g}"), ("Seed", spec.seed)]
+        group, at = spec.group_of(index)
+        prompt = spec.prompts[at] if index >= 0 else spec.source_prompt
+        pairs += [("CFG scale", f"{spec.guidance_scale:g}"), ("Seed", spec.image_params(index)["seed"])]
     else:
         prompt = getattr(spec, "instruction", "")
         cell = spec.cells[index] if isinstance(spec, IP2PJobSpec) and 0 <= index < len(spec.cells) else None
         if cell is not None:
             pairs += [("CFG scale", f"{cell.text_guidance:g}"), ("Image CFG scale", f"{cell.image_guidance:g}"),
                       ("Seed", cell.seed)]
-    pairs += [("Size", f"{key.width}x{key.height}"), ("Model", key.model), ("Editor", request.kind)]
+    size = OutputPlan(payload).size or (key.width, key.height)
+    pairs += [("Size", f"{size[0]}x{size[1]}"), ("Model", key.model), ("Editor", request.kind)]
     if isinstance(spec, P2PJobSpec):
         pairs += [("Source prompt", _quoted(spec.source_prompt)), ("Edit", spec.edit)]
     lines = [prompt]

@@ -40,8 +40,9 @@ from editserve.contract import TERMINAL_STATUSES, BatchKey, ErrorInfo, ErrorType
 from service import metrics
 from service.config import Settings
 from service.jobstore import EditNotFound, JobStore
+from service.inversion_cache import remember_inversion
 from service.keys import edit_key
-from service.storage import Storage, StorageError
+from service.storage import Storage, StorageError, inversion_arrays_key, preview_key
 from worker.editing.acceleration import StepAcceleration
 from worker.editing.batch import BatchForwardError, BatchRunner, NonFiniteLatentsError
 from worker.editing.jobs import EditValidationError, JobResult, JobSpec
@@ -49,6 +50,7 @@ from worker.models.registry import ModelRegistry
 from worker.runtime.batching import ClaimedJob
 from worker.runtime.execute import to_job_spec
 from worker.runtime.heartbeats import HeartbeatKeeper
+from worker.runtime.inversions import SAFETENSORS, inversion_bytes, store_inversion
 from worker.runtime.progress import StepReporter
 from worker.runtime.rqbridge import RqBridge, settle
 from worker.runtime.outputs import OutputPlan
@@ -76,6 +78,7 @@ class RunningJob:
     result: JobResult | None = None
     error: ErrorInfo | None = None  # decided before the run (payload, translation)
     upload: Future | None = None  # its outputs' uploads, started as soon as the run ended
+    inverted: object = None  # a P2P edit of a photo: the inversion the worker ran for it (stored on success)
 
     @property
     def id(self) -> str:
@@ -180,6 +183,7 @@ class BatchProcessor:
             is_cancel_requested=self.store.is_cancel_requested,
             aborting=self.aborting,
             mark_canceled=self.store.mark_canceled,
+            put_preview=self.put_preview,
             background=True)
         report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
         metrics.batch_size.labels(model=claimed[0].batch_key.model).observe(len(jobs))
@@ -251,11 +255,19 @@ class BatchProcessor:
         return groups
 
     # ------------------------------------------------------------------ per job, before the run
+    def put_preview(self, edit_id: str, step: int, total: int, data: bytes) -> None:
+        """One preview: its own S3 object (``preview-{step}.webp``), then the edit's ``preview`` field + event."""
+        key = preview_key(edit_id, step)
+        self.storage.put_bytes(key, data, "image/webp")
+        self.store.set_preview(edit_id, step, total, key)
+
     def _prepare(self, job: RunningJob) -> None:
         """Payload and core spec; any error here is this job's alone."""
         try:
             job.payload = self.store.load_payload(job.id)
             job.spec = to_job_spec(job.payload, self.storage.get_bytes)
+            if getattr(job.spec, "preview_every", 0):  # inversion specs have no previews
+                job.spec.preview_decoder = self.settings.worker.preview_decoder
         except (ValidationError, EditValidationError) as exc:
             job.error = error_info(exc)
         except StorageError as exc:
@@ -272,6 +284,9 @@ class BatchProcessor:
                 job.error = job_error(ErrorType.validation_error,
                                       f"model {key.model!r} is not served by worker {self.worker_name}", field="model")
             return
+        if key.kind == "inversion":
+            self._run_inversions(key, group, reporter)
+            return
         try:
             model = self.registry.get(key.model)
             runner = BatchRunner(model, height=key.height, width=key.width, steps=key.steps,
@@ -281,10 +296,75 @@ class BatchProcessor:
                 job.error = job_error(ErrorType.validation_error, str(exc))
             return
         reporter.begin()
+        group = self._invert_first(key, model, group, reporter)
         results = run_with_split(runner, [j.spec for j in group], reporter)  # type: ignore[misc]
         for job in group:
             job.result = results[job.id]
         self._score(group)
+
+    def _run_inversions(self, key: BatchKey, group: list[RunningJob], reporter: StepReporter) -> None:
+        """Inversion jobs of one key share every UNet call (``InversionRunner``); each job's progress is its
+        DDIM steps and null-text inner iterations (``progress_detail``) plus the generic step/total in work units
+        (so ``Edit.progress`` moves evenly); the reporter's cancel answer stops a job at its next step."""
+        from worker.editing.inversion import InversionResult, InversionRunner
+        from worker.runtime.inversions import progress_view
+
+        try:
+            runner = InversionRunner(self.registry.get(key.model), height=key.height, width=key.width,
+                                     steps=key.steps, scheduler=key.scheduler)
+        except ValueError as exc:
+            for job in group:
+                job.error = job_error(ErrorType.validation_error, str(exc))
+            return
+
+        def on_progress(progress) -> bool:
+            try:
+                self.store.set_progress_detail(progress.job_id, progress_view(progress).model_dump_json())
+            except Exception as exc:  # noqa: BLE001 — a Redis blip must not fail the job (see StepReporter)
+                log.warning("inversion %s: progress detail not written: %s", progress.job_id, exc)
+            return reporter(progress.job_id, progress.done, progress.total)
+
+        reporter.begin()
+        log_event("inversion_batch", jobs=[j.id for j in group], key=key.queue_suffix(), worker=self.worker_name)
+        metrics.inversion_jobs_total.labels(model=key.model).inc(len(group))
+        try:
+            results = runner.run([j.spec for j in group], on_progress)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001 — the shared call failed: every job of it fails alone
+            log.exception("inversion batch of %d jobs failed", len(group))
+            results = [InversionResult(job_id=j.id, error=exc) for j in group]
+        for job, result in zip(group, results):
+            job.result = result  # type: ignore[assignment]
+
+    def _invert_first(self, key: BatchKey, model, group: list[RunningJob], reporter: StepReporter) -> list[RunningJob]:
+        """P2P edits of photos with no finished inversion: invert them first, together (``InversionRunner``),
+        inline in this batch; each then edits from its in-memory inversion. Returns the jobs still to run."""
+        from worker.editing.inversion import InversionRunner, InversionSpec
+
+        pending = [j for j in group if isinstance(getattr(j.spec, "inversion", None), InversionSpec)]
+        if not pending:
+            return group
+        log_event("inversion_batch", jobs=[j.id for j in pending], key=key.queue_suffix(), inline=True,
+                  worker=self.worker_name)
+        metrics.inversion_jobs_total.labels(model=key.model).inc(len(pending))
+        try:
+            results = InversionRunner(model, height=key.height, width=key.width, steps=key.steps,
+                                      scheduler=key.scheduler, reconstruct=False).run(
+                [j.spec.inversion for j in pending], lambda p: reporter(p.job_id, 0, key.steps))  # type: ignore
+        except Exception as exc:  # noqa: BLE001 — the shared call failed: those jobs fail, the others run
+            log.exception("inline inversion of %d jobs failed", len(pending))
+            results = [None] * len(pending)
+            for job in pending:
+                job.error = job_error(ErrorType.inference_error, f"inversion: {type(exc).__name__}: {exc}")
+        for job, result in zip(pending, results):
+            if result is None:
+                continue
+            if result.canceled:
+                job.result = JobResult(job_id=job.id, canceled=True)
+            elif result.error is not None:
+                job.error = error_info(result.error)
+            else:
+                job.spec.inversion = job.inverted = result.inversion  # type: ignore[union-attr]
+        return [j for j in group if j.error is None and j.result is None]
 
     def _score(self, group: list[RunningJob]) -> None:
         """CLIP scores for the jobs that asked (``metrics``), all of the group's in one scoring pass."""
@@ -378,6 +458,9 @@ class BatchProcessor:
                     and not result.canceled:
                 if self._upload_pool is None:
                     self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="editserve-upload")
+                if is_inversion(job):
+                    job.upload = self._upload_pool.submit(store_inversion, self.storage, result)
+                    continue
                 job.upload = self._upload_pool.submit(
                     upload_outputs_through_outage, self.storage, job.spec, result,
                     window_seconds=self.settings.worker.result_upload_window_seconds, plan=OutputPlan(job.payload))
@@ -391,18 +474,53 @@ class BatchProcessor:
         return job.upload.result()
 
     def _upload_and_succeed(self, job: RunningJob, run_started: float, reporter: StepReporter) -> ErrorInfo | None:
+        if is_inversion(job):
+            return self._store_inversion_and_succeed(job, run_started, reporter)
         try:
             if job.upload is not None:
                 results, maps = self._uploaded(job, reporter)
             else:
                 results, maps = upload_outputs(self.storage, job.spec, job.result,  # type: ignore[arg-type]
                                                before_each=reporter.renew_heartbeats, plan=OutputPlan(job.payload))
+            stored = None
+            if job.inverted is not None:  # the photo's inversion, for later edits of the same photo and caption
+                reporter.renew_heartbeats()
+                self.storage.put_bytes(inversion_arrays_key(job.id), inversion_bytes(job.inverted), SAFETENSORS)
+                stored = {"arrays_key": inversion_arrays_key(job.id)}
         except StorageError as exc:
             return error_info(exc)
         except Exception as exc:  # noqa: BLE001 — encoding one job's outputs must not sink the batch
             return job_error(ErrorType.output_error, f"{type(exc).__name__}: {exc}")
-        self.store.mark_succeeded(job.id, results=results, attention_maps=maps,
-                                  run_seconds=time.monotonic() - run_started)
+        payload = job.payload
+        if self.store.mark_succeeded(job.id, results=results, attention_maps=maps, inversion=stored,
+                                     run_seconds=time.monotonic() - run_started) \
+                and stored is not None and payload.inversion_digest:
+            remember_inversion(self.store.redis, payload.tenant, payload.inversion_digest, job.id,
+                               self.store.retention_seconds)
+        return None
+
+    def _store_inversion_and_succeed(self, job: RunningJob, run_started: float,
+                                     reporter: StepReporter) -> ErrorInfo | None:
+        """x_T + per-step embeddings (safetensors) and the reconstruction in S3, then succeeded, then the reuse
+        key (``remember_inversion``) so equal requests and photo edits start from it."""
+        result = job.result
+        try:
+            stored = self._uploaded(job, reporter) if job.upload is not None else \
+                store_inversion(self.storage, result, before_each=reporter.renew_heartbeats)  # type: ignore[arg-type]
+        except StorageError as exc:
+            return error_info(exc)
+        except Exception as exc:  # noqa: BLE001 — one job's objects must not sink the batch
+            return job_error(ErrorType.output_error, f"{type(exc).__name__}: {exc}")
+        results = []
+        if stored.get("reconstruction_key"):
+            image = result.images[0]  # type: ignore[union-attr]
+            results.append({"key": stored["reconstruction_key"], "index": 0, "label": "reconstruction",
+                            "width": image.width, "height": image.height})
+        payload = job.payload
+        if self.store.mark_succeeded(job.id, results=results, attention_maps=[], inversion=stored,
+                                     run_seconds=time.monotonic() - run_started) and payload.inversion_digest:
+            remember_inversion(self.store.redis, payload.tenant, payload.inversion_digest, job.id,
+                               self.store.retention_seconds)
         return None
 
     def _requeue(self, job: RunningJob) -> str:
@@ -434,6 +552,10 @@ class BatchProcessor:
         trace = "".join(traceback.format_exception(exc)) if isinstance(exc, BaseException) else ""
         return f"{error.type}: {error.message}" + (f" (field {error.field})" if error.field else "") + \
             ("\n" + trace if trace else "")
+
+
+def is_inversion(job: RunningJob) -> bool:
+    return job.payload is not None and job.payload.request.kind == "inversion"
 
 
 def run_with_split(runner: BatchRunner, specs: list[JobSpec], on_step) -> dict[str, JobResult]:

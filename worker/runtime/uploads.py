@@ -54,7 +54,7 @@ def upload_outputs(storage: Storage, spec: JobSpec, result: JobResult,
         before_each()
         storage.put_bytes(key, encoded.data, encoded.content_type)
         label = result.labels[index] if index < len(result.labels) else str(index)
-        results.append({"index": index, "label": label, "key": key, "width": image.width, "height": image.height,
+        results.append({"index": index, "label": label, "key": key, "width": encoded.width, "height": encoded.height,
                         **spec.image_params(index)})
         if index < len(result.scores) and result.scores[index] is not None:
             results[-1]["scores"] = result.scores[index]

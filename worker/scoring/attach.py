@@ -1,6 +1,6 @@
 """Attach CLIP scores to the finished jobs of one batch that asked for ``metrics``: one scoring pass for all.
 
-P2P: each target image against the source image (index 0), captions = source and target prompts; the
+P2P: each target image against its group's source image (index 0 of each seed's group), captions = source and target prompts; the
 source image itself gets no scores. IP2P: each output against the (resized) input image; caption and
 directional scores only when the job carries both captions.
 """
@@ -20,10 +20,11 @@ def score_request(spec: JobSpec, result: JobResult) -> tuple[ScoreRequest, list[
     if not getattr(spec, "score", False) or not result.ok or not result.images:
         return None
     outputs = to_chw(result.pixels) if result.pixels is not None else to_chw(result.images)
-    if isinstance(spec, P2PJobSpec):
-        prompts = spec.prompts
-        pairs = [(0, i, prompts[0], prompts[i]) for i in range(1, outputs.shape[0])]
-        return ScoreRequest(outputs, pairs), list(range(1, outputs.shape[0]))
+    if isinstance(spec, P2PJobSpec):  # per group (one per seed): its targets against its own source
+        prompts, n = spec.prompts, len(spec.prompts)
+        targets = [i for i in range(outputs.shape[0]) if i % n]
+        pairs = [(i - i % n, i, prompts[0], prompts[i % n]) for i in targets]
+        return ScoreRequest(outputs, pairs), targets
     if isinstance(spec, IP2PJobSpec):
         images = torch.cat([to_chw([spec.image]), outputs])
         cap_in, cap_out = spec.captions if spec.captions else (None, None)

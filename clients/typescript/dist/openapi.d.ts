@@ -44,7 +44,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Redis and S3 answer */
+        /** Redis and S3 answer; every served model's tokenizer is loaded */
         get: operations["getReadiness"];
         put?: never;
         post?: never;
@@ -261,6 +261,58 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/inversions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's inversions, newest first */
+        get: operations["listInversions"];
+        put?: never;
+        /** Invert a photo and its caption for P2P edits (JSON with base64 image, or multipart) */
+        post: operations["createInversion"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/inversions/{inversion_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** An inversion: status, progress (steps and inner iterations), result URLs */
+        get: operations["getInversion"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/inversions/{inversion_id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Cancel: queued → canceled now; processing → stopped at its next step */
+        post: operations["cancelInversion"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/models": {
         parameters: {
             query?: never;
@@ -279,7 +331,128 @@ export interface paths {
         trace?: never;
     };
 }
-export type webhooks = Record<string, never>;
+export interface webhooks {
+    "dataset.completed": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * dataset.completed: a dataset job completed
+         * @description Sent for a dataset job when it ends: `succeeded`, `failed` or `canceled` (see `data.status`), if its `webhook.events` include `completed`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["datasetCompletedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "dataset.progress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * dataset.progress: a dataset job progress
+         * @description Sent for a dataset job as denoising steps finish (throttled; never retried), if its `webhook.events` include `progress`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["datasetProgressWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "dataset.started": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * dataset.started: a dataset job started
+         * @description Sent for a dataset job when a worker starts it (status `processing`), if its `webhook.events` include `started`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["datasetStartedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "edit.completed": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * edit.completed: an edit completed
+         * @description Sent for an edit when it ends: `succeeded`, `failed` or `canceled` (see `data.status`), if its `webhook.events` include `completed`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["editCompletedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "edit.progress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * edit.progress: an edit progress
+         * @description Sent for an edit as denoising steps finish (throttled; never retried), if its `webhook.events` include `progress`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["editProgressWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "edit.started": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * edit.started: an edit started
+         * @description Sent for an edit when a worker starts it (status `processing`), if its `webhook.events` include `started`. Signed as Standard Webhooks: headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with the tenant's `whsec_` secret); verify with `editserve.webhooks.verify` or the TypeScript `@editserve/client/webhooks`. Answer 2xx to acknowledge; other answers are retried with backoff (`Retry-After` honoured).
+         */
+        post: operations["editStartedWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+}
 export interface components {
     schemas: {
         /** ApiKeyInfo */
@@ -636,6 +809,20 @@ export interface components {
              */
             width?: number | null;
         };
+        /** DatasetWebhookEvent */
+        DatasetWebhookEvent: {
+            data: components["schemas"]["Dataset"];
+            /**
+             * Timestamp
+             * Format: date-time
+             */
+            timestamp: string;
+            /**
+             * Type
+             * @enum {string}
+             */
+            type: "dataset.started" | "dataset.progress" | "dataset.completed";
+        };
         /**
          * Edit
          * @description The edit resource returned by GET /v1/edits/{id}.
@@ -668,7 +855,7 @@ export interface components {
              * Kind
              * @enum {string}
              */
-            kind: "p2p" | "ip2p";
+            kind: "p2p" | "ip2p" | "inversion";
             /** Metadata */
             metadata?: {
                 [key: string]: string;
@@ -689,6 +876,8 @@ export interface components {
             params: {
                 [key: string]: unknown;
             };
+            /** @description the latest preview (edits with preview_every) */
+            preview?: components["schemas"]["PreviewImage"] | null;
             progress?: components["schemas"]["Progress"] | null;
             /** Queue Position */
             queue_position?: number | null;
@@ -816,6 +1005,13 @@ export interface components {
              */
             image_guidance?: number;
             /**
+             * Image Url
+             * @description instead of `image`: an https URL the gateway fetches (public addresses only; redirects re-checked; size and time capped)
+             * @default null
+             * @example https://images.example.com/cat.png
+             */
+            image_url?: string | null;
+            /**
              * Input Caption
              * @description with `metrics` and `output_caption`: directional CLIP similarity too
              * @default null
@@ -858,6 +1054,13 @@ export interface components {
              */
             negative_prompt?: string;
             /**
+             * Num Outputs
+             * @description outputs per request, each from its own seed (consecutive seeds from `seed`, random when omitted): P2P a source and its targets per seed, IP2P one image per seed (per sweep cell)
+             * @default 1
+             * @example 2
+             */
+            num_outputs?: number;
+            /**
              * Output Caption
              * @description the edited image's caption (metrics)
              * @default null
@@ -877,6 +1080,21 @@ export interface components {
              * @default 90
              */
             output_quality?: number;
+            /**
+             * Output Size
+             * @description model (default): outputs at the official resize the model ran at (e.g. 512x384 for a 4032x3024 photo at resolution 512); input: resized back to the input's own width and height
+             * @default model
+             * @example input
+             * @enum {string}
+             */
+            output_size?: "model" | "input";
+            /**
+             * Preview Every
+             * @description a small preview image every k denoising steps (SSE `preview` events and `preview` in GET); 0 or null = none
+             * @default null
+             * @example 5
+             */
+            preview_every?: number | null;
             /**
              * Priority
              * @default normal
@@ -898,10 +1116,20 @@ export interface components {
             scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
-             * @description random when omitted; echoed in params
+             * @description random when omitted; echoed in params; with `num_outputs` n: the first of the seeds seed, seed+1, ..., seed+n-1
              * @default null
              */
             seed?: number | null;
+            /**
+             * Seeds
+             * @description explicit seeds, one output each (P2P: a source and its targets per seed); instead of `seed` and `num_outputs`
+             * @default null
+             * @example [
+             *       1,
+             *       2
+             *     ]
+             */
+            seeds?: number[] | null;
             /**
              * Steps
              * @description denoising steps
@@ -918,6 +1146,248 @@ export interface components {
             text_guidance?: number;
             /** @default null */
             webhook?: components["schemas"]["WebhookSpec"] | null;
+        };
+        /**
+         * Inversion
+         * @description An inversion resource; ``id`` goes into a P2P edit's ``inversion_id``.
+         */
+        Inversion: {
+            /**
+             * Cancel Requested
+             * @default false
+             */
+            cancel_requested?: boolean;
+            /** Completed At */
+            completed_at?: string | null;
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            error?: components["schemas"]["ErrorInfo"] | null;
+            /** Id */
+            id: string;
+            /** Metadata */
+            metadata?: {
+                [key: string]: string;
+            };
+            metrics?: components["schemas"]["RunMetrics"];
+            /** Model */
+            model: string;
+            /**
+             * Object
+             * @default inversion
+             * @constant
+             */
+            object?: "inversion";
+            progress?: components["schemas"]["InversionProgress"] | null;
+            /**
+             * Random Weights
+             * @default false
+             */
+            random_weights?: boolean;
+            /**
+             * Reconstruction Error
+             * @description latent MSE of the reconstruction vs the photo
+             */
+            reconstruction_error?: number | null;
+            /**
+             * Request
+             * @description the request with defaults resolved (model, steps, size), image omitted
+             */
+            request: {
+                [key: string]: unknown;
+            };
+            result?: components["schemas"]["InversionResultUrls"] | null;
+            /**
+             * Reused
+             * @description POST answered with an equal finished inversion of yours (same model, photo, caption, method, steps, guidance, size): nothing was rerun
+             * @default false
+             */
+            reused?: boolean;
+            /** Started At */
+            started_at?: string | null;
+            status: components["schemas"]["EditStatus"];
+        };
+        /** InversionList */
+        InversionList: {
+            /** Data */
+            data: components["schemas"]["Inversion"][];
+            /** Next Cursor */
+            next_cursor?: string | null;
+            /**
+             * Object
+             * @default list
+             * @constant
+             */
+            object?: "list";
+        };
+        /**
+         * InversionOptions
+         * @description How a P2P edit that sends a photo (``image``) inverts it when no equal finished inversion exists.
+         */
+        InversionOptions: {
+            /**
+             * Early Stop Epsilon
+             * @description null-text: stop a step's optimisation below this loss
+             * @default 0.00001
+             */
+            early_stop_epsilon?: number;
+            /**
+             * Method
+             * @description null-text (reference), ddim, or negative-prompt
+             * @default null-text
+             * @enum {string}
+             */
+            method?: "null-text" | "ddim" | "negative-prompt";
+            /**
+             * Num Inner Steps
+             * @description null-text: optimiser iterations per step at most
+             * @default 10
+             */
+            num_inner_steps?: number;
+        };
+        /**
+         * InversionProgress
+         * @description DDIM steps walked (phase ``ddim``), then for null-text the optimised steps (phase ``null-text``) with the
+         *     inner optimiser iterations run at the latest step out of the most possible (early stop runs fewer).
+         */
+        InversionProgress: {
+            /**
+             * Inner Iterations
+             * @default 0
+             */
+            inner_iterations?: number;
+            /**
+             * Inner Total
+             * @default 0
+             */
+            inner_total?: number;
+            /** Phase */
+            phase?: ("ddim" | "null-text") | null;
+            /** Step */
+            step: number;
+            /** Total */
+            total: number;
+        };
+        /**
+         * InversionRequest
+         * @description ``POST /v1/inversions``: the photo (base64 / data: URL here, or a multipart file) and its caption.
+         *
+         *     Inversion walks the deterministic DDIM trajectory, so the scheduler is fixed to ``ddim``; edits from it
+         *     must use the same model, size and step count.
+         */
+        InversionRequest: {
+            /**
+             * Caption
+             * @description the photo's source caption
+             */
+            caption: string;
+            /**
+             * Early Stop Epsilon
+             * @description null-text: stop a step's optimisation below this loss
+             * @default 0.00001
+             */
+            early_stop_epsilon?: number;
+            /**
+             * Guidance Scale
+             * @description the guidance the stored embeddings are optimised for
+             * @default 7.5
+             */
+            guidance_scale?: number;
+            /**
+             * Image
+             * @description base64 (or data: URL) image; or send it as a multipart file
+             * @default null
+             */
+            image?: string | null;
+            /**
+             * Image Url
+             * @description instead of `image`: an https URL the gateway fetches (public addresses only; redirects re-checked; size and time capped)
+             * @default null
+             * @example https://images.example.com/cat.png
+             */
+            image_url?: string | null;
+            /**
+             * Kind
+             * @description optional; always `inversion`
+             * @default inversion
+             * @constant
+             */
+            kind?: "inversion";
+            /**
+             * Metadata
+             * @description echoed back, not used
+             */
+            metadata?: {
+                [key: string]: string;
+            };
+            /**
+             * Method
+             * @description null-text (reference), ddim (inversion only), or negative-prompt (the caption as the unconditional embedding, no optimisation)
+             * @default null-text
+             * @enum {string}
+             */
+            method?: "null-text" | "ddim" | "negative-prompt";
+            /**
+             * Model
+             * @description a text2image model; default: the P2P default
+             * @default null
+             */
+            model?: string | null;
+            /**
+             * Num Inner Steps
+             * @description null-text: optimiser iterations per step at most
+             * @default 10
+             */
+            num_inner_steps?: number;
+            /**
+             * Priority
+             * @default normal
+             * @enum {string}
+             */
+            priority?: "high" | "normal" | "low";
+            /**
+             * Resolution
+             * @description side of the centre-cropped square (capped per model)
+             * @default 512
+             */
+            resolution?: number;
+            /**
+             * Scheduler
+             * @default ddim
+             * @constant
+             */
+            scheduler?: "ddim";
+            /**
+             * Steps
+             * @description DDIM steps; an edit from it must use the same count
+             * @default null
+             */
+            steps?: number | null;
+            /**
+             * @description edit.started / edit.progress / edit.completed events whose `data` is the record's Edit view (kind inversion)
+             * @default null
+             */
+            webhook?: components["schemas"]["WebhookSpec"] | null;
+        };
+        /** InversionResultUrls */
+        InversionResultUrls: {
+            /**
+             * Arrays Url
+             * @description safetensors with `x_t` (1, 4, h, w) and `uncond_embeddings` (steps, 77, D)
+             */
+            arrays_url: string;
+            /**
+             * Expires At
+             * Format: date-time
+             */
+            expires_at: string;
+            /**
+             * Reconstruction Url
+             * @description PNG decoded from the inversion (random tiny models: noise)
+             */
+            reconstruction_url: string;
         };
         /**
          * LocalBlend
@@ -954,7 +1424,7 @@ export interface components {
             /** Default Size */
             default_size: number;
             /** Edit Kinds */
-            edit_kinds: ("p2p" | "ip2p")[];
+            edit_kinds: ("p2p" | "ip2p" | "inversion")[];
             /**
              * Kind
              * @enum {string}
@@ -973,6 +1443,12 @@ export interface components {
             /** Random Weights */
             random_weights: boolean;
             /**
+             * Require Live Worker
+             * @description true: an edit is refused (503 `no_live_worker`) while `workers` is 0; false: it is accepted and waits (autoscaling from zero)
+             * @default false
+             */
+            require_live_worker?: boolean;
+            /**
              * Scheduler
              * @description the default sampler
              * @enum {string}
@@ -983,6 +1459,8 @@ export interface components {
              * @description samplers a request may name in `scheduler`
              */
             schedulers: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc")[];
+            /** @description recent work finished for the model */
+            throughput?: components["schemas"]["ModelThroughput"] | null;
             /**
              * Workers
              * @description live workers serving the model now (from their heartbeats)
@@ -1002,16 +1480,66 @@ export interface components {
             object?: "list";
         };
         /**
+         * ModelThroughput
+         * @description What the model's workers finished recently (from the workers' reports in Redis).
+         */
+        ModelThroughput: {
+            /**
+             * Edits
+             * @description edits that succeeded in the window
+             * @default 0
+             */
+            edits?: number;
+            /**
+             * Edits Per Minute
+             * @default 0
+             */
+            edits_per_minute?: number;
+            /**
+             * Images
+             * @description result images of those edits
+             * @default 0
+             */
+            images?: number;
+            /**
+             * Images Per Minute
+             * @default 0
+             */
+            images_per_minute?: number;
+            /**
+             * Steps
+             * @description denoising steps of those edits
+             * @default 0
+             */
+            steps?: number;
+            /**
+             * Steps Per Second
+             * @default 0
+             */
+            steps_per_second?: number;
+            /**
+             * Window Seconds
+             * @description the time the figures cover (the configured window, whole minutes)
+             */
+            window_seconds: number;
+        };
+        /**
          * P2PEditRequest
          * @description Prompt-to-Prompt: a source prompt and target prompts, generated from one shared initial latent.
          */
         P2PEditRequest: {
             /**
              * Attention Maps
-             * @description true: maps for every prompt; or prompt indices (0 = source)
+             * @description true: maps for every prompt; or prompt indices (0 = source). Grids share one colour scale per edit and carry their prompt as a title
              * @default false
              */
             attention_maps?: boolean | number[];
+            /**
+             * Attention Maps Overlay
+             * @description draw each attention-map tile over its prompt's generated image (needs attention_maps)
+             * @default false
+             */
+            attention_maps_overlay?: boolean;
             /**
              * Cross Replace Steps
              * @default 0.8
@@ -1042,6 +1570,23 @@ export interface components {
              * @default null
              */
             height?: number | null;
+            /**
+             * Image
+             * @description edit a real photo whose caption is `source_prompt`: base64 (or data: URL), or a multipart file. A finished inversion of yours with the same key (model, photo, caption, method, steps, guidance, size) is reused; otherwise the worker inverts it first (`inversion`)
+             * @default null
+             */
+            image?: string | null;
+            /**
+             * @description with `image`: how to invert it (default null-text)
+             * @default null
+             */
+            inversion?: components["schemas"]["InversionOptions"] | null;
+            /**
+             * Inversion Id
+             * @description edit a real photo: a succeeded inversion of yours (POST /v1/inversions) whose x_T and per-step unconditional embeddings the source branch starts from; model, size and steps must match it, the scheduler is ddim and `guidance_scale` the inversion's (both set from it when omitted)
+             * @default null
+             */
+            inversion_id?: string | null;
             /**
              * @description discriminator enum property added by openapi-typescript
              * @enum {string}
@@ -1076,6 +1621,13 @@ export interface components {
              */
             negative_prompt?: string;
             /**
+             * Num Outputs
+             * @description outputs per request, each from its own seed (consecutive seeds from `seed`, random when omitted): P2P a source and its targets per seed, IP2P one image per seed (per sweep cell)
+             * @default 1
+             * @example 2
+             */
+            num_outputs?: number;
+            /**
              * Output Format
              * @description file type of every result; each file carries the generation parameters (PNG text chunk `parameters`, EXIF UserComment for webp and jpeg)
              * @default png
@@ -1089,6 +1641,13 @@ export interface components {
              * @default 90
              */
             output_quality?: number;
+            /**
+             * Preview Every
+             * @description a small preview image every k denoising steps (SSE `preview` events and `preview` in GET); 0 or null = none
+             * @default null
+             * @example 5
+             */
+            preview_every?: number | null;
             /**
              * Priority
              * @default normal
@@ -1114,10 +1673,20 @@ export interface components {
             scheduler?: ("ddim" | "pndm" | "euler_a" | "euler" | "dpmpp_2m" | "dpmpp_2m_karras" | "unipc") | null;
             /**
              * Seed
-             * @description random when omitted; echoed in params
+             * @description random when omitted; echoed in params; with `num_outputs` n: the first of the seeds seed, seed+1, ..., seed+n-1
              * @default null
              */
             seed?: number | null;
+            /**
+             * Seeds
+             * @description explicit seeds, one output each (P2P: a source and its targets per seed); instead of `seed` and `num_outputs`
+             * @default null
+             * @example [
+             *       1,
+             *       2
+             *     ]
+             */
+            seeds?: number[] | null;
             /**
              * Self Replace Layers
              * @description low: self-attention maps up to latent/4 (16² at 512px); medium: up to latent/2
@@ -1150,6 +1719,29 @@ export interface components {
              * @default null
              */
             width?: number | null;
+        };
+        /**
+         * PreviewImage
+         * @description The latest intermediate preview of a running edit (asked with ``preview_every``).
+         */
+        PreviewImage: {
+            /**
+             * Expires At
+             * Format: date-time
+             */
+            expires_at: string;
+            /**
+             * Step
+             * @description denoising steps done when it was made
+             */
+            step: number;
+            /** Total */
+            total: number;
+            /**
+             * Url
+             * @description small WebP (≤ 128 px per output, outputs side by side), presigned
+             */
+            url: string;
         };
         /** Progress */
         Progress: {
@@ -1304,6 +1896,23 @@ export interface components {
             last_error?: string | null;
             /** Url */
             url: string;
+        };
+        /**
+         * WebhookEvent
+         * @description Body of a webhook POST (Standard Webhooks: `type`, `timestamp`, `data`).
+         */
+        WebhookEvent: {
+            data: components["schemas"]["Edit"];
+            /**
+             * Timestamp
+             * Format: date-time
+             */
+            timestamp: string;
+            /**
+             * Type
+             * @enum {string}
+             */
+            type: "edit.started" | "edit.progress" | "edit.completed";
         };
         /**
          * WebhookEventType
@@ -1493,7 +2102,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1598,7 +2207,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1699,7 +2308,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1803,7 +2412,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1911,7 +2520,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2015,7 +2624,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2119,7 +2728,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2220,7 +2829,7 @@ export interface operations {
         parameters: {
             query?: {
                 status?: components["schemas"]["EditStatus"] | null;
-                kind?: ("p2p" | "ip2p") | null;
+                kind?: ("p2p" | "ip2p" | "inversion") | null;
                 model?: string | null;
                 limit?: number;
                 /** @description next_cursor of the previous page */
@@ -2313,7 +2922,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2443,7 +3052,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2546,7 +3155,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2649,7 +3258,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2752,13 +3361,163 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    listInversions: {
+        parameters: {
+            query?: {
+                status?: components["schemas"]["EditStatus"] | null;
+                limit?: number;
+                /** @description next_cursor of the previous page */
+                cursor?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InversionList"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    createInversion: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description same key + same body → the same inversion, run once */
+                "Idempotency-Key"?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["InversionRequest"];
+                "multipart/form-data": {
+                    /**
+                     * Format: binary
+                     * @description the photo
+                     */
+                    image: string;
+                    /** @description the InversionRequest as JSON */
+                    request: string;
+                };
+            };
+        };
+        responses: {
+            /** @description An equal finished inversion reused, or a replay */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Successful Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    getInversion: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                inversion_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+        };
+    };
+    cancelInversion: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                inversion_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Inversion"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
         };
@@ -2853,7 +3612,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description `queue_full` (the service's queue limit; see Retry-After) or a dependency is down */
+            /** @description `queue_full` (the service's queue limit), `no_live_worker` (a model set to need a live worker has none) or a dependency is down; see Retry-After */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2861,6 +3620,138 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
+            };
+        };
+    };
+    datasetCompletedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DatasetWebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    datasetProgressWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DatasetWebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    datasetStartedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DatasetWebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    editCompletedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["WebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    editProgressWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["WebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+        };
+    };
+    editStartedWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["WebhookEvent"];
+            };
+        };
+        responses: {
+            /** @description Received; any other answer is retried */
+            "2XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
         };
     };
