@@ -164,7 +164,9 @@ def run_module(module: str, tests: list[str], budget_s: float, root: Path, child
     elapsed = time.monotonic() - started
     for server in servers:
         server.stop()
-    return summarise(module, tests, work, elapsed, stopped, proc.returncode, log_path)
+    result = summarise(module, tests, work, elapsed, stopped, proc.returncode, log_path)
+    result["ended"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return result
 
 
 def summarise(module: str, tests: list[str], work: Path, elapsed: float, stopped: bool, returncode: int,
@@ -232,7 +234,8 @@ def write_results(results: dict[str, dict], out: Path, machine: str, started: st
         lines.append(f"{m['module']:36} {m['mutants']:7d} {m['killed']:6d} {c.get('timeout', 0):5d} "
                      f"{c.get('survived', 0):5d} "
                      f"{c.get('no tests', 0):7d} {c.get('not checked', 0):5d} {rate:>7}  "
-                     f"{'complete' if m['complete'] else 'PARTIAL'} in {m['elapsed_s']:.0f} s")
+                     f"{'complete' if m['complete'] else 'PARTIAL'} in {m['elapsed_s']:.0f} s"
+                     + (f", ended {m['ended']}" if m.get("ended") else ""))
     lines.append("")
     lines.append("killed includes t/out (the CPU limit); kill rate = killed / checked; 'unrun' = not reached "
                  "within the module's budget")

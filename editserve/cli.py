@@ -82,6 +82,8 @@ def _add_common_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="output_format", choices=["png", "webp", "jpeg"],
                         help="file type of the results (default png); each file carries its parameters")
     parser.add_argument("--quality", dest="output_quality", type=int, metavar="Q", help="webp/jpeg quality 1-100")
+    parser.add_argument("--preview-every", dest="preview_every", type=int, metavar="K",
+                        help="a small preview every K steps (SSE `preview` events, `preview` in get)")
     parser.add_argument("--webhook", metavar="URL", help="POST signed events to this URL")
     parser.add_argument("--priority", choices=["high", "normal", "low"])
     parser.add_argument("--out", type=Path, help="folder for the images (required unless --no-wait)")
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p2p.add_argument("--self", dest="self_replace", type=float, metavar="F",
                      help="self-attention replace fraction of steps (0.4)")
     p2p.add_argument("--maps", action="store_true", help="also return attention maps (saved with the images)")
+    p2p.add_argument("--maps-overlay", action="store_true",
+                     help="attention maps drawn over each prompt's image (implies --maps)")
     p2p.add_argument("--size", type=int, help="image height and width in pixels (multiple of 64)")
     p2p.add_argument("--guidance", type=float, help="classifier-free guidance scale (7.5)")
     p2p.add_argument("--inversion", metavar="ID", help="edit a real photo: a finished inversion from `editserve "
@@ -249,7 +253,9 @@ def _p2p_fields(args: argparse.Namespace) -> dict[str, Any]:
                       **({"threshold": args.blend_threshold} if args.blend_threshold else {}))
     return dict(edit=args.mode, reweight=dict(args.reweight) if args.reweight else None, local_blend=blend,
                 cross_replace_steps=args.cross, self_replace_steps=args.self_replace,
-                attention_maps=True if args.maps else None, size=args.size, guidance_scale=args.guidance)
+                attention_maps=True if args.maps or args.maps_overlay else None,
+                attention_maps_overlay=True if args.maps_overlay else None, size=args.size,
+                guidance_scale=args.guidance)
 
 
 def _part(model: type[BaseModel], field: str, **values: Any) -> Any:
@@ -276,7 +282,8 @@ def cmd_edit(client: Client, args: argparse.Namespace) -> int:
                   scheduler=args.scheduler, num_outputs=args.num_outputs, seeds=args.seeds)
     if args.negative:
         common["negative_prompt"] = args.negative
-    common.update({k: v for k in ("output_format", "output_quality") if (v := getattr(args, k)) is not None})
+    common.update({k: v for k in ("output_format", "output_quality", "preview_every")
+                   if (v := getattr(args, k)) is not None})
     if args.kind == "p2p":
         source = args.source
         if not source and not args.inversion:

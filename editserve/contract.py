@@ -138,6 +138,15 @@ class _EditBase(_Strict):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=16, description="echoed back, not used (16 keys of at most 64 characters, "
                                                          "values of at most 512)")
+    preview_every: int | None = Field(
+        None, ge=0, le=200, description="a small preview image every k denoising steps (SSE `preview` events and "
+                                        "`preview` in GET); 0 or null = none", examples=[5])
+
+    @model_validator(mode="after")
+    def _preview_within_steps(self):
+        if self.preview_every and self.steps is not None and self.preview_every > self.steps:
+            raise ValueError(f"preview_every: must be at most steps ({self.steps}), got {self.preview_every}")
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_seed(self):
@@ -207,7 +216,11 @@ class P2PEditRequest(_EditBase):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=64)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=64)
     attention_maps: bool | Annotated[list[int], Field(max_length=MAX_TARGETS + 1)] = Field(
-        False, description="true: maps for every prompt; or prompt indices (0 = source)"
+        False, description="true: maps for every prompt; or prompt indices (0 = source). Grids share one colour "
+                           "scale per edit and carry their prompt as a title"
+    )
+    attention_maps_overlay: bool = Field(
+        False, description="draw each attention-map tile over its prompt's generated image (needs attention_maps)"
     )
     inversion_id: str | None = Field(
         None, min_length=1, max_length=64, pattern=r"^[0-9a-z]+$",
@@ -259,6 +272,8 @@ class P2PEditRequest(_EditBase):
             raise ValueError(f"local_blend.target_words: needs one list per target prompt ({n})")
         if isinstance(self.attention_maps, list) and any(not 0 <= i <= n for i in self.attention_maps):
             raise ValueError(f"attention_maps: prompt indices must be within 0..{n}")
+        if self.attention_maps_overlay and not self.attention_maps:
+            raise ValueError("attention_maps_overlay: needs attention_maps (true or prompt indices)")
         images = self.output_count * (n + 1)
         if images > MAX_OUTPUT_IMAGES:
             field = "seeds" if self.seeds else "num_outputs"
@@ -409,6 +424,15 @@ class AttentionMapResult(BaseModel):
     expires_at: datetime
 
 
+class PreviewImage(BaseModel):
+    """The latest intermediate preview of a running edit (asked with ``preview_every``)."""
+
+    step: int = Field(description="denoising steps done when it was made")
+    total: int
+    url: str = Field(description="small WebP (≤ 128 px per output, outputs side by side), presigned")
+    expires_at: datetime
+
+
 class ErrorType(str, Enum):
     """Every error ``type`` editserve reports, the one catalogue: a request's ``{"error": {"type", ...}}``
     (``service.errors`` maps each to its HTTP status) and a failed edit's ``error.type`` (``job_error``).
@@ -501,6 +525,7 @@ class Edit(BaseModel):
     params: dict[str, Any] = Field(description="the parameters actually used, seeds included")
     results: list[ResultImage] = Field(default_factory=list)
     attention_maps: list[AttentionMapResult] = Field(default_factory=list)
+    preview: PreviewImage | None = Field(None, description="the latest preview (edits with preview_every)")
     error: ErrorInfo | None = None
     metrics: RunMetrics = Field(default_factory=RunMetrics)
     webhook: WebhookDeliveryState | None = None

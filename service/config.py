@@ -129,6 +129,9 @@ class WorkerSettings(BaseModel):
     """The GPU worker's batching and recovery knobs."""
 
     max_batch_size: int = Field(8, ge=1)
+    preview_decoder: str | None = Field(
+        None, description="a tiny decoder (TAESD, diffusers AutoencoderTiny: folder or hub id) for previews; "
+                          "unset: the linear latent→RGB approximation")
     max_batch_wait_ms: int = Field(50, ge=0)
     heartbeat_ttl_seconds: int = Field(30, ge=5, description="a job whose worker stops renewing is abandoned")
     reaper_interval_seconds: float = Field(10.0, gt=0)
@@ -159,7 +162,7 @@ class WorkerSettings(BaseModel):
         "request", description="request: a gathered batch starts and ends together; step: jobs join and leave "
         "one running batch per model between denoising steps (docs/continuous-batching.md)")
     row_budget: int = Field(32, ge=1, description="step batching: UNet rows per model's running batch "
-                            "(P2P with n targets = 2(n+1) rows, IP2P = 3 per sweep cell)")
+                            "(P2P with n targets = 2(n+1) rows per output, IP2P = 3 per sweep cell and output)")
     high_priority_overflow_rows: int = Field(16, ge=0, description="step batching: rows a high-priority job may "
                                              "exceed row_budget by, so it joins at the next step even when full")
     row_buckets: str = Field("auto", description="UNet row counts a step is padded up to, e.g. '1,2,4,8,16,32'; "

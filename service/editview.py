@@ -26,6 +26,7 @@ from editserve.contract import (
     InversionList,
     InversionProgress,
     InversionResultUrls,
+    PreviewImage,
     Progress,
     ResultImage,
     RunMetrics,
@@ -193,6 +194,7 @@ class EditView:
             params=json.loads(r["params"]),
             results=self._results(r) if status is S else [],
             attention_maps=self._attention_maps(r) if status is S else [],
+            preview=self._preview(r),
             error=ErrorInfo.model_validate_json(r["error"]) if r.get("error") else None,
             metrics=RunMetrics(
                 queue_wait_seconds=float(r["queue_wait_seconds"]) if r.get("queue_wait_seconds") else None,
@@ -258,6 +260,13 @@ class EditView:
             fields = {k: v for k, v in item.items() if k in ResultImage.model_fields and k != "url"}
             out.append(ResultImage(url=url, expires_at=expires_at, **fields))
         return out
+
+    def _preview(self, r: dict[str, str]) -> PreviewImage | None:
+        if not r.get("preview"):
+            return None
+        item = json.loads(r["preview"])
+        url, expires_at = self.storage.presign_get(item["key"])
+        return PreviewImage(step=item["step"], total=item["total"], url=url, expires_at=expires_at)
 
     def _attention_maps(self, r: dict[str, str]) -> list[AttentionMapResult]:
         out = []

@@ -134,6 +134,7 @@ class JobStore:
         self._listeners: list[StatusListener] = list(listeners)
         self._transition_script = redis.register_script(scripts.TRANSITION)
         self._progress_script = redis.register_script(scripts.PROGRESS)
+        self._preview_script = redis.register_script(scripts.PREVIEW)
         self._detail_script = redis.register_script(scripts.PROGRESS_DETAIL)
         self._ewma_script = redis.register_script(scripts.EWMA)
         self._release_claim_script = redis.register_script(scripts.COMPARE_AND_DELETE)
@@ -347,6 +348,12 @@ class JobStore:
                 self._last_progress_publish[edit_id] = now
         if due:
             self._publish_current(edit_id, event="progress")
+
+    def set_preview(self, edit_id: str, step: int, total: int, key: str) -> None:
+        """The latest preview (an S3 key) of a processing edit; published (SSE ``preview``), no webhook."""
+        preview = json.dumps({"step": int(step), "total": int(total), "key": key})
+        if self._preview_script(keys=[edit_key(edit_id)], args=[preview]):
+            self._publish_current(edit_id, event=None)
 
     def set_progress_detail(self, edit_id: str, detail: str) -> None:
         """A kind's own progress beyond step/total (an inversion's phase and inner iterations), stored as JSON

@@ -308,6 +308,14 @@ redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_total', ARGV[2])
 return redis.call('HINCRBY', KEYS[1], 'revision', 1)
 """
 
+PREVIEW = """
+-- KEYS: [1] edit:{id}.  ARGV: [1] preview JSON {step, total, key}.  Returns the new revision, 0 when not
+-- processing (a late preview never lands on a finished edit).
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
+redis.call('HSET', KEYS[1], 'preview', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'revision', 1)
+"""
+
 PROGRESS_DETAIL = """
 -- KEYS: [1] edit:{id}.  ARGV: [1] the kind's progress detail (JSON).  Returns 1, 0 when not processing.
 if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end

@@ -45,6 +45,12 @@ def attention_grid_key(edit_id: str, prompt_index: int) -> str:
     return f"{EDITS_PREFIX}{edit_id}/attn-{prompt_index}.png"
 
 
+def preview_key(edit_id: str, step: int) -> str:
+    """One object per preview step (the SSE event of step k keeps pointing at step k's picture); the edit's
+    prefix goes with its retention like every other output."""
+    return f"{EDITS_PREFIX}{edit_id}/preview-{step}.webp"
+
+
 def attention_array_key(edit_id: str, prompt_index: int) -> str:
     return f"{EDITS_PREFIX}{edit_id}/attn-{prompt_index}.npy"
 

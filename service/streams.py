@@ -95,7 +95,8 @@ async def edit_events(client: aioredis.Redis, store: JobStore, edit_id: str, ten
                       keepalive_seconds: float, is_disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
     """SSE frames: the current state, then every newer state; ends after a terminal one.
 
-    Event names: ``status`` when the status (or the cancel flag) changed, ``progress`` otherwise.
+    Event names: ``status`` when the status (or the cancel flag) changed, ``preview`` when a new preview
+    arrived (``data.preview``: step and URL), ``progress`` otherwise.
     Comments (``: keep-alive``) every ``keepalive_seconds`` keep proxies from closing an idle stream.
     """
     pubsub = client.pubsub()
@@ -124,7 +125,10 @@ async def edit_events(client: aioredis.Redis, store: JobStore, edit_id: str, ten
             if edit.revision <= last_sent.revision:
                 continue
             changed = edit.status != last_sent.status or edit.cancel_requested != last_sent.cancel_requested
-            yield sse_event("status" if changed else "progress", edit.model_dump_json(), edit.revision)
+            new_preview = edit.preview is not None and (last_sent.preview is None
+                                                        or edit.preview.step != last_sent.preview.step)
+            name = "status" if changed else "preview" if new_preview else "progress"
+            yield sse_event(name, edit.model_dump_json(), edit.revision)
             last_sent, last_frame = edit, time.monotonic()
     finally:
         await pubsub.aclose()

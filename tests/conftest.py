@@ -12,9 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("EDITSERVE_MODELS_DIR", REPO / ".models"))
 os.environ.setdefault("EDITSERVE_MODELS_DIR", str(MODELS_DIR))
 TEST_REDIS_URL = os.environ.get("EDITSERVE_TEST_REDIS_URL")  # unset: a private redis-server per session
-# One torch (OpenMP) thread in the test process, set before any test module imports torch. The tiny models gain
-# nothing from a second thread, and on a 2-core box shared with the worker/gateway subprocesses of the e2e tests
-# (or with another test run) two spinning OpenMP threads made a 1-CPU-second test cost 15-25 CPU-seconds.
+# One BLAS/OpenMP thread in the test process, set before any test module imports torch. Measured on this 2-core box
+# while it was shared (load ~14): with MKL_NUM_THREADS unset (or 2) a scheduler test took 15-25 CPU-seconds and
+# 70-190 s, with MKL_NUM_THREADS=1 0.7-0.9 CPU-seconds and ~3-7 s, even beside OMP_NUM_THREADS=2 (MKL's threads
+# spin). The tiny models gain nothing from a second thread. Subprocess workers inherit both.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 

@@ -98,7 +98,7 @@ def test_prefer_wait_returns_200_when_the_edit_finishes(live, store):
         response = client.post("/v1/edits", json=key_body,
                                headers={"Idempotency-Key": "wait-1", "Prefer": "respond-async, wait=10"})
         assert response.status_code == 200, response.text
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 9  # answered at the finish (0.5 s), not at wait=10 (loose: loaded CI)
         assert response.json()["status"] == "succeeded" and response.json()["id"] == first["id"]
         assert response.headers["preference-applied"] == "wait=10"
         assert response.headers["idempotent-replayed"] == "true"
@@ -109,7 +109,8 @@ def test_prefer_wait_times_out_with_202_and_is_capped(live, gateway_settings):
     with live.client() as client:
         started = time.monotonic()
         response = client.post("/v1/edits", json=P2P, headers={"Prefer": "wait=1"})
-        assert response.status_code == 202 and 0.9 < time.monotonic() - started < 4
+        # held for wait=1, not for the 60 s cap (the upper bound is loose: one POST on a loaded CI box is slow)
+        assert response.status_code == 202 and 0.9 < time.monotonic() - started < 30
         assert response.headers["preference-applied"] == "wait=1"
         capped = client.post("/v1/edits", json=P2P, headers={"Prefer": "wait=0, handling=lenient"})
         assert capped.headers["preference-applied"] == "wait=0"

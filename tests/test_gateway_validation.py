@@ -89,6 +89,7 @@ JSON_CASES = [
      "U+0000"),
     ("newline in a target", p2p(target_prompts=["a dog\nriding a bike"]), 422, "target_prompts.0", "U+000A"),
     ("attention map index out of range", p2p(attention_maps=[5]), 422, "attention_maps", None),
+    ("overlay without attention maps", p2p(attention_maps_overlay=True), 422, "attention_maps_overlay", None),
     ("private webhook address", p2p(webhook={"url": "http://127.0.0.1:9/hook"}), 422, "webhook.url", None),
     ("webhook without http scheme", p2p(webhook={"url": "ftp://example.com/hook"}), 422, "webhook.url", None),
     ("p2p photo edit with another sampler", p2p(image=base64.b64encode(png()).decode(), scheduler="pndm"), 422,

@@ -277,26 +277,32 @@ def test_cancel_queued_now_and_processing_at_the_next_step(live, worker, photo_p
 
 
 def test_sigkill_mid_inversion_loses_nothing(live, redis_url, s3_server, photo_png):  # noqa: F811
+    import signal
+
     client = live.client()
-    inversion_id = post_inversion(client, photo_png, steps=8).json()["id"]
     settings = make_settings(redis_url, s3_server)
     conn = redis.Redis.from_url(redis_url)
     fast = {"heartbeat_ttl_seconds": 5, "reaper_interval_seconds": 1}
+    # both start at once (their start-ups overlap); the rescuer is frozen until the victim holds the job
+    rescuer = WorkerProcess(settings, s3_server, "inv-rescuer", models=MODEL, **fast)
     victim = WorkerProcess(settings, s3_server, "inv-victim", models=MODEL, debug_step_delay_seconds=0.5, **fast)
-    rescuer = None
     try:
-        wait_until(lambda: int(edit_field(conn, inversion_id, "progress_step") or 0) >= 1, 180,
+        wait_until(lambda: '"event":"worker_started"' in rescuer.log(), 180, what="rescuer start")
+        rescuer.signal(signal.SIGSTOP)
+        wait_until(lambda: '"event":"worker_started"' in victim.log(), 180, what="victim start")
+        inversion_id = post_inversion(client, photo_png, steps=8).json()["id"]
+        wait_until(lambda: int(edit_field(conn, inversion_id, "progress_step") or 0) >= 1, 120,
                    what=lambda: f"progress; log:\n{victim.log()[-2000:]}")
         victim.kill()
-        rescuer = WorkerProcess(settings, s3_server, "inv-rescuer", models=MODEL, **fast)
+        rescuer.signal(signal.SIGCONT)
         wait_until(lambda: edit_field(conn, inversion_id, "status") == "succeeded", 180,
                    what=lambda: f"recovery; log:\n{rescuer.log()[-3000:]}")
     finally:
         victim.stop()
-        if rescuer is not None:
-            rescuer.stop()
+        rescuer.stop()
     done = client.get(f"/v1/inversions/{inversion_id}").json()
     assert done["status"] == "succeeded" and done["metrics"]["attempts"] == 2
+    assert "inv-victim" in (edit_field(conn, inversion_id, "requeue_reason") or "")
     stored = inversion_from_bytes(httpx.get(done["result"]["arrays_url"]).content)
     assert stored.uncond_embeddings.shape[0] == 8
 
@@ -356,3 +362,32 @@ def test_a_photo_edit_reuses_a_finished_inversion_else_inverts_once_for_the_next
     assert second["status"] == "succeeded" and calls == [1]
     for got, want in zip(pixels(client, second), pixels(client, first)):
         assert np.abs(got - want).max() <= 1
+
+
+def test_an_inversion_sends_edit_webhooks_with_its_edit_view(live, worker, photo_png, redis_url):  # noqa: F811
+    """The processes' JobStore listener (``service.webhooks.emit``) queues a signed delivery per event: read
+    them back from the webhooks queue (no sender runs here)."""
+    from rq import Queue
+
+    from service.webhooks.events import QUEUE_NAME
+
+    hook = {"url": "https://example.com/hooks/inversions", "events": ["started", "progress", "completed"]}
+    inversion = post_inversion(live.client(), photo_png, webhook=hook).json()["id"]
+    worker().run_once(timeout=10)
+    jobs = Queue(QUEUE_NAME, connection=redis.Redis.from_url(redis_url)).jobs
+    bodies = [json.loads(job.args[0]["body"]) for job in jobs]
+    mine = [b for b in bodies if b["data"]["id"] == inversion]
+    assert {b["type"] for b in mine} == {"edit.started", "edit.progress", "edit.completed"}
+    assert all(b["data"]["kind"] == "inversion" for b in mine)
+    completed = next(b for b in mine if b["type"] == "edit.completed")
+    assert completed["data"]["status"] == "succeeded"
+    assert completed["data"]["results"][0]["label"] == "reconstruction"
+
+
+def test_a_step_batching_worker_fails_an_inversion_naming_why(live, worker, photo_png):  # noqa: F811
+    client = live.client()
+    inversion = post_inversion(client, photo_png).json()["id"]
+    w = worker(batching="step", poll_interval_ms=5)
+    w.continuous.run_until_idle(60)
+    failed = client.get(f"/v1/inversions/{inversion}").json()
+    assert failed["status"] == "failed" and "request batching" in failed["error"]["message"]

@@ -423,6 +423,7 @@ def test_the_async_rate_check_loads_its_script_on_a_miss_and_counts(redis_url, c
 
     refused = asyncio.run(run())
     assert refused.status == 429 and refused.limit == "tenant_rps"
+    assert refused.message.startswith("tenant 't1' may make 0.001 requests/s with bursts of 2")
     assert conn.exists(*RateLimiter.keys("t1")) >= 1  # the bucket is the tenant's own key
 
 
@@ -437,3 +438,11 @@ def test_tenant_limits_read_every_override(redis_url, conn):
     assert fresh.overrides == TenantLimitOverrides(rps=2.5, burst=3, max_queued=7, max_concurrent=2)
     other = tenant_limits(conn, "t2", settings)
     assert (other.rps, other.burst, other.max_queued, other.max_concurrent) == (5, 10, 100, 4)
+
+
+def test_the_sweep_drops_ids_that_are_no_longer_queued_from_the_global_set(redis_url, conn):
+    from service.limits import Accounting
+
+    conn.sadd(GLOBAL_QUEUED_KEY, "ghost-1", "ghost-2")  # no edit records: nothing queued under these ids
+    Accounting(conn, make_settings(redis_url)).sweep()
+    assert conn.scard(GLOBAL_QUEUED_KEY) == 0

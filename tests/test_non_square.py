@@ -1,7 +1,8 @@
 """Non-square work end to end: the official IP2P resize gives 512×384-like shapes, so every layer must keep height
 and width apart. Core (IP2P and P2P against diffusers at 64×128), worker (in-process, real Redis and S3) and
 gateway (HTTP submit, official resize, presigned downloads). A height/width swap anywhere changes a shape, an
-orientation or a latent and fails here. Shapes: 64 px high, 128 px wide -> latents 8×16 -> maps 2×4.
+orientation or a latent and fails here. Shapes: 64 px high, 128 px wide -> latents 8×16 -> blend grid 2×4,
+attention maps 8×16 (``attention_maps.map_grid``: the latent itself at this size).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def test_p2p_non_square_maps_blend_and_images(wide_runner):
     assert [image.size for image in result.images] == [(WIDTH, HEIGHT)] * 2
     assert result.pixels.shape == (2, HEIGHT, WIDTH, 3)
     for maps in result.attention_maps:
-        assert maps.maps.shape == (len(maps.tokens), LATENT[0] // 4, LATENT[1] // 4)
+        assert maps.maps.shape == (len(maps.tokens), *LATENT)  # map_grid(8×16) = 8×16 (blend: its own 2×4)
         grid = Image.open(io.BytesIO(maps.grid_png))
         assert grid.width > grid.height  # each tile is wider than high
 
@@ -209,4 +210,4 @@ def test_gateway_and_worker_keep_wide_p2p_wide(gateway_app, make_worker):
         assert Image.open(io.BytesIO(download(result["url"]))).size == (WIDTH, HEIGHT)
     [maps] = edit["attention_maps"]
     array = np.load(io.BytesIO(download(maps["array_url"])))
-    assert array.shape == (len(maps["tokens"]), LATENT[0] // 4, LATENT[1] // 4)
+    assert array.shape == (len(maps["tokens"]), *LATENT)

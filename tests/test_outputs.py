@@ -242,3 +242,22 @@ def test_cli_flags_reach_the_worker(live, make_worker, tmp_path, capsys, monkeyp
     assert [p.rsplit("/", 1)[1] for p in paths] == [f"{ip2p_id}-output-0-ig1.5-tg7.5-seed4.png",
                                                     f"{ip2p_id}-output-1-ig1.5-tg7.5-seed5.png"]
     assert all(Image.open(p).size == (96, 64) for p in paths)
+
+
+def test_step_batching_runs_a_seeds_edit_beside_a_single_seed_one(live, make_worker):
+    """The step-level worker admits the seeds edit by its rows (2 × prompts × seeds) beside another edit; its
+    seed-8 group comes out as the single seed-8 request does."""
+    worker = make_worker(batching="step", row_budget=24, poll_interval_ms=5)
+    try:
+        with live.client() as client:
+            ids = [client.post("/v1/edits", json=body).json()["id"]
+                   for body in (dict(P2P, seeds=[3, 8]), dict(P2P, seed=8))]
+            outcomes = worker.continuous.run_until_idle(300)
+            assert outcomes == {i: "succeeded" for i in ids}
+            many, single = (client.get(f"/v1/edits/{i}").json() for i in ids)
+    finally:
+        worker.continuous.close()
+    assert len(many["results"]) == 4 and [r["seed"] for r in many["results"]] == [3, 3, 8, 8]
+    for mine, theirs in zip(many["results"][2:], single["results"]):
+        a, b = (np.asarray(Image.open(io.BytesIO(fetch(r["url"]))), dtype=np.int16) for r in (mine, theirs))
+        assert np.abs(a - b).max() <= 1

@@ -23,6 +23,7 @@ from worker.models.tokenizer import build_clip_tokenizer
 SQUIRREL = "A painting of a squirrel eating a burger"
 LION = "A painting of a lion eating a burger"
 LATENT = (16, 16)  # tiny-sd: store/blend grid 4×4 = 16 queries, "low" self layers ≤ 16, "medium" ≤ 64
+MAPS_LATENT = (4, 4)  # attention maps are shown at attention_maps.map_grid: the latent itself below 16 cells
 HEADS = 2
 
 
@@ -165,42 +166,42 @@ def test_no_edit_no_store_never_needs_probs(tok):
         ctrl.begin_step(step)
         assert not any(ctrl.needs_probs(c, q) for c in (True, False) for q in (4, 16, 64, 256))
     with_maps = build_controller(job(SQUIRREL, [LION], edit="none", attention_map_prompts=[0]), tok, 10, LATENT)
-    with_maps.begin_step(0)
-    assert with_maps.needs_probs(True, 16) and not with_maps.needs_probs(True, 64)
-    assert not with_maps.needs_probs(False, 16)
+    with_maps.begin_step(0)  # maps at map_grid(16×16 latent) = 16×16: 256 queries, the blend's 4×4 not needed
+    assert with_maps.needs_probs(True, 256) and not with_maps.needs_probs(True, 16)
+    assert not with_maps.needs_probs(False, 256)
 
 
 def test_step_protocol(tok):
-    ctrl = build_controller(job(SQUIRREL, [LION], attention_map_prompts=[1]), tok, 4, LATENT)
+    ctrl = build_controller(job(SQUIRREL, [LION], attention_map_prompts=[1]), tok, 4, MAPS_LATENT)
     with pytest.raises(RuntimeError):
         ctrl.needs_probs(True, 16)
     with pytest.raises(ValueError):
         ctrl.begin_step(4)
     edit_cross(ctrl, 0, random_probs(2))
     edit_cross(ctrl, 1, random_probs(2))
-    assert ctrl.store.maps_added == 2 * HEADS
+    assert ctrl.map_store.maps_added == 2 * HEADS
     ctrl.begin_step(0)  # a new run starts clean
-    assert ctrl.store.maps_added == 0 and ctrl.store.total is None
+    assert ctrl.map_store.maps_added == 0 and ctrl.map_store.total is None
 
 
 # --- store and visualisation ------------------------------------------------------------------------
 
-def test_store_keeps_post_edit_cond_maps_at_latent_over_4_of_down_and_up(tok):
+def test_store_keeps_post_edit_cond_maps_at_the_map_grid_of_down_and_up(tok):
     ctrl = build_controller(job(SQUIRREL, [LION], cross_replace_steps=1.0, attention_map_prompts=[0, 1]),
-                            tok, 10, LATENT)
+                            tok, 10, MAPS_LATENT)
     probs = random_probs(2)
     edit_cross(ctrl, 0, probs, "down")
     ctrl.on_attention(probs.clone(), True, "mid", 16)  # mid is not read
     ctrl.on_attention(random_probs(2, queries=64), True, "up", 64)  # other resolutions are not stored
     ctrl.on_attention(random_probs(2, keys=16), False, "up", 16)  # self maps are never stored
-    store = ctrl.store
+    store = ctrl.map_store
     assert store.maps_added == HEADS and store.total.shape == (2, 16, 77)
     c0 = cond(probs, 2)
     assert torch.allclose(store.total[0], c0[0].sum(0)) and torch.allclose(store.total[1], c0[0].sum(0))
 
 
 def test_attention_maps_average_and_grid(tok):
-    ctrl = build_controller(job("a cat", ["a dog"], edit="none", attention_map_prompts=[0, 1]), tok, 10, LATENT)
+    ctrl = build_controller(job("a cat", ["a dog"], edit="none", attention_map_prompts=[0, 1]), tok, 10, MAPS_LATENT)
     first, second = random_probs(2, seed=3), random_probs(2, seed=4)
     edit_cross(ctrl, 0, first, "down")
     edit_cross(ctrl, 1, second, "up")

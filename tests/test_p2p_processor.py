@@ -162,7 +162,7 @@ def test_two_segment_batch_equals_each_segment_alone(unet, hooked, tok):
     assert (swapped[6:] - run(unet, x[:4], ctx[:4])).abs().max() < 1e-5
 
 
-def test_edit_changes_the_target_and_stores_latent_over_4_maps(unet, hooked, tok):
+def test_edit_changes_the_target_and_stores_maps_at_the_map_grid(unet, hooked, tok):
     _, router = hooked
     x, ctx = inputs(4, seed=3)
     x[2:] = x[:2]  # source and target share x_T, as the sampler does
@@ -173,9 +173,11 @@ def test_edit_changes_the_target_and_stores_latent_over_4_maps(unet, hooked, tok
     edited = run(unet, x, ctx)
     assert (edited[2] - baseline[2]).abs().max() < 1e-5  # the source's cond row is never edited
     assert (edited[3] - baseline[3]).abs().max() > 1e-4  # the target's cond row is
-    assert ctrl.store.maps_added == 3 * 8  # 4×4 cross layers: 1 down + 2 up, 8 heads each
+    # a 16×16 latent shows its maps at 16×16 (attention_maps.map_grid), not the 4×4 latent/4 blur
+    assert ctrl.store is None and ctrl.map_store.grid == (16, 16)
+    assert ctrl.map_store.maps_added == 3 * 8  # 16×16 cross layers: 1 down + 2 up, 8 heads each
     maps = ctrl.attention_maps(1)
-    assert maps.maps.shape == (len(maps.tokens), 4, 4) and maps.tokens[2] == "dog"
+    assert maps.maps.shape == (len(maps.tokens), 16, 16) and maps.tokens[2] == "dog"
 
 
 def test_local_blend_runs_on_unet_maps(unet, hooked, tok):

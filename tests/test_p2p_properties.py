@@ -156,4 +156,4 @@ def test_batched_equals_alone_across_modes(runner):
         assert result.labels == spec.prompts and len(result.images) == len(spec.prompts)
         assert result.params["seed"] == spec.seed and result.params["steps"] == STEPS
     maps = batched[2].attention_maps
-    assert [m.prompt_index for m in maps] == [0, 1] and maps[0].maps.shape[1:] == (4, 4)
+    assert [m.prompt_index for m in maps] == [0, 1] and maps[0].maps.shape[1:] == (16, 16)  # 128 px: map_grid

@@ -52,16 +52,24 @@ def p2p(base: str, model: str, prompt: str) -> httpx.Response:
                                                 "target_prompts": [prompt], "steps": 2}, timeout=30)
 
 
-def test_local_folder_and_cached_hub_models_count_with_their_own_tokenizer(gateway, tiny_models):
+def test_each_model_counts_with_its_own_tokenizer_and_one_without_is_not_ready(gateway, tiny_models):
+    """One gateway process, four models: a local folder, a hub id in the HF cache, a model whose weights only workers
+    have (tokenizer by hub id), and a hub id with no tokenizer anywhere."""
     local = {"name": "local-sd", "kind": "text2image", "source": str(tiny_models["tiny-sd"])}
     hub = {"name": "hub-sd", "kind": "text2image", "source": "acme/sd-hub"}
-    # weights only the workers have (a gateway image holds no models): the tokenizer from a hub id instead
     elsewhere = {"name": "worker-only", "kind": "text2image", "source": "/models/not-on-this-machine",
                  "tokenizer": "acme/sd-hub"}
-    base = gateway([local, hub, elsewhere])
+    missing = {"name": "hub-missing", "kind": "text2image", "source": "acme/not-in-the-cache"}
+    base = gateway([local, hub, elsewhere, missing])
+
     ready = httpx.get(f"{base}/readyz", timeout=30)
-    assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"]["tokenizers"] == "ok"
+    assert ready.status_code == 503, ready.text
+    body = ready.json()
+    assert body["error"]["type"] == "not_ready" and "'hub-missing'" in body["error"]["message"]
+    tokenizers = body["checks"]["tokenizers"]
+    assert "hub-missing" in tokenizers and "LocalEntryNotFoundError" in tokenizers
+    assert not any(name in tokenizers for name in ("local-sd", "'hub-sd'", "worker-only"))  # those three loaded
+
     for model in ("local-sd", "hub-sd", "worker-only"):
         assert p2p(base, model, "a photo of a cat riding a bike").status_code == 202
         too_long = p2p(base, model, LONG_PROMPT)
@@ -70,21 +78,9 @@ def test_local_folder_and_cached_hub_models_count_with_their_own_tokenizer(gatew
         assert error["field"] == "source_prompt" and "82 CLIP tokens" in error["message"], error
         assert "counted by clip" in error["message"]
 
-
-def test_a_hub_model_without_tokenizer_files_is_not_ready_and_not_served(gateway, tiny_models):
-    hub = {"name": "hub-sd", "kind": "text2image", "source": "acme/sd-hub"}
-    missing = {"name": "hub-missing", "kind": "text2image", "source": "acme/not-in-the-cache"}
-    base = gateway([hub, missing])
-    ready = httpx.get(f"{base}/readyz", timeout=30)
-    assert ready.status_code == 503, ready.text
-    body = ready.json()
-    assert body["error"]["type"] == "not_ready" and "'hub-missing'" in body["error"]["message"]
-    assert "hub-missing" in body["checks"]["tokenizers"] and "hub-sd" not in body["checks"]["tokenizers"]
     refused = p2p(base, "hub-missing", "a photo of a cat")
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert refused.json()["error"]["field"] == "model" and "hub-missing" in refused.json()["error"]["message"]
-    assert p2p(base, "hub-sd", "a photo of a cat").status_code == 202  # the other model is served meanwhile
-    assert p2p(base, "hub-sd", LONG_PROMPT).status_code == 422
 
 
 def test_only_the_served_models_of_the_built_in_catalog_are_required(tiny_models):

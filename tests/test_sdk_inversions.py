@@ -257,3 +257,31 @@ def test_inversion_progress_lines():
             reporter(s)
     assert lines.getvalue().splitlines() == ["inv1 queued", "inv1 processing ddim step 2/4",
                                              "inv1 processing null-text step 3/4 inner 7/10", "inv1 succeeded"]
+
+
+def test_invert_retries_send_one_body_and_one_idempotency_key(monkeypatch, photo_png):  # noqa: F811
+    """A retried POST /v1/inversions is the same multipart body under the same key (the server runs it once)."""
+    monkeypatch.setattr("editserve.client.time.sleep", lambda s: None)
+    now = datetime.now(UTC).isoformat()
+    calls: list[httpx.Request] = []
+    replies = [httpx.Response(503, headers={"Retry-After": "1"}),
+               httpx.Response(202, json={"id": "inv1", "status": "queued", "model": MODEL, "created_at": now,
+                                         "request": {"caption": CAPTION, "method": "ddim"}})]
+
+    def handler(request):
+        calls.append(request)
+        return replies.pop(0)
+
+    with Client("http://api.test", transport=httpx.MockTransport(handler), retries=2) as client:
+        assert client.invert(photo_png, CAPTION, method="ddim", steps=STEPS).id == "inv1"
+    assert [r.url.path for r in calls] == ["/v1/inversions"] * 2
+    assert len({r.headers["idempotency-key"] for r in calls}) == 1
+    assert all(r.headers["content-type"].startswith("multipart/form-data; boundary=") for r in calls)
+
+    def unframed(r: httpx.Request) -> bytes:  # httpx draws a new multipart boundary per attempt
+        return r.content.replace(r.headers["content-type"].split("boundary=")[1].encode(), b"B")
+
+    assert unframed(calls[0]) == unframed(calls[1])
+    body = calls[0].content
+    assert b'{"caption": "a photo of an astronaut", "method": "ddim", "steps": 4}' in body  # only what was set
+    assert photo_png in body

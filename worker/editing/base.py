@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.editing import previews
 from worker.editing.jobs import JobResult, JobSpec
 
 
@@ -101,6 +102,15 @@ def scheduler_step_kwargs(scheduler, generators: Sequence[torch.Generator]) -> d
     if "generator" in accepted:
         kwargs["generator"] = generators[0] if len(generators) == 1 else list(generators)
     return kwargs
+
+
+def hand_preview(job: JobState, on_step) -> None:
+    """A preview the job made in its last step goes to ``on_step.preview(job_id, step, total, images)`` when the
+    callback has that method (the worker's ``StepReporter``); otherwise it is dropped."""
+    preview = job.take_preview() if job.preview is not None else None
+    sink = getattr(on_step, "preview", None)
+    if preview is not None and sink is not None:
+        sink(job.job_id, preview[0], job.total_steps, preview[1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,10 +203,19 @@ class JobState(ABC):
     def advance(self, noise_pred: torch.Tensor) -> None:
         """Guidance, this job's scheduler step, the after-step hook; then the job is one step further."""
         eps = self.guide(noise_pred)
-        latents = self.scheduler.step(eps, self.timestep(), self.latents, **self._step_kwargs,
-                                      return_dict=False)[0]
-        self.latents = self.after_step(latents)
+        out = self.scheduler.step(eps, self.timestep(), self.latents, **self._step_kwargs, return_dict=False)
+        self.latents = self.after_step(out[0])
         self.step_index += 1
+        every = getattr(self.spec, "preview_every", 0) or 0
+        if every and previews.due(self.step_index, self.total_steps, every):
+            x0 = out[1] if len(out) > 1 and isinstance(out[1], torch.Tensor) else self.latents
+            self.preview = (self.step_index, previews.preview_images(x0, getattr(self.spec, "preview_decoder", None)))
+
+    preview: tuple[int, list] | None = None  # (step, PIL images) made by ``advance``, until ``take_preview``
+
+    def take_preview(self) -> tuple[int, list] | None:
+        preview, self.preview = self.preview, None
+        return preview
 
     def params(self) -> dict[str, Any]:
         return self.ctx.params()

@@ -29,6 +29,7 @@ from worker.editing.base import (
     NonFiniteLatentsError,
     SamplingContext,
     finish_states,
+    hand_preview,
 )
 from worker.editing.buckets import padding_for
 from worker.editing.jobs import JobCanceled, JobResult, JobSpec
@@ -390,6 +391,7 @@ class BatchRunner:
     def _canceled(job: JobState, on_step: OnStep | None) -> bool:
         if on_step is None:
             return False
+        hand_preview(job, on_step)
         try:
             return bool(on_step(job.job_id, job.step_index, job.total_steps))
         except JobCanceled:

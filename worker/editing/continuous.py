@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from worker.editing.base import JobState, SamplingContext, finish_states
+from worker.editing.base import JobState, SamplingContext, finish_states, hand_preview
 from worker.editing.batch import BatchState
 from worker.editing.jobs import JobCanceled, JobResult, JobSpec
 from worker.editing.methods import method_for
@@ -139,6 +139,7 @@ class ContinuousBatch:
 def _canceled(job: JobState, on_step: OnStep | None) -> bool:
     if on_step is None:
         return False
+    hand_preview(job, on_step)
     try:
         return bool(on_step(job.job_id, job.step_index, job.total_steps))
     except JobCanceled:

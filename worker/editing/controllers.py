@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from worker.editing.attention_maps import render_token_grid
+from worker.editing.attention_maps import map_grid, render_token_grid
 from worker.editing.jobs import AttentionMaps, EditValidationError, LocalBlendSpec, P2PJobSpec
 from worker.editing.schedules import cross_alpha, self_range, step_range
 from worker.editing.seq_aligner import refine_mapper, replace_mapper
@@ -168,6 +168,7 @@ class AttentionController:
         store: AttentionStore | None = None,
         blend: LocalBlend | None = None,
         tokenizer=None,
+        map_store: AttentionStore | None = None,
     ):
         if blend is not None and store is None:
             raise ValueError("a local blend needs an attention store")
@@ -175,6 +176,9 @@ class AttentionController:
         self.num_prompts = len(self.prompts)
         self.num_steps = num_steps
         self.store = store
+        # the maps people see (``attention_maps``), at ``attention_maps.map_grid``; the blend's store when
+        # that is the same grid (or when no separate one was given)
+        self.map_store = map_store if map_store is not None else store
         self.blend = blend
         self.tokenizer = tokenizer
         self.step = -1
@@ -189,6 +193,8 @@ class AttentionController:
         self._cross_now = self._self_now = False
         if self.store is not None:
             self.store.reset()
+        if self.map_store is not None and self.map_store is not self.store:
+            self.map_store.reset()
 
     def begin_step(self, step: int) -> None:
         if not 0 <= step < self.num_steps:
@@ -202,7 +208,8 @@ class AttentionController:
     def needs_probs(self, is_cross: bool, num_queries: int) -> bool:
         self._require_step()
         if is_cross:
-            return self._cross_now or (self.store is not None and self.store.wants(num_queries))
+            return (self._cross_now or (self.store is not None and self.store.wants(num_queries))
+                    or (self.map_store is not None and self.map_store.wants(num_queries)))
         return self._self_now and self.edits_self_layer(num_queries)
 
     def on_attention(self, probs: Tensor, is_cross: bool, place: str, num_queries: int) -> Tensor:
@@ -218,6 +225,8 @@ class AttentionController:
                 self.edit_cross(cond)
             if self.store is not None:
                 self.store.add(cond, place)
+            if self.map_store is not None and self.map_store is not self.store:
+                self.map_store.add(cond, place)
         elif self._self_now and self.edits_self_layer(num_queries):
             self.edit_self(cond)
         return probs
@@ -229,17 +238,19 @@ class AttentionController:
             raise ValueError(f"expected latents for {self.num_prompts} prompts, got {tuple(latents.shape)}")
         return self.blend(latents, self.store, self.step)
 
-    def attention_maps(self, prompt_index: int) -> AttentionMaps:
-        """Fig. 4: per-token average cross maps (tokens, h, w) of one prompt, start/end included, and a grid PNG."""
-        if self.store is None or self.tokenizer is None:
+    def attention_maps(self, prompt_index: int, render: bool = True) -> AttentionMaps:
+        """Fig. 4: per-token average cross maps (tokens, h, w) of one prompt, start/end included, and (with
+        ``render``) a grid PNG on the map's own scale; jobs re-render their grids on one shared scale."""
+        store = self.map_store
+        if store is None or self.tokenizer is None:
             raise RuntimeError("attention maps were not requested for this job")
         if not 0 <= prompt_index < self.num_prompts:
             raise IndexError(f"prompt index {prompt_index} outside 0..{self.num_prompts - 1}")
         prompt = self.prompts[prompt_index]
         tokens = decoded_tokens(prompt, self.tokenizer)
-        average = self.store.average()[prompt_index, :, : len(tokens)]  # (queries, tokens)
-        maps = average.T.reshape(len(tokens), *self.store.grid).float().cpu().numpy().astype(np.float32)
-        return AttentionMaps(prompt_index, prompt, tokens, maps, render_token_grid(tokens, maps))
+        average = store.average()[prompt_index, :, : len(tokens)]  # (queries, tokens)
+        maps = average.T.reshape(len(tokens), *store.grid).float().cpu().numpy().astype(np.float32)
+        return AttentionMaps(prompt_index, prompt, tokens, maps, render_token_grid(tokens, maps) if render else b"")
 
     # --- what subclasses decide ------------------------------------------------------------------
     def edits_cross_at(self, step: int) -> bool:
@@ -281,8 +292,9 @@ class EditController(AttentionController):
         store: AttentionStore | None = None,
         blend: LocalBlend | None = None,
         tokenizer=None,
+        map_store: AttentionStore | None = None,
     ):
-        super().__init__(prompts, num_steps, store=store, blend=blend, tokenizer=tokenizer)
+        super().__init__(prompts, num_steps, store=store, blend=blend, tokenizer=tokenizer, map_store=map_store)
         if cross_alpha.dim() != 3 or cross_alpha.shape[1] != self.num_prompts - 1:
             raise ValueError(f"cross_alpha must be (steps, {self.num_prompts - 1} targets, tokens)")
         self.cross_alpha = cross_alpha.float()
@@ -474,8 +486,12 @@ def build_controller(
     blend = None
     if spec.local_blend:
         blend = _local_blend(spec, spec.local_blend, tokenizer, steps, latent_size, max_len)
-    store = AttentionStore(len(prompts), blend_grid(latent_size)) if blend or spec.attention_map_prompts else None
-    extras = {"store": store, "blend": blend, "tokenizer": tokenizer}
+    store = AttentionStore(len(prompts), blend_grid(latent_size)) if blend else None
+    map_store = None
+    if spec.attention_map_prompts:
+        grid = map_grid(latent_size)
+        map_store = store if store is not None and store.grid == grid else AttentionStore(len(prompts), grid)
+    extras = {"store": store, "blend": blend, "tokenizer": tokenizer, "map_store": map_store}
 
     schedule = dict(
         cross_alpha=cross_alpha(spec.cross_replace_steps, targets, tokenizer, steps, max_len),

@@ -49,6 +49,9 @@ class P2PJobSpec:
     self_replace_layers: Literal["low", "medium"] = "low"
     guidance_scale: float = 7.5
     attention_map_prompts: list[int] = field(default_factory=list)
+    attention_overlay: bool = False  # grids drawn over each prompt's generated image
+    preview_every: int = 0  # a preview every k steps (worker.editing.previews); 0 = none
+    preview_decoder: str | None = None  # a TAESD folder or hub id; None = the linear latent→RGB factors
     negative_prompt: str = ""  # the unconditional branches' text, shared by every prompt of the job
     score: bool = False  # CLIP scores of every target against the source (worker.scoring)
     # a real photo: start from its inversion's x_T with its per-step unconditional embeddings and guidance
@@ -95,6 +98,8 @@ class IP2PJobSpec:
     negative_prompt: str = ""  # the text of the image-only and unconditional rows, as diffusers' pipeline
     score: bool = False  # CLIP scores of every output against the input (worker.scoring)
     captions: tuple[str, str] | None = None  # (input, output) captions for the caption and directional scores
+    preview_every: int = 0  # as P2PJobSpec
+    preview_decoder: str | None = None
 
     def image_params(self, index: int) -> dict[str, Any]:
         """What a client needs to reproduce output ``index``: its cell's seed and guidance scales."""
@@ -114,7 +119,10 @@ class AttentionMaps:
     prompt_index: int
     prompt: str
     tokens: list[str]
-    maps: np.ndarray  # (tokens, h, w) float32
+    # (tokens, h, w) float32, raw: the mean over steps, layers and heads of the conditional cross-attention
+    # probabilities (after the edit) at ``attention_maps.map_grid``; each pixel's row over all 77 tokens sums
+    # to 1 before a reweight, so values lie in [0, 1] then (a reweight scales its words' columns)
+    maps: np.ndarray
     grid_png: bytes
 
 

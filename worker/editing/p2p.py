@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from worker.editing.attention_maps import job_peak, render_token_grid
 from worker.editing.base import JobState, SamplingContext, seeded_generator
-from worker.editing.jobs import EditValidationError, JobResult, P2PJobSpec
+from worker.editing.jobs import AttentionMaps, EditValidationError, JobResult, P2PJobSpec
 
 
 def cfg_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -131,10 +132,22 @@ class P2PJobState(JobState):
                 "self_replace_steps": s.self_replace_steps}
 
     def result(self, pixels: np.ndarray, images: list) -> JobResult:
-        maps = [self.controller.attention_maps(i) for i in self.spec.attention_map_prompts]
+        maps = shared_scale_grids([self.controller.attention_maps(i, render=False)
+                                   for i in self.spec.attention_map_prompts],
+                                  images if self.spec.attention_overlay else None)
         return JobResult(job_id=self.job_id, images=images, labels=list(self.spec.prompts),
                          latents=self.latents.float().cpu(), pixels=pixels, attention_maps=maps,
                          params=self.params())
+
+
+def shared_scale_grids(maps: list[AttentionMaps], images: list | None) -> list[AttentionMaps]:
+    """Every grid of a job drawn on one scale (``attention_maps.job_peak``), titled with its prompt and, with
+    ``images`` (the job's outputs, by prompt index), over its prompt's image."""
+    peak = job_peak([m.maps for m in maps])
+    for m in maps:
+        image = images[m.prompt_index] if images is not None else None
+        m.grid_png = render_token_grid(m.tokens, m.maps, peak=peak, title=m.prompt, image=image)
+    return maps
 
 
 class P2PGroupsJobState(JobState):
@@ -197,12 +210,18 @@ class P2PGroupsJobState(JobState):
     def advance(self, noise_pred: torch.Tensor) -> None:
         for group, rows in zip(self.groups, noise_pred.split([g.num_rows for g in self.groups])):
             group.advance(rows)
+        made = [g.take_preview() for g in self.groups]
+        if all(m is not None for m in made):  # one preview of every output (groups step together)
+            self.preview = (made[0][0], [image for m in made for image in m[1]])
 
     def params(self) -> dict[str, Any]:
         return {**self.groups[0].params(), "seed": self.spec.group_seeds[0], "seeds": self.spec.group_seeds}
 
     def result(self, pixels: np.ndarray, images: list) -> JobResult:
-        maps = [self.groups[0].controller.attention_maps(i) for i in self.spec.attention_map_prompts]
+        n = len(self.spec.prompts)  # the first group's images are images[:n]
+        maps = shared_scale_grids([self.groups[0].controller.attention_maps(i, render=False)
+                                   for i in self.spec.attention_map_prompts],
+                                  images[:n] if self.spec.attention_overlay else None)
         seeds = self.spec.group_seeds
         labels = [prompt for _ in seeds for prompt in self.spec.prompts]
         return JobResult(job_id=self.job_id, images=images, labels=labels, latents=self.latents.float().cpu(),

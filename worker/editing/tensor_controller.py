@@ -70,6 +70,9 @@ class TensorController:
         self.tokenizer = base.tokenizer
         self.blend: LocalBlend | None = base.blend
         self.store = None if base.store is None else TensorStore(base.num_prompts, base.store.grid)
+        base_maps = base.map_store
+        self.map_store = (self.store if base_maps is None or base_maps is base.store
+                          else TensorStore(base.num_prompts, base_maps.grid))
         steps = torch.arange(self.num_steps)
         self.editing = isinstance(base, EditController)
         if self.editing:
@@ -88,7 +91,7 @@ class TensorController:
         start = base.blend.start_step if base.blend is not None else 0
         self.blend_table = (steps >= start)  # (calls,) bool
         # a job that never reads or edits a map (edit "none", no maps, no blend) leaves the UNet's own processors
-        self.needs_hook = self.cross_active or self.self_active or self.store is not None
+        self.needs_hook = self.cross_active or self.self_active or self.store is not None or self.map_store is not None
         self.step = -1  # host copy, for range checks and results only
         self._step_t: Tensor | None = None
         self._device_tables: dict[torch.device, dict[str, Tensor]] = {}
@@ -98,6 +101,8 @@ class TensorController:
         self.step = -1
         if self.store is not None:
             self.store.reset()
+        if self.map_store is not None and self.map_store is not self.store:
+            self.map_store.reset()
 
     def begin_step(self, step: int) -> None:
         if not 0 <= step < self.num_steps:
@@ -127,7 +132,8 @@ class TensorController:
     def needs_probs(self, is_cross: bool, num_queries: int) -> bool:
         """Static: the same answer at every step, so the attention layout never changes inside a run."""
         if is_cross:
-            return self.cross_active or (self.store is not None and self.store.wants(num_queries))
+            return (self.cross_active or (self.store is not None and self.store.wants(num_queries))
+                    or (self.map_store is not None and self.map_store.wants(num_queries)))
         return self.self_active and num_queries <= self.self_max_queries
 
     def on_attention(self, probs: Tensor, is_cross: bool, place: str, num_queries: int) -> Tensor:
@@ -147,6 +153,8 @@ class TensorController:
                 targets.copy_(edited * alpha + (1 - alpha) * targets)
             if self.store is not None:
                 self.store.add(cond, place)
+            if self.map_store is not None and self.map_store is not self.store:
+                self.map_store.add(cond, place)
         elif self.self_active and num_queries <= self.self_max_queries:
             gate = tables["self"].index_select(0, step).to(cond.dtype)
             cond[1:] = cond[:1] * gate + cond[1:] * (1 - gate)
@@ -166,12 +174,12 @@ class TensorController:
         self.blend.last_mask = mask
         return self.blend.apply(latents, mask | ~on.view(1, 1, 1, 1))
 
-    def attention_maps(self, prompt_index: int):
+    def attention_maps(self, prompt_index: int, render: bool = True):
         """As ``AttentionController.attention_maps`` (read once, after the run: host reads are fine here)."""
-        if self.store is None or self.tokenizer is None:
+        if self.map_store is None or self.tokenizer is None:
             raise RuntimeError("attention maps were not requested for this job")
-        self.base.store = _AveragedStore(self.store)
-        return self.base.attention_maps(prompt_index)
+        self.base.map_store = _AveragedStore(self.map_store)
+        return self.base.attention_maps(prompt_index, render)
 
 
 class _AveragedStore:

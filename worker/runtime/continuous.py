@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
+from editserve.contract import ErrorType, job_error
 from service import metrics
 from service.queues import PRIORITIES, lane_tag, parse_queue_name
 from worker.editing.continuous import ContinuousBatch, Retired, finish_states, result_of
@@ -42,6 +43,13 @@ from worker.runtime.progress import StepReporter
 log = logging.getLogger("editserve.worker")
 
 LaneKey = tuple[str, int, int]  # (kind, height, width): what jobs of one model must share
+
+
+def needs_inversion(job: RunningJob) -> bool:
+    """An inversion job, or a photo edit with no finished inversion: work the step loop does not run."""
+    from worker.editing.inversion import InversionSpec
+
+    return isinstance(job.spec, InversionSpec) or isinstance(getattr(job.spec, "inversion", None), InversionSpec)
 
 
 class LaneReporter(StepReporter):
@@ -219,6 +227,10 @@ class ContinuousLoop:
             self.outcomes[job.id] = processor._skip(job)
             return
         processor._prepare(job)
+        if job.error is None and needs_inversion(job):
+            job.error = job_error(ErrorType.validation_error, "inverting a photo needs a worker with request "
+                                  "batching (EDITSERVE_WORKER__BATCHING=request); step batching edits only from "
+                                  "finished inversions (`inversion_id`)")
         candidate = Candidate(job, 0, job.payload.tenant if job.payload else "", claimed.priority,
                               job.payload.created_at.timestamp() if job.payload else time.time())
         if job.error is None:
@@ -249,7 +261,8 @@ class ContinuousLoop:
             lane.reporter = LaneReporter(
                 settings=self.settings, heartbeat=renew, keeper=lane.keeper,
                 set_progress=store.set_progress, is_cancel_requested=store.is_cancel_requested,
-                aborting=self.processor.aborting, mark_canceled=store.mark_canceled, background=True)
+                aborting=self.processor.aborting, mark_canceled=store.mark_canceled,
+                put_preview=self.processor.put_preview, background=True)
             lane.reporter.begin()
         return lane.reporter
 

@@ -47,6 +47,8 @@ def p2p_spec(payload: JobPayload, request: P2PEditRequest, fetch: FetchBytes | N
         self_replace_layers=request.self_replace_layers,
         guidance_scale=request.guidance_scale,
         attention_map_prompts=attention_map_prompts(request.attention_maps, n),
+        attention_overlay=request.attention_maps_overlay,
+        preview_every=request.preview_every or 0,
         negative_prompt=request.negative_prompt,
         score=request.metrics,
         inversion=stored_inversion(payload, fetch) or photo_to_invert(payload, request, fetch),
@@ -123,7 +125,7 @@ def ip2p_spec(payload: JobPayload, request: IP2PEditRequest, fetch: FetchBytes |
         if request.input_caption is not None and request.output_caption is not None else None
     return IP2PJobSpec(job_id=payload.id, image=image.convert("RGB"), instruction=request.instruction,
                        cells=ip2p_cells(request, payload.seeds), score=request.metrics, captions=captions,
-                       negative_prompt=request.negative_prompt)
+                       negative_prompt=request.negative_prompt, preview_every=request.preview_every or 0)
 
 
 def inversion_job_spec(payload: JobPayload, request, fetch: FetchBytes | None = None):

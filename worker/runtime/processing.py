@@ -42,7 +42,7 @@ from service.config import Settings
 from service.jobstore import EditNotFound, JobStore
 from service.inversion_cache import remember_inversion
 from service.keys import edit_key
-from service.storage import Storage, StorageError, inversion_arrays_key
+from service.storage import Storage, StorageError, inversion_arrays_key, preview_key
 from worker.editing.acceleration import StepAcceleration
 from worker.editing.batch import BatchForwardError, BatchRunner, NonFiniteLatentsError
 from worker.editing.jobs import EditValidationError, JobResult, JobSpec
@@ -183,6 +183,7 @@ class BatchProcessor:
             is_cancel_requested=self.store.is_cancel_requested,
             aborting=self.aborting,
             mark_canceled=self.store.mark_canceled,
+            put_preview=self.put_preview,
             background=True)
         report = BatchReport(batch_id, len(jobs), claimed[0].batch_key.queue_suffix(), 0.0)
         metrics.batch_size.labels(model=claimed[0].batch_key.model).observe(len(jobs))
@@ -254,11 +255,19 @@ class BatchProcessor:
         return groups
 
     # ------------------------------------------------------------------ per job, before the run
+    def put_preview(self, edit_id: str, step: int, total: int, data: bytes) -> None:
+        """One preview: its own S3 object (``preview-{step}.webp``), then the edit's ``preview`` field + event."""
+        key = preview_key(edit_id, step)
+        self.storage.put_bytes(key, data, "image/webp")
+        self.store.set_preview(edit_id, step, total, key)
+
     def _prepare(self, job: RunningJob) -> None:
         """Payload and core spec; any error here is this job's alone."""
         try:
             job.payload = self.store.load_payload(job.id)
             job.spec = to_job_spec(job.payload, self.storage.get_bytes)
+            if getattr(job.spec, "preview_every", 0):  # inversion specs have no previews
+                job.spec.preview_decoder = self.settings.worker.preview_decoder
         except (ValidationError, EditValidationError) as exc:
             job.error = error_info(exc)
         except StorageError as exc:

@@ -64,6 +64,9 @@ class StepReporter:
     _thread: threading.Thread | None = None
     _to_mark: list[str] = field(default_factory=list)
     keeper: HeartbeatKeeper | None = None  # renews from its own thread; every renewal point here touches it
+    # store one preview (edit id, step, total, WebP bytes): S3 object + the edit's ``preview`` field
+    put_preview: Callable[[str, int, int, bytes], None] | None = None
+    _previews: list[tuple[str, int, int, list]] = field(default_factory=list)  # (job, step, total, PIL images)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -103,6 +106,23 @@ class StepReporter:
             self._cancel_now(job_id, state)
         return state.canceled
 
+    def preview(self, job_id: str, step: int, total: int, images: list) -> None:
+        """A job's preview (the runner calls this only for jobs that asked, at their preview steps): encoded (a
+        small WebP) and stored on the helper thread (inline without one). A failure is logged, never raised."""
+        if self.put_preview is None:
+            return
+        item = (job_id, step, total, images)
+        if self._thread is None:
+            self._quietly(self._store_preview, *item)
+        else:
+            with self._lock:
+                self._previews.append(item)
+
+    def _store_preview(self, job_id: str, step: int, total: int, images: list) -> None:
+        from worker.editing.previews import preview_webp
+
+        self.put_preview(job_id, step, total, preview_webp(images))
+
     def _cancel_now(self, job_id: str, state: _PerJob) -> None:
         """The runner drops the job on this True: its edit becomes ``canceled`` now, not when the batch ends.
 
@@ -141,8 +161,11 @@ class StepReporter:
             with self._lock:
                 jobs = list(self._jobs.items())
                 to_mark, self._to_mark = self._to_mark, []
+                previews, self._previews = self._previews, []
             for job_id in to_mark:
                 self._quietly(self.mark_canceled, job_id)
+            for item in previews:
+                self._quietly(self._store_preview, *item)
             for job_id, state in jobs:
                 self._report_progress(job_id, state, now, final=stopping)
                 if not stopping and state.step < state.total:

@@ -877,6 +877,8 @@ export interface components {
             params: {
                 [key: string]: unknown;
             };
+            /** @description the latest preview (edits with preview_every) */
+            preview?: components["schemas"]["PreviewImage"] | null;
             progress?: components["schemas"]["Progress"] | null;
             /** Queue Position */
             queue_position?: number | null;
@@ -1087,6 +1089,13 @@ export interface components {
              * @enum {string}
              */
             output_size?: "model" | "input";
+            /**
+             * Preview Every
+             * @description a small preview image every k denoising steps (SSE `preview` events and `preview` in GET); 0 or null = none
+             * @default null
+             * @example 5
+             */
+            preview_every?: number | null;
             /**
              * Priority
              * @default normal
@@ -1522,10 +1531,16 @@ export interface components {
         P2PEditRequest: {
             /**
              * Attention Maps
-             * @description true: maps for every prompt; or prompt indices (0 = source)
+             * @description true: maps for every prompt; or prompt indices (0 = source). Grids share one colour scale per edit and carry their prompt as a title
              * @default false
              */
             attention_maps?: boolean | number[];
+            /**
+             * Attention Maps Overlay
+             * @description draw each attention-map tile over its prompt's generated image (needs attention_maps)
+             * @default false
+             */
+            attention_maps_overlay?: boolean;
             /**
              * Cross Replace Steps
              * @default 0.8
@@ -1628,6 +1643,13 @@ export interface components {
              */
             output_quality?: number;
             /**
+             * Preview Every
+             * @description a small preview image every k denoising steps (SSE `preview` events and `preview` in GET); 0 or null = none
+             * @default null
+             * @example 5
+             */
+            preview_every?: number | null;
+            /**
              * Priority
              * @default normal
              * @enum {string}
@@ -1698,6 +1720,29 @@ export interface components {
              * @default null
              */
             width?: number | null;
+        };
+        /**
+         * PreviewImage
+         * @description The latest intermediate preview of a running edit (asked with ``preview_every``).
+         */
+        PreviewImage: {
+            /**
+             * Expires At
+             * Format: date-time
+             */
+            expires_at: string;
+            /**
+             * Step
+             * @description denoising steps done when it was made
+             */
+            step: number;
+            /** Total */
+            total: number;
+            /**
+             * Url
+             * @description small WebP (≤ 128 px per output, outputs side by side), presigned
+             */
+            url: string;
         };
         /** Progress */
         Progress: {
