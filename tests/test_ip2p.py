@@ -16,6 +16,7 @@ from worker.editing.ip2p import encode_image_latents, ip2p_guidance, split_branc
 from worker.editing.jobs import IP2PCell, IP2PJobSpec, P2PJobSpec
 
 SIZE, STEPS, TOL = 128, 5, 1e-4
+REL_TOL = 1e-5  # of the largest latent magnitude, where batch shapes differ (mixed batches)
 
 
 # --- guidance algebra (pure tensors) --------------------------------------------------------------------
@@ -203,11 +204,16 @@ def test_mixed_batch_equals_each_job_alone(runner):
         if not result.ok or spec.job_id == "c":
             continue
         alone = runner.run([spec])[0]
-        assert (result.latents - alone.latents).abs().max().item() <= TOL
+        # Relative to the latent's scale: IP2P latents here reach |35|, and a different batch shape changes the
+        # GEMM blocking (single-threaded MKL: 2e-4 absolute after 5 guided steps = 6e-6 relative, fp32
+        # rounding amplified by s_T); a wrong row would be off by O(1).
+        scale = max(1.0, alone.latents.abs().max().item())
+        assert (result.latents - alone.latents).abs().max().item() <= REL_TOL * scale
         assert np.abs(result.pixels - alone.pixels).max() <= TOL
     # a sweep cell equals the same cell run as a one-cell job
     single = runner.run([IP2PJobSpec("b1", jobs[1].image, jobs[1].instruction, [jobs[1].cells[1]])])[0]
-    assert (batched[1].latents[1:2] - single.latents).abs().max().item() <= TOL
+    scale = max(1.0, single.latents.abs().max().item())
+    assert (batched[1].latents[1:2] - single.latents).abs().max().item() <= REL_TOL * scale
 
 
 def test_empty_instruction_returns_the_input_without_diffusion(runner, ip2p_model, monkeypatch):

@@ -329,6 +329,8 @@ class ContinuousLoop:
                 candidate.job.result = JobResult(job_id=candidate.job.id, canceled=True)
 
         def work() -> None:
+            if lane.reporter is not None:  # previews of these jobs first: the record takes none once finished
+                lane.reporter.flush_previews({c.job.id for c, _ in entries})
             if decode is not None and decode[1]:
                 model, finished = decode
                 for (candidate, _), result in zip(finished, finish_states(model, [c.state for c, _ in finished])):

@@ -118,6 +118,16 @@ class StepReporter:
             with self._lock:
                 self._previews.append(item)
 
+    def flush_previews(self, job_ids: set[str]) -> None:
+        """Store these jobs' queued previews on the calling thread now: a job retired from a long-lived (step-level)
+        batch is marked succeeded by the finisher, and a preview stored after that would be refused (the record
+        takes previews only while ``processing``)."""
+        with self._lock:
+            mine = [item for item in self._previews if item[0] in job_ids]
+            self._previews = [item for item in self._previews if item[0] not in job_ids]
+        for item in mine:
+            self._quietly(self._store_preview, *item)
+
     def _store_preview(self, job_id: str, step: int, total: int, images: list) -> None:
         from worker.editing.previews import preview_webp
 
