@@ -146,7 +146,6 @@ class WorkerSettings(BaseModel):
                                                  "flag is read between denoising steps")
     poll_interval_ms: int = Field(20, ge=1, description="idle poll period: Redis cannot block on several "
                                   "queues with an atomic move, so the worker polls an atomic claim")
-    queue_discovery_seconds: float = Field(2.0, gt=0, description="how often new edit queues are picked up")
     stranded_claim_seconds: float = Field(60.0, gt=0, description="a claimed id that never started (worker died "
                                           "between claim and start) goes back to its queue after this long")
     torch_threads: int = Field(0, ge=0, description="intra-op CPU threads for torch (0: torch's default); 1 avoids "

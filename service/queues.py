@@ -48,9 +48,14 @@ def rq_queue_key(name: str) -> str:
 
 
 def queue_name(batch_key: BatchKey, priority: str = "normal") -> str:
+    return model_queue_name(batch_key.model, priority)
+
+
+def model_queue_name(model: str, priority: str = "normal") -> str:
+    """One queue per (priority, model): a worker can name every queue it serves without looking them up."""
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}; choose from {PRIORITIES}")
-    return f"{QUEUE_PREFIX}{priority}.{batch_key.model}"
+    return f"{QUEUE_PREFIX}{priority}.{model}"
 
 
 def model_queue_name(model: str, priority: str) -> str:

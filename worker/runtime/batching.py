@@ -27,7 +27,7 @@ from rq.job import Job
 from editserve.contract import BatchKey
 from editserve.contract import JobPayload
 from service import scripts
-from service.queues import BATCH_TAG_FIELD, PRIORITIES, batch_tag, discover, parse_queue_name, queue_name
+from service.queues import BATCH_TAG_FIELD, PRIORITIES, batch_tag, model_queue_name, parse_queue_name, queue_name
 
 SCAN_WINDOW = 256
 """Ids looked at per queue when gathering compatible jobs: bounds the claim script's cost."""
@@ -59,21 +59,17 @@ class ClaimedJob:
 class QueueClaimer:
     """Atomic, priority-ordered claims over the edit queues of the models this worker serves."""
 
-    def __init__(self, connection: redis.Redis, models: Iterable[str], *, discovery_interval: float = 2.0):
+    def __init__(self, connection: redis.Redis, models: Iterable[str]):
         self.connection = connection
         self.models = list(models)
-        self.discovery_interval = discovery_interval
         self._script = connection.register_script(scripts.CLAIM)
-        self._names: list[str] = []
-        self._discovered_at = float("-inf")
+        self._names = [model_queue_name(m, p) for m in self.models for p in PRIORITIES]
         self._rotation = 0
 
     def queue_names(self) -> list[str]:
-        """Served queues, high → normal → low; refreshed every ``discovery_interval`` seconds."""
-        if time.monotonic() - self._discovered_at >= self.discovery_interval:
-            groups = discover(self.connection, self.models)
-            self._names = [n for g in groups for n in g.queue_names]
-            self._discovered_at = time.monotonic()
+        """Served queues, high → normal → low. Named, not discovered: there are exactly 3 per model, and a queue a
+        discovery pass had not seen yet (the first high-priority edit after a while) would lose its priority
+        until the next pass; claiming from a queue that does not exist yet costs one empty LMOVE."""
         return self._ordered(self._names)
 
     def _ordered(self, names: list[str]) -> list[str]:

@@ -63,7 +63,7 @@ class EditWorker:
         w = settings.worker
         self.bridge = RqBridge(self.connection, name or f"{socket.gethostname()}.{os.getpid()}",
                                heartbeat_ttl=w.heartbeat_ttl_seconds, result_ttl=w.result_ttl_seconds)
-        self.claimer = QueueClaimer(self.connection, self.models, discovery_interval=w.queue_discovery_seconds)
+        self.claimer = QueueClaimer(self.connection, self.models)
         self.gatherer = BatchGatherer(self.claimer, GatherPolicy(max_batch_size=w.max_batch_size,
                                                                  max_batch_wait_ms=w.max_batch_wait_ms,
                                                                  poll_interval_ms=w.poll_interval_ms))
