@@ -80,6 +80,10 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
     inversion = InversionRequest(caption="a photo of an astronaut", image=_tiny_png_base64(), method="null-text",
                                  steps=50, resolution=512, webhook=_HOOK)
     inversion_file = InversionRequest(caption="a photo of an astronaut", method="negative-prompt", steps=50)
+    seeds = P2PEditRequest(kind="p2p", source_prompt="a cat riding a bicycle", target_prompts=["a dog riding a bicycle"],
+                           seeds=[1, 2], preview_every=5, steps=20, attention_maps=True, attention_maps_overlay=True)
+    ip2p_url = IP2PEditRequest(kind="ip2p", instruction="make it snowy", image_url="https://images.example.com/cat.png",
+                               seed=7, num_outputs=3, output_size="input", output_format="webp")
     dataset = DatasetRequest(
         triplets=[CaptionTriplet(input="a photo of a cat", instruction="make it a dog", output="a photo of a dog")],
         samples_per_triplet=4, seed=1, webhook=_HOOK)
@@ -89,6 +93,10 @@ def request_examples() -> dict[str, dict[str, dict[str, Any]]]:
                 "p2p": _example("Prompt-to-Prompt: replace a word, webp output, a webhook", _json(p2p)),
                 "p2p_reweight": _example("Prompt-to-Prompt: weaken a word, with attention maps", _json(reweight)),
                 "ip2p": _example("InstructPix2Pix with the image inline (base64)", _json(ip2p)),
+                "p2p_seeds": _example("Prompt-to-Prompt: two seeds (a source and its targets each), previews every 5 "
+                                      "steps, attention maps overlaid on the images", _json(seeds)),
+                "ip2p_url": _example("InstructPix2Pix: an https image the gateway fetches, three seeds, outputs back "
+                                     "at the input's size", _json(ip2p_url)),
                 "p2p_photo": _example("Prompt-to-Prompt on a real photo: start from a succeeded inversion",
                                       _json(from_inversion)),
             },

@@ -58,10 +58,6 @@ def model_queue_name(model: str, priority: str = "normal") -> str:
     return f"{QUEUE_PREFIX}{priority}.{model}"
 
 
-def model_queue_name(model: str, priority: str) -> str:
-    return f"{QUEUE_PREFIX}{priority}.{model}"
-
-
 def parse_queue_name(name: str) -> tuple[str, str] | None:
     """(priority, model) of an edit queue name, or None for any other queue (e.g. ``webhooks``)."""
     if not name.startswith(QUEUE_PREFIX):
