@@ -25,7 +25,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -242,6 +242,12 @@ class _SSEDecoder:
 class _Download:
     url: str
     path: Path
+
+
+def _folder(folder: str | os.PathLike) -> Path:
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _download_plan(edit: Edit, folder: Path, attention_maps: bool) -> list[_Download]:
@@ -576,20 +582,9 @@ class Client(DatasetMethods, _ClientCore):
         Expired presigned URLs are refreshed once by fetching the edit again.
         """
         current = edit if isinstance(edit, Edit) else self.get(edit)
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
-        saved: list[Path] = []
-        for index, item in enumerate(_download_plan(current, target, attention_maps)):
-            try:
-                content = self._fetch(item.url)
-            except errors.APIError as exc:
-                if exc.status not in (400, 401, 403):
-                    raise
-                fresh = _download_plan(self.get(current.id), target, attention_maps)
-                content = self._fetch(fresh[index].url)
-            _write_atomically(item.path, content)
-            saved.append(item.path)
-        return saved
+        target = _folder(folder)
+        return self._save(_download_plan(current, target, attention_maps),
+                          lambda: _download_plan(self.get(current.id), target, attention_maps))
 
     # -- inversions (a real photo, so P2P can edit it) --------------------------------------------------
 
@@ -647,16 +642,21 @@ class Client(DatasetMethods, _ClientCore):
         """Save a finished inversion's reconstruction (``{id}-reconstruction.png``; with ``arrays`` also
         ``{id}-inversion.safetensors``) into ``folder``; return the paths."""
         current = inversion if isinstance(inversion, Inversion) and inversion.result else self.get_inversion(inversion)
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
+        target = _folder(folder)
+        return self._save(_inversion_plan(current, target, arrays),
+                          lambda: _inversion_plan(self.get_inversion(current.id), target, arrays))
+
+    def _save(self, plan: list[_Download], refresh: Callable[[], list[_Download]]) -> list[Path]:
+        """Fetch and write each planned file; an expired presigned URL (400/401/403) is replaced once by the same
+        entry of ``refresh()``, the plan of the record fetched again."""
         saved: list[Path] = []
-        for index, item in enumerate(_inversion_plan(current, target, arrays)):
+        for index, item in enumerate(plan):
             try:
                 content = self._fetch(item.url)
             except errors.APIError as exc:
                 if exc.status not in (400, 401, 403):
                     raise
-                content = self._fetch(_inversion_plan(self.get_inversion(current.id), target, arrays)[index].url)
+                content = self._fetch(refresh()[index].url)
             _write_atomically(item.path, content)
             saved.append(item.path)
         return saved
@@ -859,20 +859,12 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
     async def download(self, edit: str | Edit, folder: str | os.PathLike, *,
                        attention_maps: bool = True) -> list[Path]:
         current = edit if isinstance(edit, Edit) else await self.get(edit)
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
-        saved: list[Path] = []
-        for index, item in enumerate(_download_plan(current, target, attention_maps)):
-            try:
-                content = await self._fetch(item.url)
-            except errors.APIError as exc:
-                if exc.status not in (400, 401, 403):
-                    raise
-                fresh = _download_plan(await self.get(current.id), target, attention_maps)
-                content = await self._fetch(fresh[index].url)
-            _write_atomically(item.path, content)
-            saved.append(item.path)
-        return saved
+        target = _folder(folder)
+
+        async def refresh() -> list[_Download]:
+            return _download_plan(await self.get(current.id), target, attention_maps)
+
+        return await self._save(_download_plan(current, target, attention_maps), refresh)
 
     async def invert(self, image: ImageInput, caption: str, *, model: str | None = None, method: str | None = None,
                      steps: int | None = None, guidance_scale: float | None = None,
@@ -921,17 +913,23 @@ class AsyncClient(AsyncDatasetMethods, _ClientCore):
                                  arrays: bool = False) -> list[Path]:
         current = (inversion if isinstance(inversion, Inversion) and inversion.result
                    else await self.get_inversion(inversion))
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
+        target = _folder(folder)
+
+        async def refresh() -> list[_Download]:
+            return _inversion_plan(await self.get_inversion(current.id), target, arrays)
+
+        return await self._save(_inversion_plan(current, target, arrays), refresh)
+
+    async def _save(self, plan: list[_Download], refresh: Callable[[], Awaitable[list[_Download]]]) -> list[Path]:
+        """As :meth:`Client._save`: an expired presigned URL is replaced once from the record fetched again."""
         saved: list[Path] = []
-        for index, item in enumerate(_inversion_plan(current, target, arrays)):
+        for index, item in enumerate(plan):
             try:
                 content = await self._fetch(item.url)
             except errors.APIError as exc:
                 if exc.status not in (400, 401, 403):
                     raise
-                fresh = _inversion_plan(await self.get_inversion(current.id), target, arrays)
-                content = await self._fetch(fresh[index].url)
+                content = await self._fetch((await refresh())[index].url)
             _write_atomically(item.path, content)
             saved.append(item.path)
         return saved

@@ -18,7 +18,7 @@ from editserve.contract import API_VERSION, CaptionTriplet, Dataset, DatasetRequ
 from editserve.kinds import edit_kind
 from service.datasets import DatasetConflict, DatasetNotFound, DatasetStore, parse_triplets_jsonl, triplets_jsonl
 from service.datasets import triplets_object as triplets_object_key
-from service.edit_validation import check_webhook, forbidden_prompt_character, random_seed
+from service.edit_validation import check_webhook, forbidden_prompt_character, random_seed, text2image_spec
 from service.errors import ApiError, from_pydantic, invalid, not_found
 from service.intake import max_body_bytes, parse_json_object, read_body_limited
 from service.jobstore import new_edit_id
@@ -52,13 +52,8 @@ def tenant_dependency(request: Request) -> str:
 def resolve(svc, request: DatasetRequest) -> dict:
     """The parameters actually used: model (a text2image one), size, steps, scheduler, seed."""
     settings = svc.settings
-    catalog = settings.model_catalog()
-    name = request.model or settings.default_p2p_model
-    spec = catalog.get(name)
-    if spec is None:
-        raise invalid("model", f"unknown model {name!r}; available: {', '.join(sorted(catalog))}")
-    if spec.kind != "text2image":
-        raise invalid("model", f"model {name!r} ({spec.kind}) cannot generate P2P pairs; use a text2image model")
+    spec = text2image_spec(settings, request.model, "generate P2P pairs")
+    name = spec.name
     for field in ("height", "width"):
         value = getattr(request, field)
         if value is not None and value > spec.max_size:

@@ -67,6 +67,19 @@ def parse_request(data: dict) -> EditRequest:
         raise from_pydantic(exc)
 
 
+def text2image_spec(settings: Settings, name: str | None, purpose: str) -> ModelSpec:
+    """The named (default: the P2P default) model, which must generate from text; ``purpose`` ends the refusal
+    ("cannot {purpose}")."""
+    catalog = settings.model_catalog()
+    name = name or settings.default_p2p_model
+    spec = catalog.get(name)
+    if spec is None:
+        raise invalid("model", f"unknown model {name!r}; available: {', '.join(sorted(catalog))}")
+    if spec.kind != "text2image":
+        raise invalid("model", f"model {name!r} ({spec.kind}) cannot {purpose}; use a text2image model")
+    return spec
+
+
 def resolve_model(request: EditRequest, settings: Settings) -> ModelSpec:
     catalog = settings.model_catalog()
     kind = edit_kind(request.kind)

@@ -35,7 +35,7 @@ from editserve.contract import (
 )
 from editserve.kinds import edit_kind
 from service.availability import require_live_worker
-from service.edit_validation import check_webhook, forbidden_prompt_character
+from service.edit_validation import check_webhook, forbidden_prompt_character, text2image_spec
 from service.errors import ApiError, from_pydantic, invalid, not_found
 from service.imaging import square_photo
 from service.intake import (
@@ -84,13 +84,8 @@ def parse_inversion_request(data: dict) -> InversionRequest:
 def resolve(svc, request: InversionRequest) -> dict:
     """Model (a text2image one), steps, size; the caption's characters and CLIP tokens; the webhook."""
     settings = svc.settings
-    catalog = settings.model_catalog()
-    name = request.model or settings.default_p2p_model
-    spec = catalog.get(name)
-    if spec is None:
-        raise invalid("model", f"unknown model {name!r}; available: {', '.join(sorted(catalog))}")
-    if spec.kind != "text2image":
-        raise invalid("model", f"model {name!r} ({spec.kind}) cannot invert photos; use a text2image model")
+    spec = text2image_spec(settings, request.model, "invert photos")
+    name = spec.name
     if request.resolution % SIZE_MULTIPLE:
         raise invalid("resolution", f"resolution must be a multiple of {SIZE_MULTIPLE}, got {request.resolution}")
     ch = forbidden_prompt_character(request.caption)
