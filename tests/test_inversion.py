@@ -108,7 +108,7 @@ def test_negative_prompt_reconstruction_equals_the_guidance_1_one(inverted):
 
 def test_null_text_runs_the_reference_inner_loop(inverted):
     """Per step: at most num_inner_steps iterations; a step stops early only once its loss is under
-    ε + i·2e-5; the embedding actually moved from ""; each step's loss ends no higher than it started."""
+    ε + i·2e-5; the embedding actually moved from ""; each step's loss never rises over its inner iterations."""
     result = inverted["null-text"]
     assert len(result.losses) == STEPS
     for i, losses in enumerate(result.losses):
@@ -117,6 +117,9 @@ def test_null_text_runs_the_reference_inner_loop(inverted):
         assert all(loss >= threshold for loss in losses[:-1])
         if len(losses) < 10:
             assert losses[-1] < threshold
+        # the loss never rises over a step's inner iterations (on this well-conditioned model; fp32 rounding of
+        # the loss itself is ~1e-10 here, the Adam decreases 1e-7 and up)
+        assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(losses, losses[1:])), (i, losses)
     emb = result.inversion.uncond_embeddings
     assert not torch.equal(emb[0], emb[-1])
 
