@@ -54,22 +54,30 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/p2p.py": ["tests/test_p2p_properties.py", "tests/test_p2p_samplers.py"],
     "worker/editing/ip2p.py": ["tests/test_ip2p.py"],
     "worker/editing/batch.py": ["tests/test_batch.py", "tests/test_p2p_properties.py"],
+    "worker/editing/previews.py": ["tests/test_previews.py"],
+    "worker/editing/methods.py": ["tests/test_editing_layers.py"],
+    "worker/editing/buckets.py": ["tests/test_step_acceleration.py"],
+    "worker/editing/acceleration.py": ["tests/test_step_acceleration.py"],
+    "worker/editing/tensor_controller.py": ["tests/test_p2p_tensor_controller.py"],
+    "worker/editing/continuous.py": ["tests/test_continuous_core.py"],
+    "worker/editing/inversion.py": ["tests/test_inversion.py"],
     "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
                             "tests/test_idempotency_image.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py", "tests/test_limits_mutants.py"],
-    "service/egress.py": ["tests/test_egress_rules.py", "tests/test_webhooks_delivery.py"],
+    "service/egress.py": ["tests/test_egress_rules.py", "tests/test_image_url.py", "tests/test_webhooks_delivery.py"],
     "service/storage.py": ["tests/test_storage.py", "tests/test_storage_mutants.py"],
     "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py"],
 }
 # modules whose tests load the tiny models per test module: the fork server loads them once (mutation_plugin.py)
 PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
     "worker/editing/processor.py", "worker/editing/base.py", "worker/editing/p2p.py",
-    "worker/editing/batch.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
+    "worker/editing/batch.py", "worker/editing/continuous.py", "worker/editing/acceleration.py",
+    "worker/editing/buckets.py", "worker/editing/tensor_controller.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
 SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
-                                  "service/egress.py": ["redis"], "service/storage.py": ["s3"]}
-DEFAULT_BUDGET_S = {path: 900 for path in MODULES} | {"worker/editing/batch.py": 1800,
-                                                      "worker/editing/controllers.py": 1800}
+                                  "service/egress.py": ["redis", "s3"], "service/storage.py": ["s3"]}
+DEFAULT_BUDGET_S = {path: 900 for path in MODULES} | {path: 1800 for path in (
+    "worker/editing/batch.py", "worker/editing/controllers.py", "worker/editing/inversion.py", "service/jobstore.py")}
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault",
           None: "not checked"}
@@ -262,6 +270,9 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the module -> test files map and exit")
     parser.add_argument("--renote", action="store_true",
                         help="re-apply mutation_notes.json to the existing results (no run) and rewrite them")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="merge the modules of other runs' result files (--out of parallel runs) into the "
+                             "results, re-applying the notes (no run)")
     args = parser.parse_args()
     if args.list:
         for module, tests in MODULES.items():
@@ -274,13 +285,16 @@ def main() -> None:
         f"-{os.cpu_count()}c"
     out = args.out or REPO / "bench" / "results" / f"mutation-{machine}"
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    if args.renote:
+    if args.renote or args.merge:
         notes = load_notes()
         saved = json.loads(out.with_suffix(".json").read_text())
-        for m in saved["modules"]:
+        modules = {m["module"]: m for m in saved["modules"]}
+        for other in args.merge or []:
+            modules |= {m["module"]: m for m in json.loads(other.read_text())["modules"]}
+        for m in modules.values():
             for survivor in m["survivors"]:
                 survivor["note"] = notes.get(survivor["mutant"], "UNEXPLAINED")
-        write_results({m["module"]: m for m in saved["modules"]}, out, machine, saved["updated"])
+        write_results(modules, out, machine, started if args.merge else saved["updated"])
         return
     results = {}
     for module in args.modules:
