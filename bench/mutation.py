@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/continuous.py": ["tests/test_continuous_core.py"],
     "worker/editing/inversion.py": ["tests/test_inversion.py"],
     "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
-                            "tests/test_idempotency_image.py"],
+                            "tests/test_idempotency_image.py", "tests/test_jobstore_mutants.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py", "tests/test_limits_mutants.py"],
     "service/egress.py": ["tests/test_egress_rules.py", "tests/test_image_url.py", "tests/test_webhooks_delivery.py"],
     "service/storage.py": ["tests/test_storage.py", "tests/test_storage_mutants.py"],

@@ -1,0 +1,299 @@
+"""JobStore behaviours its callers rely on that tests/test_jobstore.py leaves open (found by mutation testing):
+the async submit path, previews and progress detail, the repair pass, the re-enqueued RQ job, ETA statistics,
+record lifetimes, the parameters shown, and the errors callers see."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+import redis
+import redis.asyncio
+from gateway_support import make_settings, p2p_payload
+from rq import Queue
+from rq.job import Job
+
+from editserve.contract import (
+    BatchKey,
+    EditStatus,
+    ErrorInfo,
+    InversionProgress,
+    InversionRequest,
+    IP2PEditRequest,
+    JobPayload,
+    Sweep,
+    WebhookSpec,
+)
+from service.jobstore import JOB_FUNCTION, EditConflict, EditNotFound, JobStore, build_params, new_edit_id
+from service.keys import events_channel
+from service.limits import LimitExceeded
+from service.liveness import beat
+from service.throughput import recent
+
+CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+@pytest.fixture
+def conn(redis_url):
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def js(conn, redis_url):
+    return JobStore(conn, make_settings(redis_url))
+
+
+def create(js: JobStore, tenant: str = "default", **kw):
+    edit, created = js.create(p2p_payload(new_edit_id(), tenant, **kw), webhook=None, idempotency_key=None)
+    assert created
+    return edit
+
+
+def processing(js: JobStore, **kw):
+    edit = create(js, **kw)
+    assert js.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")
+    return edit
+
+
+def test_edit_id_carries_its_creation_millisecond():
+    """Listings and cursors order by id within a millisecond: the id's top 48 bits are the creation time."""
+    before = int(time.time() * 1000)
+    edit_id = new_edit_id()
+    after = int(time.time() * 1000)
+    value = 0
+    for char in edit_id:
+        value = value * 32 + CROCKFORD.index(char)
+    assert before <= value >> 80 <= after + 1
+
+
+# ---------------------------------------------------------------------------------------------- errors callers see
+
+def test_not_found_errors_name_the_edit(js):
+    with pytest.raises(EditNotFound) as cancel:
+        js.request_cancel("missing", "default")
+    with pytest.raises(EditNotFound) as load:
+        js.load_payload("missing")
+    assert cancel.value.args == load.value.args == ("missing",)
+    assert js.tenant_of("missing") is None
+    assert js.is_cancel_requested("missing") is True  # a worker holding a vanished record stops
+
+
+def test_cancel_of_a_queued_edit_completes_it_and_a_repeat_returns_it(js):
+    edit = create(js)
+    canceled = js.request_cancel(edit.id, "default")
+    assert canceled.status is EditStatus.canceled and canceled.completed_at is not None
+    again = js.request_cancel(edit.id, "default")
+    assert again is not None and again.status is EditStatus.canceled and again.revision == canceled.revision
+
+
+def test_cancel_of_a_finished_edit_says_what_can_be_canceled(js):
+    edit = processing(js)
+    js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=1.0)
+    with pytest.raises(EditConflict, match="already succeeded; only queued or processing edits can be canceled"):
+        js.request_cancel(edit.id, "default")
+
+
+def test_webhook_last_error_is_cut_to_500_characters(js):
+    edit, _ = js.create(p2p_payload(new_edit_id()), webhook=WebhookSpec(url="https://example.com/h"),
+                        idempotency_key=None)
+    js.record_webhook_delivery(edit.id, ok=False, error="x" * 800)
+    js.record_webhook_delivery(edit.id, ok=False)
+    state = js.get(edit.id).webhook
+    assert (state.failed, state.last_error) == (2, "x" * 500)
+
+
+# ---------------------------------------------------------------------------------------------- async submit path
+
+def test_create_async_records_replays_and_rate_limits(conn, redis_url):
+    """The JSON submit path: created once, a replay returns the first edit, and only ``rate_limit`` counts."""
+    js = JobStore(conn, make_settings(redis_url, limits={"tenant_rps": 0.001, "tenant_burst": 1}))
+
+    async def scenario():
+        aio = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            first_payload = p2p_payload(new_edit_id())
+            first, created = await js.create_async(aio, first_payload, webhook=WebhookSpec(url="https://e.com/h"),
+                                                   idempotency_key="k1", fingerprint="same-body",
+                                                   rate_limit=True)
+            assert created and first.id == first_payload.id and first.status is EditStatus.queued
+            assert first.webhook.url == "https://e.com/h" and first.revision == 1
+            assert js.get(first.id).id == first.id
+            other_body = p2p_payload(new_edit_id(), target="a fox on a mat")  # same fingerprint: a replay
+            again, created_again = await js.create_async(aio, other_body, webhook=None, idempotency_key="k1",
+                                                         fingerprint="same-body")
+            assert not created_again and again.id == first.id
+            # counted only when asked: this submit is over the 1-request burst, the next one is refused
+            _, created_third = await js.create_async(aio, p2p_payload(new_edit_id()), webhook=None,
+                                                     idempotency_key=None)
+            assert created_third
+            with pytest.raises(LimitExceeded):
+                await js.create_async(aio, p2p_payload(new_edit_id()), webhook=None, idempotency_key=None,
+                                      rate_limit=True)
+        finally:
+            await aio.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_sync_create_counts_the_rate_only_when_asked(conn, redis_url):
+    js = JobStore(conn, make_settings(redis_url, limits={"tenant_rps": 0.001, "tenant_burst": 1}))
+    assert js.create(p2p_payload(new_edit_id()), webhook=None, idempotency_key=None, rate_limit=True)[1]
+    assert js.create(p2p_payload(new_edit_id()), webhook=None, idempotency_key=None)[1]  # over the burst: not counted
+    with pytest.raises(LimitExceeded):
+        js.create(p2p_payload(new_edit_id()), webhook=None, idempotency_key=None, rate_limit=True)
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+def test_a_preview_shows_on_a_processing_edit_and_is_published(js, conn):
+    edit = processing(js)
+    pubsub = conn.pubsub()
+    pubsub.subscribe(events_channel(edit.id))
+    assert pubsub.get_message(timeout=10)["type"] == "subscribe"
+    before = js.get(edit.id).revision
+    js.set_preview(edit.id, 3, 10, f"edits/{edit.id}/preview.png")
+    shown = js.get(edit.id)
+    assert (shown.preview.step, shown.preview.total) == (3, 10) and "preview.png" in shown.preview.url
+    assert shown.revision == before + 1
+    message = pubsub.get_message(timeout=10)
+    assert message is not None and json.loads(message["data"])["preview"]["step"] == 3
+    pubsub.close()
+
+
+def inversion_payload() -> JobPayload:
+    key = BatchKey(model="tiny-sd", kind="inversion", height=128, width=128, steps=10, scheduler="ddim")
+    return JobPayload(id=new_edit_id(), tenant="default", request=InversionRequest(caption="a cat", steps=10),
+                      batch_key=key, seeds=[], created_at=datetime.now(UTC))
+
+
+def test_progress_detail_of_a_processing_inversion_is_shown(js):
+    payload = inversion_payload()
+    js.create(payload, webhook=None, idempotency_key=None)
+    assert js.mark_processing(payload.id, batch_id="b", batch_size=1, worker="w")
+    detail = InversionProgress(phase="null-text", step=4, total=10, inner_iterations=3, inner_total=10)
+    js.set_progress_detail(payload.id, detail.model_dump_json())
+    assert js.view.get_inversion(payload.id).progress == detail
+
+
+def test_progress_publishing_is_throttled_but_first_and_last_steps_always_go_out(conn, redis_url):
+    """Webhook/SSE consumers get the start and the end of a run even when updates come faster than the interval."""
+    js = JobStore(conn, make_settings(redis_url, worker={"progress_min_interval_seconds": 3600}))
+    events = []
+    js.add_listener(lambda r, edit, event, tenant: events.append((event, edit.progress and edit.progress.step)))
+    edit = processing(js)
+    for step in range(1, 11):
+        js.set_progress(edit.id, step, 10)
+    assert events == [("started", None), ("progress", 1), ("progress", 10)]
+
+
+def test_a_failing_publish_does_not_fail_the_transition(js, monkeypatch):
+    told = []
+    js.add_listener(lambda r, edit, event, tenant: told.append(event))
+    edit = create(js)
+
+    def broken(*args, **kwargs):
+        raise redis.ConnectionError("pub/sub down")
+
+    monkeypatch.setattr(js.redis, "publish", broken)
+    assert js.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")
+    assert told == ["started"] and js.get(edit.id).status is EditStatus.processing
+
+
+def test_reenqueue_puts_the_same_job_back_on_its_queue(js, conn):
+    """The re-enqueued job is the one a worker runs: same function, payload, limits, at the front by default."""
+    first, second = create(js), create(js)
+    queue = Queue(Job.fetch(first.id, connection=conn).origin, connection=conn)
+    conn.lrem(queue.key, 0, first.id)  # a worker took it
+    js.mark_processing(first.id, batch_id="b", batch_size=1, worker="w")
+    assert js.mark_requeued(first.id, "worker died")
+    js.reenqueue(first.id)
+    assert queue.get_job_ids() == [first.id, second.id]
+    job = Job.fetch(first.id, connection=conn)
+    settings = js.settings.worker
+    assert job.origin == queue.name and job.func_name == JOB_FUNCTION
+    assert job.args == (js.redis.hget(f"editserve:edit:{first.id}", "payload").decode(),)
+    assert (job.timeout, job.result_ttl, job.failure_ttl) == (
+        settings.job_timeout_seconds, settings.result_ttl_seconds, settings.result_ttl_seconds)
+    assert job.description == f"edit {first.id}"
+    conn.lrem(queue.key, 0, first.id)
+    js.mark_processing(first.id, batch_id="b", batch_size=1, worker="w")
+    assert js.mark_requeued(first.id, "worker died again")
+    js.reenqueue(first.id, at_front=False)
+    assert queue.get_job_ids() == [second.id, first.id]
+
+
+def test_finished_edits_feed_eta_and_throughput(js, conn):
+    """A succeeded run's seconds per step and per job become the next edits' ETA; /v1/models counts its work."""
+    beat(conn, "w1", ["tiny-sd"], ttl=60)
+    done = create(js)
+    js.mark_processing(done.id, batch_id="b", batch_size=2, worker="w1")
+    results = [{"index": i, "label": "x", "key": f"edits/{done.id}/output-{i}.png", "width": 128, "height": 128}
+               for i in range(3)]
+    assert js.mark_succeeded(done.id, results=results, attention_maps=[], run_seconds=4.0) is True
+    assert js.mark_succeeded(done.id, results=results, attention_maps=[], run_seconds=4.0) is False
+    running = processing(js)
+    assert js.get(running.id).eta_seconds == 4.0  # 10 steps x 0.4 s, nothing run yet
+    queued = js.get(create(js).id)
+    assert queued.queue_position >= 1
+    assert queued.eta_seconds == round(4.0 + queued.queue_position * 2.0, 2)  # + jobs ahead at 4 s / batch of 2
+    longer = js.get(create(js, steps=20).id)  # another step count: per-step figures scale
+    assert longer.eta_seconds == round(20 * 0.4 + longer.queue_position * 20 * 0.2, 2)
+    throughput = recent(conn, ["tiny-sd"], 60)["tiny-sd"]
+    assert (throughput.edits, throughput.images, throughput.steps) == (1, 3, 10)
+
+
+def test_terminal_records_live_as_long_as_the_images(js, conn, redis_url):
+    edit = processing(js)
+    js.mark_failed(edit.id, ErrorInfo(type="x", message="y"))
+    days = js.settings.s3.retention_days
+    assert days * 86400 - 60 <= conn.ttl(f"editserve:edit:{edit.id}") <= days * 86400
+    short = JobStore(conn, make_settings(redis_url, retention={"record_ttl_seconds": 900}))
+    other = create(short)
+    short.mark_canceled(other.id)
+    assert 840 <= conn.ttl(f"editserve:edit:{other.id}") <= 900
+
+
+# ---------------------------------------------------------------------------------------------- repair pass
+
+def test_release_held_fails_an_edit_whose_queue_entry_was_deleted(conn, redis_url):
+    js = JobStore(conn, make_settings(redis_url, limits={"tenant_max_concurrent": 1}))
+    first, held, lost = create(js), create(js), create(js)
+    conn.hset(f"editserve:edit:{first.id}", "status", "succeeded")  # finished without the bookkeeping
+    conn.delete(Job.key_for(lost.id))
+    assert js.release_held() == 1
+    assert js.get(held.id).status is EditStatus.queued
+    failed = js.get(lost.id)
+    assert failed.status is EditStatus.failed and failed.error.type == "queue_entry_lost"
+    assert "submit it again" in failed.error.message
+
+
+# ---------------------------------------------------------------------------------------------- params shown
+
+def test_params_of_a_p2p_edit_show_the_resolved_shape_seed_and_inversion():
+    payload = p2p_payload("e1", steps=12)
+    payload = payload.model_copy(update={"seeds": [5, 6], "inversion_id": "inv1"})
+    params = build_params(payload)
+    assert {k: params[k] for k in ("model", "steps", "scheduler", "height", "width", "seeds", "seed",
+                                   "inversion_id")} == {
+        "model": "tiny-sd", "steps": 12, "scheduler": "ddim", "height": 128, "width": 128, "seeds": [5, 6],
+        "seed": 5, "inversion_id": "inv1"}
+    assert not {"image", "webhook", "metadata", "kind"} & params.keys()
+
+
+def test_params_of_an_inversion_have_no_seeds_or_priority():
+    params = build_params(inversion_payload())
+    assert "seeds" not in params and "priority" not in params and params["caption"] == "a cat"
+
+
+def test_params_of_an_ip2p_sweep_list_every_cell():
+    request = IP2PEditRequest(instruction="snow", sweep=Sweep(image_guidance=[1.0, 2.0], text_guidance=[5.0]))
+    key = BatchKey(model="tiny-ip2p", kind="ip2p", height=64, width=64, steps=4, scheduler="ddim")
+    payload = JobPayload(id="e3", tenant="t", request=request, batch_key=key, seeds=[11, 12],
+                         created_at=datetime.now(UTC))
+    params = build_params(payload)
+    assert params["cells"] == [{"index": 0, "image_guidance": 1.0, "text_guidance": 5.0, "seed": 11},
+                               {"index": 1, "image_guidance": 2.0, "text_guidance": 5.0, "seed": 12}]
+    assert params["seeds"] == [11, 12]
