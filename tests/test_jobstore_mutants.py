@@ -27,8 +27,18 @@ from editserve.contract import (
     Sweep,
     WebhookSpec,
 )
-from service.jobstore import JOB_FUNCTION, EditConflict, EditNotFound, JobStore, build_params, new_edit_id
-from service.keys import events_channel
+from service.jobstore import (
+    JOB_FUNCTION,
+    EditConflict,
+    EditNotFound,
+    JobStore,
+    build_params,
+    new_edit_id,
+    request_fingerprint,
+)
+from service import metrics
+from service.keys import eta_stats_keys, events_channel, idem_key
+from service.queues import BATCH_TAG_FIELD, batch_tag
 from service.limits import LimitExceeded
 from service.liveness import beat
 from service.throughput import recent
@@ -87,6 +97,16 @@ def test_cancel_of_a_queued_edit_completes_it_and_a_repeat_returns_it(js):
     assert canceled.status is EditStatus.canceled and canceled.completed_at is not None
     again = js.request_cancel(edit.id, "default")
     assert again is not None and again.status is EditStatus.canceled and again.revision == canceled.revision
+
+
+def test_every_way_to_cancel_stamps_completed_at(js):
+    flagged, running = processing(js), processing(js)
+    js.request_cancel(flagged.id, "default")
+    assert js.mark_requeued(flagged.id, "worker died") is False  # cancel asked: canceled, not requeued
+    js.mark_canceled(running.id)
+    for edit_id in (flagged.id, running.id):
+        edit = js.get(edit_id)
+        assert edit.status is EditStatus.canceled and edit.completed_at is not None
 
 
 def test_cancel_of_a_finished_edit_says_what_can_be_canceled(js):
@@ -180,9 +200,9 @@ def test_progress_detail_of_a_processing_inversion_is_shown(js):
 
 def test_progress_publishing_is_throttled_but_first_and_last_steps_always_go_out(conn, redis_url):
     """Webhook/SSE consumers get the start and the end of a run even when updates come faster than the interval."""
-    js = JobStore(conn, make_settings(redis_url, worker={"progress_min_interval_seconds": 3600}))
     events = []
-    js.add_listener(lambda r, edit, event, tenant: events.append((event, edit.progress and edit.progress.step)))
+    js = JobStore(conn, make_settings(redis_url, worker={"progress_min_interval_seconds": 3600}), listeners=[
+        lambda r, edit, event, tenant: events.append((event, edit.progress and edit.progress.step))])
     edit = processing(js)
     for step in range(1, 11):
         js.set_progress(edit.id, step, 10)
@@ -204,13 +224,18 @@ def test_a_failing_publish_does_not_fail_the_transition(js, monkeypatch):
 
 def test_reenqueue_puts_the_same_job_back_on_its_queue(js, conn):
     """The re-enqueued job is the one a worker runs: same function, payload, limits, at the front by default."""
-    first, second = create(js), create(js)
+    first, second = create(js, priority="low"), create(js, priority="low")
+    first_payload_key = js.load_payload(first.id).batch_key
     queue = Queue(Job.fetch(first.id, connection=conn).origin, connection=conn)
     conn.lrem(queue.key, 0, first.id)  # a worker took it
     js.mark_processing(first.id, batch_id="b", batch_size=1, worker="w")
     assert js.mark_requeued(first.id, "worker died")
+    assert conn.ttl(f"editserve:edit:{first.id}") == -1  # only terminal records expire
+    assert conn.hmget(f"editserve:edit:{first.id}", "worker", "batch_id") == [None, None]  # the reaper's view
+    conn.hdel(Job.key_for(first.id), BATCH_TAG_FIELD)  # an older record's job: the tag is written again
     js.reenqueue(first.id)
     assert queue.get_job_ids() == [first.id, second.id]
+    assert conn.hget(Job.key_for(first.id), BATCH_TAG_FIELD).decode() == batch_tag(first_payload_key)
     job = Job.fetch(first.id, connection=conn)
     settings = js.settings.worker
     assert job.origin == queue.name and job.func_name == JOB_FUNCTION
@@ -239,6 +264,10 @@ def test_finished_edits_feed_eta_and_throughput(js, conn):
     queued = js.get(create(js).id)
     assert queued.queue_position >= 1
     assert queued.eta_seconds == round(4.0 + queued.queue_position * 2.0, 2)  # + jobs ahead at 4 s / batch of 2
+    assert create(js).eta_seconds is not None  # the submit response already has it
+    stats_ttl = js.settings.retention.stats_ttl_seconds
+    for key in eta_stats_keys("tiny-sd", "p2p", 128, 128, 10, "ddim"):
+        assert stats_ttl - 60 <= conn.ttl(key) <= stats_ttl
     longer = js.get(create(js, steps=20).id)  # another step count: per-step figures scale
     assert longer.eta_seconds == round(20 * 0.4 + longer.queue_position * 20 * 0.2, 2)
     throughput = recent(conn, ["tiny-sd"], 60)["tiny-sd"]
@@ -272,6 +301,20 @@ def test_release_held_fails_an_edit_whose_queue_entry_was_deleted(conn, redis_ur
 
 # ---------------------------------------------------------------------------------------------- params shown
 
+def test_fingerprint_ignores_the_per_edit_image_key():
+    """The image's content is hashed by the gateway (``extra``); the key differs per edit id and must not count."""
+    key = BatchKey(model="tiny-ip2p", kind="ip2p", height=64, width=64, steps=4, scheduler="ddim")
+
+    def payload(edit_id: str, instruction: str = "snow") -> JobPayload:
+        request = IP2PEditRequest(instruction=instruction, image=f"edits/{edit_id}/input.png")
+        return JobPayload(id=edit_id, tenant="t", request=request, batch_key=key, seeds=[1],
+                          created_at=datetime.now(UTC))
+
+    assert request_fingerprint(payload("a")) == request_fingerprint(payload("b"))
+    assert request_fingerprint(payload("a")) != request_fingerprint(payload("a", "rain"))
+    assert request_fingerprint(payload("a"), "img1") != request_fingerprint(payload("a"), "img2")
+
+
 def test_params_of_a_p2p_edit_show_the_resolved_shape_seed_and_inversion():
     payload = p2p_payload("e1", steps=12)
     payload = payload.model_copy(update={"seeds": [5, 6], "inversion_id": "inv1"})
@@ -297,3 +340,61 @@ def test_params_of_an_ip2p_sweep_list_every_cell():
     assert params["cells"] == [{"index": 0, "image_guidance": 1.0, "text_guidance": 5.0, "seed": 11},
                                {"index": 1, "image_guidance": 2.0, "text_guidance": 5.0, "seed": 12}]
     assert params["seeds"] == [11, 12]
+
+
+# ---------------------------------------------------------------------------------------------- create, start, metrics
+
+def sample(metric, suffix: str, **labels) -> float:
+    """A metric's current value as /metrics shows it (0 before the first observation)."""
+    for family in metric.collect():
+        for s in family.samples:
+            if s.name.endswith(suffix) and s.labels == labels:
+                return s.value
+    return 0.0
+
+
+def test_create_writes_the_job_a_worker_runs_and_the_claim_for_a_day(js, conn):
+    payload = p2p_payload(new_edit_id(), priority="high")
+    edit, _ = js.create(payload, webhook=None, idempotency_key="day")
+    job = Job.fetch(edit.id, connection=conn)
+    settings = js.settings.worker
+    assert (job.result_ttl, job.failure_ttl, job.description) == (
+        settings.result_ttl_seconds, settings.result_ttl_seconds, f"edit {edit.id}")
+    assert conn.hget(job.key, BATCH_TAG_FIELD).decode() == batch_tag(payload.batch_key)
+    assert abs((edit.created_at - payload.created_at).total_seconds()) < 0.001
+    assert edit.params["priority"] == "high" and edit.kind == "p2p" and edit.model == "tiny-sd"
+    ttl = js.settings.retention.idempotency_ttl_seconds
+    assert ttl - 60 <= conn.ttl(idem_key("default", "day")) <= ttl
+
+
+def test_start_records_worker_wait_and_first_start(js, conn):
+    """The reaper reads ``worker``; a retried edit keeps its first ``started_at`` and shows its queue wait."""
+    edit = create(js)
+    assert js.mark_processing(edit.id, batch_id="b1", batch_size=2, worker="w1")
+    started = js.get(edit.id)
+    assert started.metrics.queue_wait_seconds is not None and started.metrics.queue_wait_seconds >= 0
+    assert conn.hget(f"editserve:edit:{edit.id}", "worker") == b"w1"
+    assert js.mark_requeued(edit.id, "worker died")
+    assert js.mark_processing(edit.id, batch_id="b2", batch_size=1, worker="w2")
+    again = js.get(edit.id)
+    assert again.started_at == started.started_at and again.metrics.batch_id == "b2"
+    assert conn.hget(f"editserve:edit:{edit.id}", "worker") == b"w2"
+
+
+def test_lifecycle_metrics_are_labelled_by_model_and_kind(js):
+    labels = {"model": "tiny-sd", "kind": "p2p"}
+    submitted = sample(metrics.jobs_submitted_total, "_total", **labels)
+    waits = sample(metrics.queue_wait_seconds, "_count", **labels)
+    runs = sample(metrics.job_duration_seconds, "_count", **labels)
+    run_sum = sample(metrics.job_duration_seconds, "_sum", **labels)
+    done = sample(metrics.jobs_completed_total, "_total", status="succeeded", **labels)
+    canceled = sample(metrics.jobs_completed_total, "_total", status="canceled", **labels)
+    edit = processing(js)
+    js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=2.5)
+    js.request_cancel(create(js).id, "default")
+    assert sample(metrics.jobs_submitted_total, "_total", **labels) == submitted + 2
+    assert sample(metrics.queue_wait_seconds, "_count", **labels) == waits + 1
+    assert sample(metrics.job_duration_seconds, "_count", **labels) == runs + 1
+    assert sample(metrics.job_duration_seconds, "_sum", **labels) == run_sum + 2.5
+    assert sample(metrics.jobs_completed_total, "_total", status="succeeded", **labels) == done + 1
+    assert sample(metrics.jobs_completed_total, "_total", status="canceled", **labels) == canceled + 1
