@@ -100,10 +100,12 @@ def test_cancel_of_a_queued_edit_completes_it_and_a_repeat_returns_it(js):
 
 
 def test_every_way_to_cancel_stamps_completed_at(js):
-    flagged, running = processing(js), processing(js)
+    flagged, running, failing = processing(js), processing(js), processing(js)
     js.request_cancel(flagged.id, "default")
     assert js.mark_requeued(flagged.id, "worker died") is False  # cancel asked: canceled, not requeued
     js.mark_canceled(running.id)
+    js.mark_failed(failing.id, ErrorInfo(type="x", message="y"))
+    assert js.get(failing.id).completed_at is not None
     for edit_id in (flagged.id, running.id):
         edit = js.get(edit_id)
         assert edit.status is EditStatus.canceled and edit.completed_at is not None
@@ -231,7 +233,7 @@ def test_reenqueue_puts_the_same_job_back_on_its_queue(js, conn):
     js.mark_processing(first.id, batch_id="b", batch_size=1, worker="w")
     assert js.mark_requeued(first.id, "worker died")
     assert conn.ttl(f"editserve:edit:{first.id}") == -1  # only terminal records expire
-    assert conn.hmget(f"editserve:edit:{first.id}", "worker", "batch_id") == [None, None]  # the reaper's view
+    assert conn.hmget(f"editserve:edit:{first.id}", "worker", "batch_id", "batch_size") == [None] * 3  # reaper's view
     conn.hdel(Job.key_for(first.id), BATCH_TAG_FIELD)  # an older record's job: the tag is written again
     js.reenqueue(first.id)
     assert queue.get_job_ids() == [first.id, second.id]
@@ -248,6 +250,25 @@ def test_reenqueue_puts_the_same_job_back_on_its_queue(js, conn):
     assert js.mark_requeued(first.id, "worker died again")
     js.reenqueue(first.id, at_front=False)
     assert queue.get_job_ids() == [second.id, first.id]
+
+
+def test_a_requeued_edit_waits_from_its_requeue_and_forgets_its_last_attempt(js, monkeypatch):
+    """Queue wait counts from the requeue, not the first submit; the failed attempt's progress detail is gone."""
+    import service.jobstore as jobstore_module
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(jobstore_module, "_now", lambda: clock[0])
+    payload = inversion_payload()
+    js.create(payload, webhook=None, idempotency_key=None)
+    clock[0] += 10
+    js.mark_processing(payload.id, batch_id="b", batch_size=1, worker="w")
+    js.set_progress_detail(payload.id, InversionProgress(phase="ddim", step=2, total=10).model_dump_json())
+    clock[0] += 100
+    assert js.mark_requeued(payload.id, "worker died")
+    assert js.view.get_inversion(payload.id).progress is None
+    clock[0] += 5
+    js.mark_processing(payload.id, batch_id="b2", batch_size=1, worker="w2")
+    assert js.get(payload.id).metrics.queue_wait_seconds == 5.0
 
 
 def test_finished_edits_feed_eta_and_throughput(js, conn):
