@@ -271,6 +271,19 @@ def test_a_requeued_edit_waits_from_its_requeue_and_forgets_its_last_attempt(js,
     assert js.get(payload.id).metrics.queue_wait_seconds == 5.0
 
 
+def test_reenqueue_only_puts_back_a_queued_edit(js, conn):
+    """A late reaper re-enqueueing a running or finished edit must not hand its job to a second worker."""
+    edit = create(js)
+    queue = Queue(Job.fetch(edit.id, connection=conn).origin, connection=conn)
+    conn.lrem(queue.key, 0, edit.id)  # a worker took it
+    js.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")
+    js.reenqueue(edit.id)
+    js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=1.0)
+    js.reenqueue(edit.id)
+    js.reenqueue("missing")
+    assert queue.get_job_ids() == []
+
+
 def test_finished_edits_feed_eta_and_throughput(js, conn):
     """A succeeded run's seconds per step and per job become the next edits' ETA; /v1/models counts its work."""
     beat(conn, "w1", ["tiny-sd"], ttl=60)
