@@ -201,14 +201,18 @@ def test_progress_detail_of_a_processing_inversion_is_shown(js):
 
 
 def test_progress_publishing_is_throttled_but_first_and_last_steps_always_go_out(conn, redis_url):
-    """Webhook/SSE consumers get the start and the end of a run even when updates come faster than the interval."""
-    events = []
-    js = JobStore(conn, make_settings(redis_url, worker={"progress_min_interval_seconds": 3600}), listeners=[
-        lambda r, edit, event, tenant: events.append((event, edit.progress and edit.progress.step))])
-    edit = processing(js)
-    for step in range(1, 11):
-        js.set_progress(edit.id, step, 10)
-    assert events == [("started", None), ("progress", 1), ("progress", 10)]
+    """Webhook/SSE consumers get the start and the end of a run even when updates come faster than the interval,
+    and every step when the interval is 0."""
+    published = {}
+    for interval in (1e9, 0.0):
+        events = published[interval] = []
+        js = JobStore(conn, make_settings(redis_url, worker={"progress_min_interval_seconds": interval}), listeners=[
+            lambda r, edit, event, tenant, events=events: events.append((event, edit.progress and edit.progress.step))])
+        edit = processing(js)
+        for step in range(1, 11):
+            js.set_progress(edit.id, step, 10)
+    assert published[1e9] == [("started", None), ("progress", 1), ("progress", 10)]
+    assert published[0.0] == [("started", None)] + [("progress", step) for step in range(1, 11)]
 
 
 def test_a_failing_publish_does_not_fail_the_transition(js, monkeypatch):
@@ -306,6 +310,27 @@ def test_finished_edits_feed_eta_and_throughput(js, conn):
     assert longer.eta_seconds == round(20 * 0.4 + longer.queue_position * 20 * 0.2, 2)
     throughput = recent(conn, ["tiny-sd"], 60)["tiny-sd"]
     assert (throughput.edits, throughput.images, throughput.steps) == (1, 3, 10)
+
+
+def test_a_single_job_batch_counts_its_whole_run_per_job(js, conn):
+    beat(conn, "w1", ["tiny-sd"], ttl=60)
+    done = processing(js)  # batch_size 1
+    js.mark_succeeded(done.id, results=[], attention_maps=[], run_seconds=3.0)
+    queued = js.get(create(js).id)
+    assert queued.eta_seconds == round(3.0 + queued.queue_position * 3.0, 2)
+
+
+def test_a_succeeded_inversion_shows_its_stored_objects(js):
+    payload = inversion_payload()
+    js.create(payload, webhook=None, idempotency_key=None)
+    js.mark_processing(payload.id, batch_id="b", batch_size=1, worker="w")
+    stored = {"arrays_key": f"edits/{payload.id}/inversion.safetensors",
+              "reconstruction_key": f"edits/{payload.id}/reconstruction.png", "reconstruction_error": 0.125}
+    assert js.mark_succeeded(payload.id, results=[], attention_maps=[], run_seconds=1.0, inversion=stored)
+    inversion = js.view.get_inversion(payload.id)
+    assert inversion.reconstruction_error == 0.125
+    assert "inversion.safetensors" in inversion.result.arrays_url
+    assert "reconstruction.png" in inversion.result.reconstruction_url
 
 
 def test_terminal_records_live_as_long_as_the_images(js, conn, redis_url):
