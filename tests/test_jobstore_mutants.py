@@ -448,8 +448,11 @@ def test_lifecycle_metrics_are_labelled_by_model_and_kind(js):
     run_sum = sample(metrics.job_duration_seconds, "_sum", **labels)
     done = sample(metrics.jobs_completed_total, "_total", status="succeeded", **labels)
     canceled = sample(metrics.jobs_completed_total, "_total", status="canceled", **labels)
+    running = metrics.jobs_in_progress._value.get()
     edit = processing(js)
+    assert metrics.jobs_in_progress._value.get() == running + 1
     js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=2.5)
+    assert metrics.jobs_in_progress._value.get() == running  # a finished edit no longer counts as running
     js.request_cancel(create(js).id, "default")
     assert sample(metrics.jobs_submitted_total, "_total", **labels) == submitted + 2
     assert sample(metrics.queue_wait_seconds, "_count", **labels) == waits + 1
