@@ -31,6 +31,7 @@ from service.jobstore import (
     JOB_FUNCTION,
     EditConflict,
     EditNotFound,
+    IdempotencyConflict,
     JobStore,
     build_params,
     new_edit_id,
@@ -116,6 +117,14 @@ def test_cancel_of_a_finished_edit_says_what_can_be_canceled(js):
     js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=1.0)
     with pytest.raises(EditConflict, match="already succeeded; only queued or processing edits can be canceled"):
         js.request_cancel(edit.id, "default")
+
+
+def test_an_idempotency_key_reused_with_another_body_says_so(js):
+    js.create(p2p_payload(new_edit_id()), webhook=None, idempotency_key="k")
+    with pytest.raises(IdempotencyConflict) as conflict:
+        js.create(p2p_payload(new_edit_id(), target="a fox on a mat"), webhook=None, idempotency_key="k")
+    assert str(conflict.value) == ("this Idempotency-Key was already used with a different request body; "
+                                   "use a new key for a different request")
 
 
 def test_webhook_last_error_is_cut_to_500_characters(js):
@@ -268,7 +277,11 @@ def test_a_requeued_edit_waits_from_its_requeue_and_forgets_its_last_attempt(js,
     js.mark_processing(payload.id, batch_id="b", batch_size=1, worker="w")
     js.set_progress_detail(payload.id, InversionProgress(phase="ddim", step=2, total=10).model_dump_json())
     clock[0] += 100
+    told = []
+    js.add_listener(lambda r, edit, event, tenant: told.append(event))
     assert js.mark_requeued(payload.id, "worker died")
+    assert told == []  # no webhook: a requeue is neither a start nor a completion
+    assert js.get(payload.id).completed_at is None
     assert js.view.get_inversion(payload.id).progress is None
     clock[0] += 5
     js.mark_processing(payload.id, batch_id="b2", batch_size=1, worker="w2")
@@ -453,10 +466,14 @@ def test_lifecycle_metrics_are_labelled_by_model_and_kind(js):
     assert metrics.jobs_in_progress._value.get() == running + 1
     js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=2.5)
     assert metrics.jobs_in_progress._value.get() == running  # a finished edit no longer counts as running
+    requeued = processing(js)
+    assert js.mark_requeued(requeued.id, "worker stopping")
+    js.mark_canceled(requeued.id)  # canceled while queued again: it was not running here any more
+    assert metrics.jobs_in_progress._value.get() == running
     js.request_cancel(create(js).id, "default")
-    assert sample(metrics.jobs_submitted_total, "_total", **labels) == submitted + 2
-    assert sample(metrics.queue_wait_seconds, "_count", **labels) == waits + 1
+    assert sample(metrics.jobs_submitted_total, "_total", **labels) == submitted + 3
+    assert sample(metrics.queue_wait_seconds, "_count", **labels) == waits + 2
     assert sample(metrics.job_duration_seconds, "_count", **labels) == runs + 1
     assert sample(metrics.job_duration_seconds, "_sum", **labels) == run_sum + 2.5
     assert sample(metrics.jobs_completed_total, "_total", status="succeeded", **labels) == done + 1
-    assert sample(metrics.jobs_completed_total, "_total", status="canceled", **labels) == canceled + 1
+    assert sample(metrics.jobs_completed_total, "_total", status="canceled", **labels) == canceled + 2
