@@ -52,7 +52,11 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/base.py": ["tests/test_editing_layers.py", "tests/test_p2p_schedule_steps.py",
                                "tests/test_non_square.py"],
     "worker/editing/p2p.py": ["tests/test_p2p_properties.py", "tests/test_p2p_samplers.py"],
-    "worker/editing/ip2p.py": ["tests/test_ip2p.py"],
+    # the IP2P state on a fake model, and the guidance algebra; the parity tests against diffusers' pipeline
+    # (test_ip2p.py's tiny-model runs, ~85 s) reach the same functions but would run for every survivor
+    "worker/editing/ip2p.py": ["tests/test_ip2p_mutants.py", *(f"tests/test_ip2p.py::{t}" for t in (
+        "test_guidance_is_affine_with_weights_summing_to_one", "test_guidance_special_cases",
+        "test_guidance_on_x0_equals_guidance_on_eps", "test_chunk_order_golden", "test_per_cell_scales_broadcast"))],
     "worker/editing/batch.py": ["tests/test_batch.py", "tests/test_p2p_properties.py"],
     "worker/editing/previews.py": ["tests/test_previews.py"],
     "worker/editing/methods.py": ["tests/test_editing_layers.py"],
@@ -72,7 +76,7 @@ MODULES: dict[str, list[str]] = {
 PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
     "worker/editing/processor.py", "worker/editing/base.py", "worker/editing/p2p.py",
     "worker/editing/batch.py", "worker/editing/continuous.py", "worker/editing/acceleration.py",
-    "worker/editing/buckets.py", "worker/editing/tensor_controller.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
+    "worker/editing/buckets.py", "worker/editing/tensor_controller.py")}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
 SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
                                   "service/egress.py": ["redis", "s3"], "service/storage.py": ["s3"]}
