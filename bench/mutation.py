@@ -52,7 +52,9 @@ MODULES: dict[str, list[str]] = {
     # base and previews: unit tests on a fake model; the tiny-model and end-to-end tests that also reach them
     # (test_p2p_schedule_steps, test_non_square, test_previews' gateway runs) would run for every survivor
     "worker/editing/base.py": ["tests/test_base_mutants.py", "tests/test_editing_layers.py"],
-    "worker/editing/p2p.py": ["tests/test_p2p_properties.py", "tests/test_p2p_samplers.py"],
+    # the P2P state on a fake model plus one two-step tiny-sd run for the attention grids; test_p2p_properties
+    # and test_p2p_samplers (diffusers parity, whole runs per mode) reach the same code at minutes per survivor
+    "worker/editing/p2p.py": ["tests/test_p2p_mutants.py"],
     # the IP2P state on a fake model, and the guidance algebra; the parity tests against diffusers' pipeline
     # (test_ip2p.py's tiny-model runs, ~85 s) reach the same functions but would run for every survivor
     "worker/editing/ip2p.py": ["tests/test_ip2p_mutants.py", *(f"tests/test_ip2p.py::{t}" for t in (

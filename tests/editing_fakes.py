@@ -57,12 +57,12 @@ class FakeVae:
 class FakeModel:
     vae_scale_factor = 8
 
-    def __init__(self, dtype: torch.dtype = torch.float64, device: str = "cpu"):
+    def __init__(self, dtype: torch.dtype = torch.float64, device: str = "cpu", tokenizer=None):
         self.device, self.dtype = torch.device(device), dtype
         self.vae = FakeVae()
         self.pipe = SimpleNamespace(image_processor=VaeImageProcessor(vae_scale_factor=8))
         self.spec = SimpleNamespace(name="fake-model")
-        self.tokenizer = None
+        self.tokenizer = tokenizer  # P2P controllers align words with it
         self.encoded: list[str] = []  # every text encoded, in order
 
     def new_scheduler(self, name: str):
