@@ -70,4 +70,4 @@ class FakeModel:
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         self.encoded.extend(prompts)
-        return torch.stack([text_embedding(p) for p in prompts]).to(self.dtype)
+        return torch.stack([text_embedding(p) for p in prompts]).to(device=self.device, dtype=self.dtype)

@@ -151,3 +151,9 @@ def test_a_blank_instruction_returns_the_input_once_per_cell_without_diffusion()
     assert result.params["diffusion"] is False and result.params["instruction"] == " \n"
     assert result.params["cells"][1] == {"seed": 2, "text_guidance": 2.0, "image_guidance": 0.5}
     assert result.params["width"] == W
+
+
+def test_a_job_keeps_its_tensors_on_the_context_device():
+    job = IP2PJobState(spec(), SamplingContext(FakeModel(device="meta"), H, W, 3, "ddim"))
+    assert job.latents.device.type == "meta" and job.text_rows().device.type == "meta"
+    assert job.model_input().device.type == "meta"

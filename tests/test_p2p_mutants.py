@@ -115,6 +115,11 @@ def test_an_edit_from_an_inversion_starts_from_its_x_t_with_its_embeddings_and_g
         job.advance(torch.zeros(4, 4, H // 8, W // 8, dtype=torch.float64))
 
 
+def test_an_inversion_is_moved_to_the_context_device(fake):
+    job = P2PJobState(spec(inversion=inversion(scheduler="ddim")), context(fake, "ddim", device="meta"))
+    assert job.latents.device.type == "meta" and job.text_rows().device.type == "meta"
+
+
 @pytest.mark.parametrize("field,value", [("model", "other"), ("height", 64), ("width", 32), ("steps", 4),
                                          ("scheduler", "ddim")])
 def test_an_inversion_for_another_batch_key_is_refused_naming_the_field(fake, field, value):
