@@ -50,7 +50,7 @@ def test_linear_preview_shows_each_sample_without_ringing():
 
 class Decoder:
     """A tiny decoder on another device and dtype (as TAESD on the GPU in fp16): refuses latents not moved and
-    converted. Decodes red −3 (clamped to 0), green 0 (mid grey) and blue ±0.2 in alternate columns
+    converted. Decodes red −3 and green 3 (clamped to 0 and 255) and blue ±0.2 in alternate columns
     ((1 ± 0.2) · 127.5 = 153 or 102)."""
 
     def __init__(self):
@@ -64,7 +64,7 @@ class Decoder:
         assert latents.device == self.device and latents.dtype == self.dtype
         n, _, h, w = latents.shape
         pixels = torch.zeros(n, 3, 8 * h, 8 * w, dtype=self.dtype)
-        pixels[:, 0] = -3.0
+        pixels[:, 0], pixels[:, 1] = -3.0, 3.0
         pixels[:, 2, :, 0::2], pixels[:, 2, :, 1::2] = 0.2, -0.2
         return (pixels,) if not return_dict else {"sample": pixels}
 
@@ -76,7 +76,7 @@ def test_a_tiny_decoder_maps_its_pixels_from_minus_one_one(monkeypatch):
     assert loaded == ["folder/taesd"] and len(images) == 3
     assert images[0].size == (PREVIEW_SIDE, PREVIEW_SIDE // 2) and images[0].mode == "RGB"
     rgb = np.asarray(images[2]).astype(int)
-    assert (rgb[..., 0] == 0).all() and (rgb[..., 1] == 128).all()
+    assert (rgb[..., 0] == 0).all() and (rgb[..., 1] == 255).all()
     blue = rgb[..., 2]
     assert blue.min() >= 102 and blue.max() <= 153 and {102, 153} <= set(blue[0].tolist())  # bilinear: no ringing
 
