@@ -220,6 +220,13 @@ def test_decode_divides_by_the_scaling_factor_as_diffusers():
         decode(model, torch.full((1, 4, 4, 4), float("inf"), dtype=torch.float64))
 
 
+def test_a_jobs_final_images_decode_its_latents():
+    job = Job(context(), seeds=(1,))
+    pixels, images = job.final_images()
+    np.testing.assert_array_equal(pixels, decode(FakeModel(), job.latents)[0])
+    assert len(images) == 1 and job.ctx.model.vae.decoded == [1]
+
+
 def test_finished_jobs_decode_in_shared_calls_and_fail_alone():
     ctx = context()
     sizes = (2, 3, 4, 1, 7)  # at most 5 images a call: [2, 3] [4, 1] [7]
