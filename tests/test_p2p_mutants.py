@@ -172,9 +172,14 @@ def grids_on_one_scale(result, overlay: bool) -> None:
 
 
 def test_results_grids_share_one_scale_over_their_prompts_images(runner):
-    lone, groups = runner.run([spec(job_id="lone", attention_map_prompts=[1, 0], attention_overlay=True),
-                               spec(job_id="groups", seeds=[3, 4], attention_map_prompts=[1])])
-    assert lone.ok and groups.ok, (lone.error, groups.error)
+    lone, groups, plain, overlaid = runner.run([
+        spec(job_id="lone", attention_map_prompts=[1, 0], attention_overlay=True),
+        spec(job_id="groups", seeds=[3, 4], attention_map_prompts=[1]),
+        spec(job_id="plain", attention_map_prompts=[0]),
+        spec(job_id="overlaid", seeds=[3, 4], attention_map_prompts=[0, 1], attention_overlay=True)])
+    assert lone.ok and groups.ok and plain.ok and overlaid.ok, (lone.error, groups.error)
+    grids_on_one_scale(plain, overlay=False)
+    grids_on_one_scale(overlaid, overlay=True)  # over the first group's images
     assert lone.labels == ["a cat riding a bike", "a dog riding a bike"] and len(lone.images) == 2
     assert [m.prompt_index for m in lone.attention_maps] == [1, 0]
     grids_on_one_scale(lone, overlay=True)
@@ -185,4 +190,4 @@ def test_results_grids_share_one_scale_over_their_prompts_images(runner):
     assert [m.prompt_index for m in groups.attention_maps] == [1]  # the first group's maps only
     grids_on_one_scale(groups, overlay=False)
     assert groups.params["seeds"] == [3, 4]
-    np.testing.assert_array_equal(groups.pixels[2:], runner.run([spec(seed=4)])[0].pixels)
+    np.testing.assert_allclose(groups.pixels[2:], runner.run([spec(seed=4)])[0].pixels, atol=1e-2)  # batch shapes
