@@ -49,12 +49,21 @@ MODULES: dict[str, list[str]] = {
                                       "tests/test_p2p_processor.py"],
     "worker/editing/processor.py": ["tests/test_p2p_processor.py"],
     "worker/editing/jobs.py": ["tests/test_editing_jobs.py", "tests/test_p2p_controllers.py"],
-    "worker/editing/base.py": ["tests/test_editing_layers.py", "tests/test_p2p_schedule_steps.py",
-                               "tests/test_non_square.py"],
-    "worker/editing/p2p.py": ["tests/test_p2p_properties.py", "tests/test_p2p_samplers.py"],
-    "worker/editing/ip2p.py": ["tests/test_ip2p.py"],
+    # base and previews: unit tests on a fake model; the tiny-model and end-to-end tests that also reach them
+    # (test_p2p_schedule_steps, test_non_square, test_previews' gateway runs) would run for every survivor
+    "worker/editing/base.py": ["tests/test_base_mutants.py", "tests/test_editing_layers.py"],
+    # the P2P state on a fake model plus one two-step tiny-sd run for the attention grids; test_p2p_properties
+    # and test_p2p_samplers (diffusers parity, whole runs per mode) reach the same code at minutes per survivor
+    "worker/editing/p2p.py": ["tests/test_p2p_mutants.py"],
+    # the IP2P state on a fake model, and the guidance algebra; the parity tests against diffusers' pipeline
+    # (test_ip2p.py's tiny-model runs, ~85 s) reach the same functions but would run for every survivor
+    "worker/editing/ip2p.py": ["tests/test_ip2p_mutants.py", *(f"tests/test_ip2p.py::{t}" for t in (
+        "test_guidance_is_affine_with_weights_summing_to_one", "test_guidance_special_cases",
+        "test_guidance_on_x0_equals_guidance_on_eps", "test_chunk_order_golden", "test_per_cell_scales_broadcast"))],
     "worker/editing/batch.py": ["tests/test_batch.py", "tests/test_p2p_properties.py"],
-    "worker/editing/previews.py": ["tests/test_previews.py"],
+    "worker/editing/previews.py": ["tests/test_previews_mutants.py",
+                                   "tests/test_previews.py::test_latent_to_rgb_on_known_latents",
+                                   "tests/test_previews.py::test_a_configured_tiny_decoder_makes_the_preview"],
     "worker/editing/methods.py": ["tests/test_editing_layers.py"],
     "worker/editing/buckets.py": ["tests/test_step_acceleration.py"],
     "worker/editing/acceleration.py": ["tests/test_step_acceleration.py"],
@@ -70,9 +79,9 @@ MODULES: dict[str, list[str]] = {
 }
 # modules whose tests load the tiny models per test module: the fork server loads them once (mutation_plugin.py)
 PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
-    "worker/editing/processor.py", "worker/editing/base.py", "worker/editing/p2p.py",
+    "worker/editing/processor.py", "worker/editing/p2p.py",
     "worker/editing/batch.py", "worker/editing/continuous.py", "worker/editing/acceleration.py",
-    "worker/editing/buckets.py", "worker/editing/tensor_controller.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
+    "worker/editing/buckets.py", "worker/editing/tensor_controller.py")}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
 SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
                                   "service/egress.py": ["redis", "s3"], "service/storage.py": ["s3"]}
