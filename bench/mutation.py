@@ -60,7 +60,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/acceleration.py": ["tests/test_acceleration_mutants.py",
                                        "tests/test_step_acceleration.py"],
     "worker/editing/tensor_controller.py": ["tests/test_p2p_tensor_controller.py"],
-    "worker/editing/continuous.py": ["tests/test_continuous_core.py"],
+    "worker/editing/continuous.py": ["tests/test_continuous_mutants.py", "tests/test_continuous_core.py"],
     "worker/editing/inversion.py": ["tests/test_inversion.py"],
     "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
                             "tests/test_idempotency_image.py"],
