@@ -6,76 +6,16 @@ how, what ``on_step`` sees, the contexts a batch hands out, and the results of j
 
 from __future__ import annotations
 
-import threading
-from types import SimpleNamespace
-
 import pytest
-import torch
 
+from batch_fakes_support import FakeJob, fake_model
 from worker.editing.continuous import ContinuousBatch, Retired, result_of
 from worker.editing.jobs import JobCanceled
 
 
-class FakeUNet(torch.nn.Module):
-    """Records each call's rows and text; predicts the input plus its text value (row by row)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[int, list[float]]] = []
-
-    def forward(self, sample, timesteps, encoder_hidden_states=None, return_dict=True):
-        self.calls.append((sample.shape[0], encoder_hidden_states[:, 0, 0].tolist()))
-        return (sample + encoder_hidden_states[:, :1, :1, None],)
-
-
-class FakeJob:
-    """A job of ``steps`` steps and ``rows`` UNet rows; ``text`` is its text rows' value."""
-
-    def __init__(self, job_id: str, steps: int, rows: int = 2, text: float = 1.0):
-        self.job_id, self.total_steps, self.num_rows, self.text = job_id, steps, rows, text
-        self.step_index, self.latents, self.preview = 0, torch.zeros(1, 1, 1, 1), None
-        self.controller, self.per_step_text = None, False
-        self.predictions: list[torch.Tensor] = []
-
-    @property
-    def finished(self) -> bool:
-        return self.step_index >= self.total_steps
-
-    @property
-    def row_groups(self) -> list[int]:
-        return [self.num_rows]
-
-    def attention_segments(self):
-        return [(self.num_rows, None)]
-
-    def text_rows(self):
-        return torch.full((self.num_rows, 1, 1), self.text)
-
-    def model_input(self):
-        return torch.full((self.num_rows, 1, 1, 1), float(self.step_index))
-
-    def row_timesteps(self):
-        return torch.full((self.num_rows,), self.step_index)
-
-    def advance(self, rows):
-        self.predictions.append(rows)
-        self.step_index += 1
-
-    def take_preview(self):
-        preview, self.preview = self.preview, None
-        return preview
-
-    def params(self):
-        return {"job": self.job_id}
-
-
 @pytest.fixture
 def model():
-    encoded = []
-    return SimpleNamespace(
-        unet=FakeUNet(), lock=threading.Lock(), vae_scale_factor=8, device=torch.device("cpu"), dtype=torch.float32,
-        spec=SimpleNamespace(kind="text2image", name="fake", scheduler="ddim"), encoded=encoded,
-        encode_text=lambda prompts: encoded.append(prompts) or torch.zeros(1, 77, 4))
+    return fake_model()
 
 
 @pytest.mark.parametrize("size", [(60, 64), (64, 60), (0, 64), (64, 0), (-8, 64)])
