@@ -9,16 +9,41 @@ from types import SimpleNamespace
 import torch
 
 
+class RecordingLinear(torch.nn.Linear):
+    """A linear layer that records the row count of each call."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+        self.rows: list[int] = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return super().forward(x)
+
+
 class FakeUNet(torch.nn.Module):
-    """Records each call's rows and text; predicts the input plus its text value (row by row)."""
+    """Records each call's rows, text and timesteps; predicts the input plus its text value (row by row).
+
+    Its ``time_embedding.linear_1`` sees one row per batch row, as the real timestep MLP does."""
 
     def __init__(self):
         super().__init__()
+        self.time_embedding = torch.nn.ModuleDict({"linear_1": RecordingLinear()})
         self.calls: list[tuple[int, list[float]]] = []
+        self.timesteps: list[list[int]] = []
+        self.fail: Exception | None = None
+        self.processors: list = []
 
     def forward(self, sample, timesteps, encoder_hidden_states=None, return_dict=True):
+        if self.fail is not None:
+            raise self.fail
         self.calls.append((sample.shape[0], encoder_hidden_states[:, 0, 0].tolist()))
+        self.timesteps.append(timesteps.tolist())
+        self.time_embedding["linear_1"](timesteps.float()[:, None])
         return (sample + encoder_hidden_states[:, :1, :1, None],)
+
+    def set_attn_processor(self, processors):
+        self.processors.append(processors)
 
 
 class FakeJob:
@@ -39,7 +64,7 @@ class FakeJob:
         return [self.num_rows]
 
     def attention_segments(self):
-        return [(self.num_rows, None)]
+        return [(self.num_rows, self.controller)]
 
     def text_rows(self):
         return torch.full((self.num_rows, 1, 1), self.text)
