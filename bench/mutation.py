@@ -53,7 +53,7 @@ MODULES: dict[str, list[str]] = {
                                "tests/test_non_square.py"],
     "worker/editing/p2p.py": ["tests/test_p2p_properties.py", "tests/test_p2p_samplers.py"],
     "worker/editing/ip2p.py": ["tests/test_ip2p.py"],
-    "worker/editing/batch.py": ["tests/test_batch.py", "tests/test_p2p_properties.py"],
+    "worker/editing/batch.py": ["tests/test_batch_mutants.py", "tests/test_batch.py", "tests/test_p2p_properties.py"],
     "worker/editing/previews.py": ["tests/test_previews.py"],
     "worker/editing/methods.py": ["tests/test_editing_layers.py"],
     "worker/editing/buckets.py": ["tests/test_acceleration_mutants.py", "tests/test_step_acceleration.py"],

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
+from worker.editing.jobs import JobResult
+
 
 class RecordingLinear(torch.nn.Linear):
     """A linear layer that records the row count of each call."""
@@ -86,6 +88,23 @@ class FakeJob:
     def params(self):
         return {"job": self.job_id}
 
+    def result(self, pixels, images):
+        return JobResult(job_id=self.job_id, pixels=pixels, images=images, params=self.params())
+
+
+class FakeVAE:
+    """Decodes latents to themselves, counting calls."""
+
+    dtype = torch.float32
+    config = SimpleNamespace(scaling_factor=1.0)
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def decode(self, latents, return_dict=True):
+        self.calls.append(latents.shape[0])
+        return (latents,)
+
 
 def fake_model(unet: torch.nn.Module | None = None) -> SimpleNamespace:
     """What the batch layers read of a loaded model; ``encoded`` lists the prompts of each text-encoder call."""
@@ -94,4 +113,7 @@ def fake_model(unet: torch.nn.Module | None = None) -> SimpleNamespace:
         unet=FakeUNet() if unet is None else unet, lock=threading.Lock(), vae_scale_factor=8,
         device=torch.device("cpu"), dtype=torch.float32, encoded=encoded,
         spec=SimpleNamespace(kind="text2image", name="fake", scheduler="ddim"),
-        encode_text=lambda prompts: encoded.append(prompts) or torch.zeros(1, 77, 4))
+        encode_text=lambda prompts: encoded.append(prompts) or torch.zeros(1, 77, 4), vae=FakeVAE(),
+        pipe=SimpleNamespace(image_processor=SimpleNamespace(
+            postprocess=lambda image, output_type: image.numpy(),
+            numpy_to_pil=lambda pixels: [f"image{i}" for i in range(len(pixels))])))

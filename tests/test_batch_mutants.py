@@ -92,7 +92,7 @@ def test_the_text_rows_follow_the_batch_membership():
     step for a job whose text changes per step."""
     model = fake_model()
     with BatchState(model) as batch:
-        a, b, c = FakeJob("a", 3, rows=1, text=1.0), FakeJob("b", 3, rows=1, text=2.0), FakeJob("c", 3, rows=1, text=3.0)
+        a, b, c = (FakeJob(job_id, 3, rows=1, text=text) for job_id, text in (("a", 1.0), ("b", 2.0), ("c", 3.0)))
         batch.admit(a), batch.admit(b)
         batch.step()
         batch.remove(b)
@@ -195,3 +195,109 @@ def test_non_finite_latents_fail_their_job_at_the_step_they_appeared():
     assert job is bad and isinstance(err, NonFiniteLatentsError)
     assert str(err).startswith("job bad: latents are not finite after step 2/3")
     assert [r.advanced for r in reports] == [[good, bad], [good], [good]]
+
+
+def test_held_back_finite_checks_report_a_broken_job_as_soon_as_they_are_read():
+    """The GPU bookkeeping simulated on the CPU: with checks two steps late, a job broken in step 1 still
+    advances in step 2 and fails in step 3, naming step 1."""
+    model = fake_model()
+    with BatchState(model) as batch:
+        batch.finite_check_lag = 2
+        good, bad = FakeJob("good", 5), FakeJob("bad", 5)
+        bad.latents = torch.full((1, 1, 1, 1), float("nan"))
+        batch.admit(good), batch.admit(bad)
+        reports = step_all(batch)
+    assert [[j.job_id for j, _ in r.failed] for r in reports] == [[], [], ["bad"], [], []]
+    assert "after step 1/5" in str(reports[2].failed[0][1]) and bad.step_index == 3
+
+
+def runner_of(model, **kwargs):
+    """A ``BatchRunner`` on the fake model whose specs are fake jobs (a spec of another type fails to prepare)."""
+    from worker.editing.batch import BatchRunner
+
+    runner = BatchRunner(model, height=8, width=16, steps=3, **kwargs)
+
+    def prepare(spec):
+        if not isinstance(spec, FakeJob):
+            raise ValueError(f"cannot prepare {spec.job_id}")
+        return spec
+
+    runner.prepare = prepare
+    return runner
+
+
+def test_the_runner_gives_each_job_its_own_outcome_in_order():
+    from types import SimpleNamespace
+
+    model = fake_model()
+    runner = runner_of(model)
+    ok, bad, empty, cancel, sink, short = (FakeJob("ok", 3), SimpleNamespace(job_id="bad"), FakeJob("empty", 0),
+                                           FakeJob("cancel", 3), FakeJob("sink", 3), FakeJob("short", 2))
+    seen = []
+
+    def on_step(job_id, step, total):
+        seen.append((job_id, step, total))
+        if job_id == "sink":
+            raise ValueError("progress sink is down")
+        return job_id == "cancel" and step == 2
+
+    results = runner.run([ok, bad, empty, cancel, sink, short], on_step)
+    assert [r.job_id for r in results] == ["ok", "bad", "empty", "cancel", "sink", "short"]
+    assert [r.ok for r in results] == [True, False, True, False, False, True]
+    assert results[0].images == ["image0"] and results[2].images == ["image0"] and results[5].pixels is not None
+    assert "cannot prepare bad" in str(results[1].error) and results[1].params == runner.ctx.params()
+    assert results[3].canceled and results[3].error is None and results[3].params == {"job": "cancel"}
+    assert str(results[4].error) == "progress sink is down" and not results[4].canceled
+    assert results[4].params == {"job": "sink"}
+    assert cancel.step_index == 2 and sink.step_index == 1 and empty.step_index == 0
+    assert [s for s in seen if s[0] in ("ok", "short")] == [("ok", 1, 3), ("short", 1, 2), ("ok", 2, 3),
+                                                             ("short", 2, 2), ("ok", 3, 3)]
+    assert model.vae.calls == [1, 1, 1]  # empty at once, short after its 2nd step, ok after its 3rd
+
+
+def test_jobs_finishing_together_share_vae_calls_up_to_decode_batch():
+    model = fake_model()
+    assert all(r.ok for r in runner_of(model).run([FakeJob("a", 2), FakeJob("b", 2), FakeJob("c", 2)]))
+    assert model.vae.calls == [3]
+    model.vae.calls.clear()
+    assert all(r.ok for r in runner_of(model, decode_batch=1).run([FakeJob("a", 1), FakeJob("b", 1)]))
+    assert all(r.ok for r in runner_of(model, decode_batch=0).run([FakeJob("a", 1), FakeJob("b", 1)]))
+    assert model.vae.calls == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("size", [(100, 128), (128, 100), (0, 128), (128, 0), (-8, 8)])
+def test_the_runner_refuses_sizes_the_vae_cannot_take(size):
+    from worker.editing.batch import BatchRunner
+
+    with pytest.raises(ValueError, match=f"positive multiples of 8, got {size[0]}x{size[1]}"):
+        BatchRunner(fake_model(), height=size[0], width=size[1], steps=4)
+
+
+def test_the_runner_needs_one_step_and_defaults_to_the_models_scheduler():
+    from worker.editing.batch import BatchRunner
+
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        BatchRunner(fake_model(), height=8, width=8, steps=0)
+    runner = BatchRunner(fake_model(), height=8, width=16, steps=1)
+    assert runner.ctx.params() == {"model": "fake", "height": 8, "width": 16, "steps": 1, "scheduler": "ddim"}
+    assert runner.kind == "text2image" and not runner.ctx.tensor_controllers
+    assert BatchRunner(fake_model(), height=8, width=8, steps=1, scheduler="pndm").ctx.scheduler == "pndm"
+    assert BatchRunner(fake_model(), height=8, width=8, steps=1, tensor_controllers=True).ctx.tensor_controllers
+
+
+def test_the_runner_pads_to_its_buckets_and_runs_a_compiled_unet_with_tensor_controllers(monkeypatch):
+    import worker.editing.batch as batch_module
+    from worker.editing.acceleration import StepAcceleration
+
+    model = fake_model()
+    runner_of(model, acceleration=StepAcceleration(row_buckets=(8,))).run([FakeJob("a", 1, rows=3)])
+    assert [rows for rows, _ in model.unet.calls] == [8]
+    compiled, model = fake_model().unet, fake_model()
+    monkeypatch.setattr(batch_module, "accelerated_unet", lambda m, acceleration: compiled if acceleration else None)
+    patched = []  # a compiled UNet would recompile per batch membership: no per-job GEMMs under it
+    compiled.register_forward_pre_hook(
+        lambda module, args: patched.append("forward" in model.unet.time_embedding["linear_1"].__dict__))
+    runner = runner_of(model, acceleration=StepAcceleration(compile="on"))
+    assert runner.ctx.tensor_controllers and runner.unet is compiled
+    assert runner.run([FakeJob("a", 1, rows=3)])[0].ok
+    assert [rows for rows, _ in compiled.calls] == [3] and model.unet.calls == [] and patched == [False]
