@@ -56,6 +56,7 @@ class FakeJob:
         self.step_index, self.latents, self.preview = 0, torch.zeros(1, 1, 1, 1), None
         self.controller, self.per_step_text = None, False
         self.predictions: list[torch.Tensor] = []
+        self.text_calls = 0
 
     @property
     def finished(self) -> bool:
@@ -69,10 +70,11 @@ class FakeJob:
         return [(self.num_rows, self.controller)]
 
     def text_rows(self):
+        self.text_calls += 1
         return torch.full((self.num_rows, 1, 1), self.text)
 
     def model_input(self):
-        return torch.full((self.num_rows, 1, 1, 1), float(self.step_index))
+        return torch.full((self.num_rows, 4, 1, 1), float(self.step_index))
 
     def row_timesteps(self):
         return torch.full((self.num_rows,), self.step_index)

@@ -75,8 +75,9 @@ def test_padding_rows_fill_the_bucket_and_never_reach_a_job():
     assert unet.timesteps == [[0, 0, 7, 7, 7, 7, 7, 7], [1, 1, 1, 1]]
     assert unet.time_embedding["linear_1"].rows == [2, 3, 3, 2, 2]
     assert [p.shape[0] for p in a.predictions + b.predictions] == [2, 2, 3]
-    assert torch.equal(b.predictions[0], torch.full((3, 1, 1, 1), 2.0))  # input 0 + its own text value
+    assert torch.equal(b.predictions[0], torch.full((3, 4, 1, 1), 2.0))  # input 0 + its own text value
     assert "forward" not in unet.time_embedding["linear_1"].__dict__  # closed: the UNet's own forward again
+    assert unet.processors == []  # no P2P job: its attention processors were never touched
 
 
 def test_rows_beyond_the_largest_bucket_run_unpadded():
@@ -88,13 +89,14 @@ def test_rows_beyond_the_largest_bucket_run_unpadded():
 
 
 def test_the_text_rows_follow_the_batch_membership():
-    """Cached while the same jobs stay; rebuilt when one leaves and another of the same size joins, and every
-    step for a job whose text changes per step."""
+    """Asked of the jobs only when the membership changes (the same jobs reuse them), also when a newcomer
+    replaces a job of the same size; every step for a job whose text changes per step."""
     model = fake_model()
     with BatchState(model) as batch:
-        a, b, c = (FakeJob(job_id, 3, rows=1, text=text) for job_id, text in (("a", 1.0), ("b", 2.0), ("c", 3.0)))
+        a, b, c, d = (FakeJob(job_id, steps, rows=1, text=text)
+                      for job_id, steps, text in (("a", 6, 1.0), ("b", 3, 2.0), ("c", 3, 3.0), ("d", 1, 6.0)))
         batch.admit(a), batch.admit(b)
-        batch.step()
+        batch.step(), batch.step()
         batch.remove(b)
         batch.admit(c)
         batch.step()
@@ -102,7 +104,14 @@ def test_the_text_rows_follow_the_batch_membership():
         batch.step()
         c.text = 5.0
         batch.step()
-    assert [texts for _, texts in model.unet.calls] == [[1.0, 2.0], [1.0, 3.0], [1.0, 4.0], [5.0]]
+        batch.remove(c)
+        batch.step()
+        batch.remove(a)
+        batch.admit(d)
+        batch.step()
+    assert [texts for _, texts in model.unet.calls] == [
+        [1.0, 2.0], [1.0, 2.0], [1.0, 3.0], [1.0, 4.0], [1.0, 5.0], [1.0], [6.0]]
+    assert (a.text_calls, b.text_calls, c.text_calls, d.text_calls) == (5, 1, 3, 1)
 
 
 def test_attention_segments_are_laid_out_job_after_job(monkeypatch):
@@ -193,7 +202,7 @@ def test_non_finite_latents_fail_their_job_at_the_step_they_appeared():
     assert [len(r.failed) for r in reports] == [0, 1, 0]
     job, err = reports[1].failed[0]
     assert job is bad and isinstance(err, NonFiniteLatentsError)
-    assert str(err).startswith("job bad: latents are not finite after step 2/3")
+    assert str(err) == "job bad: latents are not finite after step 2/3 (guidance too large, or a numerical overflow)"
     assert [r.advanced for r in reports] == [[good, bad], [good], [good]]
 
 
@@ -301,3 +310,23 @@ def test_the_runner_pads_to_its_buckets_and_runs_a_compiled_unet_with_tensor_con
     assert runner.ctx.tensor_controllers and runner.unet is compiled
     assert runner.run([FakeJob("a", 1, rows=3)])[0].ok
     assert [rows for rows, _ in compiled.calls] == [3] and model.unet.calls == [] and patched == [False]
+
+
+def test_the_runner_hands_each_steps_preview_to_the_callbacks_sink():
+    model = fake_model()
+    job = FakeJob("p", 2)
+    advance = job.advance
+
+    def advance_with_preview(rows):
+        advance(rows)
+        job.preview = (job.step_index, ["preview"])
+
+    job.advance = advance_with_preview
+    previews = []
+
+    def on_step(job_id, step, total):
+        return None
+
+    on_step.preview = lambda job_id, step, total, images: previews.append((job_id, step, total, images))
+    assert runner_of(model).run([job], on_step)[0].ok
+    assert previews == [("p", 1, 2, ["preview"]), ("p", 2, 2, ["preview"])]
