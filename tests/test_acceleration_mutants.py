@@ -127,6 +127,8 @@ def test_the_unet_is_compiled_once_per_mode_and_backend_with_static_shapes(fake_
     assert attend._editserve_eager is True
     accelerated_unet(model, StepAcceleration(compile="on", compile_mode="default"))
     assert P2PAttnProcessor.attend is attend and len(fake_compile) == 3
+    second = SimpleNamespace(device=torch.device("cpu"), unet=torch.nn.Linear(1, 1))  # another model: its own
+    assert accelerated_unet(second, on).compiled is second.unet and len(fake_compile) == 4
 
 
 def test_warm_up_runs_every_bucket_with_and_without_the_p2p_hook(sd_model):
