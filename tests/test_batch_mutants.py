@@ -265,9 +265,13 @@ def test_the_runner_gives_each_job_its_own_outcome_in_order():
 
 
 def test_jobs_finishing_together_share_vae_calls_up_to_decode_batch():
+    """By default at most 8 images per VAE call (its memory grows with them), a job's images never split."""
     model = fake_model()
     assert all(r.ok for r in runner_of(model).run([FakeJob("a", 2), FakeJob("b", 2), FakeJob("c", 2)]))
     assert model.vae.calls == [3]
+    model.vae.calls.clear()
+    assert all(r.ok for r in runner_of(model).run([FakeJob(str(i), 1) for i in range(9)]))
+    assert model.vae.calls == [8, 1]
     model.vae.calls.clear()
     assert all(r.ok for r in runner_of(model, decode_batch=1).run([FakeJob("a", 1), FakeJob("b", 1)]))
     assert all(r.ok for r in runner_of(model, decode_batch=0).run([FakeJob("a", 1), FakeJob("b", 1)]))
