@@ -82,25 +82,27 @@ def test_a_canceled_job_leaves_without_error_and_the_others_go_on(model, how):
 
 def test_a_broken_callback_or_job_fails_only_that_job(model):
     batch = ContinuousBatch(model, height=8, width=8)
-    good, sink_broken, refuses = FakeJob("good", 2), FakeJob("sink", 2), FakeJob("refuses", 2)
+    good, sink_broken, refuses = FakeJob("good", 1), FakeJob("sink", 2), FakeJob("refuses", 2)
     error = RuntimeError("controller refused the step")
 
     def model_input():
         raise error
 
     refuses.model_input = model_input
-    for job in (good, sink_broken, refuses):
+    for job in (sink_broken, refuses, good):
         batch.admit(job)
     sink_error = ValueError("progress sink is down")
+    seen = []
 
     def on_step(job_id, step, total):
+        seen.append((job_id, step))
         if job_id == "sink":
             raise sink_error
 
     first = batch.step(on_step)
     assert first.advanced == 2 and [(r.job, r.how, r.error) for r in first.retired] == [
-        (refuses, "failed", error), (sink_broken, "failed", sink_error)]
-    assert batch.jobs == [good]
+        (refuses, "failed", error), (sink_broken, "failed", sink_error), (good, "finished", None)]
+    assert batch.jobs == [] and seen == [("sink", 1), ("good", 1)]  # the jobs after a broken one still report
     failed = result_of(first.retired[1])
     assert failed.error is sink_error and not failed.canceled and failed.job_id == "sink"
     assert failed.params == {"job": "sink"}
