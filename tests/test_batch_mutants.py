@@ -334,3 +334,11 @@ def test_the_runner_hands_each_steps_preview_to_the_callbacks_sink():
     on_step.preview = lambda job_id, step, total, images: previews.append((job_id, step, total, images))
     assert runner_of(model).run([job], on_step)[0].ok
     assert previews == [("p", 1, 2, ["preview"]), ("p", 2, 2, ["preview"])]
+
+
+def test_a_job_of_another_method_is_refused_naming_the_model():
+    from worker.editing.batch import BatchRunner
+    from worker.editing.jobs import IP2PJobSpec
+
+    result = BatchRunner(fake_model(), height=8, width=8, steps=2).run([IP2PJobSpec("ip", None, "snowy", [])])[0]
+    assert result.error.field == "model" and "model 'fake' (text2image) cannot run" in str(result.error)

@@ -144,3 +144,12 @@ def test_rows_changed_rebuilds_the_text_rows_of_the_next_step(model):
     batch.remove(job)
     assert len(batch) == 0
     batch.close()
+
+
+def test_a_job_of_another_method_is_refused_naming_the_model(model):
+    from worker.editing.jobs import EditValidationError, IP2PJobSpec
+
+    batch = ContinuousBatch(model, height=8, width=8)
+    with pytest.raises(EditValidationError, match="model 'fake' \\(text2image\\) cannot run a IP2PJobSpec") as raised:
+        batch.prepare(IP2PJobSpec("ip", None, "make it snowy", []), steps=2)
+    assert raised.value.field == "model"
