@@ -1,7 +1,7 @@
 """Row buckets and step-acceleration settings at their edges: what a worker's configuration turns into.
 
-Cheap by design (no compilation): ``torch.compile`` is replaced by a recorder where only its arguments matter,
-and the warm-up runs the tiny model eager at 64 px.
+Cheap by design (no model, no compilation): ``torch.compile`` is replaced by a recorder where only its arguments
+matter. The warm-up's shapes are checked in tests/test_step_acceleration.py (it has the tiny model loaded).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from worker.editing import acceleration
-from worker.editing.acceleration import StepAcceleration, accelerated_unet, use_compile_cache, warm_up
+from worker.editing.acceleration import StepAcceleration, accelerated_unet, use_compile_cache
 from worker.editing.buckets import bucket_for, padding_for, parse_buckets
 
 
@@ -129,32 +129,3 @@ def test_the_unet_is_compiled_once_per_mode_and_backend_with_static_shapes(fake_
     assert P2PAttnProcessor.attend is attend and len(fake_compile) == 3
     second = SimpleNamespace(device=torch.device("cpu"), unet=torch.nn.Linear(1, 1))  # another model: its own
     assert accelerated_unet(second, on).compiled is second.unet and len(fake_compile) == 4
-
-
-def test_warm_up_runs_every_bucket_with_and_without_the_p2p_hook(sd_model):
-    """The eager tiny UNet stands in for a compiled one: each bucket's shapes reach it, twice per pass."""
-    seen, processors = [], []
-
-    def record(module, args, kwargs):
-        sample, timesteps = args
-        text = kwargs["encoder_hidden_states"]
-        seen.append((tuple(sample.shape), timesteps.tolist(), tuple(text.shape)))
-        processors.append({type(p).__name__ for p in module.attn_processors.values()})
-
-    before = dict(sd_model.unet.attn_processors)
-    hook = sd_model.unet.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        warmed = warm_up(sd_model, StepAcceleration(row_buckets=(4,)), height=64, width=128, buckets=(1, 2))
-        default = warm_up(sd_model, StepAcceleration(), height=64, width=64, calls=1)
-    finally:
-        hook.remove()
-    config = sd_model.unet.config
-    text = (config.cross_attention_dim,)
-    assert [s[0] for s in seen[:8]] == [(1, config.in_channels, 8, 16)] * 4 + [(2, config.in_channels, 8, 16)] * 4
-    assert [s[1] for s in seen[:8]] == [[999]] * 4 + [[999, 999]] * 4
-    assert [s[2] for s in seen[:8]] == [(1, 77, *text)] * 4 + [(2, 77, *text)] * 4
-    assert [p == {"P2PAttnProcessor"} for p in processors[:4]] == [False, False, True, True]
-    assert {k: type(v) for k, v in sd_model.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
-    assert set(warmed.seconds) == {1, 2} and warmed.total_seconds == sum(warmed.seconds.values()) > 0
-    assert warmed.model == "tiny-sd"
-    assert set(default.seconds) == {1} and len(seen) == 10  # no buckets: one row, one call per pass
