@@ -94,6 +94,35 @@ def test_padding_under_tensor_controllers_never_changes_a_job_result(sd_model, e
         assert_same(result, eager_alone[spec.job_id])
 
 
+def test_warm_up_runs_every_bucket_with_and_without_the_p2p_hook(sd_model):
+    """The eager tiny UNet stands in for a compiled one: each bucket's shapes reach it, twice per pass."""
+    seen, processors = [], []
+
+    def record(module, args, kwargs):
+        sample, timesteps = args
+        text = kwargs["encoder_hidden_states"]
+        seen.append((tuple(sample.shape), timesteps.tolist(), tuple(text.shape)))
+        processors.append({type(p).__name__ for p in module.attn_processors.values()})
+
+    before = dict(sd_model.unet.attn_processors)
+    hook = sd_model.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        warmed = warm_up(sd_model, StepAcceleration(row_buckets=(4,)), height=64, width=128, buckets=(1, 2))
+        default = warm_up(sd_model, StepAcceleration(), height=64, width=64, calls=1)
+    finally:
+        hook.remove()
+    config = sd_model.unet.config
+    text = (config.cross_attention_dim,)
+    assert [s[0] for s in seen[:8]] == [(1, config.in_channels, 8, 16)] * 4 + [(2, config.in_channels, 8, 16)] * 4
+    assert [s[1] for s in seen[:8]] == [[999]] * 4 + [[999, 999]] * 4
+    assert [s[2] for s in seen[:8]] == [(1, 77, *text)] * 4 + [(2, 77, *text)] * 4
+    assert [p == {"P2PAttnProcessor"} for p in processors[:4]] == [False, False, True, True]
+    assert {k: type(v) for k, v in sd_model.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
+    assert set(warmed.seconds) == {1, 2} and warmed.total_seconds == sum(warmed.seconds.values()) > 0
+    assert warmed.model == "tiny-sd"
+    assert set(default.seconds) == {1} and len(seen) == 10  # no buckets: one row, one call per pass
+
+
 @pytest.mark.timeout(1200)  # two traces of the UNet: about a minute each on a loaded 2-core box
 def test_a_compiled_step_equals_the_eager_one_and_later_batches_do_not_recompile(sd_model):
     """torch.compile of the tiny model (64 px, 3 steps), a plain and a word-swap job, batched and padded.
