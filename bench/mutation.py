@@ -46,7 +46,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/seq_aligner.py": ["tests/test_p2p_aligner.py", "tests/test_p2p_controllers.py"],
     "worker/editing/attention_maps.py": ["tests/test_attention_maps.py", "tests/test_p2p_controllers.py"],
     "worker/editing/controllers.py": ["tests/test_p2p_controllers.py", "tests/test_p2p_conventions.py",
-                                      "tests/test_p2p_processor.py"],
+                                      "tests/test_p2p_processor.py", "tests/test_controllers_mutants.py"],
     "worker/editing/processor.py": ["tests/test_p2p_processor.py"],
     "worker/editing/jobs.py": ["tests/test_editing_jobs.py", "tests/test_p2p_controllers.py"],
     "worker/editing/base.py": ["tests/test_editing_layers.py", "tests/test_p2p_schedule_steps.py",
