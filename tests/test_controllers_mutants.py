@@ -378,3 +378,17 @@ def test_reweight_on_an_edit_keeps_that_edit_as_its_base(tok, edit, cls):
     assert isinstance(ctrl, ReweightController) and type(ctrl.base) is cls
     assert ctrl.num_steps == 6 and ctrl.prompts == spec.prompts and ctrl.cross_alpha.shape == (7, 1, KEYS)
     assert ctrl.base.num_steps == 6 and ctrl.base.prompts == spec.prompts
+
+
+@pytest.mark.parametrize("edit", ["replace", "refine", "reweight"])
+def test_half_precision_maps_are_edited_like_float32_ones(tok, edit):
+    """GPU jobs run in fp16: the float32 mappers, alphas and equalizers must follow the maps' dtype."""
+    targets = {"replace": ["a dog", "a cow"], "refine": ["a big cat", "a cat"], "reweight": ["a cat", "a cat"]}[edit]
+    spec = job("a cat", targets, edit=edit, cross_replace_steps=(0.0, 0.4),
+               reweight=[{"cat": 2.0}, {"cat": 0.5}] if edit == "reweight" else None)
+    ctrl = build_controller(spec, tok, 4, LATENT)
+    probs = probs_for(3, seed=8)
+    for step in (0, 2):
+        full = run_cross(ctrl, step, probs)
+        half = run_cross(ctrl, step, probs.half())
+        assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=2e-3), step
