@@ -68,6 +68,7 @@ def test_every_layer_and_step_equals_the_host_controller_over_two_runs(tok, mode
     spec = SPECS[mode]
     host = build_controller(spec, tok, STEPS, LATENT)
     tensor = tensor_controller(build_controller(spec, tok, STEPS, LATENT))
+    assert tensor.prompts == spec.prompts and tensor.num_steps == STEPS and tensor.tokenizer is tok
     prompts = len(spec.prompts)
     for seed in (0, 7):  # the second run reuses both controllers: begin_step(0) must start clean
         host_outs, host_latents = run(host, prompts, seed)
@@ -109,6 +110,19 @@ def test_the_blend_really_blends_partially_and_only_from_its_start(tok):
 def test_only_jobs_that_read_or_edit_maps_need_the_hook(tok, kw, hook):
     spec = P2PJobSpec("h", "a house", ["a castle"], seed=0, **kw)
     assert tensor_controller(build_controller(spec, tok, STEPS, LATENT)).needs_hook is hook
+
+
+def test_jobs_that_only_read_maps_need_probabilities_at_their_grids_only(tok):
+    blend = P2PJobSpec("b", "a house", ["a castle"], seed=0, edit="none",
+                       local_blend=LocalBlendSpec(["house"], [["castle"]]))
+    maps = P2PJobSpec("m", "a house", ["a castle"], seed=0, edit="none", attention_map_prompts=[0])
+    both = P2PJobSpec("bm", "a house", ["a castle"], seed=0, edit="none", attention_map_prompts=[0],
+                      local_blend=LocalBlendSpec(["house"], [["castle"]]))
+    for spec, wanted in ((blend, [16]), (maps, [256]), (both, [16, 256])):
+        tensor = tensor_controller(build_controller(spec, tok, STEPS, LATENT))
+        tensor.begin_step(0)
+        assert [q for q in (16, 64, 256) if tensor.needs_probs(True, q)] == wanted
+        assert not tensor.needs_probs(False, 16)
 
 
 def test_needs_probs_is_static_and_bounded_by_the_self_layer_size(tok):
@@ -178,18 +192,31 @@ def test_tensor_store_averages_like_the_host_store_and_sums_in_float32():
         TensorStore(1, (3, 5)).average()
 
 
+def test_a_long_run_of_bfloat16_maps_is_counted_and_summed_in_float32():
+    """bfloat16 holds integers exactly only up to 256 and sums 3 heads coarsely: both must stay float32."""
+    host, ours = AttentionStore(1, (2, 2)), TensorStore(1, (2, 2))
+    cond = torch.rand(1, 3, 4, KEYS, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for _ in range(100):
+        host.add(cond, "up")
+        ours.add(cond, "up")
+    assert ours.count.item() == host.maps_added == 300
+    assert torch.allclose(ours.total, host.total) and torch.allclose(ours.average(), host.average())
+
+
 def test_after_step_checks_the_latents_and_refuses_a_blend_without_maps(tok):
-    tensor = tensor_controller(build_controller(SPECS["blend"], tok, STEPS, LATENT))
+    latent = (16, 12)  # blend grid 4×3
+    tensor = tensor_controller(build_controller(SPECS["blend"], tok, STEPS, latent))
     tensor.begin_step(2)
-    with pytest.raises(RuntimeError, match="no cross-attention maps at 4×4.*latent_size"):
-        tensor.after_step(torch.randn(3, 4, *LATENT))
+    with pytest.raises(RuntimeError, match=r"maps at 4×3: is latent_size the sampler's latent size, and were the "
+                                           r"processors installed\?$"):
+        tensor.after_step(torch.randn(3, 4, *latent))
     with pytest.raises(ValueError, match="3 prompts"):
-        tensor.after_step(torch.randn(2, 4, *LATENT))
+        tensor.after_step(torch.randn(2, 4, *latent))
     plain = tensor_controller(build_controller(SPECS["refine"], tok, STEPS, LATENT))
     x = torch.randn(2, 4, *LATENT)
     plain.begin_step(0)
     assert plain.after_step(x) is x
-    with pytest.raises(RuntimeError, match="not requested"):
+    with pytest.raises(RuntimeError, match=r"\battention maps were not requested for this job\b"):
         plain.attention_maps(0)
 
 
@@ -203,3 +230,18 @@ def test_rows_must_split_into_prompts_and_heads_and_autograd_survives(tok):
         out = tensor.on_attention(logits.softmax(-1), is_cross, "down", 16)
         (out * torch.arange(float(keys))).sum().backward()
         assert logits.grad is not None
+
+
+def test_tables_and_the_step_follow_the_device_of_the_maps(tok):
+    """The per-step tables live where the attention runs (checked on the meta device: no accelerator needed)."""
+    spec = P2PJobSpec("d", "a cat on a sofa", ["a lion on a sofa"], seed=0, self_replace_steps=0.5,
+                      local_blend=LocalBlendSpec(["cat"], [["lion"]]), attention_map_prompts=[1])
+    tensor = tensor_controller(build_controller(spec, tok, STEPS, LATENT))
+    meta = torch.device("meta")
+    step = tensor.step_tensor(meta)
+    tensor.begin_step(1)
+    for is_cross, queries, keys in ((True, 16, KEYS), (False, 16, 16), (True, 256, KEYS)):
+        out = tensor.on_attention(torch.empty(8, queries, keys, device=meta), is_cross, "down", queries)
+        assert out.device == meta and out.shape == (8, queries, keys)
+    latents = tensor.after_step(torch.empty(2, 4, *LATENT, device=meta))
+    assert latents.device == meta and tensor.step_tensor(meta) is step  # the one a captured step reads
