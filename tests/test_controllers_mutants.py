@@ -397,3 +397,30 @@ def test_half_precision_maps_are_edited_like_float32_ones(tok, edit):
         full = run_cross(ctrl, step, probs)
         half = run_cross(ctrl, step, probs.half())
         assert half.dtype == torch.float16 and torch.allclose(half.float(), full, atol=2e-3), step
+
+
+def test_a_job_reading_blend_and_shown_maps_needs_probabilities_at_both_grids_only(tok):
+    spec = job(edit="none", attention_map_prompts=[0], local_blend=LocalBlendSpec(["cat"], [["dog"]]))
+    ctrl = build_controller(spec, tok, 4, LATENT)
+    ctrl.begin_step(0)
+    assert [q for q in (16, 64, 256) if ctrl.needs_probs(True, q)] == [16, 256]
+    assert not ctrl.needs_probs(False, 16)
+
+
+@pytest.mark.parametrize("edit", ["replace", "refine", "reweight"])
+def test_constant_tensors_follow_the_device_of_the_maps(tok, edit):
+    """Mappers, alphas, equalizers and blend columns are moved to where the attention runs (meta: no GPU needed)."""
+    targets = {"replace": ["a dog"], "refine": ["a big cat"], "reweight": ["a cat"]}[edit]
+    spec = job("a cat", targets, edit=edit, cross_replace_steps=(0.0, 0.4), self_replace_steps=0.5,
+               reweight=[{"cat": 2.0}] if edit == "reweight" else None,
+               local_blend=LocalBlendSpec(["cat"], [["cat" if edit != "replace" else "dog"]],
+                                          substruct_words=["a"]))
+    ctrl = build_controller(spec, tok, 4, LATENT)
+    meta = torch.device("meta")
+    for step in (0, 2):
+        ctrl.begin_step(step)
+        for is_cross, keys in ((True, KEYS), (False, 16)):
+            out = ctrl.on_attention(torch.empty(8, 16, keys, device=meta), is_cross, "down", 16)
+            assert out.device == meta and out.shape == (8, 16, keys)
+        latents = ctrl.after_step(torch.empty(2, 4, *LATENT, device=meta))
+        assert latents.device == meta and ctrl.blend.last_mask.device == meta
