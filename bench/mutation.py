@@ -46,7 +46,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/seq_aligner.py": ["tests/test_p2p_aligner.py", "tests/test_p2p_controllers.py"],
     "worker/editing/attention_maps.py": ["tests/test_attention_maps.py", "tests/test_p2p_controllers.py"],
     "worker/editing/controllers.py": ["tests/test_p2p_controllers.py", "tests/test_p2p_conventions.py",
-                                      "tests/test_p2p_processor.py"],
+                                      "tests/test_p2p_processor.py", "tests/test_controllers_mutants.py"],
     "worker/editing/processor.py": ["tests/test_p2p_processor.py"],
     "worker/editing/jobs.py": ["tests/test_editing_jobs.py", "tests/test_p2p_controllers.py"],
     # base and previews: unit tests on a fake model; the tiny-model and end-to-end tests that also reach them
@@ -68,7 +68,9 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/buckets.py": ["tests/test_acceleration_mutants.py", "tests/test_step_acceleration.py"],
     "worker/editing/acceleration.py": ["tests/test_acceleration_mutants.py",
                                        "tests/test_step_acceleration.py"],
-    "worker/editing/tensor_controller.py": ["tests/test_p2p_tensor_controller.py"],
+    # the whole-run equality file (test_p2p_tensor_controller.py) takes minutes per mutant: these unit tests
+    # compare the same controllers call for call on synthetic tensors
+    "worker/editing/tensor_controller.py": ["tests/test_tensor_controller_mutants.py"],
     "worker/editing/continuous.py": ["tests/test_continuous_mutants.py", "tests/test_continuous_core.py"],
     "worker/editing/inversion.py": ["tests/test_inversion.py"],
     "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
@@ -82,7 +84,7 @@ MODULES: dict[str, list[str]] = {
 PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
     "worker/editing/processor.py", "worker/editing/p2p.py",
     "worker/editing/batch.py", "worker/editing/continuous.py", "worker/editing/acceleration.py",
-    "worker/editing/buckets.py", "worker/editing/tensor_controller.py")}
+    "worker/editing/buckets.py")}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
 SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
                                   "service/egress.py": ["redis", "s3"], "service/storage.py": ["s3"]}
