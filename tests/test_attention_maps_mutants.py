@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from worker.editing.attention_maps import (
     CAPTION_PX,
@@ -29,6 +29,7 @@ def picture(png: bytes) -> np.ndarray:
 @pytest.mark.parametrize(("latent", "grid"), [
     ((64, 64), (16, 16)), ((64, 60), (16, 15)), ((60, 60), (30, 30)), ((63, 63), (31, 31)), ((32, 32), (16, 16)),
     ((31, 31), (31, 31)), ((64, 2), (16, 1)), ((32, 1), (16, 1)), ((16, 1), (16, 1)), ((8, 64), (2, 16)),
+    ((4, 64), (1, 16)), ((1, 8), (1, 8)),
 ])
 def test_map_grid_is_the_finest_level_with_16_cells_on_the_long_side_and_never_empty(latent, grid):
     assert map_grid(latent) == grid
@@ -88,8 +89,23 @@ def test_a_titled_grid_draws_the_prompt_above_the_tiles_on_the_given_scale():
 def test_an_overlay_mixes_the_image_half_and_half_with_the_heat_colour():
     maps = np.zeros((2, 4, 4))
     maps[1] = 1.0
-    image = Image.new("RGB", (32, 16), (0, 0, 200))  # resized to the tile whatever its size
+    image = Image.new("RGBA", (32, 16), (0, 0, 200, 255))  # any mode, resized to the tile whatever its size
     out = picture(render_token_grid(["a", "b"], maps, image=image))
     cold, hot = (out[top:bottom, left:right] for left, top, right, bottom in (tile_box(k, 2, 4, 4, False) for k in (0, 1)))
     assert (cold == [0, 0, 100]).all()  # heat(0) is black
     assert (hot == [128, 128, 228]).all()  # heat(255) is white
+
+
+def test_the_title_is_drawn_two_pixels_in_from_the_top_left():
+    out = picture(render_token_grid(["a"], np.zeros((1, 4, 4)), title="a cat"))
+    expected = Image.new("RGB", (68, TITLE_PX), "white")
+    ImageDraw.Draw(expected).text((2, 2), "a cat", fill="black", font=ImageFont.load_default())
+    assert (out[:TITLE_PX] == np.asarray(expected)).all()
+
+
+def test_tiles_are_upsampled_bilinearly():
+    """The module's promise: a smooth bilinear blow-up of each map (not nearest or bicubic, which rings)."""
+    m = np.array([[[0.0, 1.0], [1.0, 0.25]]])
+    out = picture(render_token_grid(["a"], m, peak=1.0))
+    expected = np.asarray(Image.fromarray(to_grey(m[0], 1.0)).resize((64, 64), Image.BILINEAR))
+    assert (out[2:66, 2:66] == expected[..., None]).all()

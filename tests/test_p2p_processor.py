@@ -286,8 +286,9 @@ def test_the_processor_equals_diffusers_on_every_attention_variant(shape, explic
     temb = torch.randn(2, 3, 2, 3) if "spatial_norm_dim" in spec["kw"] else None
     mask = None
     if spec["mask"]:
-        mask = torch.zeros(2, 1, 7)
+        mask = torch.zeros(2, 10, 7)  # one row per query
         mask[0, :, 5:] = -1e4  # the first sample's last two context tokens are padding
+        mask[1, :4, 0] = -1e4  # and its first four queries do not see the second sample's first token
     with torch.no_grad():
         attn.set_processor(AttnProcessor2_0())
         expected = attn(x, encoder_hidden_states=ctx, attention_mask=mask, temb=temb)
@@ -306,15 +307,44 @@ def test_upcast_attention_gives_the_controller_fp32_maps_of_half_precision_input
     """``upcast_attention`` (SD-2.x): scores from fp32 Q and K, so bf16 models edit maps as exact as fp32 ones."""
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 16, 8, generator=g).bfloat16() for _ in range(3))
-    exact = (q.float() @ k.float().transpose(-1, -2) * 0.5).softmax(-1).reshape(2, 16, 16)
+    q, k, v = (torch.cat([t, t]) for t in (q, k, v))  # two rows: the job's row alone, or beside a plain row
+    exact = (q[:1].float() @ k[:1].float().transpose(-1, -2) * 0.5).softmax(-1).reshape(2, 16, 16)
     errors = {}
-    for upcast, mask in ((True, None), (True, torch.zeros(1, 2, 1, 16, dtype=torch.bfloat16)), (False, None)):
+    mask = torch.zeros(2, 2, 1, 16, dtype=torch.bfloat16)  # in the model's dtype, cast to the fp32 scores
+    for upcast, rows, run_mask in ((True, 1, None), (True, 2, None), (True, 2, mask), (False, 1, None)):
         spy = Spy(1)
         spy.on_attention = lambda probs, *rest, seen=spy: seen.calls.append(probs) or probs
-        out = P2PAttnProcessor(BatchAttentionRouter([(0, 1, spy)]), "up").attend(q, k, v, mask, 0.5, False, upcast)
+        processor = P2PAttnProcessor(BatchAttentionRouter([(0, 1, spy)]), "up")
+        if upcast:
+            out = processor.attend(q[:rows], k[:rows], v[:rows], run_mask, 0.5, False, True)
+        else:
+            out = processor.attend(q[:1], k[:1], v[:1], None, 0.5, False)  # the default: no upcast
         assert out.dtype == torch.bfloat16 and spy.calls[0].dtype == torch.float32
         errors[upcast] = max(errors.get(upcast, 0.0), (spy.calls[0] - exact).abs().max().item())
-    assert errors[True] < 1e-6 < 1e-4 < errors[False]  # a model-dtype mask is cast to the fp32 scores too
+    assert errors[True] < 1e-6 < 1e-4 < errors[False]
+
+
+def test_an_attention_layers_upcast_flag_reaches_the_maps():
+    """``Attention(upcast_attention=True)`` in bf16: the controller's maps are softmax of the fp32 product of the
+    layer's own (bf16) Q and K."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(7)
+    errors = {}
+    for upcast in (True, False):
+        attn = Attention(query_dim=16, heads=2, dim_head=8, upcast_attention=upcast).to(torch.bfloat16).eval()
+        seen = {}
+        attn.to_q.register_forward_hook(lambda mod, args, out: seen.__setitem__("q", out))
+        attn.to_k.register_forward_hook(lambda mod, args, out: seen.__setitem__("k", out))
+        spy = Spy(1)
+        spy.on_attention = lambda probs, *rest: seen.__setitem__("probs", probs) or probs
+        attn.set_processor(P2PAttnProcessor(BatchAttentionRouter([(0, 1, spy)]), "down"))
+        with torch.no_grad():
+            attn(torch.randn(1, 16, 16).bfloat16())
+        q, k = (seen[n].float().view(1, 16, 2, 8).transpose(1, 2).reshape(2, 16, 8) for n in ("q", "k"))
+        exact = (q @ k.transpose(1, 2) * attn.scale).softmax(-1)
+        errors[upcast] = (seen["probs"] - exact).abs().max().item()
+    assert errors[True] < 1e-6 < 1e-4 < errors[False]
 
 
 def test_sdpa_rows_use_the_layers_scale_not_the_default():
