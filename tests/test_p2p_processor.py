@@ -372,3 +372,14 @@ def test_shared_processors_are_made_once_per_unet_and_reinstalled(unet):
         assert all(isinstance(p, AttnProcessor2_0) for p in replaced.values())
     finally:
         unet.set_attn_processor(previous)
+
+
+def test_controllers_are_asked_with_the_layers_query_count():
+    """A controller picks layers by their number of queries (a resolution): the router must be asked with it."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(2, 2, 16, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8)
+    picky = Picky(lambda is_cross, queries: queries == 16)
+    processor = P2PAttnProcessor(BatchAttentionRouter([(0, 2, picky)]), "down")
+    processor.attend(q, k, v, None, 8**-0.5, True)
+    processor.attend(q[:, :, :4], k, v, None, 8**-0.5, True)  # another resolution: plain SDPA
+    assert [(queries, shape) for _, _, queries, shape in picky.calls] == [(16, (4, 16, 7))]
