@@ -91,7 +91,8 @@ def test_an_overlay_mixes_the_image_half_and_half_with_the_heat_colour():
     maps[1] = 1.0
     image = Image.new("RGBA", (32, 16), (0, 0, 200, 255))  # any mode, resized to the tile whatever its size
     out = picture(render_token_grid(["a", "b"], maps, image=image))
-    cold, hot = (out[top:bottom, left:right] for left, top, right, bottom in (tile_box(k, 2, 4, 4, False) for k in (0, 1)))
+    boxes = [tile_box(k, 2, 4, 4, title=False) for k in (0, 1)]
+    cold, hot = (out[top:bottom, left:right] for left, top, right, bottom in boxes)
     assert (cold == [0, 0, 100]).all()  # heat(0) is black
     assert (hot == [128, 128, 228]).all()  # heat(255) is white
 
