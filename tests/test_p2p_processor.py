@@ -383,3 +383,18 @@ def test_controllers_are_asked_with_the_layers_query_count():
     processor.attend(q, k, v, None, 8**-0.5, True)
     processor.attend(q[:, :, :4], k, v, None, 8**-0.5, True)  # another resolution: plain SDPA
     assert [(queries, shape) for _, _, queries, shape in picky.calls] == [(16, (4, 16, 7))]
+
+
+def test_attention_outside_the_down_mid_and_up_blocks_keeps_its_processor():
+    class FakeUNet:
+        def __init__(self):
+            self.attn_processors = {"down_blocks.0.attn1.processor": "a", "extra.attn.processor": "b"}
+
+        def set_attn_processor(self, processors):
+            self.attn_processors = dict(processors)
+
+    unet = FakeUNet()
+    previous = install_p2p_processors(unet, BatchAttentionRouter())
+    assert previous == {"down_blocks.0.attn1.processor": "a", "extra.attn.processor": "b"}
+    assert isinstance(unet.attn_processors["down_blocks.0.attn1.processor"], P2PAttnProcessor)
+    assert unet.attn_processors["extra.attn.processor"] == "b"
