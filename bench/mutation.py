@@ -44,7 +44,8 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/schedules.py": ["tests/test_p2p_conventions.py", "tests/test_p2p_controllers.py"],
     "worker/editing/words.py": ["tests/test_p2p_words.py", "tests/test_p2p_controllers.py"],
     "worker/editing/seq_aligner.py": ["tests/test_p2p_aligner.py", "tests/test_p2p_controllers.py"],
-    "worker/editing/attention_maps.py": ["tests/test_attention_maps.py", "tests/test_p2p_controllers.py"],
+    "worker/editing/attention_maps.py": ["tests/test_attention_maps.py", "tests/test_attention_maps_mutants.py",
+                                         "tests/test_p2p_controllers.py"],
     "worker/editing/controllers.py": ["tests/test_p2p_controllers.py", "tests/test_p2p_conventions.py",
                                       "tests/test_p2p_processor.py", "tests/test_controllers_mutants.py"],
     "worker/editing/processor.py": ["tests/test_p2p_processor.py"],
@@ -219,7 +220,10 @@ def summarise(module: str, tests: list[str], work: Path, elapsed: float, stopped
 
 
 def functions_of(mutated: Path) -> dict[str, str]:
-    """Every function in mutmut's mutated copy of a module (originals and mutants, methods included), by name."""
+    """Every function in mutmut's mutated copy of a module (originals and mutants, methods included), by name.
+
+    The text ``ast.get_source_segment`` gives, from one split of the source: that function splits the whole
+    file per call, which took minutes on a loaded box for a module of 500 mutants (a 1 MB mutated copy)."""
     source = mutated.read_text()
     lines = source.splitlines()
     # cut by line numbers: ast.get_source_segment re-splits the whole file per call (minutes on a 1 MB module)

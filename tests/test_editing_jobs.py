@@ -31,3 +31,12 @@ def test_a_result_is_ok_without_error_and_not_canceled():
     assert JobResult(job_id="j").ok
     assert not JobResult(job_id="j", error=EditValidationError("seed", "bad")).ok
     assert not JobResult(job_id="j", canceled=True).ok
+
+
+def test_p2p_outputs_are_groups_one_per_seed_each_reproduced_by_its_seed():
+    spec = P2PJobSpec(job_id="j", source_prompt="a cat", target_prompts=["a dog"], seed=7, seeds=[3, 5])
+    assert spec.group_seeds == [3, 5]  # the listed seeds replace the single one
+    assert [spec.group_of(i) for i in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [spec.image_params(i)["seed"] for i in range(4)] == [3, 3, 5, 5]
+    assert spec.image_params(9) == {"seed": 5}  # past the last group: its seed, never an IndexError
+    assert P2PJobSpec(job_id="j", source_prompt="a", target_prompts=[], seed=7, seeds=[]).group_seeds == [7]

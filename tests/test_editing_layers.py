@@ -60,4 +60,13 @@ def test_the_runner_refuses_a_spec_of_another_method_naming_the_model_field():
     assert all(issubclass(m.state, JobState) for m in METHODS)
     with pytest.raises(EditValidationError) as caught:
         method_for("instruct", p2p, "tiny-ip2p")
-    assert caught.value.field == "model" and "tiny-ip2p" in caught.value.message
+    assert caught.value.message == "model 'tiny-ip2p' (instruct) cannot run a P2PJobSpec"
+    with pytest.raises(EditValidationError) as caught:
+        method_for("upscaler", ip2p, "x4")  # a model kind no method runs
+    assert caught.value.field == "model" and caught.value.message == "model 'x4' (upscaler) cannot run a IP2PJobSpec"
+
+
+def test_a_spec_of_no_method_is_a_type_error_naming_its_type():
+    """A programming error (a spec type without a row in METHODS), not a client's: TypeError, not a 4xx."""
+    with pytest.raises(TypeError, match=r"^no edit method takes a dict$"):
+        method_of_spec({})

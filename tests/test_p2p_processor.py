@@ -113,12 +113,12 @@ def test_explicit_path_matches_sdpa_and_hooks_every_layer_once(unet, hooked):
     _, router = hooked
     router.segments = [(0, 4, None)]
     expected = run(unet, x, ctx)
+    assert router.num_calls == 20  # SD-1.x has 32; tiny has 10 transformer blocks × 2
     spy = Spy(prompts=2)
     spy.begin_step(0)
     router.segments = [(0, 4, spy)]
-    calls_before = router.num_calls
     assert (run(unet, x, ctx) - expected).abs().max() < 1e-5
-    assert router.num_calls - calls_before == 20  # SD-1.x has 32; tiny has 10 transformer blocks × 2
+    assert router.num_calls == 40
     assert Counter((c, p) for c, p, _, _ in spy.calls) == {
         (False, "down"): 3, (True, "down"): 3, (False, "mid"): 1, (True, "mid"): 1, (False, "up"): 6, (True, "up"): 6,
     }
@@ -224,3 +224,177 @@ def test_explicit_attention_equals_sdpa_when_nothing_is_edited(segments, with_ma
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert (out - reference).abs().max() < 1e-5
     assert sum(len(c.calls) for _, _, c in router.segments) == len(segments)
+
+
+class Picky(Spy):
+    """Asks for probabilities only where ``want(is_cross, num_queries)`` says so."""
+
+    def __init__(self, want):
+        super().__init__(1)
+        self.want = want
+
+    def needs_probs(self, is_cross, num_queries):
+        return self.want(is_cross, num_queries)
+
+
+def test_plan_covers_the_batch_in_row_order_with_gaps_as_plain_runs():
+    a, b = Spy(1), Spy(1)
+    assert BatchAttentionRouter([(1, 3, a)]).plan(True, 16, 4) == [(0, 1, None), (1, 3, a), (3, 4, None)]
+    # adjacent jobs given out of order: sorted, and no empty run between them or at the ends
+    assert BatchAttentionRouter([(2, 4, b), (0, 2, a)]).plan(True, 16, 4) == [(0, 2, a), (2, 4, b)]
+    cross_only = Picky(lambda is_cross, queries: is_cross and queries == 16)
+    router = BatchAttentionRouter([(0, 2, cross_only), (2, 4, None)])
+    assert router.plan(True, 16, 4) == [(0, 2, cross_only), (2, 4, None)]
+    assert router.plan(False, 16, 4) is None and router.plan(True, 64, 4) is None  # nobody asks: one SDPA call
+    assert BatchAttentionRouter().plan(True, 16, 4) is None
+
+
+@pytest.mark.parametrize("rows", [(2, 2), (3, 5), (-1, 2)], ids=["empty", "past-the-batch", "before-the-batch"])
+def test_plan_refuses_rows_that_are_not_a_range_of_the_batch(rows):
+    with pytest.raises(ValueError, match=rf"^segment rows \[{rows[0]}, {rows[1]}\) overlap another or fall outside "
+                                         r"the batch of 4$"):
+        BatchAttentionRouter([(*rows, Spy(1))]).plan(True, 16, 4)
+
+
+ATTENTION_SHAPES = {
+    # the VAE's mid-block attention: 4-D input, group norm, residual, output rescale, a non-square map
+    "vae-like": dict(kw=dict(query_dim=16, heads=2, dim_head=8, norm_num_groups=4, residual_connection=True,
+                             rescale_output_factor=2.0, bias=True), x=(2, 16, 4, 6), ctx=None, mask=False),
+    # 4-D input with a spatial norm conditioned on temb (the MoVQ decoder's attention)
+    "spatial-norm": dict(kw=dict(query_dim=32, heads=2, dim_head=8, spatial_norm_dim=3), x=(2, 32, 4, 6), ctx=None,
+                         mask=False),
+    # cross-attention with a padding mask, a norm on the context and q/k layer norms
+    "cross-masked": dict(kw=dict(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8,
+                                 cross_attention_norm="layer_norm", qk_norm="layer_norm"),
+                         x=(2, 10, 16), ctx=(2, 7, 12), mask=True),
+}
+
+
+@pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
+def test_the_processor_equals_diffusers_on_every_attention_variant(shape, explicit):
+    """Any diffusers ``Attention`` (not only the SD UNet's): the same output as ``AttnProcessor2_0`` on both paths."""
+    from diffusers.models.attention_processor import Attention
+
+    spec = ATTENTION_SHAPES[shape]
+    torch.manual_seed(5)
+    attn = Attention(**spec["kw"]).eval()
+    for p in attn.parameters():  # norms start as identities: give them weights that matter
+        p.data.normal_(0, 0.5)
+    x = torch.randn(*spec["x"])
+    ctx = None if spec["ctx"] is None else torch.randn(*spec["ctx"])
+    temb = torch.randn(2, 3, 2, 3) if "spatial_norm_dim" in spec["kw"] else None
+    mask = None
+    if spec["mask"]:
+        mask = torch.zeros(2, 10, 7)  # one row per query
+        mask[0, :, 5:] = -1e4  # the first sample's last two context tokens are padding
+        mask[1, :4, 0] = -1e4  # and its first four queries do not see the second sample's first token
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        expected = attn(x, encoder_hidden_states=ctx, attention_mask=mask, temb=temb)
+        spy = Spy(1)
+        router = BatchAttentionRouter([(0, 2, spy if explicit else None)])
+        attn.set_processor(P2PAttnProcessor(router, "mid"))
+        out = attn(x, encoder_hidden_states=ctx, attention_mask=mask, temb=temb)
+    assert out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert router.num_calls == 1 and len(spy.calls) == int(explicit)
+    if explicit:
+        queries = 24 if len(spec["x"]) == 4 else 10
+        assert spy.calls == [(ctx is not None, "mid", queries, (4, queries, 7 if ctx is not None else queries))]
+
+
+def test_upcast_attention_gives_the_controller_fp32_maps_of_half_precision_inputs():
+    """``upcast_attention`` (SD-2.x): scores from fp32 Q and K, so bf16 models edit maps as exact as fp32 ones."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g).bfloat16() for _ in range(3))
+    q, k, v = (torch.cat([t, t]) for t in (q, k, v))  # two rows: the job's row alone, or beside a plain row
+    exact = (q[:1].float() @ k[:1].float().transpose(-1, -2) * 0.5).softmax(-1).reshape(2, 16, 16)
+    errors = {}
+    mask = torch.zeros(2, 2, 1, 16, dtype=torch.bfloat16)  # in the model's dtype, cast to the fp32 scores
+    for upcast, rows, run_mask in ((True, 1, None), (True, 2, None), (True, 2, mask), (False, 1, None)):
+        spy = Spy(1)
+        spy.on_attention = lambda probs, *rest, seen=spy: seen.calls.append(probs) or probs
+        processor = P2PAttnProcessor(BatchAttentionRouter([(0, 1, spy)]), "up")
+        if upcast:
+            out = processor.attend(q[:rows], k[:rows], v[:rows], run_mask, 0.5, False, True)
+        else:
+            out = processor.attend(q[:1], k[:1], v[:1], None, 0.5, False)  # the default: no upcast
+        assert out.dtype == torch.bfloat16 and spy.calls[0].dtype == torch.float32
+        errors[upcast] = max(errors.get(upcast, 0.0), (spy.calls[0] - exact).abs().max().item())
+    assert errors[True] < 1e-6 < 1e-4 < errors[False]
+
+
+def test_an_attention_layers_upcast_flag_reaches_the_maps():
+    """``Attention(upcast_attention=True)`` in bf16: the controller's maps are softmax of the fp32 product of the
+    layer's own (bf16) Q and K."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(7)
+    errors = {}
+    for upcast in (True, False):
+        attn = Attention(query_dim=16, heads=2, dim_head=8, upcast_attention=upcast).to(torch.bfloat16).eval()
+        seen = {}
+        attn.to_q.register_forward_hook(lambda mod, args, out: seen.__setitem__("q", out))
+        attn.to_k.register_forward_hook(lambda mod, args, out: seen.__setitem__("k", out))
+        spy = Spy(1)
+        spy.on_attention = lambda probs, *rest: seen.__setitem__("probs", probs) or probs
+        attn.set_processor(P2PAttnProcessor(BatchAttentionRouter([(0, 1, spy)]), "down"))
+        with torch.no_grad():
+            attn(torch.randn(1, 16, 16).bfloat16())
+        q, k = (seen[n].float().view(1, 16, 2, 8).transpose(1, 2).reshape(2, 16, 8) for n in ("q", "k"))
+        exact = (q @ k.transpose(1, 2) * attn.scale).softmax(-1)
+        errors[upcast] = (seen["probs"] - exact).abs().max().item()
+    assert errors[True] < 1e-6 < 1e-4 < errors[False]
+
+
+def test_sdpa_rows_use_the_layers_scale_not_the_default():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    out = P2PAttnProcessor(BatchAttentionRouter(), "up").attend(q, k, v, None, 1.0, False)
+    reference = ((q @ k.transpose(-1, -2)).softmax(-1)) @ v  # scale 1 (scale_qk=False), not 1/√8
+    assert (out - reference).abs().max() < 1e-5
+
+
+def test_shared_processors_are_made_once_per_unet_and_reinstalled(unet):
+    """One set per UNet (a compiled UNet guards on its processors); each install hands back what it replaced."""
+    from worker.editing.processor import install_shared_p2p_processors
+
+    router, previous = install_shared_p2p_processors(unet)
+    try:
+        first = dict(unet.attn_processors)
+        assert all(isinstance(p, P2PAttnProcessor) and p.router is router for p in first.values())
+        assert all(isinstance(p, AttnProcessor2_0) for p in previous.values()) and previous.keys() == first.keys()
+        router.segments = [(0, 1, Spy(1))]
+        unet.set_attn_processor(dict(previous))  # diffusers empties the dict it is given
+        again, replaced = install_shared_p2p_processors(unet)
+        assert again is router and router.segments == []  # the caller routes its own jobs
+        assert all(unet.attn_processors[name] is p for name, p in first.items())
+        assert all(isinstance(p, AttnProcessor2_0) for p in replaced.values())
+    finally:
+        unet.set_attn_processor(previous)
+
+
+def test_controllers_are_asked_with_the_layers_query_count():
+    """A controller picks layers by their number of queries (a resolution): the router must be asked with it."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(2, 2, 16, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8)
+    picky = Picky(lambda is_cross, queries: queries == 16)
+    processor = P2PAttnProcessor(BatchAttentionRouter([(0, 2, picky)]), "down")
+    processor.attend(q, k, v, None, 8**-0.5, True)
+    processor.attend(q[:, :, :4], k, v, None, 8**-0.5, True)  # another resolution: plain SDPA
+    assert [(queries, shape) for _, _, queries, shape in picky.calls] == [(16, (4, 16, 7))]
+
+
+def test_attention_outside_the_down_mid_and_up_blocks_keeps_its_processor():
+    class FakeUNet:
+        def __init__(self):
+            self.attn_processors = {"down_blocks.0.attn1.processor": "a", "extra.attn.processor": "b"}
+
+        def set_attn_processor(self, processors):
+            self.attn_processors = dict(processors)
+
+    unet = FakeUNet()
+    previous = install_p2p_processors(unet, BatchAttentionRouter())
+    assert previous == {"down_blocks.0.attn1.processor": "a", "extra.attn.processor": "b"}
+    assert isinstance(unet.attn_processors["down_blocks.0.attn1.processor"], P2PAttnProcessor)
+    assert unet.attn_processors["extra.attn.processor"] == "b"
