@@ -142,8 +142,14 @@ def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
     return work
 
 
-def run_module(module: str, tests: list[str], budget_s: float, root: Path, children: int) -> dict:
-    work = scratch_tree(module, tests, root)
+def run_module(module: str, tests: list[str], budget_s: float, root: Path, children: int,
+               resume: bool = False) -> dict:
+    """One module's mutmut run; ``resume`` continues a stopped run in its scratch tree (same code and tests,
+    mutmut keeps the verdicts it has) instead of starting over."""
+    work = root / module.replace("/", "_").removesuffix(".py")
+    resumed = resume and (work / "mutants" / f"{module}.meta").exists()
+    if not resumed:
+        work = scratch_tree(module, tests, root)
     env = dict(os.environ, EDITSERVE_MODELS_DIR=str(REPO / ".models"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                EDITSERVE_WORKER__TORCH_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
                EDITSERVE_MUTATION_PRELOAD=",".join(PRELOAD.get(module, [])))
@@ -187,6 +193,8 @@ def run_module(module: str, tests: list[str], budget_s: float, root: Path, child
         server.stop()
     result = summarise(module, tests, work, elapsed, stopped, proc.returncode, log_path)
     result["ended"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if resumed:
+        result["ended"] += " (a stopped run resumed in its scratch tree; elapsed is the resumed part)"
     return result
 
 
@@ -288,6 +296,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the module -> test files map and exit")
     parser.add_argument("--renote", action="store_true",
                         help="re-apply mutation_notes.json to the existing results (no run) and rewrite them")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a module's stopped run in its scratch tree under --workdir (its verdicts are kept)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="merge the modules of other runs' result files (--out of parallel runs) into the "
                              "results, re-applying the notes (no run)")
@@ -318,7 +328,7 @@ def main() -> None:
     for module in args.modules:
         budget = args.budget_s or DEFAULT_BUDGET_S[module]
         print(f"{module}: mutating, tests {' '.join(MODULES[module])}, budget {budget:.0f} s", flush=True)
-        results[module] = run_module(module, MODULES[module], budget, args.workdir, args.children)
+        results[module] = run_module(module, MODULES[module], budget, args.workdir, args.children, args.resume)
         r = results[module]
         print(f"  {r['killed']}/{r['checked']} killed, {r['counts']}, {r['elapsed_s']} s", flush=True)
         write_results(results, out, machine, started)
