@@ -64,9 +64,11 @@ MODULES: dict[str, list[str]] = {
     "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
                             "tests/test_idempotency_image.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py", "tests/test_limits_mutants.py"],
-    "service/egress.py": ["tests/test_egress_rules.py", "tests/test_image_url.py", "tests/test_webhooks_delivery.py"],
+    "service/egress.py": ["tests/test_egress_rules.py", "tests/test_egress_mutants.py", "tests/test_image_url.py",
+                          "tests/test_webhooks_delivery.py"],
     "service/storage.py": ["tests/test_storage.py", "tests/test_storage_mutants.py"],
-    "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py"],
+    "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py",
+                              "tests/test_webhooks_mutants.py"],
 }
 # modules whose tests load the tiny models per test module: the fork server loads them once (mutation_plugin.py)
 PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
