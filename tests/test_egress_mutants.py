@@ -117,6 +117,16 @@ def test_dns_failures_are_temporary_refusals_and_bad_answers_permanent():
     assert str(private) == "rebound.example resolves to 10.0.0.5, which is private" and private.permanent is True
 
 
+def test_an_allowed_name_or_network_exempts_what_it_covers_and_nothing_else():
+    internal = Resolver(receiver_internal=["10.0.0.9", "192.168.1.1"])
+    by_name = check_url("http://receiver.internal/x", AllowList.parse(["receiver.internal"]), internal)
+    assert by_name.ips == (ip("10.0.0.9"), ip("192.168.1.1"))
+    assert str(refused("http://receiver.internal/x", AllowList.parse(["10.0.0.0/8"]), internal)) == \
+        "receiver.internal resolves to 192.168.1.1, which is private"
+    both = AllowList.parse(["10.0.0.0/8", "192.168.0.0/16"])
+    assert check_url("http://receiver.internal/x", both, internal).ips == by_name.ips
+
+
 # --- the pinned request ------------------------------------------------------------------------------------
 
 def test_a_pinned_request_goes_to_the_ip_with_the_urls_host_and_sni():
@@ -204,9 +214,11 @@ class Site:
     def __init__(self, routes):
         self.routes = routes
         self.requests: list[tuple[str, str, str]] = []
+        self.headers: list[httpx.Headers] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append((request.url.host, request.headers["host"], request.url.path))
+        self.headers.append(request.headers)
         route = self.routes.get(request.url.path)
         return streamed(404) if route is None else route(request)
 
@@ -238,7 +250,7 @@ def test_a_fetch_connects_to_the_checked_ip_and_returns_body_and_type():
     site = Site({"/a.png": ok(b"PNG", content_type="image/png")})
     fetched = fetch(site, "https://img.example/a.png", headers={"Accept": "image/*"})
     assert fetched == egress.Fetched(url="https://img.example/a.png", content_type="image/png", body=b"PNG")
-    assert site.requests == [(PUBLIC, "img.example", "/a.png")]
+    assert site.requests == [(PUBLIC, "img.example", "/a.png")] and site.headers[0]["accept"] == "image/*"
 
 
 def test_only_the_given_schemes_are_fetched():
@@ -332,6 +344,24 @@ def test_the_next_address_is_tried_when_connecting_fails_and_the_last_failure_is
     assert fetch(site, "https://img.example/a", dns=dns).body == b"ok"
     assert [host for host, _, _ in site.requests] == ["8.8.8.8", "8.8.4.4"]
     assert str(failure(site, "https://down.example/a", dns=dns)) == "could not connect: no route"
+
+
+def test_failure_messages_are_cut_to_300_characters():
+    """They reach API clients as 4xx details: a hostile server must not make them arbitrarily long."""
+    def refuse(request):
+        raise httpx.ConnectError("x" * 1000, request=request)
+
+    def garbage(request):
+        raise httpx.RemoteProtocolError("y" * 1000, request=request)
+
+    async def broken():
+        yield b"abc"
+        raise httpx.ReadError("z" * 1000)
+
+    for route, start in ((refuse, "could not connect: x"), (garbage, "request failed: RemoteProtocolError: y"),
+                         (lambda r: httpx.Response(200, content=broken()), "transfer failed: ReadError: z")):
+        message = str(failure(Site({"/a": route}), "https://img.example/a"))
+        assert len(message) == 300 and message.startswith(start)
 
 
 def test_other_request_errors_fail_at_once():
