@@ -65,9 +65,10 @@ MODULES: dict[str, list[str]] = {
                             "tests/test_idempotency_image.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py", "tests/test_limits_mutants.py"],
     # not test_webhooks_delivery.py / the rest of test_image_url.py: end to end (gateway, worker, delivery process),
-    # ~40 s per surviving mutant here; egress's rules and the fetch path are checked directly by the three below
+    # ~40 s per surviving mutant here; egress's rules and the fetch path are checked directly by the files and tests below
     "service/egress.py": ["tests/test_egress_rules.py", "tests/test_egress_mutants.py",
-                          "tests/test_image_url.py::test_a_name_is_resolved_once_checked_and_pinned_with_its_sni"],
+                          "tests/test_image_url.py::test_a_name_is_resolved_once_checked_and_pinned_with_its_sni",
+                          "tests/test_image_url.py::test_the_default_async_client_trusts_only_the_system_store"],
     "service/storage.py": ["tests/test_storage.py", "tests/test_storage_mutants.py"],
     "editserve/webhooks.py": ["tests/test_webhooks_signing.py", "tests/test_webhooks_verify_edges.py",
                               "tests/test_webhooks_mutants.py"],

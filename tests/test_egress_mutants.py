@@ -160,6 +160,23 @@ def streamed(status: int = 200, chunks=(), headers=None, pulled: list[bytes] | N
     return httpx.Response(status, headers=headers, content=stream())
 
 
+def test_pinned_post_sends_the_body_with_its_timeout_and_keeps_the_reply_headers():
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(202, headers={"X-Receipt": "r1"}, content=counted_stream([b"ok"], []))
+
+    dest = Destination(httpx.URL("http://hooks.example/x"), (ip(PUBLIC),))
+    with httpx.Client(transport=httpx.MockTransport(handler), timeout=60) as client:
+        reply = egress.pinned_post(client, dest, b'{"a": 1}', {"Content-Type": "application/json"}, timeout=3)
+    assert (reply.status_code, reply.headers["x-receipt"], reply.body_prefix) == (202, "r1", b"ok")
+    request = sent[0]
+    assert request.method == "POST" and request.url == httpx.URL(f"http://{PUBLIC}/x")
+    assert request.content == b'{"a": 1}' and request.headers["content-type"] == "application/json"
+    assert request.extensions["timeout"] == httpx.Timeout(3).as_dict()
+
+
 def test_pinned_post_keeps_a_prefix_over_several_chunks_and_stops_reading_there():
     pulled: list[bytes] = []
 
