@@ -241,9 +241,9 @@ class Site:
 
 
 def fetch(site, url: str, *, dns: Resolver | None = None, max_bytes: int = 100, timeout: float = 5,
-          **options) -> egress.Fetched:
+          following: bool = False, **options) -> egress.Fetched:
     async def run():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(site)) as client:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(site), follow_redirects=following) as client:
             return await egress.fetch_bounded(url, NONE, client=client, max_bytes=max_bytes, timeout=timeout,
                                               resolver=dns or Resolver(img_example=[PUBLIC]), **options)
     return asyncio.run(run())
@@ -308,9 +308,10 @@ def test_a_redirect_without_location_fails():
 
 def test_a_redirect_to_a_private_address_is_refused_before_connecting():
     site = Site({"/a": moved("https://10.0.0.7/secret")})
-    with pytest.raises(DestinationRefused, match="10.0.0.7 resolves to 10.0.0.7, which is private"):
-        fetch(site, "https://img.example/a")
-    assert [path for _, _, path in site.requests] == ["/a"]
+    for following in (False, True):  # even a client set to follow redirects does not follow one by itself
+        with pytest.raises(DestinationRefused, match="10.0.0.7 resolves to 10.0.0.7, which is private"):
+            fetch(site, "https://img.example/a", following=following)
+    assert [path for _, _, path in site.requests] == ["/a", "/a"]
 
 
 def test_any_other_status_fails_with_it():
