@@ -80,7 +80,7 @@ PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
     "worker/editing/buckets.py", "worker/editing/tensor_controller.py")} | {"worker/editing/ip2p.py": ["tiny-ip2p"]}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
 SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
-                                  "service/egress.py": ["redis", "s3"], "service/storage.py": ["s3"]}
+                                  "service/storage.py": ["s3"]}
 DEFAULT_BUDGET_S = {path: 900 for path in MODULES} | {path: 1800 for path in (
     "worker/editing/batch.py", "worker/editing/controllers.py", "worker/editing/inversion.py", "service/jobstore.py")}
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
