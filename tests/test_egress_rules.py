@@ -172,3 +172,20 @@ def test_the_client_ignores_proxy_settings_in_the_environment(server, monkeypatc
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: a proxy that is not there
     with egress.new_client() as client:
         assert client.get(server + "/big").status_code == 200
+
+
+def test_the_async_client_follows_no_redirects_and_ignores_proxy_settings(server, monkeypatch):
+    """new_async_client (image_url fetches): the same two properties as the sync client."""
+    import asyncio
+
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+
+    async def get(path: str) -> int:
+        async with egress.new_async_client() as client:
+            return (await client.get(server + path)).status_code
+
+    assert asyncio.run(get("/redirect")) == 302
+    assert asyncio.run(get("/big")) == 200

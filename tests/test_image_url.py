@@ -329,3 +329,18 @@ def test_a_name_is_resolved_once_checked_and_pinned_with_its_sni(images, tls):
         asyncio.run(fetch("other.example.test"))
     with pytest.raises(egress.DestinationRefused, match="private"):
         asyncio.run(fetch("rebound.example.test"))
+
+
+def test_the_default_async_client_trusts_only_the_system_store(images):
+    """new_async_client() verifies certificates against the system store: a self-signed server is not reached."""
+    from service import egress
+
+    async def fetch():
+        async with egress.new_async_client() as client:
+            return await egress.fetch_bounded(images.url("/cat.png"), egress.AllowList.parse(["127.0.0.1/32"]),
+                                              client=client, max_bytes=LIMIT, timeout=5)
+
+    before = len(images.paths)
+    with pytest.raises(egress.FetchFailed, match="could not connect"):
+        asyncio.run(fetch())
+    assert len(images.paths) == before
