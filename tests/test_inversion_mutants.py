@@ -226,17 +226,23 @@ def test_learning_rate_and_early_stop_threshold_are_the_reference_schedules():
 def test_prev_step_is_diffusers_ddim_and_next_step_undoes_it(model):
     """``prev_step`` is DDIM (eta 0) from t down one level; ``next_step`` from one level below t up to t
     (the least noisy step starts from the final alpha); with the same eps each undoes the other."""
-    sched = scheduler(model)
-    assert step_size(sched) == 1000 // STEPS
+    from diffusers import DDIMScheduler
+
+    # SD's config, and one whose last level is timestep 0 with a final alpha of 1 (level 0 is not the final one)
+    other = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+    other.set_timesteps(STEPS)
+    assert other.timesteps[-1] == 0
     z, eps = photo_latent(1), photo_latent(2)
-    for t in (int(t) for t in sched.timesteps):
-        down = prev_step(sched, eps, t, z)
-        assert close(down, sched.step(eps, t, z, eta=0.0).prev_sample, 1e-5)
-        assert close(down, reference_prev(sched, eps, t, z))
-        up = next_step(sched, eps, t, z)
-        assert close(up, reference_next(sched, eps, t, z))
-        assert close(next_step(sched, eps, t, down), z, 1e-4)
-        assert close(prev_step(sched, eps, t, up), z, 1e-4)
+    for sched in (scheduler(model), other):
+        assert step_size(sched) == 1000 // STEPS
+        for t in (int(t) for t in sched.timesteps):
+            down = prev_step(sched, eps, t, z)
+            assert close(down, sched.step(eps, t, z, eta=0.0).prev_sample, 1e-5)
+            assert close(down, reference_prev(sched, eps, t, z))
+            up = next_step(sched, eps, t, z)
+            assert close(up, reference_next(sched, eps, t, z))
+            assert close(next_step(sched, eps, t, down), z, 1e-4)
+            assert close(prev_step(sched, eps, t, up), z, 1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,25 +250,25 @@ def test_prev_step_is_diffusers_ddim_and_next_step_undoes_it(model):
 
 
 def test_photo_tensor_centre_crops_to_the_target_aspect_and_scales_to_plus_minus_one():
-    wide = np.zeros((4, 12, 3), dtype=np.uint8)
-    wide[:, 4:8] = 255  # the centre third is white
+    """An odd margin (11 px) splits as 5 + 6, like the reference's ``load_512``; the crop is the target size,
+    so the pixels are the photo's own, scaled from [0, 255] to [-1, 1]."""
+    rows, cols = np.mgrid[0:15, 0:15]
+    pattern = (cols * 15 + rows * 2).astype(np.uint8)
+    wide = np.stack([pattern[:4], 255 - pattern[:4], pattern[:4] // 2], axis=-1)  # 4 x 15, RGB
     out = photo_tensor(Image.fromarray(wide), 4, 4)
     assert out.shape == (1, 3, 4, 4) and out.dtype == torch.float32
-    assert torch.equal(out, torch.ones(1, 3, 4, 4))
-    tall = np.zeros((12, 4), dtype=np.uint8)  # greyscale: converted to RGB
-    tall[4:8] = 255
-    assert torch.equal(photo_tensor(Image.fromarray(tall), 4, 4), torch.ones(1, 3, 4, 4))
-    tall[4:8] = 0
-    tall[:4] = 255
-    assert torch.equal(photo_tensor(Image.fromarray(tall), 4, 4), -torch.ones(1, 3, 4, 4))
-    # a 2:1 target from a square photo keeps its middle rows, left to right in order
-    square = np.zeros((8, 8, 3), dtype=np.uint8)
-    square[:, :, 0] = np.arange(8, dtype=np.uint8)[None, :] * 30
-    square[2:6, :, 1] = 255
-    out = photo_tensor(Image.fromarray(square), 4, 8)
-    assert out.shape == (1, 3, 4, 8)
-    assert torch.equal(out[0, 1], torch.ones(4, 8))
-    assert torch.allclose(out[0, 0, 0], torch.arange(8) * 30 / 127.5 - 1)
+    assert torch.equal(out[0], torch.from_numpy(wide[:, 5:9].astype(np.float32) / 127.5 - 1).permute(2, 0, 1))
+    tall = pattern[:, :4].copy()  # 15 x 4, greyscale: converted to RGB
+    out = photo_tensor(Image.fromarray(tall), 4, 4)
+    expected = torch.from_numpy(tall[5:9].astype(np.float32) / 127.5 - 1)
+    assert out.shape == (1, 3, 4, 4) and all(torch.equal(channel, expected) for channel in out[0])
+    assert torch.equal(photo_tensor(Image.fromarray(np.full((4, 4), 255, np.uint8)), 4, 4), torch.ones(1, 3, 4, 4))
+    # non-square targets: 2:1 keeps the middle rows of a square photo, 1:2 its middle columns
+    square = pattern[:8, :8]
+    assert torch.equal(photo_tensor(Image.fromarray(square), 4, 8)[0, 0],
+                       torch.from_numpy(square[2:6].astype(np.float32) / 127.5 - 1))
+    assert torch.equal(photo_tensor(Image.fromarray(square), 8, 4)[0, 0],
+                       torch.from_numpy(square[:, 2:6].astype(np.float32) / 127.5 - 1))
 
 
 def test_encode_photo_is_the_scaled_posterior_mean(model):
@@ -332,7 +338,7 @@ def test_validate_wants_ddim_and_exactly_one_input_of_the_batch_size(model):
 
 
 def test_runner_refuses_sizes_off_the_latent_grid_and_zero_steps(model):
-    for height, width in ((12, 16), (16, 20), (0, 16), (16, -8)):
+    for height, width in ((12, 16), (16, 20), (0, 16), (16, 0), (16, -8)):
         with pytest.raises(ValueError, match=f"multiples of 8, got {height}x{width}"):
             InversionRunner(model, height=height, width=width, steps=STEPS)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
@@ -400,7 +406,7 @@ def test_batched_jobs_equal_each_alone_and_a_bad_job_fails_alone(model, runner):
         InversionSpec("a", CAPTION, latents=photo_latent(5), num_inner_steps=3),
         InversionSpec("bad", CAPTION, latents=photo_latent(5), num_inner_steps=0),
         InversionSpec("b", "a dog", latents=photo_latent(6), num_inner_steps=7, early_stop_epsilon=2e-3),
-        InversionSpec("c", "a bird", latents=photo_latent(7), method="ddim", guidance_scale=2.0),
+        InversionSpec("c", "a bird", latents=photo_latent(7).double(), method="ddim", guidance_scale=2.0),
         InversionSpec("d", CAPTION, image=Image.new("RGB", (SIZE, SIZE), (200, 30, 90)), guidance_scale=4.0,
                       num_inner_steps=5, early_stop_epsilon=0.0),
     ]
@@ -419,7 +425,7 @@ def test_batched_jobs_equal_each_alone_and_a_bad_job_fails_alone(model, runner):
         if spec.job_id == "bad":
             continue
         alone = runner.run([spec])[0]
-        assert result.ok and result.job_id == spec.job_id
+        assert result.ok and result.job_id == spec.job_id and result.trajectory.dtype == torch.float32
         assert close(result.trajectory, alone.trajectory)
         assert close(result.inversion.uncond_embeddings, alone.inversion.uncond_embeddings, 1e-6)
         assert close(result.reconstruction_latents, alone.reconstruction_latents)
@@ -429,6 +435,8 @@ def test_batched_jobs_equal_each_alone_and_a_bad_job_fails_alone(model, runner):
     assert [len(x) for x in batched[0].losses] == [3] * STEPS
     assert [len(x) for x in batched[4].losses] == [5] * STEPS  # ε = 0: never stops early
     assert all(len(x) <= 7 for x in batched[2].losses)
+    assert close(batched[3].trajectory, runner.run([InversionSpec("c", "a bird", latents=photo_latent(7), method="ddim",
+                                                                  guidance_scale=2.0)])[0].trajectory)
 
 
 def test_an_accelerate_style_forward_hook_survives_the_run(model, runner):
@@ -495,7 +503,9 @@ def test_without_reconstruction_or_with_a_failing_decoder(model, runner, monkeyp
     spec = InversionSpec("x", CAPTION, latents=photo_latent(10), method="ddim")
     plain = invert(model, spec, height=SIZE, width=SIZE, steps=STEPS, reconstruct=False)
     assert plain.ok and plain.reconstruction_latents is None and plain.pixels is None and plain.images == []
-    assert plain.unet_rows == STEPS and torch.equal(plain.trajectory, runner.run([spec])[0].trajectory)
+    full = invert(model, spec, height=SIZE, width=SIZE, steps=STEPS)  # the defaults: DDIM, reconstructed
+    assert full.ok and full.reconstruction_latents is not None and len(full.images) == 1
+    assert plain.unet_rows == STEPS and torch.equal(plain.trajectory, full.trajectory)
 
     def broken_decode(latents, return_dict=False):
         raise RuntimeError("decoder out of memory")
@@ -531,5 +541,7 @@ def test_an_inversion_round_trips_through_arrays_and_meta():
     back = Inversion.from_arrays(arrays, {k: str(v) for k, v in meta.items()})
     assert back.meta() == meta and back.x_t.dtype == torch.float32
     assert torch.equal(back.x_t, inv.x_t.float()) and torch.equal(back.uncond_embeddings, inv.uncond_embeddings)
+    wide = Inversion.from_arrays({k: a.astype(np.float64) for k, a in arrays.items()}, meta)  # e.g. an npz in fp64
+    assert wide.x_t.dtype == wide.uncond_embeddings.dtype == torch.float32
     assert math.isclose(InversionResult("j", trajectory=torch.zeros(2, 1, 1), reconstruction_latents=torch.ones(1, 1))
                         .reconstruction_error, 1.0)
