@@ -71,6 +71,8 @@ class StubUNet(torch.nn.Module):
 
     def forward(self, x, timesteps, encoder_hidden_states, return_dict=True):
         assert timesteps.shape == (x.shape[0],)
+        if x.dtype != torch.float32:  # as a real UNet's first conv refuses input of another dtype
+            raise RuntimeError(f"input type {x.dtype} and weight type torch.float32 should be the same")
         temb = torch.tanh(self.time_embedding.linear_1(timesteps.float().reshape(-1, 1) / 1000))
         attn = self.block.attn2
         text = (attn.to_k(encoder_hidden_states) + 0.5 * attn.to_v(encoder_hidden_states)).mean(1)
@@ -360,7 +362,8 @@ def test_ddim_and_negative_prompt_inversions_are_the_walk_with_a_fixed_unconditi
         assert result.ok and result.losses == []
         assert close(result.trajectory, torch.stack(walk))
         inv = result.inversion
-        assert close(inv.x_t, walk[-1]) and torch.equal(inv.x_t, result.trajectory[-1]) and inv.guidance_scale == guidance
+        assert close(inv.x_t, walk[-1]) and torch.equal(inv.x_t, result.trajectory[-1])
+        assert inv.guidance_scale == guidance
         assert inv.uncond_embeddings.shape == (STEPS, 77, DIM)
         assert all(torch.equal(row, uncond[0]) for row in inv.uncond_embeddings)
         expected = reference_sampling(model, walk[-1], inv.uncond_embeddings, CAPTION, guidance)
