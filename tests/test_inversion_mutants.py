@@ -336,6 +336,8 @@ def test_validate_wants_ddim_and_exactly_one_input_of_the_batch_size(model):
         with pytest.raises(EditValidationError) as err:
             validate(InversionSpec("bad", CAPTION, **inputs), context)
         assert err.value.field == field and all(w in err.value.message for w in words), err.value.message
+        if words == ["exactly one"]:
+            assert err.value.message == "give exactly one of an image or its latents"
     validate(InversionSpec("ok", CAPTION, image=image), ctx)
 
 
