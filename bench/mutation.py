@@ -212,7 +212,8 @@ def summarise(module: str, tests: list[str], work: Path, elapsed: float, stopped
 def functions_of(mutated: Path) -> dict[str, str]:
     """Every function in mutmut's mutated copy of a module (originals and mutants, methods included), by name."""
     source = mutated.read_text()
-    return {node.name: ast.get_source_segment(source, node) or "" for node in ast.walk(ast.parse(source))
+    lines = source.splitlines()  # sliced per function: ast.get_source_segment re-splits the source each call
+    return {node.name: "\n".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.walk(ast.parse(source))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 

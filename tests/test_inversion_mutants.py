@@ -365,7 +365,8 @@ def test_ddim_and_negative_prompt_inversions_are_the_walk_with_a_fixed_unconditi
         assert close(result.trajectory, torch.stack(walk))
         inv = result.inversion
         assert close(inv.x_t, walk[-1]) and torch.equal(inv.x_t, result.trajectory[-1])
-        assert inv.guidance_scale == guidance
+        assert inv.guidance_scale == guidance and inv.caption == CAPTION
+        assert inv.key_params() == {"model": "stub", "height": SIZE, "width": SIZE, "steps": STEPS, "scheduler": "ddim"}
         assert inv.uncond_embeddings.shape == (STEPS, 77, DIM)
         assert all(torch.equal(row, uncond[0]) for row in inv.uncond_embeddings)
         expected = reference_sampling(model, walk[-1], inv.uncond_embeddings, CAPTION, guidance)
