@@ -73,7 +73,7 @@ MODULES: dict[str, list[str]] = {
     # compare the same controllers call for call on synthetic tensors
     "worker/editing/tensor_controller.py": ["tests/test_tensor_controller_mutants.py"],
     "worker/editing/continuous.py": ["tests/test_continuous_mutants.py", "tests/test_continuous_core.py"],
-    "worker/editing/inversion.py": ["tests/test_inversion.py"],
+    "worker/editing/inversion.py": ["tests/test_inversion_mutants.py", "tests/test_inversion.py"],
     "service/jobstore.py": ["tests/test_jobstore.py", "tests/test_terminal_states.py",
                             "tests/test_idempotency_image.py", "tests/test_jobstore_mutants.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py", "tests/test_limits_mutants.py"],
@@ -90,7 +90,7 @@ MODULES: dict[str, list[str]] = {
 PRELOAD: dict[str, list[str]] = {m: ["tiny-sd"] for m in (
     "worker/editing/processor.py", "worker/editing/p2p.py",
     "worker/editing/batch.py", "worker/editing/continuous.py", "worker/editing/acceleration.py",
-    "worker/editing/buckets.py")}
+    "worker/editing/buckets.py")} | {"worker/editing/inversion.py": ["tiny-sd", "tiny-sd-smooth"]}
 # modules whose tests need a Redis / an S3 endpoint: one per module run, shared by its mutants
 SERVICES: dict[str, list[str]] = {"service/jobstore.py": ["redis", "s3"], "service/limits.py": ["redis", "s3"],
                                   "service/storage.py": ["s3"]}
@@ -157,7 +157,8 @@ def run_module(module: str, tests: list[str], budget_s: float, root: Path, child
         work = scratch_tree(module, tests, root)
     env = dict(os.environ, EDITSERVE_MODELS_DIR=str(REPO / ".models"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                EDITSERVE_WORKER__TORCH_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-               EDITSERVE_MUTATION_PRELOAD=",".join(PRELOAD.get(module, [])))
+               EDITSERVE_MUTATION_PRELOAD=",".join(PRELOAD.get(module, [])),
+               EDITSERVE_MUTATION_TESTS=",".join(tests))
     servers = []
     if module in SERVICES:  # one Redis / S3 endpoint for all mutants of this module (mutation_plugin.py)
         from devtools.devstack import ensure_redis, free_port, start_seaweedfs

@@ -67,6 +67,21 @@ def pytest_sessionstart(session):
     gc.freeze()
 
 
+_FILE_ORDER = [f for f in os.environ.get("EDITSERVE_MUTATION_TESTS", "").split(",") if f]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Test files in MODULES' order (cheap unit files first), mutmut's by-duration order kept within a file.
+
+    Why: mutmut orders a mutant's tests by their call time alone, so a test whose cost is a module fixture
+    (setup) can come before the cheap test that would fail first; interleaved files also set a module's
+    fixtures up again each time the file comes back. Sorting only reorders: a mutant's verdict is the same.
+    """
+    if _FILE_ORDER:
+        rank = {path: i for i, path in enumerate(_FILE_ORDER)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("mutants/"), len(rank)))
+
+
 # --- one Redis and one S3 endpoint per module run (started by bench/mutation.py), not one per mutant --------
 # Each mutant's pytest session would otherwise start its own redis-server (and weed mini, ~5-10 s). Children
 # run at the same time and tests flush their database, so each session takes the next of 31 databases.
