@@ -78,7 +78,9 @@ def pytest_collection_modifyitems(session, config, items):
     fixtures up again each time the file comes back. Sorting only reorders: a mutant's verdict is the same.
     """
     if _FILE_ORDER:
-        rank = {path: i for i, path in enumerate(_FILE_ORDER)}
+        rank: dict[str, int] = {}
+        for i, entry in enumerate(_FILE_ORDER):  # entries may name one test ("file.py::test")
+            rank.setdefault(entry.split("::")[0], i)
         items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("mutants/"), len(rank)))
 
 
