@@ -389,7 +389,7 @@ def test_null_text_is_the_reference_optimisation(model, runner, epsilon, inner):
     ε + i·2e-5; ``None``: ε between the losses, so steps stop after different numbers of iterations."""
     z0 = photo_latent(4)
     if epsilon is None:
-        losses = [x for step in reference_null_text(model, z0, CAPTION)[2] for x in step]
+        losses = [x for step in reference_null_text(model, z0, CAPTION, inner=inner)[2] for x in step]
         epsilon = float(np.median(losses))
     walk, embeddings, losses = reference_null_text(model, z0, CAPTION, inner=inner, epsilon=epsilon)
     result = runner.run([InversionSpec("nt", CAPTION, latents=z0, num_inner_steps=inner,
@@ -397,6 +397,8 @@ def test_null_text_is_the_reference_optimisation(model, runner, epsilon, inner):
     assert result.ok and result.inversion.method == "null-text"
     assert close(result.trajectory, torch.stack(walk))
     assert [len(step) for step in result.losses] == [len(step) for step in losses]
+    if epsilon > 1e-5:  # the median: some steps stop early, others run all their iterations
+        assert {len(step) for step in losses} != {inner}
     assert np.allclose(sum(result.losses, []), sum(losses, []), rtol=1e-5, atol=0)
     assert close(result.inversion.uncond_embeddings, embeddings, 1e-5)
     assert close(result.reconstruction_latents,
