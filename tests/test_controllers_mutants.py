@@ -424,3 +424,23 @@ def test_constant_tensors_follow_the_device_of_the_maps(tok, edit):
             assert out.device == meta and out.shape == (8, 16, keys)
         latents = ctrl.after_step(torch.empty(2, 4, *LATENT, device=meta))
         assert latents.device == meta and ctrl.blend.last_mask.device == meta
+
+
+def test_attention_maps_carry_the_prompt_index_they_were_asked_for(tok):
+    """The index keys the stored maps and picks the overlay's prompt: it must be the one asked for."""
+    ctrl = build_controller(job(edit="none", attention_map_prompts=[0, 1]), tok, 4, (4, 4))
+    run_cross(ctrl, 0, probs_for(2))
+    assert [ctrl.attention_maps(i, render=False).prompt_index for i in (0, 1)] == [0, 1]
+
+
+def test_a_non_square_store_wants_height_times_width_queries():
+    """A 3×5 grid has 15 queries; taking w² (or h²) would store nothing for a non-square job."""
+    store = AttentionStore(2, (3, 5))
+    assert store.wants(15) and not store.wants(25) and not store.wants(9)
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 77), (5, 77), (5, 1, 1, 77)])
+def test_an_edit_controller_refuses_an_alpha_of_the_wrong_shape(shape):
+    """α must be (steps + 1, targets, tokens): a wrong target count would broadcast silently."""
+    with pytest.raises(ValueError, match=r"^cross_alpha must be \(steps, 1 targets, tokens\)$"):
+        ReplaceController(["a cat", "a dog"], 4, mapper=torch.eye(77)[None], cross_alpha=torch.ones(shape))
