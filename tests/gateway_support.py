@@ -121,3 +121,17 @@ def store(gateway_app):
 @pytest.fixture
 def rconn(redis_url) -> redis.Redis:
     return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def conn(redis_url):
+    """A sync client on the test's Redis database (JobStore tests read keys directly)."""
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def js(conn, redis_url):
+    """The JobStore the gateway builds, on the test's Redis."""
+    from service.jobstore import JobStore
+
+    return JobStore(conn, make_settings(redis_url))

@@ -8,8 +8,7 @@ import threading
 import time
 
 import pytest
-import redis
-from gateway_support import make_settings, p2p_payload
+from gateway_support import conn, js, p2p_payload  # noqa: F401  (conn, js: fixtures)
 from rq import Queue
 from rq.job import Job, JobStatus
 
@@ -18,16 +17,6 @@ from service.jobstore import EditConflict, EditNotFound, IdempotencyConflict, Jo
 from service.keys import edit_key, events_channel
 from service.liveness import beat
 from service.queues import discover, parse_queue_name, queue_name, queue_names_by_priority
-
-
-@pytest.fixture
-def conn(redis_url):
-    return redis.Redis.from_url(redis_url)
-
-
-@pytest.fixture
-def js(conn, redis_url):
-    return JobStore(conn, make_settings(redis_url))
 
 
 def create(js, tenant="default", **kw):

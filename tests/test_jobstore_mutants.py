@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 import redis
 import redis.asyncio
-from gateway_support import make_settings, p2p_payload
+from gateway_support import conn, js, make_settings, p2p_payload  # noqa: F401  (conn, js: fixtures)
 from rq import Queue
 from rq.job import Job
 
@@ -45,16 +45,6 @@ from service.liveness import beat
 from service.throughput import recent
 
 CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-
-
-@pytest.fixture
-def conn(redis_url):
-    return redis.Redis.from_url(redis_url)
-
-
-@pytest.fixture
-def js(conn, redis_url):
-    return JobStore(conn, make_settings(redis_url))
 
 
 def create(js: JobStore, tenant: str = "default", **kw):

@@ -5,23 +5,12 @@ revision exactly as they were."""
 from __future__ import annotations
 
 import pytest
-import redis
-from gateway_support import make_settings, p2p_payload
+from gateway_support import conn, js, p2p_payload  # noqa: F401  (conn, js: fixtures)
 
 from editserve.contract import EditStatus, ErrorInfo
 from service.jobstore import JobStore, edit_key, new_edit_id
 
 TERMINAL = [EditStatus.succeeded, EditStatus.failed, EditStatus.canceled]
-
-
-@pytest.fixture
-def conn(redis_url):
-    return redis.Redis.from_url(redis_url)
-
-
-@pytest.fixture
-def js(conn, redis_url):
-    return JobStore(conn, make_settings(redis_url))
 
 
 def finish(js: JobStore, edit_id: str, status: EditStatus) -> None:
