@@ -129,3 +129,14 @@ def test_the_unet_is_compiled_once_per_mode_and_backend_with_static_shapes(fake_
     assert P2PAttnProcessor.attend is attend and len(fake_compile) == 3
     second = SimpleNamespace(device=torch.device("cpu"), unet=torch.nn.Linear(1, 1))  # another model: its own
     assert accelerated_unet(second, on).compiled is second.unet and len(fake_compile) == 4
+
+
+def test_auto_compiles_a_cuda_model_with_cuda_graphs_decided_by_the_models_device(fake_compile, tmp_path):
+    """The model's own device decides: "auto" compiles a CUDA model, and CUDA graphs go with it (no GPU needed:
+    torch.compile is faked)."""
+    model = SimpleNamespace(device=torch.device("cuda"), unet=torch.nn.Linear(1, 1))
+    compiled = accelerated_unet(model, StepAcceleration(compile="auto", cuda_graphs=True, cache_dir=str(tmp_path)))
+    assert compiled.compiled is model.unet and fake_compile == [
+        {"backend": "inductor", "dynamic": False, "mode": "reduce-overhead"}]
+    assert accelerated_unet(SimpleNamespace(device=torch.device("cpu"), unet=model.unet),
+                            StepAcceleration(compile="auto", cuda_graphs=True)) is None
