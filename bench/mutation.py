@@ -117,9 +117,13 @@ def mutmut_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "mutmut"]
 
 
+def scratch_dir(module: str, root: Path) -> Path:
+    return root / module.replace("/", "_").removesuffix(".py")
+
+
 def scratch_tree(module: str, tests: list[str], root: Path) -> Path:
     """A copy of the packages and tests with a [tool.mutmut] section selecting ``module`` and ``tests``."""
-    work = root / module.replace("/", "_").removesuffix(".py")
+    work = scratch_dir(module, root)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -153,7 +157,7 @@ def run_module(module: str, tests: list[str], budget_s: float, root: Path, child
                resume: bool = False) -> dict:
     """One module's mutmut run; ``resume`` continues a stopped run in its scratch tree (same code and tests,
     mutmut keeps the verdicts it has) instead of starting over."""
-    work = root / module.replace("/", "_").removesuffix(".py")
+    work = scratch_dir(module, root)
     resumed = resume and (work / "mutants" / f"{module}.meta").exists()
     if not resumed:
         work = scratch_tree(module, tests, root)
@@ -236,10 +240,7 @@ def summarise(module: str, tests: list[str], work: Path, elapsed: float, stopped
 
 
 def functions_of(mutated: Path) -> dict[str, str]:
-    """Every function in mutmut's mutated copy of a module (originals and mutants, methods included), by name.
-
-    The text ``ast.get_source_segment`` gives, from one split of the source: that function splits the whole
-    file per call, which took minutes on a loaded box for a module of 500 mutants (a 1 MB mutated copy)."""
+    """Every function in mutmut's mutated copy of a module (originals and mutants, methods included), by name."""
     source = mutated.read_text()
     lines = source.splitlines()
     # cut by line numbers: ast.get_source_segment re-splits the whole file per call (minutes on a 1 MB module)
