@@ -61,7 +61,7 @@ MODULES: dict[str, list[str]] = {
     "worker/editing/ip2p.py": ["tests/test_ip2p_mutants.py", *(f"tests/test_ip2p.py::{t}" for t in (
         "test_guidance_is_affine_with_weights_summing_to_one", "test_guidance_special_cases",
         "test_guidance_on_x0_equals_guidance_on_eps", "test_chunk_order_golden", "test_per_cell_scales_broadcast"))],
-    "worker/editing/batch.py": ["tests/test_batch_mutants.py", "tests/test_batch.py", "tests/test_p2p_properties.py"],
+    "worker/editing/batch.py": ["tests/test_batch_mutants.py", "tests/test_batch.py"],
     "worker/editing/previews.py": ["tests/test_previews_mutants.py",
                                    "tests/test_previews.py::test_latent_to_rgb_on_known_latents",
                                    "tests/test_previews.py::test_a_configured_tiny_decoder_makes_the_preview"],

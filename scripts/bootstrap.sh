@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p .run
 stamp=.run/bootstrap.$( (cat pyproject.toml; $PY --version) | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, worker, schemathesis, playwright" 2>/dev/null \
+if [ ! -f "$stamp" ] || ! $PY -c "import torch, diffusers, editserve, service, worker, schemathesis, playwright, xdist" 2>/dev/null \
    || ! command -v weed >/dev/null; then
   $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
   $PY -m pip install -q --disable-pip-version-check -e ".[dev]"

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("EDITSERVE_MODELS_DIR", REPO / ".models"))
 os.environ.setdefault("EDITSERVE_MODELS_DIR", str(MODELS_DIR))
 TEST_REDIS_URL = os.environ.get("EDITSERVE_TEST_REDIS_URL")  # unset: a private redis-server per session
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])  # scripts/test.sh runs two (gw0, gw1)
 # One BLAS/OpenMP thread in the test process, set before any test module imports torch. Measured on this 2-core box
 # while it was shared (load ~14): with MKL_NUM_THREADS unset (or 2) a scheduler test took 15-25 CPU-seconds and
 # 70-190 s, with MKL_NUM_THREADS=1 0.7-0.9 CPU-seconds and ~3-7 s, even beside OMP_NUM_THREADS=2 (MKL's threads
@@ -37,10 +38,22 @@ def redis_server():
     """
     from devtools.devstack import ensure_redis, free_port
 
-    url = TEST_REDIS_URL or f"redis://127.0.0.1:{free_port()}/15"
+    url = _own_database(TEST_REDIS_URL) if TEST_REDIS_URL else f"redis://127.0.0.1:{free_port()}/15"
     server = ensure_redis(url)
     yield server
     server.stop()
+
+
+def _own_database(url: str) -> str:
+    """A shared Redis given by URL: each pytest-xdist worker takes the database below the previous one's (15, 14,
+    …), so their flushes and queue-consuming workers never meet."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    database = int(parsed.path.lstrip("/") or 15) - XDIST_WORKER
+    if database < 0:
+        raise RuntimeError(f"EDITSERVE_TEST_REDIS_URL={url}: no database left for xdist worker {XDIST_WORKER}")
+    return parsed._replace(path=f"/{database}").geturl()
 
 
 @pytest.fixture

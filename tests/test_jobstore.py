@@ -340,7 +340,8 @@ def test_an_orphaned_idempotency_claim_is_released(js, conn, monkeypatch):
     payload = p2p_payload(new_edit_id())
     fingerprint = jobstore_module.request_fingerprint(payload)
     conn.set("editserve:idem:default:crashed", json.dumps({"edit_id": "ghost", "fingerprint": fingerprint}))
-    with pytest.raises(EditConflict, match="did not complete"):
+    retry = r"^a request with this Idempotency-Key did not complete; retry the request$"
+    with pytest.raises(EditConflict, match=retry):
         js.create(payload, webhook=None, idempotency_key="crashed")
     edit, created = js.create(payload, webhook=None, idempotency_key="crashed")
     assert created and edit.id == payload.id

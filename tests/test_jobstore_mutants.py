@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -37,8 +38,8 @@ from service.jobstore import (
     new_edit_id,
     request_fingerprint,
 )
-from service import metrics
-from service.keys import eta_stats_keys, events_channel, idem_key
+from service import jobstore, metrics
+from service.keys import eta_stats_keys, events_channel, idem_key, tenant_index_key
 from service.queues import BATCH_TAG_FIELD, batch_tag
 from service.limits import LimitExceeded
 from service.liveness import beat
@@ -404,6 +405,16 @@ def test_params_of_an_ip2p_sweep_list_every_cell():
     assert params["seeds"] == [11, 12]
 
 
+def test_params_of_an_ip2p_edit_show_the_batch_keys_non_square_shape():
+    """An IP2P request has no height or width (the input image's resize decides them): only the batch key
+    knows, and a swap would show a 96×64 edit as 64×96."""
+    key = BatchKey(model="tiny-ip2p", kind="ip2p", height=96, width=64, steps=4, scheduler="ddim")
+    payload = JobPayload(id="e4", tenant="t", request=IP2PEditRequest(instruction="snow"), batch_key=key,
+                         seeds=[3], created_at=datetime.now(UTC))
+    params = build_params(payload)
+    assert (params["height"], params["width"]) == (96, 64)
+
+
 # ---------------------------------------------------------------------------------------------- create, start, metrics
 
 def sample(metric, suffix: str, **labels) -> float:
@@ -467,3 +478,175 @@ def test_lifecycle_metrics_are_labelled_by_model_and_kind(js):
     assert sample(metrics.job_duration_seconds, "_sum", **labels) == run_sum + 2.5
     assert sample(metrics.jobs_completed_total, "_total", status="succeeded", **labels) == done + 1
     assert sample(metrics.jobs_completed_total, "_total", status="canceled", **labels) == canceled + 2
+
+
+def test_the_tenant_listing_is_scored_by_creation_millisecond(js, conn):
+    """Listing order, its cursors and retention's ``trim_index`` (score <= cutoff in ms) all read this score."""
+    payload = p2p_payload(new_edit_id(), "scored")
+    js.create(payload, webhook=None, idempotency_key=None)
+    assert conn.zscore(tenant_index_key("scored"), payload.id) == int(payload.created_at.timestamp() * 1000)
+
+
+def test_the_create_response_counts_higher_priority_queues_ahead(js):
+    """The position a client sees on submit is the one ``get`` shows later: high-priority work of the same
+    shape runs first."""
+    create(js, priority="high")
+    create(js, priority="high")
+    low = create(js, priority="low")
+    assert low.queue_position == 2 == js.get(low.id).queue_position
+
+
+def test_listeners_get_the_stores_connection(js):
+    """``service.webhooks.emit`` enqueues its delivery with the connection it is given."""
+    seen = []
+    js.add_listener(lambda r, edit, event, tenant: seen.append((r.ping(), event, tenant)))
+    processing(js)
+    assert seen == [(True, "started", "default")]
+
+
+def test_queue_wait_is_set_when_the_edit_starts_and_kept_after(js, monkeypatch):
+    """The wait is start minus enqueue; finishing later must not stretch it to include the run."""
+    clock = iter([1000.0, 1010.0, 1100.0, 1101.0, 1102.0])
+    monkeypatch.setattr(jobstore, "_now", lambda: next(clock))
+    edit = create(js)  # enqueued_at 1000
+    assert js.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")  # started at 1010
+    assert js.get(edit.id).metrics.queue_wait_seconds == 10.0
+    assert js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=90.0)  # completed at 1100
+    assert js.get(edit.id).metrics.queue_wait_seconds == 10.0
+
+
+def test_progress_is_published_at_most_once_per_interval_per_edit(conn, redis_url, monkeypatch):
+    """Driven by a fake clock: a step inside the interval since this edit's last publish is stored but not
+    published; one after it is; another edit's publishes do not reset the first edit's interval."""
+    now = [1000.0]
+    monkeypatch.setattr(jobstore, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time,
+                                                          sleep=time.sleep))
+    events = []
+    js = JobStore(conn, make_settings(redis_url, worker={"progress_min_interval_seconds": 5.0}), listeners=[
+        lambda r, edit, event, tenant: event == "progress" and events.append((edit.id, edit.progress.step))])
+    a, b = processing(js), processing(js)
+    for t, edit, step in [(1000.0, a, 1), (1001.0, a, 2), (1003.0, b, 2), (1004.9, a, 3), (1005.0, a, 4),
+                          (1006.0, a, 5), (1009.0, b, 3), (1010.0, a, 6)]:
+        now[0] = t
+        js.set_progress(edit.id, step, 20)
+    assert events == [(a.id, 1), (b.id, 2), (a.id, 4), (b.id, 3), (a.id, 6)]
+    assert js.get(a.id).progress.step == 6  # every step is stored, published or not
+
+
+def test_a_cancel_that_loses_the_race_to_the_finish_reports_the_finished_edit(js):
+    """The worker finishes between the cancel's read and its flag write: the cancel re-reads and says the edit
+    already succeeded (409), rather than retrying on the stale record or failing on a missing one."""
+    edit = processing(js)
+    real = js._run_transition
+
+    def worker_finishes_first(edit_id, allowed, to, **kw):
+        if to is None:  # the cancel's "flag a processing edit" write
+            js.mark_succeeded(edit_id, results=[], attention_maps=[], run_seconds=1.0)
+        return real(edit_id, allowed, to, **kw)
+
+    js._run_transition = worker_finishes_first
+    with pytest.raises(EditConflict, match="already succeeded"):
+        js.request_cancel(edit.id, "default")
+    assert js.get(edit.id).status is EditStatus.succeeded
+
+
+def test_a_finished_edit_leaves_no_progress_throttle_state(js):
+    """A worker runs edits for days: per-edit throttle entries must go when the edit leaves it."""
+    done, requeued = processing(js), processing(js)
+    for edit in (done, requeued):
+        js.set_progress(edit.id, 1, 10)
+    js.mark_succeeded(done.id, results=[], attention_maps=[], run_seconds=1.0)
+    assert js.mark_requeued(requeued.id, "worker stopping")
+    assert js._last_progress_publish == {}
+
+
+# ---------------------------------------------------------------------------------------------- ids, claims, logs
+
+def test_an_id_holds_its_creation_millisecond_exactly(monkeypatch):
+    """The 80 random bits stay below the timestamp: drawn 64 times at one (even) millisecond, every id decodes
+    to exactly that millisecond (a random bit spilling into the timestamp would read 1 ms late half the time)."""
+    ms = 1_800_000_000_000
+    monkeypatch.setattr(jobstore, "time", SimpleNamespace(time=lambda: ms / 1000, monotonic=time.monotonic,
+                                                          sleep=time.sleep))
+    for _ in range(64):
+        monkeypatch.setattr(jobstore, "_last_id", [0])  # a fresh process each draw: no monotonic bump
+        value = 0
+        for char in new_edit_id():
+            value = value * 32 + CROCKFORD.index(char)
+        assert value >> 80 == ms
+
+
+@pytest.mark.parametrize("path", ["find_idempotent", "create_async"])
+def test_an_orphaned_claim_is_released_by_every_path_that_finds_it(path, conn, redis_url, monkeypatch):
+    """A claim whose creator died before writing the edit: the replay gets 409 "retry" and the claim is gone,
+    so the retry can create the edit."""
+    monkeypatch.setattr(jobstore, "IDEMPOTENCY_WAIT_SECONDS", 0.05)
+    js = JobStore(conn, make_settings(redis_url))
+    payload = p2p_payload(new_edit_id())
+    fingerprint = request_fingerprint(payload)
+    conn.set(idem_key("default", "crashed"), json.dumps({"edit_id": "ghost", "fingerprint": fingerprint}))
+    with pytest.raises(EditConflict, match="did not complete; retry the request"):
+        if path == "find_idempotent":
+            js.find_idempotent("default", "crashed", fingerprint)
+        else:
+            async def replay():
+                client = redis.asyncio.Redis.from_url(redis_url)
+                try:
+                    await js.create_async(client, payload, webhook=None, idempotency_key="crashed")
+                finally:
+                    await client.aclose()
+
+            asyncio.run(replay())
+    assert conn.get(idem_key("default", "crashed")) is None
+
+
+def logged(caplog, level: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "service.jobstore" and r.levelname == level]
+
+
+def test_a_failed_publish_and_a_failing_listener_are_logged_with_the_edit(js, monkeypatch, caplog):
+    """Operators find a lost event or a broken watcher by the edit id in the log."""
+    def broken_listener(r, edit, event, tenant):
+        raise RuntimeError("watcher down")
+
+    js.add_listener(broken_listener)
+    edit = create(js)
+
+    def broken(*args, **kwargs):
+        raise redis.ConnectionError("pub/sub down")
+
+    monkeypatch.setattr(js.redis, "publish", broken)
+    with caplog.at_level("INFO", logger="service.jobstore"):
+        assert js.mark_processing(edit.id, batch_id="b", batch_size=1, worker="w")
+    assert logged(caplog, "ERROR") == [f"edit {edit.id}: event not published",
+                                       f"edit {edit.id}: listener {broken_listener!r} failed on started"]
+    assert all(r.exc_info for r in caplog.records if r.levelname == "ERROR")  # with the traceback
+
+
+def test_an_ignored_transition_is_logged_with_both_statuses(js, caplog):
+    edit = processing(js)
+    js.mark_succeeded(edit.id, results=[], attention_maps=[], run_seconds=1.0)
+    with caplog.at_level("INFO", logger="service.jobstore"):
+        js.mark_failed(edit.id, ErrorInfo(type="internal", message="late"))  # a late writer: ignored
+    assert logged(caplog, "INFO") == [f"edit {edit.id}: succeeded → failed ignored"]
+
+
+def test_an_unexpected_error_removing_the_rq_job_is_logged_and_the_cancel_stands(js, monkeypatch, caplog):
+    edit = create(js)
+
+    def fetch_fails(*args, **kwargs):
+        raise RuntimeError("rq broke")
+
+    monkeypatch.setattr(jobstore.Job, "fetch", fetch_fails)
+    with caplog.at_level("INFO", logger="service.jobstore"):
+        assert js.request_cancel(edit.id, "default").status is EditStatus.canceled
+    assert logged(caplog, "ERROR") == [f"edit {edit.id}: could not remove its RQ job"]
+
+
+def test_release_held_logs_each_edit_whose_queue_entry_is_gone(conn, redis_url, caplog):
+    js = JobStore(conn, make_settings(redis_url))
+    lost = create(js)
+    conn.delete(Job.key_for(lost.id))
+    with caplog.at_level("INFO", logger="service.jobstore"):
+        js.release_held()
+    assert logged(caplog, "WARNING") == [f"edit {lost.id}: its RQ job is gone; failing it so its tenant's slot frees"]
