@@ -46,7 +46,7 @@ def redis_server():
 
 def _own_database(url: str) -> str:
     """A shared Redis given by URL: each pytest-xdist worker takes the database below the previous one's (15, 14,
-    …), so their flushes and queue-consuming workers never meet."""
+    …), so their flushes and queue-consuming workers never meet. A URL without a database means 15, the tests'."""
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
