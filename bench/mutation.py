@@ -80,7 +80,7 @@ MODULES: dict[str, list[str]] = {
                             "tests/test_idempotency_image.py", "tests/test_jobstore_mutants.py"],
     "service/limits.py": ["tests/test_limits.py", "tests/test_rate_limit_clock.py", "tests/test_limits_mutants.py"],
     # not test_webhooks_delivery.py / the rest of test_image_url.py: end to end (gateway, worker, delivery process),
-    # ~40 s per surviving mutant here; egress's rules and the fetch path are checked directly by the files and tests below
+    # ~40 s per surviving mutant here; egress's rules and the fetch path are checked directly by the tests below
     "service/egress.py": ["tests/test_egress_rules.py", "tests/test_egress_mutants.py",
                           "tests/test_image_url.py::test_a_name_is_resolved_once_checked_and_pinned_with_its_sni",
                           "tests/test_image_url.py::test_the_default_async_client_trusts_only_the_system_store"],
@@ -306,7 +306,8 @@ def main() -> None:
     parser.add_argument("--renote", action="store_true",
                         help="re-apply mutation_notes.json to the existing results (no run) and rewrite them")
     parser.add_argument("--resume", action="store_true",
-                        help="continue a module's stopped run in its scratch tree under --workdir (its verdicts are kept)")
+                        help="continue a module's stopped run in its scratch tree under --workdir "
+                             "(its verdicts are kept)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="merge the modules of other runs' result files (--out of parallel runs) into the "
                              "results, re-applying the notes (no run)")

@@ -8,6 +8,7 @@ started. S3 is a real HTTP endpoint (SeaweedFS ``weed mini`` from the PyPI packa
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 
 def free_port(low: int = 20000, high: int = 45000, *, taken: set[int] | frozenset[int] = frozenset()) -> int:
     """A port that is free now, and whose +10000 gRPC twin (SeaweedFS convention) is free too; neither may be in
-    ``taken`` (ports, and their twins, already handed to the same process)."""
+    ``taken`` (ports already handed to the same process, and their twins)."""
     import random
 
     for _ in range(200):
@@ -34,11 +35,11 @@ def free_ports(names, *, fixed: dict[str, int] | None = None) -> dict[str, int]:
     """One port per name (``fixed`` ones as given), none equal to another's gRPC twin: weed mini refuses a port
     that is another listener's +10000 ("reserved for gRPC calculation")."""
     ports = {name: port for name, port in (fixed or {}).items() if port}
-    taken = {p + d for p in ports.values() for d in (0, 10000, -10000)}
+    taken = {p + twin for p in ports.values() for twin in (0, 10000)}
     for name in names:
         if name not in ports:
             port = ports[name] = free_port(taken=taken)
-            taken.update((port, port + 10000, port - 10000))
+            taken.update((port, port + 10000))
     return ports
 
 
@@ -142,6 +143,10 @@ class S3Server:
                 self.process.kill()
 
 
+PORT_RETRIES = 3  # weed mini started again on new ports when its log shows one of these
+PORT_TAKEN_SIGNS = ("Port allocation failed", "address already in use")
+
+
 def start_seaweedfs(bucket: str = "editserve", *, access_key: str = "editserve-dev",
                     secret_key: str = "editserve-dev-secret", data_dir: Path | None = None,
                     s3_port: int | None = None, timeout: float = 60.0) -> S3Server:
@@ -154,7 +159,7 @@ def start_seaweedfs(bucket: str = "editserve", *, access_key: str = "editserve-d
     log_path = data_dir / "weed.log"
     env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
     deadline = time.monotonic() + timeout
-    for attempt in range(PORT_RETRIES + 1):
+    for attempt in itertools.count():
         # every listener weed mini opens gets its own free port, so parallel stacks never collide; a port taken by
         # another process between the check and weed's bind (parallel test processes) means new ports, again
         ports = free_ports(("master", "volume", "filer", "iceberg", "lance", "webdav", "admin", "s3"),
@@ -174,11 +179,6 @@ def start_seaweedfs(bucket: str = "editserve", *, access_key: str = "editserve-d
         log = log_path.read_text()[-2000:]
         if attempt == PORT_RETRIES or not any(sign in log for sign in PORT_TAKEN_SIGNS):
             raise RuntimeError(f"weed mini exited: {log}")
-    raise AssertionError("unreachable")
-
-
-PORT_RETRIES = 3
-PORT_TAKEN_SIGNS = ("Port allocation failed", "address already in use")
 
 
 def _wait_for_bucket(server: S3Server, deadline: float, timeout: float) -> bool:

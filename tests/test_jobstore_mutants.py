@@ -515,12 +515,17 @@ def test_queue_wait_is_set_when_the_edit_starts_and_kept_after(js, monkeypatch):
     assert js.get(edit.id).metrics.queue_wait_seconds == 10.0
 
 
+def fake_clock(monkeypatch, **clocks) -> None:
+    """jobstore's ``time`` module with the given functions replaced (the rest real), for this test only."""
+    real = {name: getattr(time, name) for name in ("time", "monotonic", "sleep")}
+    monkeypatch.setattr(jobstore, "time", SimpleNamespace(**(real | clocks)))
+
+
 def test_progress_is_published_at_most_once_per_interval_per_edit(conn, redis_url, monkeypatch):
     """Driven by a fake clock: a step inside the interval since this edit's last publish is stored but not
     published; one after it is; another edit's publishes do not reset the first edit's interval."""
     now = [1000.0]
-    monkeypatch.setattr(jobstore, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time,
-                                                          sleep=time.sleep))
+    fake_clock(monkeypatch, monotonic=lambda: now[0])
     events = []
     js = JobStore(conn, make_settings(redis_url, worker={"progress_min_interval_seconds": 5.0}), listeners=[
         lambda r, edit, event, tenant: event == "progress" and events.append((edit.id, edit.progress.step))])
@@ -566,8 +571,7 @@ def test_an_id_holds_its_creation_millisecond_exactly(monkeypatch):
     """The 80 random bits stay below the timestamp: drawn 64 times at one (even) millisecond, every id decodes
     to exactly that millisecond (a random bit spilling into the timestamp would read 1 ms late half the time)."""
     ms = 1_800_000_000_000
-    monkeypatch.setattr(jobstore, "time", SimpleNamespace(time=lambda: ms / 1000, monotonic=time.monotonic,
-                                                          sleep=time.sleep))
+    fake_clock(monkeypatch, time=lambda: ms / 1000)
     for _ in range(64):
         monkeypatch.setattr(jobstore, "_last_id", [0])  # a fresh process each draw: no monotonic bump
         value = 0
